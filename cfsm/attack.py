@@ -1,0 +1,119 @@
+"""The CFSM stage-2 step: adversarial style search in the generator's style space, then the clean/synthetic mix.
+
+`adversarial_mix` is pure with respect to everything it is handed: it never updates model weights, BatchNorm
+statistics, margin-loss buffers or optimizer state (the caller's `loss_fn` must honour the same contract; see
+`train.py`). All randomness comes from the explicit `rng`, so a run is reproducible and resumable.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class StyleMix:
+    images: torch.Tensor        # the training batch: synthesized images written back at their original positions
+    synth_index: torch.Tensor   # positions (into the batch) of the synthesized images, int64
+    style0: torch.Tensor        # starting style codes o0 of those images, [n_synth, style_dim], fp32
+    style: torch.Tensor         # final style codes o*, [n_synth, style_dim], fp32
+    grad_scale_used: float      # loss scale that gave finite attack gradients (for fp16 diagnostics)
+
+
+def split_counts(batch_size: int, rs_ratio: float) -> tuple[int, int]:
+    """(n_clean, n_synth) with n_clean = round-half-up(rs_ratio * B): every image is used exactly once."""
+    if not 0.0 <= rs_ratio <= 1.0:
+        raise ValueError(f"rs_ratio must be in [0, 1], got {rs_ratio}")
+    n_clean = min(batch_size, int(math.floor(rs_ratio * batch_size + 0.5)))
+    return n_clean, batch_size - n_clean
+
+
+def _attack_grad(generator, content, o, labels, loss_fn, autocast_dtype, device_type, grad_scale):
+    """d loss / d o, with the loss scaled so fp16 activations' gradients cannot underflow to zero.
+
+    A positive scale does not change sign(); if the scaled gradient overflows we retry with smaller scales and
+    finally in fp32, so no coordinate is silently left unmoved.
+    """
+    scales = [grad_scale, grad_scale / 2**8] if autocast_dtype == torch.float16 else [1.0]
+    for scale in scales + [None]:
+        dtype = None if scale is None else autocast_dtype
+        with torch.enable_grad():
+            o_var = o.detach().requires_grad_(True)
+            with torch.autocast(device_type=device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                synth = generator.decode(content, o_var)
+                loss = loss_fn(synth, labels)
+            (grad,) = torch.autograd.grad(loss.float() * (scale or 1.0), o_var)
+        if torch.isfinite(grad).all():
+            return grad, (scale or 1.0)
+    return torch.zeros_like(o), 0.0  # fp32 itself was non-finite: do not move (the caller's loss will show it)
+
+
+def adversarial_mix(images: torch.Tensor, labels: torch.Tensor, generator: torch.nn.Module, loss_fn: LossFn, *,
+                    rs_ratio: float, epsilon: float, alpha: float, k: int, rng: torch.Generator,
+                    autocast_dtype: Optional[torch.dtype] = None, grad_scale: float = 2.0 ** 16) -> StyleMix:
+    """Replace a (1 - rs_ratio) share of the batch by faces restyled with an adversarial style code.
+
+    One permutation (from `rng`, a CPU generator) picks the images to synthesize. For them: o0 ~ N(0, I),
+    o = o0; `k` times: o <- clip(o + alpha * sign(d loss_fn(G(x_s, o), y_s) / d o), o0 - epsilon, o0 + epsilon);
+    then x_syn = G(x_s, o) without a graph. The content code G.encode(x_s) is computed once and reused.
+
+    `generator` must be frozen (no trainable parameters) and provide `encode(x)` and `decode(content, o)` and
+    `style_dim`. `loss_fn(images, labels)` is the recognition loss of the *attack* forward: it must not update
+    BatchNorm statistics or margin buffers, nor couple samples, and must not run through DDP.
+    """
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    batch = images.shape[0]
+    n_clean, n_synth = split_counts(batch, rs_ratio)
+    device = images.device
+    style_dim = int(generator.style_dim)
+    if n_synth == 0:  # plain training: no generator call, no random draw
+        empty = torch.zeros(0, style_dim, device=device)
+        return StyleMix(images, torch.zeros(0, dtype=torch.long, device=device), empty, empty, 1.0)
+    if any(p.requires_grad for p in generator.parameters()):
+        raise ValueError("adversarial_mix: the generator must be frozen (requires_grad_(False)); "
+                         "use cfsm.load_generator, which freezes it")
+
+    perm = torch.randperm(batch, generator=rng)
+    synth_index = perm[n_clean:].sort().values.to(device)
+    o0 = torch.randn(n_synth, style_dim, generator=rng).to(device)
+    x_s, y_s = images.index_select(0, synth_index), labels.index_select(0, synth_index)
+
+    amp = dict(device_type=device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None)
+    with torch.no_grad(), torch.autocast(**amp):
+        content = generator.encode(x_s)  # independent of o: once per step
+
+    o, used_scale = o0.clone(), 1.0
+    for _ in range(k):
+        grad, used_scale = _attack_grad(generator, content, o, y_s, loss_fn, autocast_dtype, device.type, grad_scale)
+        o = torch.maximum(torch.minimum(o + alpha * grad.sign(), o0 + epsilon), o0 - epsilon)
+
+    with torch.no_grad(), torch.autocast(**amp):
+        x_syn = generator.decode(content, o)
+    mixed = images.clone()
+    mixed[synth_index] = x_syn.to(images.dtype)
+    return StyleMix(mixed, synth_index, o0, o, used_scale)
+
+
+class frozen_stats:
+    """Context: put BatchNorm/Dropout (all modules) in eval mode, restore each module's mode afterwards.
+
+    The attack forward must neither update running statistics nor couple samples through batch statistics.
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.modes: list[tuple[torch.nn.Module, bool]] = []
+
+    def __enter__(self) -> torch.nn.Module:
+        self.modes = [(m, m.training) for m in self.module.modules()]
+        self.module.eval()
+        return self.module
+
+    def __exit__(self, *exc) -> None:
+        for m, mode in self.modes:
+            m.training = mode

@@ -1,0 +1,27 @@
+"""AdaFace R100 on WebFace12M with CFSM guided synthesis."""
+from easydict import EasyDict as edict
+
+config = edict()
+config.rec = "/train_tmp/WebFace12M"
+config.num_classes = 617970
+config.num_image = 12720066
+config.network = "r100"
+config.loss = "adaface"
+config.m = 0.4
+config.s = 64.0
+config.adaface_h = 0.333
+config.adaface_t_alpha = 0.01
+config.fp16 = True
+config.batch_size = 128
+config.lr = 0.1
+config.num_epoch = 20
+config.warmup_epoch = 1
+config.sample_rate = 0.3
+config.num_workers = 4
+config.val_targets = ["lfw", "cfp_fp", "agedb_30"]
+config.save_every = 2000
+config.pretrained_synthesis_model = "./pretrained_CFSM/WiderFace70K.pth"
+config.rs_ratio = 0.75
+config.epsilon = 0.314
+config.alpha = 0.314
+config.k = 1

@@ -1,0 +1,71 @@
+"""Every config key with its default. Job configs override only what differs; unknown keys are an error.
+
+Override any key on the command line: `train.py CONFIG key=value ...` (parsed with the type of the default).
+"""
+from easydict import EasyDict as edict
+
+config = edict()
+
+# ---- data ----
+config.rec = "synthetic"                 # data: folder with train.rec/train.idx, an image folder, or "synthetic"
+config.num_classes = None                # identities; None = read from the data (a number is checked against it)
+config.num_image = None                  # training images; None = read from the data (checked when given)
+config.generate_toy_data = False         # create the embedded toy data in `rec` when it is missing
+config.num_workers = 2                   # DataLoader worker processes per rank
+config.val_targets = []                  # names of <rec>/<name>.bin verification sets
+config.val_batch_size = 64               # batch size of in-training verification
+
+# ---- model ----
+config.network = "r50"                   # backbone name (backbones.BACKBONE_NAMES)
+config.embedding_size = 512              # embedding dimension
+config.dropout = 0.0                     # dropout before the embedding layer
+config.use_checkpoint = False            # activation (gradient) checkpointing in the backbone, saves memory
+config.channels_last = False             # run backbone and generator in channels_last memory format
+
+# ---- margin loss and Partial FC ----
+config.loss = "arcface"                  # arcface | cosface | combined | adaface
+config.s = 64.0                          # logit scale
+config.m = 0.5                           # margin (arcface: angular, cosface/adaface: m)
+config.margin_list = (1.0, 0.5, 0.0)     # (m1, m2, m3) for loss="combined" (arcface_torch CombinedMarginLoss)
+config.adaface_h = 0.333                 # AdaFace h (feature-norm concentration)
+config.adaface_t_alpha = 0.01            # AdaFace EMA rate of the feature-norm statistics
+config.sample_rate = 1.0                 # Partial FC: share of class centres used per step (positives always kept)
+
+# ---- optimisation ----
+config.optimizer = "sgd"                 # sgd | adamw
+config.lr = 0.1                          # base learning rate (for the global batch of the config)
+config.momentum = 0.9                    # SGD momentum
+config.weight_decay = 5e-4               # weight decay
+config.batch_size = 128                  # images per rank per step
+config.gradient_acc = 1                  # micro-batches accumulated per optimizer step
+config.num_epoch = 20                    # epochs of the full schedule
+config.warmup_epoch = 0                  # linear warm-up epochs
+config.lr_power = 2.0                    # polynomial decay power after warm-up
+config.clip_grad_norm = 5.0              # max L2 norm of the backbone gradient (0 = no clipping)
+config.fp16 = False                      # fp16 autocast + GradScaler (backbone and generator)
+config.bf16 = False                      # bf16 autocast (no scaler needed)
+config.max_nonfinite_steps = 20          # stop after this many consecutive skipped non-finite steps
+
+# ---- CFSM guided synthesis (stage 2) ----
+config.pretrained_synthesis_model = None  # path to a CFSM generator file (dict with 'G_state_dict')
+config.rs_ratio = 1.0                    # share of clean images per batch (1.0 = plain training, no synthesis)
+config.epsilon = 0.314                   # L-inf radius of the style attack around o0
+config.alpha = 0.314                     # step size of each sign-ascent step on the style code
+config.k = 1                             # number of attack steps (0 = random style)
+
+# ---- run control ----
+config.output = None                     # run folder; None = work_dirs/<config name>
+config.seed = 2048                       # seeds data order, flips, styles, init
+config.max_steps = 0                     # 0 = full schedule; > 0 stops after that many optimizer steps
+config.save_every = 0                    # checkpoint every N optimizer steps (0 = only at the end)
+config.keep_checkpoints = 2              # complete checkpoints kept in output/checkpoints
+config.resume = "auto"                   # False | True (must exist) | "auto" (resume when a complete checkpoint exists)
+config.pretrained_backbone_model = None  # initialise the backbone from an InsightFace state dict (fine-tuning)
+config.device = "auto"                   # auto (CUDA when available) | cpu | cuda
+config.dist_timeout_s = 600              # process-group timeout: a stuck or dead rank fails the job after this
+
+# ---- monitoring ----
+config.frequent = 10                     # console/TensorBoard log every N steps
+config.verbose = 2000                    # verification every N steps (and at the end)
+config.image_every = 500                 # clean-vs-synthesized image grid every N steps (0 = never)
+config.tensorboard = True                # write TensorBoard event files in output/tensorboard

@@ -1,0 +1,86 @@
+"""Console logging, TensorBoard, throughput/ETA meter and the clean-vs-synthesized image grid."""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def setup_logger(rank: int, output: str | Path | None, name: str = "train") -> logging.Logger:
+    """Rank 0 logs INFO to console and `output/<name>.log`; other ranks only warnings (prefixed with the rank)."""
+    logger = logging.getLogger(name)
+    logger.handlers.clear()
+    logger.propagate = False
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S")
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(fmt)
+    logger.addHandler(console)
+    if rank == 0 and output is not None:
+        Path(output).mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(Path(output) / f"{name}.log")
+        fh.setFormatter(fmt)
+        logger.addHandler(fh)
+    return logger
+
+
+def summary_writer(output: str | Path, enabled: bool = True):
+    """A TensorBoard SummaryWriter in `output/tensorboard` (None when disabled)."""
+    if not enabled:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(Path(output) / "tensorboard"))
+
+
+class SpeedMeter:
+    """Samples/s over the last logging window, the run's mean, and an ETA for the remaining steps."""
+
+    def __init__(self, global_batch: int, total_steps: int, start_step: int):
+        self.global_batch = global_batch
+        self.total_steps = total_steps
+        self.window_start = time.perf_counter()
+        self.window_start_step = start_step
+        self.run_start = self.window_start
+        self.run_start_step = start_step
+
+    def window(self, step: int) -> tuple[float, float]:
+        """(samples/s since the last call, ETA in seconds)."""
+        now = time.perf_counter()
+        steps = max(1, step - self.window_start_step)
+        speed = steps * self.global_batch / max(1e-9, now - self.window_start)
+        self.window_start, self.window_start_step = now, step
+        eta = (self.total_steps - step) * self.global_batch / max(speed, 1e-9)
+        return speed, eta
+
+    def mean(self, step: int) -> float:
+        elapsed = time.perf_counter() - self.run_start
+        return (step - self.run_start_step) * self.global_batch / max(elapsed, 1e-9)
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m{seconds % 60:02d}s"
+
+
+def style_grid(clean: torch.Tensor, synth: torch.Tensor, magnitudes: torch.Tensor, max_faces: int = 8) -> np.ndarray:
+    """Two rows, the same faces clean (top) and synthesized (bottom), each synthesized tile labelled |o|.
+
+    Inputs are [-1, 1] CHW batches; returns uint8 HWC RGB.
+    """
+    import cv2
+
+    n = min(max_faces, clean.shape[0])
+    to_uint8 = lambda t: ((t[:n].detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte()  # noqa: E731
+    top = to_uint8(clean).permute(0, 2, 3, 1).numpy()
+    bottom = to_uint8(synth).permute(0, 2, 3, 1).numpy().copy()
+    for i in range(n):
+        tile = np.ascontiguousarray(bottom[i])
+        cv2.putText(tile, f"|o|={float(magnitudes[i]):.2f}", (2, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35,
+                    (255, 255, 0), 1, cv2.LINE_AA)
+        bottom[i] = tile
+    return np.concatenate([np.concatenate(list(top), axis=1), np.concatenate(list(bottom), axis=1)], axis=0)

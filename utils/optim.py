@@ -1,0 +1,41 @@
+"""Optimizer and the polynomial learning-rate schedule with linear warm-up (as arcface_torch)."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+
+def build_optimizer(name: str, param_groups: Iterable[dict], lr: float, momentum: float,
+                    weight_decay: float) -> torch.optim.Optimizer:
+    """SGD (honours `momentum`) or AdamW; `foreach` kernels where the device supports them."""
+    groups = list(param_groups)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"config key 'optimizer' = {name!r}: choices are 'sgd', 'adamw'")
+
+
+class PolyScheduler(torch.optim.lr_scheduler.LRScheduler):
+    """lr = base * step / warmup during warm-up, then base * (1 - progress) ** power; one step per optimizer step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, power: float = 2.0,
+                 last_epoch: int = -1):
+        if total_steps <= 0:
+            raise ValueError(f"PolyScheduler: total_steps must be > 0, got {total_steps}")
+        self.total_steps = total_steps
+        self.warmup_steps = min(warmup_steps, total_steps)
+        self.power = power
+        super().__init__(optimizer, last_epoch)
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return (1.0 - progress) ** self.power
+
+    def get_lr(self) -> list[float]:
+        f = self.factor(self.last_epoch)
+        return [base * f for base in self.base_lrs]
