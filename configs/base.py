@@ -69,3 +69,20 @@ config.frequent = 10                     # console/TensorBoard log every N steps
 config.verbose = 2000                    # verification every N steps (and at the end)
 config.image_every = 500                 # clean-vs-synthesized image grid every N steps (0 = never)
 config.tensorboard = True                # write TensorBoard event files in output/tensorboard
+
+# ---- stage 1: training a CFSM generator (cfsm/train.py); `rec` is the labelled source, `batch_size`,
+# ---- `num_epoch`, `output`, `seed`, `resume`, `save_every`, `image_every`, `fp16`/`bf16` apply as above ----
+config.target = ""                       # unlabelled target-domain faces: a folder of images or a .txt list of paths
+config.id_network = "r50"                # architecture of the frozen identity network
+config.id_model = None                   # its weights (InsightFace backbone.pth or a train.py model.pt)
+config.id_embedding_size = 512           # its embedding size
+config.gen_dim = 64                      # generator base width (released models: 64)
+config.gen_n_downsample = 2              # generator down/up-sampling stages
+config.gen_n_residual = 3                # residual blocks in the generator decoder
+config.gen_latent_dim = 128              # latent size of the style subspace z = o @ U + mu
+config.gen_style_dim = 10                # style coefficient dimension (basis count)
+config.init_generator = None             # start stage 1 from this generator file (shared origin => comparable bases)
+config.gen_lr = 1e-4                     # Adam lr of generator and discriminator
+config.gen_betas = (0.5, 0.999)          # Adam betas
+config.lambda_id_schedule = [(0, 8.0), (5, 5.0), (8, 2.0)]  # (start_epoch, lambda_id) steps of the identity loss
+config.id_distance_range = (0.0, 6.0, 0.05, 0.65)  # (la, ua, lm, um): target distance d* grows with |o|

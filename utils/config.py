@@ -25,6 +25,8 @@ _FLEXIBLE_TYPES: dict[str, tuple[type, ...]] = {
     "pretrained_synthesis_model": (str, type(None)),
     "pretrained_backbone_model": (str, type(None)),
     "lambda_id_schedule": (list, tuple),
+    "id_model": (str, type(None)),
+    "init_generator": (str, type(None)),
 }
 
 
