@@ -1,0 +1,45 @@
+"""Generate the toy face benchmark: ``python -m tools.make_toy_data --out data/toy``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # allow `python tools/make_toy_data.py` as well as `python -m tools.make_toy_data`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from utils.toyface import ensure_toy_data  # noqa: E402
+
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "data" / "toy"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    ap.add_argument("--num-identities", type=int, default=None, help="training identities (default 300)")
+    ap.add_argument("--images-per-identity", type=int, default=None, help="training images per identity (default 24)")
+    ap.add_argument("--num-eval-identities", type=int, default=None, help="held-out identities for the .bin pairs")
+    ap.add_argument("--num-pairs", type=int, default=None, help="pairs per .bin (even; default 600)")
+    ap.add_argument("--num-target-faces", type=int, default=None, help="unlabelled target faces (default 2000)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=None, help="rendering processes (default: CPU count)")
+    args = ap.parse_args(argv)
+    root = ensure_toy_data(
+        args.out,
+        num_identities=args.num_identities,
+        images_per_identity=args.images_per_identity,
+        seed=args.seed,
+        num_eval_identities=args.num_eval_identities,
+        num_pairs=args.num_pairs,
+        num_target_faces=args.num_target_faces,
+        workers=args.workers,
+        verbose=True,
+    )
+    meta = json.loads((root / "toy_meta.json").read_text())
+    print(f"toy data at {root}: num_classes={meta['num_classes']} num_image={meta['num_image']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

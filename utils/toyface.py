@@ -1,0 +1,479 @@
+"""Procedural toy faces: the embedded benchmark every command defaults to.
+
+An identity is a fixed set of geometry/colour parameters (face shape, skin tone, hair, eyes, brows, nose, mouth,
+accessories); each image adds pose jitter, scale, expression, lighting and background. Faces are drawn in the
+ArcFace 112x112 frame so the five landmarks sit near the standard template (with jitter). ``style="target"``
+imitates surveillance capture: low resolution, blur, noise, colour cast and heavy JPEG compression.
+
+``ensure_toy_data(root)`` writes the training ``.rec``, the ``toy_clean.bin``/``toy_target.bin`` pair files over
+held-out identities and a folder of unlabelled target-style faces, once, safely under concurrent callers.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "ARCFACE_TEMPLATE",
+    "sample_identity",
+    "identity_params",
+    "render_face",
+    "degrade_target",
+    "ensure_toy_data",
+    "TOY_VERSION",
+]
+
+TOY_VERSION = 1
+SIZE = 112
+ARCFACE_TEMPLATE = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
+    dtype=np.float32,
+)
+_SHIFT = 4  # cv2 fixed-point bits for sub-pixel drawing
+_ONE = 1 << _SHIFT
+
+# Seed-stream tags keep identities, training images, pairs and target faces independent of each other.
+_TAG_IDENTITY, _TAG_TRAIN, _TAG_PAIR_IMG, _TAG_PAIRS, _TAG_TARGET = 1, 2, 3, 4, 5
+
+_HAIR_COLOURS = np.array(
+    [[20, 18, 16], [60, 40, 25], [110, 75, 40], [170, 130, 80], [210, 180, 120], [140, 60, 30], [150, 150, 150],
+     [230, 230, 225]],
+    dtype=np.float32,
+)
+_IRIS_COLOURS = np.array([[60, 40, 20], [90, 60, 30], [50, 90, 140], [70, 110, 70], [40, 30, 25]], dtype=np.float32)
+
+
+_YY, _XX = (g.astype(np.float32) / SIZE - 0.5 for g in np.mgrid[0:SIZE, 0:SIZE])
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(k) for k in key]))
+
+
+def sample_identity(rng: np.random.Generator) -> dict:
+    """Draw one identity's fixed parameters (plain floats/ints/lists, JSON-serialisable)."""
+    u = rng.uniform
+    # Skin tone: interpolate along a light-to-dark ramp plus a small hue shift.
+    t = u(0, 1)
+    skin = (1 - t) * np.array([238, 205, 180]) + t * np.array([110, 70, 45]) + rng.normal(0, 10, 3)
+    hair = _HAIR_COLOURS[rng.integers(len(_HAIR_COLOURS))] + rng.normal(0, 12, 3)
+    return {
+        "face_w": u(33, 43),  # half-width of the face ellipse
+        "face_h": u(44, 56),  # half-height
+        "face_cy": u(60, 66),
+        "jaw": u(0.0, 1.0),  # 0 = round chin, 1 = square jaw
+        "skin": np.clip(skin, 0, 255).tolist(),
+        "hair": np.clip(hair, 0, 255).tolist(),
+        "hair_style": int(rng.integers(0, 5)),  # 0 bald, 1 short, 2 fringe, 3 side part, 4 long
+        "hairline": u(14, 28),
+        "eye_dx": u(-3.5, 3.5),  # change of half inter-ocular distance
+        "eye_dy": u(-3.0, 3.0),
+        "eye_r": u(3.5, 6.0),
+        "eye_aspect": u(0.45, 0.85),
+        "eye_tilt": u(-12, 12),
+        "iris": (_IRIS_COLOURS[rng.integers(len(_IRIS_COLOURS))] + rng.normal(0, 8, 3)).clip(0, 255).tolist(),
+        "brow_gap": u(5, 10),
+        "brow_thick": u(1.0, 3.5),
+        "brow_angle": u(-15, 15),
+        "brow_len": u(7, 12),
+        "nose_dy": u(-3.0, 3.0),
+        "nose_len": u(9, 17),
+        "nose_w": u(3.5, 8.0),
+        "mouth_dy": u(-3.0, 3.0),
+        "mouth_dx": u(-3.0, 3.5),  # change of half mouth width
+        "lip_thick": u(1.0, 4.0),
+        "lip": np.clip(np.array(skin) * np.array([0.85, 0.55, 0.55]) + rng.normal(0, 10, 3), 0, 255).tolist(),
+        "ear": u(4, 9),
+        "glasses": bool(u() < 0.15),
+        "beard": bool(u() < 0.18),
+        "mole": [u(-25, 25), u(-10, 30)] if u() < 0.35 else None,
+        "cheek": u(0.0, 0.25),  # blush strength
+    }
+
+
+def identity_params(seed: int, identity: int) -> dict:
+    """Parameters of identity number ``identity`` in the universe defined by ``seed``."""
+    return sample_identity(_rng(seed, _TAG_IDENTITY, identity))
+
+
+def _p(x: float, y: float) -> tuple[int, int]:
+    return int(round(x * _ONE)), int(round(y * _ONE))
+
+
+def _ax(a: float, b: float) -> tuple[int, int]:
+    return max(int(round(a * _ONE)), 1), max(int(round(b * _ONE)), 1)
+
+
+def _ellipse(img, c, axes, angle, colour, thickness=-1, start=0, end=360) -> None:
+    cv2.ellipse(img, _p(*c), _ax(*axes), angle, start, end, colour, thickness, cv2.LINE_AA, _SHIFT)
+
+
+def _poly(img, pts, colour, thickness=1, closed=False, fill=False) -> None:
+    arr = np.round(np.asarray(pts, dtype=np.float64) * _ONE).astype(np.int32).reshape(-1, 1, 2)
+    if fill:
+        cv2.fillPoly(img, [arr], colour, cv2.LINE_AA, _SHIFT)
+    else:
+        cv2.polylines(img, [arr], closed, colour, max(int(round(thickness)), 1), cv2.LINE_AA, _SHIFT)
+
+
+def _background(rng: np.random.Generator) -> np.ndarray:
+    base = rng.uniform(20, 235, 3)
+    other = np.clip(base + rng.normal(0, 50, 3), 0, 255)
+    ang = rng.uniform(0, 2 * math.pi)
+    ramp = np.float32(math.cos(ang)) * _XX + np.float32(math.sin(ang)) * _YY
+    ramp = (ramp - ramp.min()) / max(float(np.ptp(ramp)), 1e-6)
+    base, other = base.astype(np.float32), other.astype(np.float32)
+    img = (base + ramp[..., None] * (other - base)).astype(np.uint8)
+    for _ in range(int(rng.integers(0, 5))):  # clutter
+        col = tuple(float(v) for v in rng.uniform(0, 255, 3))
+        if rng.uniform() < 0.5:
+            cv2.rectangle(img, tuple(int(v) for v in rng.integers(0, SIZE, 2)),
+                          tuple(int(v) for v in rng.integers(0, SIZE, 2)), col, -1)
+        else:
+            _ellipse(img, rng.uniform(0, SIZE, 2), rng.uniform(4, 25, 2), rng.uniform(0, 180), col)
+    return img
+
+
+def _draw_face(p: dict, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Canonical-frame drawing (before the pose warp); returns the image (RGB) and the 5 landmarks."""
+    u = rng.uniform
+    img = _background(rng)
+    skin = tuple(p["skin"])
+    hair = tuple(p["hair"])
+    yaw = u(-1.0, 1.0)  # fake out-of-plane rotation: inner features slide sideways, far side narrows
+    smile = u(-0.4, 1.0)
+    open_mouth = u(0, 1) < 0.25
+    eye_open = 1.0 if u() < 0.85 else u(0.15, 0.6)
+    brow_raise = u(-1.5, 2.5)
+
+    cx = 56.0 + yaw * 2.0
+    cy = p["face_cy"]
+    fw, fh = p["face_w"] * (1 - 0.06 * abs(yaw)), p["face_h"]
+    shift = yaw * 4.0  # horizontal slide of inner features
+
+    if p["hair_style"] == 4:  # long hair behind the face
+        _ellipse(img, (cx, cy + 4), (fw + 9, fh + 8), 0, hair)
+    # neck and ears
+    cv2.rectangle(img, _p(cx - fw * 0.45, cy + fh * 0.6), _p(cx + fw * 0.45, SIZE + 5), skin, -1, cv2.LINE_AA, _SHIFT)
+    for side in (-1, 1):
+        ear_w = p["ear"] * (1 - 0.4 * max(0.0, side * yaw))
+        _ellipse(img, (cx + side * (fw - 1), cy - 2), (ear_w * 0.55, p["ear"] * 1.4), 0, skin)
+    _ellipse(img, (cx, cy), (fw, fh), 0, skin)
+    if p["jaw"] > 0.3:  # squarer jaw: a trapezoid over the lower ellipse
+        jw = fw * (0.55 + 0.35 * p["jaw"])
+        _poly(img, [(cx - fw * 0.98, cy), (cx + fw * 0.98, cy), (cx + jw, cy + fh * 0.82), (cx - jw, cy + fh * 0.82)],
+              skin, fill=True)
+    # cheeks
+    if p["cheek"] > 0.05:
+        blush = img.copy()
+        for side in (-1, 1):
+            _ellipse(blush, (cx + shift + side * fw * 0.55, cy + 8), (7, 5), 0, (220, 90, 90))
+        img = cv2.addWeighted(blush, p["cheek"], img, 1 - p["cheek"], 0)
+    # hair on top
+    top = cy - fh
+    if p["hair_style"] in (1, 2, 3, 4):
+        line = top + p["hairline"]
+        cap = np.zeros((SIZE, SIZE), np.uint8)
+        _ellipse(cap, (cx, cy - 2), (fw + 3, fh + 3), 0, 255)
+        cap[int(max(line, 0)) :] = 0
+        if p["hair_style"] == 2:  # fringe: straight cut lower on the forehead
+            cap[int(max(line, 0)) : int(max(line + 6, 0))] = 0
+            _poly(cap, [(cx - fw * 0.8, line), (cx + fw * 0.8, line), (cx + fw * 0.7, line + 6), (cx - fw * 0.7, line + 6)],
+                  255, fill=True)
+        if p["hair_style"] == 3:  # side part: hair sweeps down one side
+            _ellipse(cap, (cx - fw * 0.6, line), (fw * 0.5, 7), 20, 255)
+        img[cap > 0] = np.asarray(hair, np.float32).astype(np.uint8)
+    # eyes and brows
+    tmpl = ARCFACE_TEMPLATE
+    ex = (tmpl[1, 0] - tmpl[0, 0]) / 2 + p["eye_dx"]
+    ey = (tmpl[0, 1] + tmpl[1, 1]) / 2 + p["eye_dy"] + (cy - 62) * 0.5
+    eyes = []
+    for side in (-1, 1):
+        far = max(0.0, side * yaw)  # the eye on the side we turn towards is foreshortened
+        ecx = 56.0 + shift + side * ex * (1 - 0.15 * far)
+        eyes.append((ecx, ey))
+        r = p["eye_r"] * (1 - 0.2 * far)
+        h = r * p["eye_aspect"] * eye_open
+        tilt = p["eye_tilt"] * side
+        _ellipse(img, (ecx, ey), (r, max(h, 0.6)), tilt, (245, 245, 240))
+        if eye_open > 0.5:
+            _ellipse(img, (ecx + yaw * 1.5, ey), (r * 0.55, min(r * 0.55, h)), 0, tuple(p["iris"]))
+            _ellipse(img, (ecx + yaw * 1.5, ey), (r * 0.22, min(r * 0.22, h)), 0, (10, 10, 10))
+        _ellipse(img, (ecx, ey), (r, max(h, 0.6)), tilt, (60, 40, 35), 1)
+        by = ey - p["brow_gap"] - brow_raise
+        bl = p["brow_len"] * (1 - 0.2 * far)
+        a = math.radians(p["brow_angle"] * side)
+        dx, dy = math.cos(a) * bl / 2, math.sin(a) * bl / 2
+        brow_col = tuple(float(c) * 0.8 for c in hair) if p["hair_style"] else (60, 45, 35)
+        _poly(img, [(ecx - dx, by + dy), (ecx, by - 1.2), (ecx + dx, by - dy)], brow_col, p["brow_thick"])
+    # glasses
+    if p["glasses"]:
+        for ecx, eyy in eyes:
+            _ellipse(img, (ecx, eyy), (p["eye_r"] + 3.5, p["eye_r"] + 2), 0, (30, 30, 30), 1)
+        _poly(img, [(eyes[0][0] + p["eye_r"] + 3.5, ey), (eyes[1][0] - p["eye_r"] - 3.5, ey)], (30, 30, 30), 1)
+    # nose: the tip is the nose landmark
+    nx = tmpl[2, 0] + shift * 1.6
+    ny = tmpl[2, 1] + p["nose_dy"] + (ey - 51.6) * 0.5
+    shade = tuple(float(c) * 0.7 for c in skin)
+    _poly(img, [(56.0 + shift, ny - p["nose_len"]), (nx + yaw * 1.5, ny - 1), (nx - p["nose_w"] * 0.4, ny + 1.5)],
+          shade, 1.3)
+    for side in (-1, 1):
+        _ellipse(img, (nx + side * p["nose_w"] * 0.45, ny + 1), (1.4, 0.9), 0, tuple(float(c) * 0.45 for c in skin))
+    # mouth: corners are landmarks 4 and 5
+    mw = (tmpl[4, 0] - tmpl[3, 0]) / 2 + p["mouth_dx"] + smile * 1.5
+    my = (tmpl[3, 1] + tmpl[4, 1]) / 2 + p["mouth_dy"] + (ny - 71.7) * 0.5 - smile * 0.8
+    mcx = 56.0 + shift * 1.2
+    lcorner, rcorner = (mcx - mw * (1 - 0.12 * max(0, -yaw)), my), (mcx + mw * (1 - 0.12 * max(0, yaw)), my)
+    curve = smile * 3.0
+    if p["beard"]:
+        beard_col = tuple(float(c) for c in hair) if p["hair_style"] else (50, 40, 35)
+        _poly(img, [(cx - fw * 0.85, cy + 6), (lcorner[0] - 3, my - 4), (rcorner[0] + 3, my - 4), (cx + fw * 0.85, cy + 6),
+                    (cx + fw * 0.5, cy + fh * 0.95), (cx - fw * 0.5, cy + fh * 0.95)], beard_col, fill=True)
+    lip = tuple(p["lip"])
+    upper = [lcorner, (mcx, my + curve - p["lip_thick"] * 0.5), rcorner]
+    lower_y = my + curve + p["lip_thick"] + (4.0 if open_mouth else 0.0)
+    lower = [rcorner, (mcx, lower_y), lcorner]
+    if open_mouth:
+        _poly(img, upper + lower, (70, 20, 25), fill=True)
+    _poly(img, upper, lip, p["lip_thick"])
+    _poly(img, lower, lip, p["lip_thick"])
+    if p["mole"] is not None:
+        _ellipse(img, (cx + shift + p["mole"][0] * fw / 40, cy + p["mole"][1]), (1.3, 1.3), 0, (60, 35, 30))
+    lm = np.array([eyes[0], eyes[1], (nx, ny), lcorner, rcorner], dtype=np.float32)
+    return img, lm
+
+
+def _lighting(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    strength = rng.uniform(0.0, 0.45)
+    ang = rng.uniform(0, 2 * math.pi)
+    gain = np.float32(rng.uniform(0.75, 1.2)) * (
+        1 + np.float32(2 * strength) * (np.float32(math.cos(ang)) * _XX + np.float32(math.sin(ang)) * _YY)
+    )
+    tint = rng.uniform(0.9, 1.1, 3).astype(np.float32)
+    out = img.astype(np.float32) * gain[..., None] * tint
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def degrade_target(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Surveillance-style degradation: downscale and back, blur, colour cast, noise, strong JPEG."""
+    small = int(rng.integers(16, 36))
+    img = cv2.resize(rgb, (small, small), interpolation=cv2.INTER_AREA)
+    img = cv2.resize(img, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR)
+    img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.6, 1.6))
+    x = img.astype(np.float32)
+    cast = rng.uniform(0.75, 1.25, 3).astype(np.float32)
+    contrast = rng.uniform(0.55, 0.9)
+    x = (x - 128.0) * contrast + 128.0 + rng.uniform(-25, 25)
+    x = x * cast + rng.standard_normal(x.shape, dtype=np.float32) * np.float32(rng.uniform(3, 10))
+    img = np.clip(x, 0, 255).astype(np.uint8)
+    ok, enc = cv2.imencode(".jpg", img[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(8, 35))])
+    return cv2.imdecode(enc, cv2.IMREAD_COLOR_RGB)
+
+
+def render_face(identity_params: dict, rng: np.random.Generator, style: str = "clean") -> tuple[np.ndarray, np.ndarray]:
+    """Draw one image of an identity: ``(rgb uint8 [112,112,3], landmarks5 float32 [5,2])``.
+
+    Landmarks (left eye, right eye, nose tip, left and right mouth corner) are in image coordinates after the pose
+    warp. ``style="target"`` applies :func:`degrade_target` on top of the clean rendering; geometry is unchanged.
+    """
+    if style not in ("clean", "target"):
+        raise ValueError(f"render_face: style must be 'clean' or 'target', got {style!r}")
+    img, lm = _draw_face(identity_params, rng)
+    # In-plane pose: rotation + scale + translation about the template centre.
+    angle = rng.normal(0, 6.0)
+    scale = rng.uniform(0.9, 1.1)
+    M = cv2.getRotationMatrix2D((56.0, 62.0), angle, scale)
+    M[:, 2] += rng.normal(0, 2.0, 2)
+    img = cv2.warpAffine(img, M, (SIZE, SIZE), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT101)
+    lm = (lm @ M[:, :2].T + M[:, 2]).astype(np.float32)
+    img = _lighting(img, rng)
+    img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.35, 0.7))
+    if style == "target":
+        img = degrade_target(img, rng)
+    else:
+        noise = rng.standard_normal(img.shape, dtype=np.float32) * np.float32(rng.uniform(0.5, 2.5))
+        img = np.clip(img.astype(np.float32) + noise, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(img), lm
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Dataset generation
+
+
+def _encode(rgb: np.ndarray, quality: int = 95) -> bytes:
+    ok, enc = cv2.imencode(".jpg", np.ascontiguousarray(rgb[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:  # pragma: no cover
+        raise RuntimeError("JPEG encoding failed")
+    return enc.tobytes()
+
+
+def _render_job(job: tuple[int, int, int, int, int, str]) -> bytes:
+    """job = (seed, identity, tag, a, b, style): deterministic in its arguments only (order-free parallelism)."""
+    seed, ident, tag, a, b, style = job
+    img, _ = render_face(identity_params(seed, ident), _rng(seed, tag, ident, a, b), style)
+    return _encode(img)
+
+
+def _pool_map(jobs: list, workers: int) -> list[bytes]:
+    if workers <= 1 or len(jobs) < 64:
+        return [_render_job(j) for j in jobs]
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    with ctx.Pool(workers, initializer=cv2.setNumThreads, initargs=(1,)) as pool:
+        return pool.map(_render_job, jobs, chunksize=max(16, len(jobs) // (workers * 8)))
+
+
+def _make_pairs(seed: int, ids: list[int], num_pairs: int) -> list[tuple[int, int, bool]]:
+    rng = _rng(seed, _TAG_PAIRS)
+    pairs = []
+    for k in range(num_pairs):
+        same = k % 2 == 0  # alternate genuine / impostor, like LFW folds are balanced
+        a = int(rng.choice(ids))
+        b = a if same else int(rng.choice([i for i in ids if i != a]))
+        pairs.append((a, b, same))
+    return pairs
+
+
+_DEFAULTS = {
+    "num_identities": 300,
+    "images_per_identity": 24,
+    "num_eval_identities": 200,
+    "num_pairs": 600,
+    "num_target_faces": 2000,
+}
+
+
+@contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ensure_toy_data(
+    root: str | os.PathLike,
+    num_identities: int | None = None,
+    images_per_identity: int | None = None,
+    seed: int = 0,
+    num_eval_identities: int | None = None,
+    num_pairs: int | None = None,
+    num_target_faces: int | None = None,
+    workers: int | None = None,
+    verbose: bool = False,
+) -> Path:
+    """Create the toy benchmark under ``root`` unless ``root/toy_meta.json`` says it is already there.
+
+    Writes ``train.rec``/``train.idx``/``property`` (``num_identities`` x ``images_per_identity``), ``toy_clean.bin``
+    and ``toy_target.bin`` (``num_pairs`` pairs, half genuine, over ``num_eval_identities`` held-out identities; same
+    pairs in both styles), ``target_faces/*.jpg`` (``num_target_faces`` unlabelled target-style faces of further
+    held-out identities) and ``toy_meta.json``. ``None`` arguments mean "the defaults, or whatever exists"; explicit
+    values that disagree with existing data raise ``ValueError``. Concurrent callers (e.g. two ranks) are serialised
+    with a file lock; files are produced in a temp dir and moved in, the meta file last.
+    """
+    root = Path(root)
+    asked = {
+        "num_identities": num_identities,
+        "images_per_identity": images_per_identity,
+        "num_eval_identities": num_eval_identities,
+        "num_pairs": num_pairs,
+        "num_target_faces": num_target_faces,
+    }
+    meta_path = root / "toy_meta.json"
+    with _locked(root.parent / f".{root.name}.lock"):
+        if meta_path.is_file():
+            meta = json.loads(meta_path.read_text())
+            wrong = {k: (v, meta.get(k)) for k, v in asked.items() if v is not None and meta.get(k) != v}
+            if meta.get("seed") != seed and any(v is not None for v in asked.values()):
+                wrong["seed"] = (seed, meta.get("seed"))
+            if wrong:
+                raise ValueError(
+                    f"{root}: existing toy data differs from the request (asked, found): {wrong}; "
+                    f"delete {root} or use another directory"
+                )
+            return root
+        cfg = {k: (v if v is not None else _DEFAULTS[k]) for k, v in asked.items()}
+        if cfg["num_pairs"] % 2 or cfg["num_eval_identities"] < 2:
+            raise ValueError(f"ensure_toy_data: num_pairs must be even and num_eval_identities >= 2, got {cfg}")
+        workers = workers or min(os.cpu_count() or 1, 8)
+        t0 = time.perf_counter()
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp", dir=root.parent))
+        try:
+            meta = _generate(tmp, cfg, seed, workers, verbose)
+            meta["generation_seconds"] = round(time.perf_counter() - t0, 2)
+            meta["workers"] = workers
+            root.mkdir(parents=True, exist_ok=True)
+            for item in tmp.iterdir():
+                dest = root / item.name
+                if dest.is_dir():
+                    shutil.rmtree(dest)
+                os.replace(item, dest)
+            tmp_meta = root / ".toy_meta.json.tmp"
+            tmp_meta.write_text(json.dumps(meta, indent=1))
+            os.replace(tmp_meta, meta_path)  # marks completion
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if verbose:
+            print(f"toy data written to {root} in {meta['generation_seconds']} s", flush=True)
+    return root
+
+
+def _generate(out: Path, cfg: dict, seed: int, workers: int, verbose: bool) -> dict:
+    from utils.binfile import write_bin
+    from utils.recordio import write_face_rec
+
+    n_id, per_id = cfg["num_identities"], cfg["images_per_identity"]
+    n_eval = cfg["num_eval_identities"]
+    n_target = cfg["num_target_faces"]
+    # Identity numbering: [0, n_id) train, [n_id, n_id + n_eval) pairs, then target-face identities.
+    eval_ids = list(range(n_id, n_id + n_eval))
+    target_first = n_id + n_eval
+    n_target_ids = max(1, n_target // 10)
+    pairs = _make_pairs(seed, eval_ids, cfg["num_pairs"])
+
+    jobs = [(seed, i, _TAG_TRAIN, j, 0, "clean") for i in range(n_id) for j in range(per_id)]
+    pair_jobs = []
+    for k, (a, b, _) in enumerate(pairs):
+        pair_jobs += [(seed, a, _TAG_PAIR_IMG, k, 0), (seed, b, _TAG_PAIR_IMG, k, 1)]
+    jobs += [j + ("clean",) for j in pair_jobs] + [j + ("target",) for j in pair_jobs]
+    jobs += [(seed, target_first + t % n_target_ids, _TAG_TARGET, t, 0, "target") for t in range(n_target)]
+    if verbose:
+        print(f"rendering {len(jobs)} toy faces with {workers} processes ...", flush=True)
+    encoded = _pool_map(jobs, workers)
+
+    n_train = n_id * per_id
+    train = encoded[:n_train]
+    write_face_rec(out, ((i // per_id, train[i]) for i in range(n_train)), n_id)
+    issame = [s for _, _, s in pairs]
+    p = len(pair_jobs)
+    write_bin(out / "toy_clean.bin", encoded[n_train : n_train + p], issame)
+    write_bin(out / "toy_target.bin", encoded[n_train + p : n_train + 2 * p], issame)
+    tdir = out / "target_faces"
+    tdir.mkdir()
+    for t, buf in enumerate(encoded[n_train + 2 * p :]):
+        (tdir / f"{t:06d}.jpg").write_bytes(buf)
+    return {
+        "version": TOY_VERSION,
+        "seed": seed,
+        **cfg,
+        "num_classes": n_id,
+        "num_image": n_train,
+        "eval_identities": [eval_ids[0], eval_ids[-1] + 1],
+        "target_face_identities": [target_first, target_first + n_target_ids],
+        "image_size": [SIZE, SIZE],
+    }
