@@ -1,0 +1,176 @@
+"""Margin heads on cosine logits (ArcFace, CosFace, arcface_torch CombinedMarginLoss, AdaFace).
+
+Every head takes cosine logits [N, C_local] (already clamped to [-1, 1]) and labels [N] or [N, 1] whose value is the
+local class index or -1 ("this row's class lives on another rank / is not sampled"), and returns the scaled logits as
+a **new tensor**. Unlike the reference code, the caller's tensor is never modified in place: this keeps autograd
+safe (the logits can be reused, e.g. by a second forward in the CFSM attack) while giving the same values and
+gradients (checked against ../shared/fixtures/compat/margin_losses.npz).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["MarginLoss", "ArcFace", "CosFace", "CombinedMarginLoss", "AdaFace", "build_margin_loss"]
+
+
+def _targets(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row indices, column indices) of the target entries of labelled rows."""
+    labels = labels.reshape(-1)
+    if labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"labels have {labels.shape[0]} rows but logits have {logits.shape[0]}")
+    rows = torch.nonzero(labels != -1, as_tuple=True)[0]
+    return rows, labels[rows].long()
+
+
+class MarginLoss(nn.Module):
+    """Base class: `forward(logits, labels, norms=None, update_stats=True) -> scaled logits`."""
+
+    needs_norms: bool = False
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, norms: torch.Tensor | None = None,
+                update_stats: bool = True) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class ArcFace(MarginLoss):
+    """CFSM ArcFace: target t = cos θ becomes cos(θ + m) when t > cos(π − m), else the fallback t − m·sin(π − m)
+    (keeps the target logit monotonic in θ). Gradients flow through the formula (no straight-through)."""
+
+    def __init__(self, s: float = 64.0, margin: float = 0.5) -> None:
+        super().__init__()
+        self.s, self.margin = s, margin
+        self.cos_m, self.sin_m = math.cos(margin), math.sin(margin)
+        self.theta = math.cos(math.pi - margin)
+        self.sinmm = math.sin(math.pi - margin) * margin
+
+    def forward(self, logits, labels, norms=None, update_stats=True):
+        rows, cols = _targets(logits, labels)
+        t = logits[rows, cols]
+        sin_t = torch.sqrt(1.000001 - t * t)  # the 1e-6 keeps the sqrt's gradient finite at |t| = 1
+        cos_tm = t * self.cos_m - sin_t * self.sin_m
+        final = torch.where(t > self.theta, cos_tm, t - self.sinmm)
+        return logits.index_put((rows, cols), final) * self.s
+
+
+class CosFace(MarginLoss):
+    """CosFace: target logit − m, then × s (gradient is exactly s·upstream)."""
+
+    def __init__(self, s: float = 64.0, m: float = 0.4) -> None:
+        super().__init__()
+        self.s, self.m = s, m
+
+    def forward(self, logits, labels, norms=None, update_stats=True):
+        rows, cols = _targets(logits, labels)
+        return logits.index_put((rows, cols), logits[rows, cols] - self.m) * self.s
+
+
+class _StraightThroughScale(torch.autograd.Function):
+    """Returns `values * s` but back-propagates as if it were `logits * s` (arcface_torch's no_grad margin)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, values: torch.Tensor, s: float) -> torch.Tensor:
+        ctx.s = s
+        return values * s
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.s, None, None
+
+
+class CombinedMarginLoss(MarginLoss):
+    """arcface_torch CombinedMarginLoss(s, m1, m2, m3, interclass_filtering_threshold).
+
+    m1 == 1 and m3 == 0: ArcFace branch, target cos(arccos t + m2) without threshold; the margin is applied outside
+    autograd, so the gradient is straight-through (d out / d logits = s). m3 > 0: CosFace branch (target − m3).
+    interclass_filtering_threshold > 0: non-target logits above it are zeroed first.
+    """
+
+    def __init__(self, s: float, m1: float, m2: float, m3: float, interclass_filtering_threshold: float = 0) -> None:
+        super().__init__()
+        if not (m1 == 1.0 and m3 == 0.0) and not m3 > 0:
+            raise ValueError(f"CombinedMarginLoss supports (m1=1, m3=0) ArcFace or m3>0 CosFace; got m1={m1} m3={m3}")
+        self.s, self.m1, self.m2, self.m3 = s, m1, m2, m3
+        self.interclass_filtering_threshold = interclass_filtering_threshold
+
+    def forward(self, logits, labels, norms=None, update_stats=True):
+        rows, cols = _targets(logits, labels)
+        thr = self.interclass_filtering_threshold
+        if thr > 0:
+            with torch.no_grad():
+                dirty = logits > thr
+                dirty[rows, cols] = False  # never filter a labelled row's own target
+            logits = logits * (~dirty).to(logits.dtype)
+        if self.m1 == 1.0 and self.m3 == 0.0:
+            with torch.no_grad():
+                theta = torch.arccos(logits)
+                theta[rows, cols] += self.m2
+                values = torch.cos(theta)
+            return _StraightThroughScale.apply(logits, values, self.s)
+        return logits.index_put((rows, cols), logits[rows, cols] - self.m3) * self.s
+
+
+class AdaFace(MarginLoss):
+    """CFSM AdaFace(m, h, s, t_alpha): a margin adapted to the feature norm (image quality proxy).
+
+    Buffers `t` (unused, kept for checkpoint compatibility), `batch_mean` (20) and `batch_std` (100) are EMAs of the
+    clipped feature norms. They are updated **before** use, with the unbiased std, and only when
+    `update_stats=True` (pass False for auxiliary forwards such as the CFSM attack). A batch with fewer than 2 rows
+    leaves `batch_std` unchanged (the unbiased std is undefined there).
+
+    Numerical safety: cosines are clamped to [−1 + eps, 1 − eps] (eps = 1e-3) before acos, whose gradient is infinite
+    at ±1. This differs from the reference only for |cos| > 0.999; the reference fixture stays within ±0.95.
+    """
+
+    needs_norms = True
+
+    def __init__(self, m: float = 0.4, h: float = 0.333, s: float = 64.0, t_alpha: float = 0.01,
+                 eps: float = 1e-3) -> None:
+        super().__init__()
+        self.m, self.h, self.s, self.t_alpha, self.eps = m, h, s, t_alpha, eps
+        self.register_buffer("t", torch.zeros(1))
+        self.register_buffer("batch_mean", torch.ones(1) * 20)
+        self.register_buffer("batch_std", torch.ones(1) * 100)
+
+    def forward(self, logits, labels, norms=None, update_stats=True):
+        if norms is None:
+            raise TypeError("AdaFace needs the feature norms: call forward(logits, labels, norms=[N, 1])")
+        rows, cols = _targets(logits, labels)
+        safe = norms.detach().reshape(-1, 1).float().clamp(0.001, 100)
+        if safe.shape[0] != logits.shape[0]:
+            raise ValueError(f"norms have {safe.shape[0]} rows but logits have {logits.shape[0]}")
+        if update_stats:
+            with torch.no_grad():
+                a = self.t_alpha
+                self.batch_mean.copy_(a * safe.mean() + (1 - a) * self.batch_mean)
+                if safe.shape[0] > 1:
+                    self.batch_std.copy_(a * safe.std() + (1 - a) * self.batch_std)
+        ms = ((safe - self.batch_mean) / (self.batch_std + 1e-3) * self.h).clamp(-1, 1).to(logits.dtype)
+        g_ang = -self.m * ms[rows, 0]
+        g_add = self.m + self.m * ms[rows, 0]
+        theta = torch.acos(logits.clamp(-1 + self.eps, 1 - self.eps))
+        theta = theta.index_put((rows, cols), theta[rows, cols] + g_ang)
+        cosine = torch.cos(theta)
+        cosine = cosine.index_put((rows, cols), cosine[rows, cols] - g_add)
+        return cosine * self.s
+
+
+_LOSSES: dict[str, type[MarginLoss]] = {
+    "arcface": ArcFace,
+    "cosface": CosFace,
+    "combined": CombinedMarginLoss,
+    "adaface": AdaFace,
+}
+
+
+def build_margin_loss(name: str, **params: Any) -> MarginLoss:
+    """Build a margin head by name (arcface | cosface | combined | adaface) with its constructor keywords."""
+    if name not in _LOSSES:
+        raise ValueError(f"unknown margin loss {name!r}; choices: {', '.join(_LOSSES)}")
+    try:
+        return _LOSSES[name](**params)
+    except TypeError as e:
+        raise TypeError(f"bad parameters {params} for margin loss {name!r}: {e}") from None
