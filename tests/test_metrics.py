@@ -297,3 +297,31 @@ def test_tpir_empty_sets_raise() -> None:
 def test_metrics_module_imports_no_torch() -> None:
     code = "import sys, eval.metrics; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pair_scores / group_mean
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dense", [True, False])
+def test_pair_scores_matches_direct_dot(dense: bool) -> None:
+    rng = np.random.default_rng(9)
+    ids = np.array([3, 5, 8, 13, 21, 34, 55, 89])
+    f = metrics.l2_normalize(rng.standard_normal((8, 5)))
+    n = 200 if dense else 3
+    t1, t2 = rng.choice(ids, n), rng.choice(ids, n)
+    got = metrics.pair_scores(ids, f, t1, t2, block=3)
+    want = np.sum(f[np.searchsorted(ids, t1)] * f[np.searchsorted(ids, t2)], 1)
+    assert np.allclose(got, want, atol=1e-15)
+    # non-integer ids take the searchsorted path
+    assert np.allclose(metrics.pair_scores(ids.astype(float), f, t1.astype(float), t2.astype(float)), want)
+
+
+def test_pair_scores_unknown_template() -> None:
+    with pytest.raises(ValueError, match="template 4 .t2. has no feature"):
+        metrics.pair_scores(np.array([1, 2, 3]), np.eye(3), np.array([1, 2]), np.array([3, 4]))
+
+
+def test_group_mean() -> None:
+    f = np.array([[1.0, 0], [3, 0], [0, 4]])
+    m = metrics.group_mean(f, np.array([0, 0, 2]), 4)
+    assert np.allclose(m, [[2, 0], [0, 0], [0, 4], [0, 0]])
