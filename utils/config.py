@@ -9,6 +9,7 @@ import difflib
 import importlib
 import importlib.util
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -49,6 +50,8 @@ def _import_config_module(name_or_path: str):
         candidates.append(REPO_ROOT / path)
     else:
         candidates.append(REPO_ROOT / "configs" / f"{text.split('.')[-1]}.py")
+    if str(REPO_ROOT) not in sys.path:  # job configs may build on each other (`from configs.toy import config`)
+        sys.path.insert(0, str(REPO_ROOT))
     for path in candidates:
         if path.is_file():
             spec = importlib.util.spec_from_file_location(f"_cfg_{path.stem}", path)

@@ -1,0 +1,208 @@
+"""The CFSM stage-2 step (`cfsm.attack.adversarial_mix`): each requirement of the method as its own test."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from backbones import get_model
+from cfsm import Generator
+from cfsm.attack import adversarial_mix, frozen_stats, split_counts
+from losses import AdaFace, ArcFace
+from partial_fc import PartialFC
+
+NUM_CLASSES = 12
+
+
+def tiny_generator(seed: int = 0) -> Generator:
+    torch.manual_seed(seed)
+    g = Generator(dim=8, n_residual=1, n_downsample=2, latent_dim=16, style_dim=10)
+    return g.eval().requires_grad_(False)
+
+
+def tiny_setup(margin=None, sample_rate=1.0, seed=0):
+    torch.manual_seed(seed)
+    backbone = get_model("r_tiny", num_features=32)
+    pfc = PartialFC(margin or ArcFace(s=16.0, margin=0.3), 32, NUM_CLASSES, sample_rate=sample_rate)
+    images = torch.rand(8, 3, 112, 112) * 2 - 1
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
+    return backbone, pfc, images, labels
+
+
+def attack_loss_fn(backbone, pfc, class_sample=None):
+    """What train.py hands to the attack: eval-mode BN, no margin-buffer updates, the step's negatives."""
+    def loss_fn(x, y):
+        with frozen_stats(backbone):
+            emb = backbone(x)
+        return pfc(emb.float(), y, class_sample=class_sample, update_stats=False)
+    return loss_fn
+
+
+@pytest.mark.parametrize("batch", [1, 7, 8, 256])
+@pytest.mark.parametrize("ratio", [0.0, 0.1, 0.5, 0.75, 0.9, 1.0])
+def test_split_uses_every_image_once(batch, ratio):
+    n_clean, n_synth = split_counts(batch, ratio)
+    assert n_clean + n_synth == batch and n_clean == int(ratio * batch + 0.5)
+    backbone, pfc, _, _ = tiny_setup()
+    gen = tiny_generator()
+    images = torch.arange(batch, dtype=torch.float32).view(batch, 1, 1, 1).expand(batch, 3, 112, 112).contiguous()
+    mix = adversarial_mix(images, torch.zeros(batch, dtype=torch.long), gen, lambda x, y: x.mean(), rs_ratio=ratio,
+                          epsilon=0.3, alpha=0.3, k=0, rng=torch.Generator().manual_seed(0))
+    assert mix.synth_index.numel() == n_synth and mix.synth_index.unique().numel() == n_synth
+    untouched = torch.ones(batch, dtype=torch.bool)
+    untouched[mix.synth_index] = False
+    assert torch.equal(mix.images[untouched], images[untouched])  # clean share unchanged, in place
+
+
+def test_rs_ratio_one_is_plain_training_and_costs_nothing():
+    gen = tiny_generator()
+    calls = []
+    gen.encode = lambda x: calls.append("encode")  # would break if called
+    rng = torch.Generator().manual_seed(3)
+    before = rng.get_state()
+    images = torch.rand(4, 3, 112, 112)
+    mix = adversarial_mix(images, torch.zeros(4, dtype=torch.long), gen, lambda x, y: x.sum(), rs_ratio=1.0,
+                          epsilon=0.3, alpha=0.3, k=1, rng=rng)
+    assert mix.images is images and not calls and torch.equal(rng.get_state(), before)
+
+
+def test_k0_is_random_style_synthesis():
+    gen = tiny_generator()
+    backbone, pfc, images, labels = tiny_setup()
+    mix = adversarial_mix(images, labels, gen, attack_loss_fn(backbone, pfc), rs_ratio=0.5, epsilon=0.3, alpha=0.3,
+                          k=0, rng=torch.Generator().manual_seed(1))
+    assert torch.equal(mix.style, mix.style0)
+    expected = gen.decode(gen.encode(images[mix.synth_index]), mix.style0)
+    torch.testing.assert_close(mix.images[mix.synth_index], expected)
+    # o0 ~ N(0, I) from the given generator: same seed, same draw
+    rng = torch.Generator().manual_seed(1)
+    torch.randperm(8, generator=rng)
+    assert torch.equal(mix.style0, torch.randn(4, 10, generator=rng))
+
+
+def test_content_code_computed_once_and_projection_holds():
+    gen = tiny_generator()
+    backbone, pfc, images, labels = tiny_setup()
+    counts = {"encode": 0, "decode": 0}
+    encode, decode = gen.encode, gen.decode
+
+    def counting_encode(x):
+        counts["encode"] += 1
+        return encode(x)
+
+    def counting_decode(c, o):
+        counts["decode"] += 1
+        return decode(c, o)
+
+    gen.encode, gen.decode = counting_encode, counting_decode
+    mix = adversarial_mix(images, labels, gen, attack_loss_fn(backbone, pfc), rs_ratio=0.25, epsilon=0.5,
+                          alpha=0.2, k=3, rng=torch.Generator().manual_seed(2))
+    assert counts == {"encode": 1, "decode": 4}  # k attack decodes + 1 final synthesis
+    delta = (mix.style - mix.style0).abs()
+    assert delta.max() <= 0.5 + 1e-6 and delta.min() > 0  # projected to the ball, every coordinate moved
+
+
+def test_one_step_is_sign_ascent_of_alpha():
+    gen = tiny_generator()
+    backbone, pfc, images, labels = tiny_setup()
+    loss_fn = attack_loss_fn(backbone, pfc)
+    mix = adversarial_mix(images, labels, gen, loss_fn, rs_ratio=0.5, epsilon=0.314, alpha=0.314, k=1,
+                          rng=torch.Generator().manual_seed(4))
+    idx = mix.synth_index
+    o = mix.style0.clone().requires_grad_(True)
+    loss = loss_fn(gen.decode(gen.encode(images[idx]), o), labels[idx])
+    (grad,) = torch.autograd.grad(loss, o)
+    torch.testing.assert_close(mix.style, mix.style0 + 0.314 * grad.sign())
+    # ascent: the attacked style has a higher loss than the start
+    with torch.no_grad():
+        assert loss_fn(mix.images[idx], labels[idx]) > loss.detach()
+
+
+def test_subset_attack_equals_whole_batch_attack():
+    """sign() ignores the 1/N scale of the mean loss, so attacking only the synthesized images gives the same o
+    as attacking the whole mixed batch when the attack forward does not couple samples (eval-mode BN)."""
+    gen = tiny_generator()
+    backbone, pfc, images, labels = tiny_setup()
+    rng_seed = 5
+    mix = adversarial_mix(images, labels, gen, attack_loss_fn(backbone, pfc), rs_ratio=0.5, epsilon=0.314,
+                          alpha=0.314, k=1, rng=torch.Generator().manual_seed(rng_seed))
+    idx = mix.synth_index
+    o = mix.style0.clone().requires_grad_(True)
+    whole = images.clone()
+    whole[idx] = gen.decode(gen.encode(images[idx]), o)
+    loss = attack_loss_fn(backbone, pfc)(whole, labels)  # loss over all B images
+    (grad,) = torch.autograd.grad(loss, o)
+    torch.testing.assert_close(mix.style, torch.clamp(mix.style0 + 0.314 * grad.sign(), mix.style0 - 0.314,
+                                                      mix.style0 + 0.314))
+
+
+def test_attack_changes_no_state():
+    """No BatchNorm running statistic, no AdaFace EMA buffer, no parameter gradient, no optimizer state."""
+    gen = tiny_generator()
+    backbone, pfc, images, labels = tiny_setup(margin=AdaFace(m=0.4, h=0.333, s=16.0, t_alpha=0.5))
+    backbone.train()
+    optimizer = torch.optim.SGD(list(backbone.parameters()) + list(pfc.parameters()), lr=0.1, momentum=0.9)
+    before = {k: v.clone() for k, v in {**backbone.state_dict(), **pfc.state_dict()}.items()}
+    gen_before = {k: v.clone() for k, v in gen.state_dict().items()}
+    adversarial_mix(images, labels, gen, attack_loss_fn(backbone, pfc), rs_ratio=0.25, epsilon=0.3, alpha=0.3, k=2,
+                    rng=torch.Generator().manual_seed(6))
+    after = {**backbone.state_dict(), **pfc.state_dict()}
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), f"attack changed {key}"
+    for key, value in gen_before.items():
+        assert torch.equal(value, gen.state_dict()[key]), f"attack changed generator {key}"
+    assert all(p.grad is None for p in list(backbone.parameters()) + list(pfc.parameters()))
+    assert optimizer.state_dict()["state"] == {}
+    assert backbone.training and all(m.training for m in backbone.modules())  # modes restored
+
+
+def test_unfrozen_generator_is_refused():
+    gen = Generator(dim=8, n_residual=1, n_downsample=2, latent_dim=16, style_dim=10)
+    with pytest.raises(ValueError, match="frozen"):
+        adversarial_mix(torch.rand(4, 3, 112, 112), torch.zeros(4, dtype=torch.long), gen, lambda x, y: x.sum(),
+                        rs_ratio=0.5, epsilon=0.3, alpha=0.3, k=1, rng=torch.Generator())
+
+
+def test_negative_k_is_refused():
+    with pytest.raises(ValueError, match="k must be"):
+        adversarial_mix(torch.rand(4, 3, 112, 112), torch.zeros(4, dtype=torch.long), tiny_generator(),
+                        lambda x, y: x.sum(), rs_ratio=0.5, epsilon=0.3, alpha=0.3, k=-1, rng=torch.Generator())
+
+
+def test_fp16_attack_gradient_does_not_underflow():
+    """A tiny loss in fp16 activations gives gradients below fp16's smallest subnormal: unscaled, sign() = 0 for
+    many coordinates; the scaled attack moves every coordinate by alpha."""
+    gen = tiny_generator()
+    images = torch.rand(4, 3, 112, 112) * 2 - 1
+    labels = torch.zeros(4, dtype=torch.long)
+    loss_fn = lambda x, y: 1e-7 * x.float().mean()  # noqa: E731
+
+    def moved(scale):
+        mix = adversarial_mix(images, labels, gen, loss_fn, rs_ratio=0.0, epsilon=0.3, alpha=0.3, k=1,
+                              rng=torch.Generator().manual_seed(7), autocast_dtype=torch.float16, grad_scale=scale)
+        return ((mix.style - mix.style0).abs() > 0.29).float().mean().item(), mix
+
+    try:
+        unscaled, _ = moved(1.0)
+    except RuntimeError as exc:  # pragma: no cover - CPU without fp16 kernels
+        pytest.skip(f"fp16 autocast unsupported on this CPU build: {exc}")
+    scaled, mix = moved(2.0 ** 16)
+    assert scaled == 1.0, "every style coordinate must move by alpha"
+    assert unscaled < 1.0, "the check is meaningless if the unscaled gradient does not underflow"
+    assert mix.grad_scale_used == 2.0 ** 16
+
+
+def test_attack_through_unwrapped_backbone_does_not_touch_ddp(tmp_path):
+    """The attack uses `ddp.module`: no gradient reduction, no .grad on any parameter."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        gen = tiny_generator()
+        backbone, pfc, images, labels = tiny_setup()
+        ddp = torch.nn.parallel.DistributedDataParallel(backbone)
+        adversarial_mix(images, labels, gen, attack_loss_fn(ddp.module, pfc), rs_ratio=0.5, epsilon=0.3,
+                        alpha=0.3, k=1, rng=torch.Generator().manual_seed(8))
+        assert all(p.grad is None for p in ddp.parameters())
+        pfc(ddp(images).float(), labels).backward()  # the real step still reduces and fills .grad
+        assert all(p.grad is not None for p in ddp.parameters() if p.requires_grad)
+    finally:
+        dist.destroy_process_group()
