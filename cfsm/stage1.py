@@ -1,0 +1,78 @@
+"""Stage-1 objectives as pure functions (no data, no files, no process group): what `cfsm/train.py` optimises.
+
+* synthesis iteration: ``L_G = LSGAN(D(G(x, o)) -> 1) + lambda_id * mean((1 - cos(f(x), f(G(x, o))) - d*)^2) + regu``
+  with ``d* = lm + (|o| - la) (um - lm) / (ua - la)``;
+* reconstruction iteration (o = 0): ``L_G = mean|x - G(x, 0)| + regu``;
+* discriminator (every iteration): ``LSGAN(D(target) -> 1) + LSGAN(D(G(.).detach()) -> 0)``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["lambda_id_at", "check_lambda_schedule", "target_distance", "identity_loss", "lsgan_loss",
+           "split_outputs", "is_synthesis_step"]
+
+
+def check_lambda_schedule(schedule: Sequence, key: str = "lambda_id_schedule") -> list[tuple[int, float]]:
+    """Validate ``[(start_epoch, lambda_id), ...]``: first start 0, strictly increasing starts, values >= 0."""
+    try:
+        steps = [(int(e), float(v)) for e, v in schedule]
+    except (TypeError, ValueError):
+        raise ValueError(f"config key '{key}' = {schedule!r}: expected a list of (start_epoch, lambda_id) pairs") \
+            from None
+    if not steps or steps[0][0] != 0:
+        raise ValueError(f"config key '{key}' = {schedule!r}: the first entry must start at epoch 0")
+    if any(b[0] <= a[0] for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"config key '{key}' = {schedule!r}: start epochs must increase strictly")
+    if any(v < 0 for _, v in steps):
+        raise ValueError(f"config key '{key}' = {schedule!r}: lambda_id values must be >= 0")
+    return steps
+
+
+def lambda_id_at(schedule: Sequence, epoch: int) -> float:
+    """The identity-loss weight in force at ``epoch`` (0-based) under a step schedule."""
+    value = None
+    for start, lam in check_lambda_schedule(schedule):
+        if epoch >= start:
+            value = lam
+    return float(value)  # epoch >= 0 always matches the first entry
+
+
+def target_distance(style: torch.Tensor, distance_range: Sequence[float]) -> torch.Tensor:
+    """d*(|o|) = lm + (|o| - la) (um - lm) / (ua - la): larger styles are allowed to move the identity further."""
+    la, ua, lm, um = (float(v) for v in distance_range)
+    if ua == la:
+        raise ValueError(f"id_distance_range = {tuple(distance_range)}: la and ua must differ")
+    return lm + (style.float().norm(dim=1) - la) * (um - lm) / (ua - la)
+
+
+def identity_loss(emb_source: torch.Tensor, emb_synth: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """mean((1 - cos(f(x), f(G(x, o))) - d*)^2) in fp32 (embeddings need not be normalised)."""
+    cos = F.cosine_similarity(emb_source.float(), emb_synth.float(), dim=1)
+    return ((1.0 - cos) - target.float()).pow(2).mean()
+
+
+def split_outputs(outputs) -> list[torch.Tensor]:
+    """A discriminator's per-scale outputs as a list (a bare tensor counts as one scale)."""
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    if isinstance(outputs, (list, tuple)) and outputs and all(isinstance(o, torch.Tensor) for o in outputs):
+        return list(outputs)
+    raise TypeError(f"discriminator returned {type(outputs).__name__}; expected a tensor or a list of tensors")
+
+
+def lsgan_loss(outputs, label: float) -> torch.Tensor:
+    """Sum over scales of mean((D_k - label)^2), in fp32."""
+    return sum(((o.float() - label) ** 2).mean() for o in split_outputs(outputs))
+
+
+def is_synthesis_step(step: int) -> bool:
+    """Even global iterations synthesise with a random style, odd ones reconstruct at o = 0.
+
+    Parity of the global step (not of epoch + i as in the original) keeps the alternation right across epochs and
+    resumes.
+    """
+    return step % 2 == 0

@@ -1,0 +1,31 @@
+"""Toy stage 1: a small CFSM generator for the toy target style (surveillance-like degradations), on 2 CPU cores.
+
+    python cfsm/train.py configs/cfsm_toy        # needs the toy baseline's model.pt (python train.py configs/toy)
+
+Source = the toy training .rec (generated on first use), target = its unlabelled `target_faces`, identity network =
+the toy baseline (r_tiny, 128-d). A narrow generator (gen_dim 16) and a step budget (max_steps) instead of epochs:
+one toy epoch at batch 8 is 900 steps, far beyond a few CPU minutes.
+"""
+from pathlib import Path
+
+from easydict import EasyDict as edict
+
+_ROOT = Path(__file__).resolve().parents[1]
+
+config = edict()
+config.rec = str(_ROOT / "data" / "toy")
+config.generate_toy_data = True
+config.target = str(_ROOT / "data" / "toy" / "target_faces")
+config.id_network = "r_tiny"
+config.id_embedding_size = 128
+config.id_model = str(_ROOT / "work_dirs" / "toy" / "model.pt")  # written by `python train.py configs/toy`
+config.gen_dim = 16
+config.batch_size = 8
+config.num_epoch = 1
+config.max_steps = 240
+config.lambda_id_schedule = [(0, 5.0)]
+config.num_workers = 1
+config.save_every = 100
+config.frequent = 20
+config.image_every = 60
+config.fp16 = False
