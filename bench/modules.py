@@ -1,0 +1,128 @@
+"""Per-image cost of the main modules: forward and forward+backward time, plus forward GMACs.
+
+    python -m bench.modules [--device cpu|cuda] [--batch-size 4] [--reps 3] [--amp]
+
+Modules: r50 and mbf backbones (train mode, backward to the parameters), the CFSM generator's encoder (backward to
+the parameters, as in stage 1) and decoder (frozen parameters, backward to the style code o, as in the stage-2
+attack). Weights are random: timings and MACs do not depend on them. Prints one JSON object (last line).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn: Callable[[], None], device: torch.device, reps: int) -> float:
+    fn()  # warm-up (allocator, cuDNN autotune, oneDNN primitive cache)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) / reps
+
+
+def _gmacs(fn: Callable[[], None], batch: int) -> float:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 2 / batch / 1e9  # one multiply-add = 2 flops
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--amp", action="store_true", help="autocast (float16 on CUDA, bfloat16 on CPU)")
+    args = ap.parse_args(argv)
+
+    from backbones import get_model
+    from cfsm import Generator
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    b = args.batch_size
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    x = torch.rand(b, 3, 112, 112, device=device) * 2 - 1
+
+    def autocast():
+        return torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=args.amp)
+
+    results: dict[str, dict] = {}
+
+    for name in ("r50", "mbf"):
+        model = get_model(name).to(device).train()
+
+        def fwd(model=model):
+            with torch.no_grad(), autocast():
+                model(x)
+
+        def fwd_bwd(model=model):
+            model.zero_grad(set_to_none=True)
+            with autocast():
+                out = model(x)
+            out.float().square().mean().backward()
+
+        results[name] = {"gmacs_fwd": _gmacs(fwd, b), "fwd_ms_per_img": _time(fwd, device, args.reps) / b * 1e3,
+                         "fwd_bwd_ms_per_img": _time(fwd_bwd, device, args.reps) / b * 1e3}
+        del model
+
+    gen = Generator().to(device).eval()
+    o = torch.randn(b, gen.style_dim, device=device)
+    with torch.no_grad(), autocast():
+        content = gen.encode(x)
+
+    def enc_fwd():
+        with torch.no_grad(), autocast():
+            gen.encode(x)
+
+    def enc_fwd_bwd():
+        gen.zero_grad(set_to_none=True)
+        gen.encoder.requires_grad_(True)
+        with autocast():
+            out = gen.encode(x)
+        out.float().square().mean().backward()
+
+    def dec_fwd():
+        with torch.no_grad(), autocast():
+            gen.decode(content, o)
+
+    def dec_fwd_bwd():
+        gen.requires_grad_(False)
+        oo = o.clone().requires_grad_()
+        with autocast():
+            img = gen.decode(content, oo)
+        img.float().square().mean().backward()
+
+    results["generator_encoder"] = {"gmacs_fwd": _gmacs(enc_fwd, b),
+                                    "fwd_ms_per_img": _time(enc_fwd, device, args.reps) / b * 1e3,
+                                    "fwd_bwd_ms_per_img": _time(enc_fwd_bwd, device, args.reps) / b * 1e3,
+                                    "backward_to": "parameters"}
+    results["generator_decoder"] = {"gmacs_fwd": _gmacs(dec_fwd, b),
+                                    "fwd_ms_per_img": _time(dec_fwd, device, args.reps) / b * 1e3,
+                                    "fwd_bwd_ms_per_img": _time(dec_fwd_bwd, device, args.reps) / b * 1e3,
+                                    "backward_to": "style code o (frozen parameters)"}
+    for v in results.values():
+        for k in list(v):
+            if isinstance(v[k], float):
+                v[k] = round(v[k], 3)
+    report = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+              else "cpu", "threads": torch.get_num_threads(), "batch_size": b, "reps": args.reps, "amp": args.amp,
+              "torch": torch.__version__, "modules": results}
+    print(json.dumps(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
