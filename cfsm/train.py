@@ -144,12 +144,12 @@ def init_from_generator_file(path: str, G: torch.nn.Module, D: torch.nn.Module, 
         log.info(f"generator initialised from {path} (discriminator: fresh, the file has no matching one)")
 
 
-def _dist_wrap(module: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
+def _dist_wrap(module: torch.nn.Module, env: DistEnv, find_unused: bool = False) -> torch.nn.Module:
     if not env.distributed:
         return module
     # buffers (AdaIN running stats) are never read or updated: no need to broadcast them every forward
     return DistributedDataParallel(module, device_ids=[env.local_rank] if env.device.type == "cuda" else None,
-                                   broadcast_buffers=False, find_unused_parameters=False)
+                                   broadcast_buffers=False, find_unused_parameters=find_unused)
 
 
 def train(cfg, env: DistEnv) -> dict | None:
@@ -222,7 +222,9 @@ def train(cfg, env: DistEnv) -> dict | None:
         ckpt.restore_rng_state(own["rng"], rngs)
         log.info(f"resumed from {directory} at step {step} (epoch {step // bpe}, batch {step % bpe})")
 
-    G_train, D_train = _dist_wrap(G, env), _dist_wrap(D, env)
+    # At 112x112 the discriminator's third scale normalises a 1x1 map to zeros, so its lower layers get no
+    # gradient; DDP must be told to expect unused parameters there (the set depends on the image size).
+    G_train, D_train = _dist_wrap(G, env), _dist_wrap(D, env, find_unused=True)
     writer = summary_writer(output, cfg.tensorboard) if env.is_main else None
     meter = SpeedMeter(cfg.batch_size * env.world_size, last_step, step)
     autocast = dict(device_type=env.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
@@ -289,7 +291,8 @@ def train(cfg, env: DistEnv) -> dict | None:
                     loss_gan = lsgan_loss(D(fake), 1.0)
                     with torch.no_grad():
                         emb_src = id_net(sources)
-                    emb_fake = id_net(fake)
+                    # fp32 input: a backbone that switches autocast off inside (fp16=False) gets matching dtypes
+                    emb_fake = id_net(fake.float())
                 D.requires_grad_(True)
                 loss_id = identity_loss(emb_src, emb_fake, target_distance(style, distance_range))
                 loss_g = loss_gan + lambda_id * loss_id + regu.float()
@@ -316,16 +319,17 @@ def train(cfg, env: DistEnv) -> dict | None:
                                        f"{cfg.max_nonfinite_steps}) at step {step + 1}; lower gen_lr or check data")
             step += 1
 
-            if writer is not None and (step % cfg.frequent == 0 or step == last_step):
+            if env.is_main and cfg.frequent and (step % cfg.frequent == 0 or step == last_step):
                 speed, eta = meter.window(step)
                 values = {k: float(v) for k, v in last.items()}
                 log.info(f"step {step}/{last_step} epoch {epoch} lambda_id {lambda_id:g} " +
                          " ".join(f"{k} {v:.4f}" for k, v in values.items()) +
                          f" {speed:.1f} samples/s ETA {format_eta(eta)}")
-                for k, v in values.items():
-                    writer.add_scalar(f"stage1/loss_{k}", v, step)
-                writer.add_scalar("stage1/lambda_id", lambda_id, step)
-                writer.add_scalar("stage1/samples_per_sec", speed, step)
+                if writer is not None:
+                    for k, v in values.items():
+                        writer.add_scalar(f"stage1/loss_{k}", v, step)
+                    writer.add_scalar("stage1/lambda_id", lambda_id, step)
+                    writer.add_scalar("stage1/samples_per_sec", speed, step)
             if writer is not None and cfg.image_every and step % cfg.image_every == 0:
                 grid = training_samples_grid(G, sources, targets, rng=torch.Generator().manual_seed(step))
                 writer.add_image("stage1/source_synth_target", grid, step, dataformats="HWC")

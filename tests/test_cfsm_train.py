@@ -1,0 +1,226 @@
+"""Stage 1 (cfsm/train.py): objectives, target sampling, a few real steps, checkpoints, exact resume, errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cfsm.stage1 import check_lambda_schedule, identity_loss, is_synthesis_step, lambda_id_at, lsgan_loss, \
+    target_distance
+from cfsm.target_data import TargetBatchSampler, TargetFaceDataset, list_target_images
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------- pure parts ----------------
+
+def test_published_lambda_schedule():
+    sched = [(0, 8.0), (5, 5.0), (8, 2.0)]
+    assert [lambda_id_at(sched, e) for e in range(20)] == [8.0] * 5 + [5.0] * 3 + [2.0] * 12
+    for bad in ([(1, 8.0)], [(0, 8.0), (0, 5.0)], [(0, -1.0)], [], [(0,)]):
+        with pytest.raises(ValueError, match="lambda_id_schedule"):
+            check_lambda_schedule(bad)
+
+
+def test_target_distance_and_losses():
+    o = torch.zeros(3, 10)
+    o[1, 0], o[2, :] = 6.0, 3.0 / np.sqrt(10)
+    d = target_distance(o, (0.0, 6.0, 0.05, 0.65))
+    assert torch.allclose(d, torch.tensor([0.05, 0.65, 0.35]), atol=1e-6)
+    e = torch.randn(3, 8)
+    # identical embeddings: distance 0, loss = mean(d*^2)
+    assert identity_loss(e, e, d).item() == pytest.approx((d ** 2).mean().item(), rel=1e-5)
+    assert identity_loss(e, -e, torch.full((3,), 2.0)).item() == pytest.approx(0.0, abs=1e-6)
+    outs = [torch.ones(2, 1, 4, 4), torch.zeros(2, 1, 2, 2)]
+    assert lsgan_loss(outs, 1.0).item() == pytest.approx(1.0)
+    assert lsgan_loss(outs, 0.0).item() == pytest.approx(1.0)
+    assert [is_synthesis_step(s) for s in range(4)] == [True, False, True, False]
+
+
+def test_target_sampler_no_repeats_across_ranks_and_resumable():
+    n, batch = 50, 4
+    samplers = [TargetBatchSampler(n, batch, rank=r, world_size=3, seed=7) for r in range(3)]
+    per_rank = n // 3
+    steps = per_rank // batch  # whole batches inside the first target epoch
+    seen = []
+    for s in samplers:
+        s.set_range(0, steps)
+        seen += [i for b in s for i, _ in b]
+    assert len(seen) == len(set(seen)) == 3 * steps * batch  # no image twice in a target epoch, on any rank
+    # the stream is a function of the step: a resumed sampler yields what an uninterrupted one yields
+    full = TargetBatchSampler(n, batch, 1, 3, seed=7)
+    full.set_range(0, 30)
+    resumed = TargetBatchSampler(n, batch, 1, 3, seed=7)
+    resumed.set_range(12, 18)
+    assert list(full)[12:] == list(resumed)
+    # every image of a rank's shard appears once per target epoch, then a new permutation starts
+    one = TargetBatchSampler(10, 5, 0, 1, seed=1)
+    one.set_range(0, 4)
+    batches = [[i for i, _ in b] for b in one]
+    assert sorted(batches[0] + batches[1]) == list(range(10)) == sorted(batches[2] + batches[3])
+    assert batches[:2] != batches[2:]
+
+
+def test_target_sampler_with_dataloader_workers(tmp_path):
+    import cv2
+    from torch.utils.data import DataLoader
+
+    for i in range(12):  # image i has constant value i*10 (odd sizes are resized to 112)
+        cv2.imwrite(str(tmp_path / f"{i:02d}.png"), np.full((64 if i % 2 else 112,) * 2 + (3,), i * 10, np.uint8))
+    ds = TargetFaceDataset(tmp_path)
+    sampler = TargetBatchSampler(len(ds), 3, seed=0)
+    sampler.set_range(0, 4)
+    loader = DataLoader(ds, batch_sampler=sampler, num_workers=2)
+    values = [int(round((float(x[0, 0, 0]) + 1) * 127.5)) // 10 for b in loader for x in b]
+    assert sorted(values) == list(range(12))  # two workers, no repeats
+    assert next(iter(loader)).shape == (3, 3, 112, 112)
+
+
+def test_target_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="target.*no such folder"):
+        list_target_images(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no images"):
+        list_target_images(tmp_path / "empty")
+    (tmp_path / "list.txt").write_text("# faces\nnope.jpg\n")
+    with pytest.raises(FileNotFoundError, match="line 2"):
+        list_target_images(tmp_path / "list.txt")
+    (tmp_path / "a.jpg").write_bytes(b"not an image")
+    (tmp_path / "ok.txt").write_text("a.jpg\n")
+    with pytest.raises(ValueError, match="a.jpg"):
+        TargetFaceDataset(tmp_path / "ok.txt")[0]
+
+
+# ---------------- real runs on tiny data ----------------
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    """Toy data with 16 source images / 12 targets, and a random r_tiny identity network file."""
+    from backbones import get_model
+    from utils.toyface import ensure_toy_data
+
+    root = tmp_path_factory.mktemp("stage1")
+    data = ensure_toy_data(root / "toy", num_identities=4, images_per_identity=4, num_eval_identities=2,
+                           num_pairs=2, num_target_faces=12, workers=1)
+    torch.manual_seed(0)
+    id_model = root / "id_r_tiny.pt"
+    torch.save(get_model("r_tiny", num_features=32).state_dict(), id_model)
+    return {"root": root, "data": data, "id_model": id_model}
+
+
+def _overrides(tiny: dict, output: Path, **extra) -> list[str]:
+    keys = dict(rec=tiny["data"], target=tiny["data"] / "target_faces", generate_toy_data=False,
+                id_model=tiny["id_model"], id_network="r_tiny", id_embedding_size=32, gen_dim=4, gen_latent_dim=16,
+                gen_style_dim=4, batch_size=4, num_epoch=2, max_steps=0, num_workers=0, tensorboard=False,
+                image_every=0, save_every=0, frequent=1, output=output, seed=3,
+                lambda_id_schedule="[(0, 8.0), (1, 2.0)]")
+    keys.update(extra)
+    return [f"{k}={v}" for k, v in keys.items()]
+
+
+def _run(args: list[str]) -> dict:
+    from cfsm import train as stage1
+
+    return stage1.main(["configs/cfsm_toy"] + args)
+
+
+def test_steps_checkpoint_and_exact_resume(tiny):
+    from cfsm import Generator, load_generator
+    from utils.checkpoint import latest_complete
+
+    straight = tiny["root"] / "straight"
+    summary = _run(_overrides(tiny, straight, max_steps=6, tensorboard=True, image_every=2))
+    assert summary["steps"] == 6 and summary["finite"]
+    assert set(summary["losses"]) >= {"d", "g_gan", "id", "rec", "regu"}
+    assert all(np.isfinite(v) for v in summary["losses"].values())
+    assert list(straight.glob("tensorboard/events.*")) and (straight / "samples.png").is_file()
+
+    # released format: loads with cfsm.load_generator (what stage-2 train.py calls) as the configured architecture
+    final = torch.load(straight / "generator.pth", weights_only=True)
+    assert list(final) == ["G_state_dict", "D_state_dict", "optimizerG_state_dict", "optimizerD_state_dict"]
+    gen = load_generator(straight / "generator.pth")
+    assert isinstance(gen, Generator) and gen.style_dim == 4 and not any(p.requires_grad for p in gen.parameters())
+    step, directory, meta = latest_complete(straight)
+    assert step == 6 and meta["epoch"] == 1 and meta["world_size"] == 1
+    load_generator(directory / "rank_0.pt")  # a mid-run checkpoint is a generator file too
+
+    # 3 steps, stop, resume to 6 (crossing the epoch-1 boundary, where lambda_id changes): identical result
+    parted = tiny["root"] / "parted"
+    _run(_overrides(tiny, parted, max_steps=3))
+    assert latest_complete(parted)[0] == 3
+    resumed = _run(_overrides(tiny, parted, max_steps=6))
+    assert resumed["steps"] == 6
+    log = (parted / "cfsm_train.log").read_text()
+    assert "resumed from" in log and "at step 3 (epoch 0, batch 3)" in log
+    assert "step 5/6 epoch 1 lambda_id 2" in log  # epoch 1 after the boundary, with its lambda
+    again = torch.load(parted / "generator.pth", weights_only=True)
+    for key in ("G_state_dict", "D_state_dict"):
+        for name, tensor in final[key].items():
+            assert torch.equal(tensor, again[key][name]), f"{key}.{name} differs after resume"
+    for key in ("optimizerG_state_dict", "optimizerD_state_dict"):
+        s0, s1 = final[key]["state"][0], again[key]["state"][0]
+        assert float(s1["step"]) == 6.0  # optimizer state restored, not restarted at step 3
+        assert torch.equal(s0["exp_avg_sq"], s1["exp_avg_sq"])
+
+    # init_generator: a new run starts from this generator (shared origin for comparable bases)
+    tuned = tiny["root"] / "tuned"
+    _run(_overrides(tiny, tuned, max_steps=1, init_generator=straight / "generator.pth"))
+    start = torch.load(tuned / "generator.pth", weights_only=True)["G_state_dict"]["pca.U"]
+    assert (start - final["G_state_dict"]["pca.U"]).abs().max() < 1e-2  # one Adam step of 1e-4 away
+
+
+def test_bf16_steps_finite(tiny):
+    summary = _run(_overrides(tiny, tiny["root"] / "bf16", max_steps=2, bf16=True))
+    assert summary["finite"] and summary["steps"] == 2
+
+
+def test_clear_errors(tiny, tmp_path):
+    from utils.checkpoint import CheckpointError
+    from utils.config import ConfigError
+
+    with pytest.raises(ConfigError, match="id_model.*file not found"):
+        _run(_overrides(tiny, tmp_path / "a", id_model=tmp_path / "nope.pt"))
+    with pytest.raises(ConfigError, match="'id_model' = None"):
+        _run(_overrides(tiny, tmp_path / "a", id_model=None))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="'target'.*no images"):
+        _run(_overrides(tiny, tmp_path / "a", target=tmp_path / "empty"))
+    with pytest.raises(CheckpointError, match="id_model.*mbf_tiny"):
+        _run(_overrides(tiny, tmp_path / "a", id_network="mbf_tiny"))
+    with pytest.raises(ConfigError, match="lambda_id_schedule"):
+        _run(_overrides(tiny, tmp_path / "a", lambda_id_schedule="[(2, 8.0)]"))
+    from cfsm import Generator
+
+    torch.save({"G_state_dict": Generator(dim=8, latent_dim=16, style_dim=4).state_dict()}, tmp_path / "g8.pth")
+    with pytest.raises(CheckpointError, match="init_generator"):
+        _run(_overrides(tiny, tmp_path / "a", init_generator=tmp_path / "g8.pth"))
+
+
+@pytest.mark.slow
+def test_two_process_gloo(tiny):
+    """torchrun with 2 CPU ranks: DDP over gloo, per-rank checkpoint files, the released-format generator."""
+    out = tiny["root"] / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "cfsm/train.py",
+           "configs/cfsm_toy", *_overrides(tiny, out, max_steps=2, device="cpu", batch_size=2)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    step_dir = out / "checkpoints" / "step_00000002"
+    assert json.loads((step_dir / "COMPLETE").read_text())["world_size"] == 2
+    rank1 = torch.load(step_dir / "rank_1.pt", weights_only=True)
+    assert set(rank1) == {"step", "rng"}  # replicated weights are written once, by rank 0
+    from cfsm import load_generator
+
+    load_generator(out / "generator.pth")
+    # resuming with another world size is refused with a message naming both sizes
+    from utils.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="2 ranks but this run has 1"):
+        _run(_overrides(tiny, out, max_steps=3, batch_size=2))
