@@ -81,7 +81,8 @@ def train(cfg, env) -> dict | None:
     margin = build_margin_loss(cfg.loss, s=cfg.s, m=cfg.m, margin_list=cfg.margin_list, h=cfg.adaface_h,
                                t_alpha=cfg.adaface_t_alpha)
     pfc = PartialFC(margin, cfg.embedding_size, num_classes, sample_rate=cfg.sample_rate,
-                    rank=env.rank, world_size=env.world_size).to(env.device)
+                    rank=env.rank, world_size=env.world_size, seed=cfg.seed,
+                    ddp_grad_compensation=env.distributed).to(env.device)  # undo DDP's 1/W: as the reference
 
     loader = get_dataloader(dataset, cfg.batch_size, cfg.seed, cfg.num_workers, env.rank, env.world_size,
                             env.device)

@@ -21,7 +21,7 @@ class StyleMix:
     synth_index: torch.Tensor   # positions (into the batch) of the synthesized images, int64
     style0: torch.Tensor        # starting style codes o0 of those images, [n_synth, style_dim], fp32
     style: torch.Tensor         # final style codes o*, [n_synth, style_dim], fp32
-    grad_scale_used: float      # loss scale that gave finite attack gradients (for fp16 diagnostics)
+    grad_scale_used: float      # loss scale of the last attack gradient; 0.0 = it fell back to fp32
 
 
 def split_counts(batch_size: int, rs_ratio: float) -> tuple[int, int]:
@@ -33,23 +33,32 @@ def split_counts(batch_size: int, rs_ratio: float) -> tuple[int, int]:
 
 
 def _attack_grad(generator, content, o, labels, loss_fn, autocast_dtype, device_type, grad_scale):
-    """d loss / d o, with the loss scaled so fp16 activations' gradients cannot underflow to zero.
+    """d loss / d o, computed so that fp16 cannot silently zero it.
 
-    A positive scale does not change sign(); if the scaled gradient overflows we retry with smaller scales and
-    finally in fp32, so no coordinate is silently left unmoved.
+    Under fp16 the loss is scaled (a positive scale does not change sign()). If the scaled gradient overflows we
+    retry with a smaller scale; if any coordinate is exactly zero (underflow: sign(0) would leave it unmoved) or
+    nothing finite comes out, the step is recomputed in fp32.
     """
-    scales = [grad_scale, grad_scale / 2**8] if autocast_dtype == torch.float16 else [1.0]
-    for scale in scales + [None]:
-        dtype = None if scale is None else autocast_dtype
+    attempts = [(autocast_dtype, grad_scale), (autocast_dtype, grad_scale / 2**8)] \
+        if autocast_dtype == torch.float16 else [(autocast_dtype, 1.0)]
+    for dtype, scale in attempts + [(None, 1.0)]:
         with torch.enable_grad():
             o_var = o.detach().requires_grad_(True)
             with torch.autocast(device_type=device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
                 synth = generator.decode(content, o_var)
                 loss = loss_fn(synth, labels)
-            (grad,) = torch.autograd.grad(loss.float() * (scale or 1.0), o_var)
-        if torch.isfinite(grad).all():
-            return grad, (scale or 1.0)
-    return torch.zeros_like(o), 0.0  # fp32 itself was non-finite: do not move (the caller's loss will show it)
+            (grad,) = torch.autograd.grad(loss.float() * scale, o_var)
+        if not torch.isfinite(grad).all():
+            continue
+        if dtype == torch.float16 and bool((grad == 0).any()):
+            break  # underflow: go straight to fp32
+        return grad, scale
+    with torch.enable_grad():
+        o_var = o.detach().requires_grad_(True)
+        with torch.autocast(device_type=device_type, enabled=False):
+            loss = loss_fn(generator.decode(content.float(), o_var), labels)
+        (grad,) = torch.autograd.grad(loss.float(), o_var)
+    return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0), 0.0
 
 
 def adversarial_mix(images: torch.Tensor, labels: torch.Tensor, generator: torch.nn.Module, loss_fn: LossFn, *,
