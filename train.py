@@ -78,8 +78,11 @@ def train(cfg, env) -> dict | None:
     if generator is not None:
         generator.to(memory_format=memory_format)
 
-    margin = build_margin_loss(cfg.loss, s=cfg.s, m=cfg.m, margin_list=cfg.margin_list, h=cfg.adaface_h,
-                               t_alpha=cfg.adaface_t_alpha)
+    m1, m2, m3 = cfg.margin_list
+    margin = build_margin_loss(cfg.loss, **{
+        "arcface": dict(s=cfg.s, margin=cfg.m), "cosface": dict(s=cfg.s, m=cfg.m),
+        "combined": dict(s=cfg.s, m1=m1, m2=m2, m3=m3),
+        "adaface": dict(m=cfg.m, h=cfg.adaface_h, s=cfg.s, t_alpha=cfg.adaface_t_alpha)}[cfg.loss])
     pfc = PartialFC(margin, cfg.embedding_size, num_classes, sample_rate=cfg.sample_rate,
                     rank=env.rank, world_size=env.world_size, seed=cfg.seed,
                     ddp_grad_compensation=env.distributed).to(env.device)  # undo DDP's 1/W: as the reference

@@ -29,3 +29,26 @@ def shared_dir() -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def mini_toy(tmp_path_factory) -> Path:
+    """A miniature toy dataset (16 identities x 6 images, 20 verification pairs, 20 target faces)."""
+    from utils.toyface import ensure_toy_data
+
+    root = tmp_path_factory.mktemp("mini_toy") / "toy"
+    return ensure_toy_data(root, num_identities=16, images_per_identity=6, num_eval_identities=10, num_pairs=20,
+                           num_target_faces=20, workers=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_generator_file(tmp_path_factory) -> Path:
+    """A randomly initialised small generator saved in the released format ({'G_state_dict': ...})."""
+    import torch
+
+    from cfsm import Generator
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("gen") / "tiny_generator.pth"
+    torch.save({"G_state_dict": Generator(dim=16, n_residual=1, latent_dim=32).state_dict()}, path)
+    return path

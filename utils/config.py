@@ -163,6 +163,8 @@ def validate(cfg: EasyDict) -> None:
     need(cfg.save_every >= 0, "save_every", "must be >= 0 (0 = only at the end)")
     need(cfg.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
     need(cfg.gradient_acc >= 1, "gradient_acc", "must be >= 1")
+    need(cfg.loss in ("arcface", "cosface", "combined", "adaface"), "loss", "choices: arcface, cosface, combined, adaface")
+    need(len(cfg.margin_list) == 3, "margin_list", "must be (m1, m2, m3)")
     need(cfg.optimizer in ("sgd", "adamw"), "optimizer", "choices: sgd, adamw")
     need(not (cfg.fp16 and cfg.bf16), "fp16", "fp16 and bf16 cannot both be True")
     need(cfg.device in ("auto", "cpu", "cuda"), "device", "choices: auto, cpu, cuda")

@@ -1,0 +1,165 @@
+"""train.py end to end on the miniature toy data: overrides, CFSM wiring, resume equality, launchers, bad inputs."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from backbones import get_model
+from partial_fc import PartialFC
+from utils.checkpoint import CheckpointError
+from utils.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_args(rec, output, *extra):
+    return ["configs/toy", f"rec={rec}", f"output={output}", "generate_toy_data=False", "network=r_tiny",
+            "embedding_size=32", "batch_size=16", "num_workers=0", "num_epoch=2", "warmup_epoch=0", "frequent=1",
+            "verbose=0", "val_targets=['toy_clean']", "val_batch_size=16", "image_every=2", *extra]
+
+
+def load_model(path):
+    model = get_model("r_tiny", num_features=32)
+    state = torch.load(path, weights_only=True)
+    model.load_state_dict(state, strict=True)  # a plain state dict, as InsightFace tools expect
+    return state
+
+
+def test_plain_run_writes_model_summary_and_uses_overrides(mini_toy, tmp_path):
+    out = tmp_path / "plain"
+    summary = train.main(tiny_args(mini_toy, out, "max_steps=3", "lr=0.05", "optimizer=adamw"))
+    assert summary["steps"] == 3 and summary["config"]["lr"] == 0.05 and summary["config"]["optimizer"] == "adamw"
+    on_disk = json.loads((out / "summary.json").read_text())
+    for key in ("config", "steps", "epochs", "final_loss", "samples_per_sec", "val", "wall_s"):
+        assert key in on_disk
+    assert set(on_disk["val"]) == {"toy_clean"} and 0.0 <= on_disk["val"]["toy_clean"] <= 1.0
+    load_model(out / "model.pt")
+    assert any((out / "tensorboard").iterdir())
+
+
+def test_cfsm_wiring_generator_frozen_shared_negatives(mini_toy, tmp_path, tiny_generator_file, monkeypatch):
+    """Generator never in the optimizer or DDP; the attack and the update of a step share the PFC negatives."""
+    captured = {}
+    real_build = train.build_optimizer
+    real_load = train.load_generator
+
+    def spy_build(name, groups, **kw):
+        groups = list(groups)
+        captured["params"] = {id(p) for g in groups for p in g["params"]}
+        return real_build(name, groups, **kw)
+
+    def spy_load(path):
+        captured["generator"] = real_load(path)
+        return captured["generator"]
+
+    calls = []
+    real_sample, real_forward = PartialFC.sample_negatives, PartialFC.forward
+
+    def spy_sample(self, labels):
+        cs = real_sample(self, labels)
+        calls.append(("sample", cs))
+        return cs
+
+    def spy_forward(self, emb, labels, class_sample=None, update_stats=True):
+        calls.append(("forward", class_sample, update_stats, emb.shape[0]))
+        return real_forward(self, emb, labels, class_sample=class_sample, update_stats=update_stats)
+
+    monkeypatch.setattr(train, "build_optimizer", spy_build)
+    monkeypatch.setattr(train, "load_generator", spy_load)
+    monkeypatch.setattr(PartialFC, "sample_negatives", spy_sample)
+    monkeypatch.setattr(PartialFC, "forward", spy_forward)
+    train.main(tiny_args(mini_toy, tmp_path / "ours", "max_steps=2", f"pretrained_synthesis_model={tiny_generator_file}",
+                         "rs_ratio=0.75", "k=2", "sample_rate=0.5", "loss=adaface", "m=0.4"))
+    gen = captured["generator"]
+    assert not any(p.requires_grad for p in gen.parameters()) and not gen.training
+    assert not ({id(p) for p in gen.parameters()} & captured["params"])
+    # per step: one sample, k=2 attack forwards on the synthesized quarter (4 of 16), one update forward of 16
+    steps = [calls[i:i + 4] for i in range(0, 8, 4)]
+    for sample, attack1, attack2, update in steps:
+        assert sample[0] == "sample" and sample[1] is not None
+        assert attack1[1] is sample[1] and attack2[1] is sample[1] and update[1] is sample[1]
+        assert (attack1[2], attack1[3]) == (False, 4) and (attack2[2], attack2[3]) == (False, 4)
+        assert (update[2], update[3]) == (True, 16)
+
+
+@pytest.mark.slow
+def test_resume_reproduces_uninterrupted_run(mini_toy, tmp_path, tiny_generator_file):
+    """Stop after 4 steps, resume to 9 (crossing an epoch boundary): same weights as 9 steps in one go."""
+    common = (f"pretrained_synthesis_model={tiny_generator_file}", "rs_ratio=0.5", "sample_rate=0.5",
+              "num_epoch=3", "warmup_epoch=1")
+    train.main(tiny_args(mini_toy, tmp_path / "a", "max_steps=9", "save_every=4", *common))
+    train.main(tiny_args(mini_toy, tmp_path / "b", "max_steps=4", *common))
+    train.main(tiny_args(mini_toy, tmp_path / "b", "max_steps=9", "resume=True", *common))
+    a, b = load_model(tmp_path / "a" / "model.pt"), load_model(tmp_path / "b" / "model.pt")
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"resumed run differs at {key}"
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["steps"] == 9
+    assert "resumed from" in (tmp_path / "b" / "train.log").read_text()  # not a silent restart from scratch
+
+
+def test_pretrained_backbone_of_another_architecture_is_refused(mini_toy, tmp_path):
+    other = tmp_path / "mbf.pt"
+    torch.save(get_model("mbf_tiny", num_features=32).state_dict(), other)
+    with pytest.raises(CheckpointError, match=r"mbf\.pt.*first mismatching key"):
+        train.main(tiny_args(mini_toy, tmp_path / "x", "max_steps=1", f"pretrained_backbone_model={other}"))
+
+
+def test_pretrained_backbone_fine_tunes(mini_toy, tmp_path):
+    init = tmp_path / "init.pt"
+    torch.save(get_model("r_tiny", num_features=32).state_dict(), init)
+    summary = train.main(tiny_args(mini_toy, tmp_path / "ft", "max_steps=1", f"pretrained_backbone_model={init}"))
+    assert summary["steps"] == 1
+
+
+@pytest.mark.parametrize("extra, error, pattern", [
+    (["rec=/no/such/folder"], Exception, "/no/such/folder"),
+    (["rs_ratio=0.5", "pretrained_synthesis_model=/no/such/gen.pth"], FileNotFoundError, r"gen\.pth.*cfsm"),
+    (["rs_ratio=1.5"], ConfigError, "rs_ratio"),
+    (["k=-1"], ConfigError, "'k'"),
+    (["num_classes=17"], Exception, "17.*16|16.*17"),
+    (["resume=True"], ConfigError, "no complete checkpoint"),
+    (["loss=sphereface"], ConfigError, "loss"),
+])
+def test_bad_inputs_stop_before_work(mini_toy, tmp_path, extra, error, pattern):
+    with pytest.raises(error, match=pattern):  # later overrides win, so `rec=` here replaces the good one
+        train.main(tiny_args(mini_toy, tmp_path / "bad", "max_steps=1") + extra)
+
+
+def test_generator_file_of_wrong_format(mini_toy, tmp_path):
+    bad = tmp_path / "not_a_generator.pth"
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, bad)
+    with pytest.raises(KeyError, match="G_state_dict"):
+        train.main(tiny_args(mini_toy, tmp_path / "x", "max_steps=1", "rs_ratio=0.5",
+                             f"pretrained_synthesis_model={bad}"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(module_args, mini_toy, out, extra=()):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", *module_args, "--nproc_per_node=2", f"--master_port={free_port()}", "train.py",
+           *tiny_args(mini_toy, out, "max_steps=2", *extra)]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", [["torch.distributed.run"], ["torch.distributed.launch"]])
+def test_two_process_gloo_launchers(mini_toy, tmp_path, tiny_generator_file, launcher):
+    out = tmp_path / launcher[0].split(".")[-1]
+    proc = launch(launcher, mini_toy, out, (f"pretrained_synthesis_model={tiny_generator_file}", "rs_ratio=0.75"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and "world size 2" in (out / "train.log").read_text()
+    ckpts = sorted((out / "checkpoints").glob("step_*/rank_*.pt"))
+    assert [p.name for p in ckpts] == ["rank_0.pt", "rank_1.pt"]
