@@ -314,7 +314,7 @@ def _worker_init(worker_id: int) -> None:
     seed = torch.initial_seed() % (2**32)
     random.seed(seed)
     np.random.seed(seed)
-    cv2.setNumThreads(1)
+    # No cv2.setNumThreads here: in a forked child it deadlocks when the parent already used OpenCV's thread pool.
 
 
 def get_dataloader(

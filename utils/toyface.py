@@ -330,7 +330,8 @@ def _pool_map(jobs: list, workers: int) -> list[bytes]:
     if workers <= 1 or len(jobs) < 64:
         return [_render_job(j) for j in jobs]
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ctx.Pool(workers, initializer=cv2.setNumThreads, initargs=(1,)) as pool:
+    # No cv2.setNumThreads initializer: it deadlocks in a forked child once the parent used OpenCV's thread pool.
+    with ctx.Pool(workers) as pool:
         return pool.map(_render_job, jobs, chunksize=max(16, len(jobs) // (workers * 8)))
 
 

@@ -1,0 +1,215 @@
+"""Datasets, FaceSampler, DataLoader (worker errors, determinism) and 2-process gloo sharding."""
+import hashlib
+import json
+import os
+import socket
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from dataset import (
+    DataError,
+    FaceSampler,
+    ImageFolderDataset,
+    MXFaceDataset,
+    SyntheticDataset,
+    build_dataset,
+    get_dataloader,
+)
+from utils.recordio import IndexedRecordWriter, IRHeader, pack_record, write_face_rec
+
+
+@pytest.fixture(scope="module")
+def mxrec(shared_dir):
+    return shared_dir / "fixtures/mxrec"
+
+
+@pytest.fixture(scope="module")
+def expected(mxrec):
+    return json.loads((mxrec / "expected.json").read_text())
+
+
+def _jpeg(seed: int) -> bytes:
+    img = np.random.default_rng(seed).integers(0, 256, (112, 112, 3), dtype=np.uint8)
+    return cv2.imencode(".jpg", img)[1].tobytes()
+
+
+@pytest.mark.parametrize("variant", ["jpeg_header_first", "png", "face2rec2_layout", "multipart"])
+def test_mxface_dataset_fixture_pixels_and_labels(mxrec, expected, variant):
+    e = expected[variant]
+    ds = MXFaceDataset(mxrec / e["dir"], augment=False)
+    assert ds.num_classes == e["num_identities"] and ds.num_images == e["num_images"] == len(ds)
+    for i, im in enumerate(e["images"]):
+        rgb, label = ds.read_image(i)
+        assert label == int(im["label"])
+        assert hashlib.md5(rgb.tobytes()).hexdigest() == im["mx_imdecode_rgb_md5"]
+    img, label = ds[3]
+    rgb, _ = ds.read_image(3)
+    ref = torch.from_numpy(rgb).permute(2, 0, 1).float()
+    assert img.dtype == torch.float32 and img.shape == (3, 112, 112)
+    assert torch.allclose(img, (ref / 255 - 0.5) / 0.5, atol=1e-6)
+    assert label.dtype == torch.int64 and label.ndim == 0
+
+
+def test_flip_is_deterministic_and_augment_off(mxrec):
+    ds = MXFaceDataset(mxrec, augment=True)
+    a, _ = ds[(0, False)]
+    b, _ = ds[(0, True)]
+    assert torch.equal(b, a.flip(-1))
+    off = MXFaceDataset(mxrec, augment=False)
+    assert torch.equal(off[(0, True)][0], a)
+
+
+def test_no_header_layout(tmp_path):
+    with IndexedRecordWriter(tmp_path / "train.rec", tmp_path / "train.idx") as w:
+        for k in (3, 0, 2, 1):
+            w.write(k, pack_record(IRHeader(0, float(k % 2), k, 0), _jpeg(k)))
+    ds = MXFaceDataset(tmp_path)
+    assert ds.num_images == 4 and ds.num_classes == 2
+    assert [int(ds[(i, False)][1]) for i in range(4)] == [0, 1, 0, 1]
+
+
+def _corrupt_rec(tmp_path, bad_label=False, bad_image=False):
+    samples = [(0, _jpeg(0)), (0, _jpeg(1)), (1, b"\x00not an image" if bad_image else _jpeg(2)), (1, _jpeg(3))]
+    write_face_rec(tmp_path, iter(samples), 2)
+    if bad_label:  # rewrite with label 7 for key 2 (num_classes stays 2)
+        from utils.recordio import IndexedRecordReader
+
+        r = IndexedRecordReader(tmp_path / "train.rec")
+        payloads = {k: r.read(k) for k in r.keys}
+        payloads[2] = pack_record(IRHeader(0, 7.0, 2, 0), _jpeg(2))
+        r.close()
+        with IndexedRecordWriter(tmp_path / "train.rec", tmp_path / "train.idx") as w:
+            for k, p in payloads.items():
+                w.write(k, p)
+    return tmp_path
+
+
+def test_label_out_of_range(tmp_path):
+    ds = MXFaceDataset(_corrupt_rec(tmp_path, bad_label=True))
+    with pytest.raises(DataError, match=r"train\.rec key 2: label 7 outside \[0, 2\)"):
+        ds[1]
+
+
+def test_undecodable_image(tmp_path):
+    ds = MXFaceDataset(_corrupt_rec(tmp_path, bad_image=True))
+    with pytest.raises(DataError, match=r"train\.rec key 3: could not decode"):
+        ds[2]
+
+
+def test_worker_error_reaches_main_process(tmp_path):
+    ds = MXFaceDataset(_corrupt_rec(tmp_path, bad_image=True))
+    # one worker: torch takes ~5 s per worker to reap workers after a worker-side error
+    loader = get_dataloader(ds, batch_size=2, seed=0, num_workers=1)
+    loader.sampler.set_epoch(0)
+    with pytest.raises(DataError, match=r"train\.rec key 3: could not decode"):
+        for _ in loader:
+            pass
+
+
+def test_missing_rec_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"train\.rec"):
+        MXFaceDataset(tmp_path)
+
+
+def test_image_folder_dataset_and_errors(tmp_path):
+    root = tmp_path / "faces"
+    for name, n in (("bob", 2), ("alice", 3)):
+        (root / name).mkdir(parents=True)
+        for j in range(n):
+            (root / name / f"{j}.jpg").write_bytes(_jpeg(j))
+    ds = ImageFolderDataset(root)
+    assert ds.num_classes == 2 and ds.num_images == 5
+    assert [int(ds[(i, False)][1]) for i in range(5)] == [0, 0, 0, 1, 1]  # alice < bob
+    (root / "carol").mkdir()
+    with pytest.raises(DataError, match=r"carol.*no images"):
+        ImageFolderDataset(root)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"empty: no identity sub-folders"):
+        ImageFolderDataset(tmp_path / "empty")
+
+
+def test_build_dataset_checks_counts(mxrec):
+    assert isinstance(build_dataset(str(mxrec), num_classes=6, num_image=60), MXFaceDataset)
+    with pytest.raises(DataError, match=r"num_classes=7 but the data has 6"):
+        build_dataset(str(mxrec), num_classes=7)
+    with pytest.raises(DataError, match=r"num_image=61 but the data has 60"):
+        build_dataset(str(mxrec), num_image=61)
+    syn = build_dataset("synthetic", num_classes=10, num_image=100)
+    assert isinstance(syn, SyntheticDataset) and len(syn) == 100
+    img, label = syn[(13, True)]
+    assert img.shape == (3, 112, 112) and int(label) == 3
+
+
+def test_face_sampler_determinism_sharding_resume():
+    n, bs, world = 103, 5, 2
+    s = [FaceSampler(n, bs, r, world, seed=1) for r in range(world)]
+    assert s[0].batches_per_epoch == 10 and len(s[0]) == 50
+    for x in s:
+        x.set_epoch(3)
+    a, b = list(s[0]), list(s[1])
+    ia, ib = {i for i, _ in a}, {i for i, _ in b}
+    assert len(ia) == 50 and len(ib) == 50 and not ia & ib
+    assert a == list(s[0])  # same epoch -> same order and flips
+    flips = dict(a + b)
+    assert 0 < sum(flips.values()) < 100
+    s[0].set_epoch(4)
+    assert list(s[0]) != a
+    s[0].set_epoch(3, start_batch=4)
+    assert list(s[0]) == a[20:] and len(s[0]) == 30
+    assert all(not f for _, f in FaceSampler(n, bs, 0, 1, seed=1, flip=False))
+    assert [i for i, _ in FaceSampler(10, 5, 0, 1, seed=1, shuffle=False)] == list(range(10))
+    with pytest.raises(ValueError):
+        FaceSampler(3, 5, 0, 1, seed=0)
+
+
+def test_dataloader_is_reproducible(mxrec):
+    ds = MXFaceDataset(mxrec)
+    runs = []
+    for _ in range(2):
+        loader = get_dataloader(ds, batch_size=8, seed=5, num_workers=2)
+        loader.sampler.set_epoch(1, start_batch=2)
+        runs.append([(x.sum().item(), y.tolist()) for x, y in loader])
+    assert runs[0] == runs[1] and len(runs[0]) == 7 - 2
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _gloo_worker(rank, world, port, n, bs, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        sampler = FaceSampler(n, bs, rank, world, seed=7)
+        result = {}
+        for epoch in range(2):
+            sampler.set_epoch(epoch)
+            mine = torch.tensor([i for i, _ in sampler], dtype=torch.long)
+            gathered = [torch.empty_like(mine) for _ in range(world)]
+            dist.all_gather(gathered, mine)
+            result[epoch] = [g.tolist() for g in gathered]
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_gloo_two_process_sharding(tmp_path):
+    import torch.multiprocessing as tmp
+
+    n, bs, world = 64, 4, 2
+    tmp.spawn(_gloo_worker, args=(world, _free_port(), n, bs, str(tmp_path)), nprocs=world, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    assert results[0] == results[1]  # both ranks gathered the same view
+    for epoch in range(2):
+        shards = results[0][epoch]
+        assert len(shards[0]) == len(shards[1]) == n // world
+        assert not set(shards[0]) & set(shards[1])
+        assert sorted(shards[0] + shards[1]) == list(range(n))  # every image exactly once per epoch
+    assert results[0][0] != results[0][1]  # reshuffled across epochs
