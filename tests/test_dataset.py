@@ -213,3 +213,27 @@ def test_gloo_two_process_sharding(tmp_path):
         assert not set(shards[0]) & set(shards[1])
         assert sorted(shards[0] + shards[1]) == list(range(n))  # every image exactly once per epoch
     assert results[0][0] != results[0][1]  # reshuffled across epochs
+
+
+def test_cuda_prefetcher_rejects_cpu(mxrec):
+    from dataset import CUDAPrefetcher
+
+    with pytest.raises(ValueError, match="CUDA"):
+        CUDAPrefetcher(get_dataloader(MXFaceDataset(mxrec), 8, 0, 0), torch.device("cpu"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_prefetcher_matches_cpu_loader(mxrec):
+    from dataset import CUDAPrefetcher
+
+    ds = MXFaceDataset(mxrec)
+    dev = torch.device("cuda")
+    cpu = get_dataloader(ds, 8, seed=3, num_workers=0)
+    gpu = CUDAPrefetcher(get_dataloader(ds, 8, seed=3, num_workers=2, device=dev), dev)
+    assert gpu.sampler is gpu.loader.sampler and len(gpu) == len(cpu)
+    cpu.sampler.set_epoch(1)
+    gpu.sampler.set_epoch(1)
+    for (a, la), (b, lb) in zip(cpu, gpu):
+        assert b.is_cuda and lb.is_cuda
+        assert torch.equal(a, b.cpu()) and torch.equal(la, lb.cpu())
