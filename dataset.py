@@ -322,11 +322,21 @@ def get_dataloader(
     batch_size: int,
     seed: int,
     num_workers: int,
-    rank: int = 0,
-    world_size: int = 1,
+    rank: int | None = 0,
+    world_size: int | None = 1,
     device: torch.device = torch.device("cpu"),
 ) -> DataLoader:
-    """DataLoader over ``dataset`` with a ``FaceSampler`` (drop_last, seeded workers, pinned memory on CUDA)."""
+    """DataLoader over ``dataset`` with a ``FaceSampler`` (drop_last, seeded workers, pinned memory on CUDA).
+
+    ``rank``/``world_size`` = ``None`` take the values of the initialised process group (else 0 / 1).
+    """
+    import torch.distributed as dist
+
+    dist_on = dist.is_available() and dist.is_initialized()
+    if rank is None:
+        rank = dist.get_rank() if dist_on else 0
+    if world_size is None:
+        world_size = dist.get_world_size() if dist_on else 1
     sampler = FaceSampler(len(dataset), batch_size, rank, world_size, seed)
     g = torch.Generator()
     g.manual_seed(seed * 1000 + rank)
