@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import cv2
 import numpy as np
@@ -20,6 +20,7 @@ from utils.recordio import IndexedRecordReader, RecordIOError
 
 __all__ = [
     "DataError",
+    "RecordIOError",
     "MXFaceDataset",
     "ImageFolderDataset",
     "SyntheticDataset",
