@@ -207,6 +207,9 @@ def train(cfg, env: DistEnv) -> dict | None:
                 f"checkpoint {directory} was written by {meta.get('world_size')} ranks but this run has "
                 f"{env.world_size}: the data order is per rank. Resume with the same world size, or start a new "
                 f"run with init_generator={directory / 'rank_0.pt'}")
+        if meta.get("kind") != "cfsm_stage1":
+            raise ckpt.CheckpointError(f"checkpoint {directory} is not a stage-1 checkpoint (kind "
+                                       f"{meta.get('kind')!r}): use another `output` folder or resume=False")
         main_state = ckpt.safe_load(ckpt.rank_file(directory, 0))
         if int(main_state.get("batches_per_epoch", bpe)) != bpe:
             raise ckpt.CheckpointError(

@@ -85,11 +85,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=150, help="fine-tuning steps per target domain")
     p.add_argument("--gen-lr", type=float, default=2e-4, help="fine-tuning Adam lr")
     p.add_argument("--num-targets", type=int, default=400, help="target faces rendered per style")
+    p.add_argument("--control", action="store_true",
+                   help="also fine-tune on night_a's faces with another seed (night_a_seed2): the seed-noise floor")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
-    from tools.dataset_similarity import compare_files, format_matrix, write_heatmap
+    from tools.dataset_similarity import compare_files, format_matrix, read_basis, write_heatmap
 
     args = parse_args(argv)
     out = Path(args.out)
@@ -99,17 +101,20 @@ def main(argv=None) -> dict:
     if not base.is_file():
         _stage1("configs/cfsm_toy", {**common, "output": base.parent, "max_steps": args.base_steps})
     timings = {"base_s": round(time.time() - t0, 1)}
+    runs = [(name, name, _SEEDS[name]) for name in STYLES]
+    if args.control:
+        runs.append(("night_a_seed2", "night_a", 44))
     generators = {}
-    for name in STYLES:
-        folder = render_targets(out / "targets" / name, name, args.num_targets)
-        gen = out / name / "generator.pth"
+    for run, style, seed in runs:
+        folder = render_targets(out / "targets" / style, style, args.num_targets)
+        gen = out / run / "generator.pth"
         if not gen.is_file():
             t1 = time.time()
             _stage1("configs/cfsm_toy", {**common, "output": gen.parent, "target": folder, "init_generator": base,
-                                         "max_steps": args.steps, "gen_lr": args.gen_lr, "seed": _SEEDS[name],
+                                         "max_steps": args.steps, "gen_lr": args.gen_lr, "seed": seed,
                                          "image_every": args.steps})
-            timings[f"{name}_s"] = round(time.time() - t1, 1)
-        generators[name] = str(gen)
+            timings[f"{run}_s"] = round(time.time() - t1, 1)
+        generators[run] = str(gen)
     generators["base"] = str(base)
     result = compare_files(generators)
     print(format_matrix(result.names, result.similarity, "subspace similarity (mean cos^2 of principal angles):"))
@@ -126,7 +131,22 @@ def main(argv=None) -> dict:
     }
     verdict["subspace_passes"] = verdict["similar_pair_similarity"] > max(verdict["different_pairs_similarity"])
     verdict["offset_passes"] = verdict["similar_pair_offset"] < min(verdict["different_pairs_offset"])
+    if "night_a_seed2" in idx:
+        verdict["same_domain_other_seed_similarity"] = sim("night_a", "night_a_seed2")
+        verdict["same_domain_other_seed_offset"] = off("night_a", "night_a_seed2")
+    # Diagnostic only (not basis-invariant): with a shared origin the style coordinates start aligned, so the
+    # directions in which fine-tuning moved U and mu can be compared directly.
+    bases = {n: read_basis(p) for n, p in generators.items()}
+    moved = {n: (bases[n][0] - bases["base"][0], bases[n][1] - bases["base"][1]) for n in generators if n != "base"}
+    cos = lambda a, b: float((a * b).sum() / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))  # noqa: E731
+    names = list(moved)
+    report_moves = {"names": names,
+                    "cos_delta_U": [[cos(moved[a][0], moved[b][0]) for b in names] for a in names],
+                    "cos_delta_mu": [[cos(moved[a][1], moved[b][1]) for b in names] for a in names]}
+    print(format_matrix(names, np.array(report_moves["cos_delta_U"]), "diagnostic: cos(U - U_base) between runs:"))
+    print(format_matrix(names, np.array(report_moves["cos_delta_mu"]), "diagnostic: cos(mu - mu_base) between runs:"))
     report = {**result.as_dict(), "files": generators, "verdict": verdict, "timings": timings,
+              "displacement_from_shared_origin": report_moves,
               "settings": vars(args), "wall_s": round(time.time() - t0, 1)}
     (out / "study.json").write_text(json.dumps(report, indent=1))
     write_heatmap(result, out / "similarity.png")
