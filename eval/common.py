@@ -239,6 +239,9 @@ def embed_dataset(
         num_workers=workers,
         pin_memory=device.type == "cuda",
         worker_init_fn=_worker_init if workers > 0 else None,
+        # Workers are spawned, not forked: a forked child inherits OpenCV's thread pool in a broken state once the
+        # parent has run a parallel cv2 call, and then hangs in imread / warpAffine (seen on this machine).
+        multiprocessing_context="spawn" if workers > 0 else None,
         persistent_workers=False,
     )
     backbone.eval()

@@ -1,0 +1,340 @@
+"""End-to-end runs of the benchmark CLIs on tiny benchmark folders built here in the published layouts.
+
+Faces come from ``utils.toyface.render_face`` (image + 5 landmarks), pasted into larger "loose crops" at known
+scales / offsets so the landmark files are meaningful. Known answers come from exact copies: a probe template made of
+the same image files as its gallery template has cosine 1 with it, so its rank is 1 whatever the (random) model.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from eval import ijb, ijbs, tinyface
+from eval.common import EvalInputError, align_face
+from utils.checkpoint import CheckpointError
+from utils.toyface import identity_params, render_face
+
+SEED = 11
+
+
+def _face(identity: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    return render_face(identity_params(SEED, identity), np.random.default_rng(1000 * identity + k))
+
+
+def _loose_crop(rgb: np.ndarray, lmk: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Paste a rescaled face into a noisy 150x170 canvas; returns (BGR canvas, landmarks in canvas pixels)."""
+    size = int(rng.integers(100, 140))
+    face = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
+    canvas = rng.integers(0, 255, (170, 150, 3), dtype=np.uint8)
+    ox, oy = int(rng.integers(0, 150 - size + 1)), int(rng.integers(0, 170 - size + 1))
+    canvas[oy : oy + size, ox : ox + size] = face
+    s = size / 112.0
+    # pixel-centre convention of cv2.resize: x_dst = (x_src + 0.5) * s - 0.5
+    return canvas[:, :, ::-1].copy(), ((lmk + 0.5) * s - 0.5 + np.array([ox, oy])).astype(np.float32)
+
+
+def _save_model(path: Path, network: str = "r_tiny", num_features: int = 64) -> Path:
+    from backbones import get_model
+
+    torch.manual_seed(0)
+    torch.save(get_model(network, num_features=num_features).state_dict(), path)
+    return path
+
+
+def _jpg(path: Path, bgr: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), bgr, [cv2.IMWRITE_JPEG_QUALITY, 95])
+
+
+COMMON = ["--device", "cpu", "--batch-size", "16", "--workers", "0", "--no-progress"]
+
+
+def test_alignment_undoes_the_paste() -> None:
+    rgb, lmk = _face(0, 0)
+    canvas, lmk2 = _loose_crop(rgb, lmk, np.random.default_rng(0))
+    a = align_face(rgb, lmk).astype(np.float32)
+    b = align_face(canvas[:, :, ::-1].copy(), lmk2).astype(np.float32)
+    inner = (slice(20, 100), slice(20, 92))  # away from the border, where the canvas noise differs
+    assert np.abs(a[inner] - b[inner]).mean() < 8.0
+    assert np.abs(a[inner] - np.roll(b, 6, axis=1)[inner]).mean() > 2 * np.abs(a[inner] - b[inner]).mean()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# IJB-C
+# ---------------------------------------------------------------------------------------------------------------
+N_SUBJ = 6
+
+
+@pytest.fixture(scope="module")
+def ijb_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ijb") / "IJB_release"
+    d = root / "IJBC"
+    rng = np.random.default_rng(0)
+    rows, lmk_rows = [], []
+    n = 0
+
+    def add(canvas: np.ndarray, lm: np.ndarray, tid: int, mid: int, score: float) -> None:
+        nonlocal n
+        n += 1
+        _jpg(d / "loose_crop" / f"{n}.jpg", canvas)
+        rows.append(f"{n}.jpg {tid} {mid}")
+        lmk_rows.append(f"{n}.jpg " + " ".join(f"{v:.3f}" for v in lm.reshape(-1)) + f" {score:.4f}")
+
+    for s in range(N_SUBJ):
+        crops = [_loose_crop(*_face(s, k), rng) for k in range(2)]
+        scores = rng.uniform(0.5, 1.0, 2)
+        for (c, lm), sc in zip(crops, scores):
+            add(c, lm, 100 + s, 1000 + s, sc)  # gallery template: two images of one media
+        for (c, lm), sc in zip(crops, scores):
+            add(c, lm, 200 + s, 2000 + s, sc)  # probe template: the same two images -> cosine 1 with the gallery
+        for k in (2, 3):
+            c, lm = _loose_crop(*_face(s, k), rng)
+            add(c, lm, 300 + s, 3000 + s + 10 * k, rng.uniform(0.05, 1.0))  # two medias
+    meta = d / "meta"
+    meta.mkdir(parents=True)
+    (meta / "ijbc_face_tid_mid.txt").write_text("\n".join(rows) + "\n")
+    order = rng.permutation(len(lmk_rows))  # landmark rows in another order: must be matched by name
+    (meta / "ijbc_name_5pts_score.txt").write_text("\n".join(lmk_rows[i] for i in order) + "\n")
+    pairs = [f"{100 + g} {p + s} {int(g == s)}" for g in range(N_SUBJ) for p in (200, 300) for s in range(N_SUBJ)]
+    (meta / "ijbc_template_pair_label.txt").write_text("\n".join(pairs) + "\n")
+    header = "TEMPLATE_ID,SUBJECT_ID,FILENAME\n"
+    (meta / "ijbc_1N_gallery_G1.csv").write_text(header + "".join(f"{100 + s},{s},x.jpg\n" * 2 for s in range(3)))
+    (meta / "ijbc_1N_gallery_G2.csv").write_text(header + "".join(f"{100 + s},{s},x.jpg\n" * 2 for s in range(3, 6)))
+    (meta / "ijbc_1N_probe_mixed.csv").write_text(header + "".join(f"{200 + s},{s},x.jpg\n" for s in range(6)))
+    _save_model(root.parent / "model.pt")
+    return root
+
+
+def _run_ijb(root: Path, out: Path, *extra: str) -> dict:
+    return ijb.main(["--model", str(root.parent / "model.pt"), "--network", "r_tiny", "--root", str(root),
+                     "--target", "IJBC", "--out", str(out), *COMMON, *extra])
+
+
+def test_ijb_end_to_end(ijb_root: Path, tmp_path: Path) -> None:
+    res = _run_ijb(ijb_root, tmp_path, "--save-scores", "--workers", "1")
+    assert res["embedding_size"] == 64  # not 512: buffers follow the model
+    assert res["n_images"] == N_SUBJ * 6 and res["n_templates"] == N_SUBJ * 3 and res["n_pairs"] == 72
+    assert res["identification"]["ranks"] == {"1": 1.0, "5": 1.0, "10": 1.0}
+    stem = tmp_path / "IJBC_model"
+    saved = json.loads(Path(f"{stem}.json").read_text())
+    assert saved["tar_at_far"] == res["tar_at_far"]
+    assert Path(f"{stem}_roc.png").stat().st_size > 1000
+    with open(f"{stem}.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["metric", "value"] and rows[1][0] == "TAR@FAR=1e-06"
+    scores = np.load(f"{stem}_scores.npy")
+    pairs = np.loadtxt(ijb_root / "IJBC" / "meta" / "ijbc_template_pair_label.txt", dtype=np.int64)
+    copy_pairs = (pairs[:, 1] == pairs[:, 0] + 100)
+    assert np.allclose(scores[copy_pairs], 1.0, atol=1e-5)
+    from eval import metrics
+
+    assert metrics.tar_at_far(scores, pairs[:, 2]) == {float(k): v for k, v in res["tar_at_far"].items()}
+
+
+def test_ijb_landmark_order_does_not_matter_and_flags(ijb_root: Path, tmp_path: Path) -> None:
+    base = _run_ijb(ijb_root, tmp_path / "a", "--no-1n")
+    root2 = tmp_path / "sorted" / "IJB_release"
+    shutil.copytree(ijb_root, root2)
+    shutil.copy(ijb_root.parent / "model.pt", root2.parent / "model.pt")
+    lm = root2 / "IJBC" / "meta" / "ijbc_name_5pts_score.txt"
+    lines = lm.read_text().splitlines()
+    lm.write_text("\n".join(sorted(lines, key=lambda l: int(l.split(".")[0]))) + "\n")
+    again = _run_ijb(root2, tmp_path / "b", "--no-1n")
+    assert again["tar_at_far"] == base["tar_at_far"] and "identification" not in again
+    d0 = _run_ijb(ijb_root, tmp_path / "c", "--no-1n", "--no-detector-score", "--no-norm-score", "--no-flip")
+    assert d0["settings"]["fusion"] == "none"
+
+
+def test_fuse_image_features_flags() -> None:
+    o = np.array([[3.0, 4.0]])
+    f = np.array([[1.0, 0.0]])
+    s = np.array([0.5], dtype=np.float32)
+    assert np.allclose(ijb.fuse_image_features(o, f, s), [[2.0, 2.0]])  # F N1 D1: (o + f) * score
+    assert np.allclose(ijb.fuse_image_features(o, None, s, norm_score=False), [[0.3, 0.4]])
+    assert np.allclose(ijb.fuse_image_features(o, f, s, detector_score=False), [[4.0, 4.0]])
+
+
+def _copy(root: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "copy" / "IJB_release"
+    shutil.copytree(root, dst)
+    shutil.copy(root.parent / "model.pt", dst.parent / "model.pt")
+    return dst
+
+
+def test_ijb_missing_meta_file(ijb_root: Path, tmp_path: Path) -> None:
+    root = _copy(ijb_root, tmp_path)
+    (root / "IJBC" / "meta" / "ijbc_face_tid_mid.txt").unlink()
+    with pytest.raises(EvalInputError, match="ijbc_face_tid_mid.txt"):
+        _run_ijb(root, tmp_path / "out")
+    with pytest.raises(EvalInputError, match="no IJBB benchmark"):
+        ijb.load_meta(root, "IJBB")
+
+
+def test_ijb_landmarks_missing_extra_duplicate(ijb_root: Path, tmp_path: Path) -> None:
+    root = _copy(ijb_root, tmp_path)
+    lm = root / "IJBC" / "meta" / "ijbc_name_5pts_score.txt"
+    lines = lm.read_text().splitlines()
+    lm.write_text("\n".join(lines[1:]) + "\n")
+    with pytest.raises(EvalInputError, match="no landmarks for 1 image"):
+        ijb.load_meta(root, "IJBC")
+    lm.write_text("\n".join(lines + ["999.jpg" + lines[0][lines[0].index(" "):]]) + "\n")
+    with pytest.raises(EvalInputError, match=r"not in the template file, e.g. \['999.jpg'\]"):
+        ijb.load_meta(root, "IJBC")
+    lm.write_text("\n".join(lines + [lines[0]]) + "\n")
+    with pytest.raises(EvalInputError, match="listed twice"):
+        ijb.load_meta(root, "IJBC")
+    lm.write_text("\n".join(lines + ["5.jpg 1 2 3"]) + "\n")
+    with pytest.raises(EvalInputError, match="12 fields"):
+        ijb.load_meta(root, "IJBC")
+
+
+def test_ijb_unreadable_image_and_partial_1n(ijb_root: Path, tmp_path: Path) -> None:
+    root = _copy(ijb_root, tmp_path)
+    (root / "IJBC" / "loose_crop" / "3.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(EvalInputError, match=r"3\.jpg cannot be decoded"):
+        _run_ijb(root, tmp_path / "out", "--no-1n")
+    (root / "IJBC" / "meta" / "ijbc_1N_gallery_G2.csv").unlink()
+    with pytest.raises(EvalInputError, match="incomplete 1:N protocol.*G2"):
+        _run_ijb(root, tmp_path / "out")
+
+
+def test_ijb_wrong_architecture(ijb_root: Path, tmp_path: Path) -> None:
+    model = _save_model(tmp_path / "mbf.pt", "mbf_tiny", 64)
+    with pytest.raises(CheckpointError, match="first mismatching key"):
+        ijb.main(["--model", str(model), "--network", "r_tiny", "--root", str(ijb_root), "--out", str(tmp_path),
+                  *COMMON])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TinyFace
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tinyface_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("tinyface")
+    al = root / tinyface.ALIGNED_DIR
+    for s in range(5):
+        probe, _ = _face(s, 0)
+        _jpg(al / "Probe" / f"{s + 1}_1.jpg", probe[:, :, ::-1])
+        (al / "Gallery_Match").mkdir(parents=True, exist_ok=True)
+        shutil.copy(al / "Probe" / f"{s + 1}_1.jpg", al / "Gallery_Match" / f"{s + 1}_2.jpg")  # exact copy
+        _jpg(al / "Gallery_Match" / f"{s + 1}_3.jpg", _face(s, 1)[0][:, :, ::-1])
+    for d in range(12):
+        _jpg(al / "Gallery_Distractor" / f"{d}_1.jpg", _face(50 + d, 0)[0][:, :, ::-1])
+    _save_model(root / "model.pt")
+    return root
+
+
+def test_tinyface_end_to_end(tinyface_root: Path, tmp_path: Path) -> None:
+    res = tinyface.main(["--model", str(tinyface_root / "model.pt"), "--network", "r_tiny", "--root",
+                         str(tinyface_root), "--out", str(tmp_path), *COMMON])
+    assert res["ranks"]["1"] == 1.0 and res["ranks"]["20"] == 1.0  # each probe's exact copy is in the gallery
+    assert (res["n_probe"], res["n_gallery_match"], res["n_distractor"]) == (5, 10, 12)
+    assert json.loads((tmp_path / "TinyFace_model.json").read_text())["ranks"] == res["ranks"]
+
+
+def test_tinyface_bad_inputs(tinyface_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "tf"
+    shutil.copytree(tinyface_root, root)
+    orig = root / "tinyface" / "Testing_Set" / "Probe"
+    orig.mkdir(parents=True)
+    (orig / "1_1.jpg").write_bytes(b"x")
+    (orig / "9_1.jpg").write_bytes(b"x")
+    with pytest.raises(EvalInputError, match=r"no aligned copy of .*9_1\.jpg"):
+        tinyface.list_split(root, "Probe")
+    shutil.rmtree(root / "tinyface")
+    _jpg(root / tinyface.ALIGNED_DIR / "Probe" / "7_1.jpg", np.zeros((100, 100, 3), np.uint8))
+    with pytest.raises(EvalInputError, match=r"7_1\.jpg is 100x100, expected an aligned 112x112"):
+        tinyface.main(["--model", str(root / "model.pt"), "--network", "r_tiny", "--root", str(root),
+                       "--out", str(tmp_path), *COMMON])
+    _jpg(root / tinyface.ALIGNED_DIR / "Probe" / "abc.jpg", np.zeros((112, 112, 3), np.uint8))
+    with pytest.raises(EvalInputError, match="cannot read the identity"):
+        tinyface.label_of(root / tinyface.ALIGNED_DIR / "Probe" / "abc.jpg")
+    with pytest.raises(EvalInputError, match="aligned folder not found"):
+        tinyface.list_split(tmp_path / "nowhere", "Probe")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# IJB-S
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ijbs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ijbs")
+    proto, frames = root / "protocols", root / "frames"
+    (proto / "galleries").mkdir(parents=True)
+    # videos: 10 (subjects 1, 2, 5), 11 (3, 4): V2S/V2B probes; 13 (2, 4): V2V probe; 12 (1, 3), 14 (2, 4): V2V gallery
+    videos = {"10": ["1", "2", "5"], "11": ["3", "4"], "12": ["1", "3"], "13": ["2", "4"], "14": ["2", "4"]}
+    meta = ["SUBJECT_ID,FILENAME"] + [f"{s},videos/{v}.mp4" for v, ss in videos.items() for s in ss]
+    meta += [f"{s},img/{s}0{k}.jpg" for s in "1234" for k in (1, 2)]
+    (proto / "cs6_metadata.csv").write_text("\n".join(meta) + "\n")
+    (proto / "cs6_surveillance_to_single-booking_probe.csv").write_text(
+        "VIDEO_ID,VIDEO_FILENAME\n10,videos/10.mp4\n11,videos/11.mp4\n")
+    (proto / "cs6_surveillance_to_surveillance_probe.csv").write_text("VIDEO_ID,VIDEO_FILENAME\n13,videos/13.mp4\n")
+    hdr = "TEMPLATE_ID,SUBJECT_ID,FILENAME\n"
+    for g, subj in ((1, "12"), (2, "34")):
+        (proto / "galleries" / f"cs6_surveillance_to_single_g{g}.csv").write_text(
+            hdr + "".join(f"{s},{s},img/{s}01.jpg\n" for s in subj))
+        (proto / "galleries" / f"cs6_surveillance_to_booking_g{g}.csv").write_text(
+            hdr + "".join(f"{s},{s},img/{s}0{k}.jpg\n" for s in subj for k in (1, 2)))
+    (proto / "galleries" / "cs6_surveillance_to_surveillance_g1.csv").write_text(
+        hdr + "1,1,videos/12.mp4\n2,2,videos/14.mp4\n")
+    (proto / "galleries" / "cs6_surveillance_to_surveillance_g2.csv").write_text(
+        hdr + "3,3,videos/12.mp4\n4,4,videos/14.mp4\n")
+    sid = {s: i for i, s in enumerate("12345")}
+    for s in "1234":
+        still = _face(sid[s], 0)[0][:, :, ::-1]
+        _jpg(frames / s / f"img_{s}01.jpg", still)
+        _jpg(frames / s / f"img_{s}02.jpg", _face(sid[s], 1)[0][:, :, ::-1])
+    for v, ss in videos.items():
+        for s in ss:
+            if s == "5":
+                continue  # subject 5 has no kept frame: a zero template
+            for f in range(2):
+                if v in ("10", "11"):  # V2S probes: exact copies of the still -> cosine 1 with the single gallery
+                    shutil.copy(frames / s / f"img_{s}01.jpg", frames / s / f"videos_{v}_{f}.jpg")
+                else:
+                    _jpg(frames / s / f"videos_{v}_{f}.jpg", _face(sid[s], 10 + f + int(v))[0][:, :, ::-1])
+    listed = sorted(str(p.relative_to(frames)) for p in frames.rglob("*.jpg"))
+    (root / "kept.csv").write_text("path\n" + "\n".join(listed) + "\n")
+    _save_model(root / "model.pt")
+    return root
+
+
+def test_ijbs_end_to_end(ijbs_root: Path, tmp_path: Path) -> None:
+    res = ijbs.main(["--model", str(ijbs_root / "model.pt"), "--network", "r_tiny", "--protocol-dir",
+                     str(ijbs_root / "protocols"), "--frames-dir", str(ijbs_root / "frames"), "--frame-list",
+                     str(ijbs_root / "kept.csv"), "--out", str(tmp_path), *COMMON])
+    v2s = res["protocols"]["V2S"]
+    assert v2s["n_probe_templates"] == 5 and v2s["empty_probe_templates"] == 1
+    assert v2s["ranks"]["1"] == 1.0
+    # k = floor(3 * 0.01) = 0 in each gallery -> threshold just above the best non-mated score; copies score 1
+    assert v2s["tpir_at_fpir"] == {"0.01": 1.0, "0.1": 1.0}
+    for p in ("V2B", "V2V"):
+        r = res["protocols"][p]
+        assert all(0.0 <= v <= 1.0 for v in list(r["ranks"].values()) + list(r["tpir_at_fpir"].values()))
+        assert r["ranks"]["10"] == 1.0
+    assert res["protocols"]["V2V"]["n_probe_templates"] == 2
+    assert (tmp_path / "IJBS_model.json").is_file()
+
+
+def test_ijbs_bad_inputs(ijbs_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(EvalInputError, match="missing IJB-S protocol file: .*cs6_metadata.csv"):
+        ijbs.read_metadata(tmp_path / "cs6_metadata.csv")
+    bad = tmp_path / "g.csv"
+    bad.write_text("T,S,F\n1,1,photo.png\n")
+    with pytest.raises(EvalInputError, match=r"g\.csv:2: column 2"):
+        ijbs.read_gallery(bad)
+    (tmp_path / "fr" / "1").mkdir(parents=True)
+    _jpg(tmp_path / "fr" / "1" / "weird.jpg", np.zeros((112, 112, 3), np.uint8))
+    with pytest.raises(EvalInputError, match="unexpected frame name"):
+        ijbs.index_frames(tmp_path / "fr", None)
+    lst = tmp_path / "list.csv"
+    lst.write_text("file\n1/weird.jpg\n")
+    with pytest.raises(EvalInputError, match="needs a 'path' column"):
+        ijbs.index_frames(tmp_path / "fr", lst)

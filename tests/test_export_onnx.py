@@ -1,0 +1,72 @@
+"""tools.export_onnx parity (dynamic batch) and tools.compare_faces."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from tools import compare_faces, export_onnx  # noqa: E402
+
+
+def _model(path: Path, network: str = "r_tiny", num_features: int = 64) -> Path:
+    from backbones import get_model
+
+    torch.manual_seed(0)
+    m = get_model(network, num_features=num_features)
+    # non-trivial BatchNorm statistics, so eval-mode folding is actually exercised
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+            mod.running_mean.uniform_(-0.1, 0.1)
+            mod.running_var.uniform_(0.5, 1.5)
+    torch.save(m.state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("network", ["r_tiny", "mbf_tiny"])
+def test_export_onnx_parity(tmp_path: Path, network: str, capsys: pytest.CaptureFixture) -> None:
+    model = _model(tmp_path / "m.pt", network)
+    diff = export_onnx.main(["--model", str(model), "--network", network, "--out", str(tmp_path / "m.onnx")])
+    assert diff <= 1e-4
+    assert "max abs diff" in capsys.readouterr().out
+    import onnx
+
+    dim0 = onnx.load(str(tmp_path / "m.onnx")).graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim0.dim_param == "batch"  # dynamic batch axis
+
+
+def test_export_onnx_fails_above_tolerance(tmp_path: Path) -> None:
+    model = _model(tmp_path / "m.pt")
+    with pytest.raises(SystemExit) as e:
+        export_onnx.main(["--model", str(model), "--network", "r_tiny", "--out", str(tmp_path / "m.onnx"),
+                          "--atol", "-1"])  # no difference can pass a negative tolerance
+    assert e.value.code == 1
+
+
+def test_compare_faces(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from utils.toyface import identity_params, render_face
+
+    model = _model(tmp_path / "m.pt")
+    a, _ = render_face(identity_params(3, 0), np.random.default_rng(0))
+    b, _ = render_face(identity_params(3, 1), np.random.default_rng(1))
+    cv2.imwrite(str(tmp_path / "a.jpg"), a[:, :, ::-1])
+    cv2.imwrite(str(tmp_path / "a2.jpg"), a[:, :, ::-1])
+    cv2.imwrite(str(tmp_path / "b.jpg"), b[:, :, ::-1])
+    same = compare_faces.main([str(tmp_path / "a.jpg"), str(tmp_path / "a2.jpg"), "--model", str(model),
+                               "--network", "r_tiny"])
+    assert same == pytest.approx(1.0, abs=1e-5)
+    diff = compare_faces.main([str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg"), "--model", str(model),
+                               "--network", "r_tiny"])
+    assert -1.0 <= diff < same
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"{diff:.6f}"
+    cv2.imwrite(str(tmp_path / "small.jpg"), np.zeros((64, 64, 3), np.uint8))
+    from eval.common import EvalInputError
+
+    with pytest.raises(EvalInputError, match="small.jpg is 64x64"):
+        compare_faces.main([str(tmp_path / "a.jpg"), str(tmp_path / "small.jpg"), "--model", str(model),
+                            "--network", "r_tiny"])

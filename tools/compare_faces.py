@@ -1,0 +1,49 @@
+"""Compare two aligned face images: print the cosine similarity of their embeddings.
+
+    python -m tools.compare_faces --model model.pt --network r50 face1.jpg face2.jpg [--no-flip] [--bgr]
+
+The images must already be aligned 112x112 crops (as in the ``.bin`` sets or after ``eval.common.align_face``); any
+other size is an error rather than a silent resize. Embedding = raw(x) + raw(mirror(x)) (``--no-flip``: raw(x)),
+L2-normalised; the printed score is the cosine in [-1, 1] (the ``.bin`` protocol's squared distance is 2 - 2 cos).
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from eval.common import FaceImages, embed_dataset, flip_fuse, load_backbone, resolve_device
+
+
+def compare(backbone: torch.nn.Module, path_a: str, path_b: str, flip: bool = True, bgr: bool = False,
+            device: torch.device | None = None) -> float:
+    """Cosine similarity of two aligned face images."""
+    device = device or torch.device("cpu")
+    orig, flipped = embed_dataset(backbone, FaceImages([path_a, path_b], None, bgr=bgr), batch_size=2,
+                                  device=device, flip=flip)
+    e = flip_fuse(orig, flipped).astype(np.float64)
+    e /= np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    return float(e[0] @ e[1])
+
+
+def main(argv: list[str] | None = None) -> float:
+    ap = argparse.ArgumentParser(description="cosine similarity of two aligned face images")
+    ap.add_argument("image_a")
+    ap.add_argument("image_b")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--network", default="r50")
+    ap.add_argument("--embedding-size", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-flip", action="store_true")
+    ap.add_argument("--bgr", action="store_true", help="feed BGR (AdaFace-family models)")
+    args = ap.parse_args(argv)
+    device = resolve_device(args.device)
+    backbone = load_backbone(args.model, args.network, args.embedding_size, device)
+    cos = compare(backbone, args.image_a, args.image_b, flip=not args.no_flip, bgr=args.bgr, device=device)
+    print(f"{cos:.6f}")
+    return cos
+
+
+if __name__ == "__main__":
+    main()
