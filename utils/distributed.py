@@ -67,9 +67,27 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0, local_rank_
         backend = "nccl" if use_cuda else "gloo"
         if not dist.is_initialized():
             kwargs = {"device_id": dev} if use_cuda else {}
-            dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
-                                    timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+            timeout = datetime.timedelta(seconds=timeout_s)
+            dist.init_process_group(backend=backend, store=_attempt_store(rank, world_size, timeout), rank=rank,
+                                    world_size=world_size, timeout=timeout, **kwargs)
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=dev, backend=backend)
+
+
+def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """The rendezvous store, namespaced by torchrun's restart count.
+
+    After an elastic restart the workers reuse the agent's store; without a fresh namespace the new ranks can
+    read the dead ranks' gloo addresses and fail with "connection refused".
+    """
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if not os.environ.get(name):
+            raise RuntimeError(f"WORLD_SIZE={world_size} but {name} is not set: start with torchrun or "
+                               f"torch.distributed.launch, or export {name}")
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], _env_int("MASTER_PORT", 0), world_size,
+                          is_master=rank == 0 and not agent_store, timeout=timeout)
+    run = os.environ.get("TORCHELASTIC_RUN_ID", "run")
+    return dist.PrefixStore(f"cfsm/{run}/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def barrier(env: DistEnv) -> None:
