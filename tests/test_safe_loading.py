@@ -1,0 +1,84 @@
+"""Safe loading: a crafted `.pth` whose unpickling would run a shell command is refused by every loader that
+reads checkpoints (CFSM generator, train.py fine-tuning and resume, the evaluation model loader), and the command
+never runs."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from cfsm import load_generator
+from eval.common import load_backbone
+from tests.test_train import tiny_args
+from utils.checkpoint import COMPLETE, CheckpointError, rank_file, step_dir
+
+
+class _Payload:
+    """Unpickles to `os.system("touch <marker>")`: the classic pickle code-execution gadget."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _crafted(path: Path, marker: Path, wrap: str) -> Path:
+    """torch.save a file that looks like the expected kind but carries the payload where a tensor should be."""
+    payload = _Payload(marker)
+    obj = {
+        "generator": {"G_state_dict": {"pca.U": payload}},
+        "state_dict": {"conv1.weight": torch.zeros(1), "fc.weight": payload},
+        "run": {"backbone": payload, "step": 1},
+    }[wrap]
+    torch.save(obj, path)
+    return path
+
+
+@pytest.fixture()
+def marker(tmp_path: Path) -> Path:
+    return tmp_path / "pwned"
+
+
+def test_payload_is_armed(tmp_path: Path, marker: Path) -> None:
+    """Control: the same file loaded *unsafely* does run the command, so the refusals below mean something."""
+    path = _crafted(tmp_path / "evil.pth", marker, "state_dict")
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+def test_generator_loader_refuses_payload(tmp_path: Path, marker: Path) -> None:
+    path = _crafted(tmp_path / "evil_generator.pth", marker, "generator")
+    with pytest.raises(ValueError, match=r"evil_generator\.pth.*(Unpickling|weights_only|Weights only)"):
+        load_generator(path)
+    assert not marker.exists()
+
+
+def test_train_pretrained_backbone_refuses_payload(mini_toy: Path, tmp_path: Path, marker: Path) -> None:
+    path = _crafted(tmp_path / "evil_backbone.pth", marker, "state_dict")
+    with pytest.raises(CheckpointError, match=r"evil_backbone\.pth.*weights_only=True"):
+        train.main(tiny_args(mini_toy, tmp_path / "out", "max_steps=1", f"pretrained_backbone_model={path}"))
+    assert not marker.exists()
+
+
+def test_train_resume_refuses_payload(mini_toy: Path, tmp_path: Path, marker: Path) -> None:
+    """A tampered rank file inside an otherwise complete checkpoint directory is refused on resume."""
+    out = tmp_path / "out"
+    directory = step_dir(out, 1)
+    directory.mkdir(parents=True)
+    _crafted(rank_file(directory, 0), marker, "run")
+    (directory / COMPLETE).write_text(json.dumps({"step": 1, "world_size": 1}))
+    with pytest.raises(CheckpointError, match=r"rank_0\.pt.*weights_only=True"):
+        train.main(tiny_args(mini_toy, out, "max_steps=2", "resume=True"))
+    assert not marker.exists()
+
+
+def test_eval_model_loader_refuses_payload(tmp_path: Path, marker: Path) -> None:
+    path = _crafted(tmp_path / "evil_model.pt", marker, "state_dict")
+    with pytest.raises(CheckpointError, match=r"evil_model\.pt.*weights_only=True"):
+        load_backbone(path, "r_tiny")
+    assert not marker.exists()
