@@ -1,0 +1,141 @@
+"""torch.profiler view of the CFSM training step: where the time of the adversarial style search goes.
+
+    python -m bench.profile_step --network r50 --batch-size 128 --amp fp16 --channels-last   # GPU
+    python -m bench.profile_step --network r_tiny --batch-size 8 --steps 2                   # CPU smoke run
+
+Builds the real step (Partial FC ArcFace, adversarial_mix with a released-size generator, backward, clip, SGD),
+runs `--warmup` untimed steps, then profiles `--steps` steps on the current device. Prints the top ops by self
+device time (CPU time without a GPU) and, last, one JSON line. `--trace FILE` also writes a Chrome trace.
+bench/step_cost.py keeps its step inside main(), so the step is rebuilt here (a few lines) rather than imported.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Callable
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from backbones import get_model
+from cfsm import Generator
+from cfsm.attack import adversarial_mix, frozen_stats
+from losses import ArcFace
+from partial_fc import PartialFC
+
+
+def build_step(network: str, batch_size: int, device: torch.device, amp: str, channels_last: bool,
+               rs_ratio: float, k: int, gen_dim: int, num_classes: int) -> Callable[[], float]:
+    """One CFSM training step as a closure returning the loss (random weights and data: cost is what counts)."""
+    amp_dtype = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}[amp]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    torch.manual_seed(0)
+    backbone = get_model(network, num_features=512).to(device).to(memory_format=fmt).train()
+    pfc = PartialFC(ArcFace(s=64.0, margin=0.5), 512, num_classes).to(device)
+    generator = Generator(dim=gen_dim).to(device).to(memory_format=fmt).eval().requires_grad_(False)
+    optimizer = torch.optim.SGD(list(backbone.parameters()) + list(pfc.parameters()), lr=0.01, momentum=0.9)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    autocast = dict(device_type=device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
+    images = (torch.rand(batch_size, 3, 112, 112, device=device) * 2 - 1).contiguous(memory_format=fmt)
+    labels = torch.randint(0, num_classes, (batch_size,), device=device)
+    rng = torch.Generator().manual_seed(0)
+
+    def step() -> float:
+        class_sample = pfc.sample_negatives(labels)
+
+        def attack_loss(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+            with frozen_stats(backbone), torch.autocast(**autocast):
+                emb = backbone(xs)
+            return pfc(emb.float(), ys, class_sample=class_sample, update_stats=False)
+
+        # record_function labels make the phases visible in the trace next to the per-op table
+        with record_function("cfsm/adversarial_mix"):
+            x = adversarial_mix(images, labels, generator, attack_loss, rs_ratio=rs_ratio, epsilon=0.314,
+                                alpha=0.314, k=k, rng=rng, autocast_dtype=amp_dtype,
+                                grad_scale=scaler.get_scale() if scaler.is_enabled() else 1.0).images
+        with record_function("step/forward"), torch.autocast(**autocast):
+            emb = backbone(x)
+        with record_function("step/loss_backward"):
+            loss = pfc(emb.float(), labels, class_sample=class_sample)
+            scaler.scale(loss).backward()
+        with record_function("step/optimizer"):
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(backbone.parameters(), 5.0)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--network", default="r50")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--amp", default="none", choices=["none", "fp16", "bf16"])
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--rs-ratio", type=float, default=0.75)
+    p.add_argument("--k", type=int, default=1)
+    p.add_argument("--gen-dim", type=int, default=64)
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--top", type=int, default=15)
+    p.add_argument("--trace", default=None, help="write a Chrome trace (chrome://tracing, Perfetto) here")
+    args = p.parse_args(argv)
+
+    use_cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
+    device = torch.device("cuda" if use_cuda else "cpu")
+    if use_cuda:
+        torch.backends.cudnn.benchmark = True
+    step = build_step(args.network, args.batch_size, device, args.amp, args.channels_last, args.rs_ratio, args.k,
+                      args.gen_dim, args.num_classes)
+
+    def sync() -> None:
+        if use_cuda:
+            torch.cuda.synchronize(device)
+
+    for _ in range(args.warmup):  # cuDNN autotune and allocator growth stay out of the profile
+        step()
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if use_cuda else [])
+    t0 = time.perf_counter()
+    with profile(activities=activities, record_shapes=False) as prof:
+        for _ in range(args.steps):
+            loss = step()
+        sync()
+    wall = (time.perf_counter() - t0) / args.steps
+
+    sort_key = "self_device_time_total" if use_cuda else "self_cpu_time_total"
+    averages = prof.key_averages()
+    print(averages.table(sort_by=sort_key, row_limit=args.top, max_name_column_width=60), flush=True)
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
+
+    def self_us(e) -> float:
+        return float(getattr(e, sort_key, 0.0))
+
+    ops = sorted((e for e in averages if not e.key.startswith(("cfsm/", "step/"))), key=self_us, reverse=True)
+    total = sum(self_us(e) for e in ops) or 1.0
+    # A phase's CPU time on CUDA is launch time only (kernels run async); its device time is what the GPU spent.
+    phases = {e.key: {"cpu_ms": round(e.cpu_time_total / args.steps / 1e3, 3),
+                      "device_ms": round(getattr(e, "device_time_total", 0.0) / args.steps / 1e3, 3)}
+              for e in averages if e.key.startswith(("cfsm/", "step/"))}
+    result = {
+        "bench": "profile_step", "device": torch.cuda.get_device_name(device) if use_cuda else "cpu",
+        "network": args.network, "batch_size": args.batch_size, "amp": args.amp, "channels_last": args.channels_last,
+        "rs_ratio": args.rs_ratio, "k": args.k, "steps": args.steps, "step_ms_profiled": round(wall * 1e3, 2),
+        "sorted_by": sort_key, "phase_ms_per_step": phases,
+        "top_ops": [{"op": e.key, "self_ms_per_step": round(self_us(e) / args.steps / 1e3, 3),
+                     "share": round(self_us(e) / total, 3), "calls": e.count} for e in ops[:args.top]],
+        "loss": loss, "torch": torch.__version__, "trace": args.trace,
+    }
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
