@@ -80,7 +80,9 @@ def load_generator(path: str | os.PathLike, map_location: str | torch.device = "
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # corrupt file, not a torch file, or pickled objects beyond tensors/dicts
-        raise ValueError(f"cannot read CFSM generator file {path}: {type(e).__name__}: {e}") from e
+        # torch's own text suggests weights_only=False; for a file of unknown origin that would run its code
+        raise ValueError(f"cannot read CFSM generator file {path} with weights_only=True (do not retry with "
+                         f"weights_only=False unless you trust its source): {type(e).__name__}: {e}") from e
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path}: expected a dict with 'G_state_dict', got {type(obj).__name__}")
     if "G_state_dict" in obj:
