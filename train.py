@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from backbones import get_model
 from cfsm import load_generator
 from cfsm.attack import adversarial_mix, frozen_stats, split_counts
-from dataset import build_dataset, get_dataloader
+from dataset import CUDAPrefetcher, build_dataset, get_dataloader
 from eval.verification import CallBackVerification
 from losses import build_margin_loss
 from partial_fc import PartialFC
@@ -28,13 +28,13 @@ from utils import checkpoint as ckpt
 from utils.config import ConfigError, load_config
 from utils.distributed import all_ranks_ok, barrier, cleanup, init_distributed
 from utils.logging import SpeedMeter, format_eta, setup_logger, style_grid, summary_writer
-from utils.optim import PolyScheduler, build_optimizer
+from utils.optim import NonFiniteGuard, PolyScheduler, build_optimizer
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="config module, e.g. configs/arcface_ms1mv2_r50_ours")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    parser.add_argument("overrides", nargs="*", default=[], help="key=value config overrides")
     parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
                         help="set by torch.distributed.launch; LOCAL_RANK from the environment wins")
     return parser.parse_args(argv)
@@ -89,6 +89,8 @@ def train(cfg, env) -> dict | None:
 
     loader = get_dataloader(dataset, cfg.batch_size, cfg.seed, cfg.num_workers, env.rank, env.world_size,
                             env.device)
+    if env.device.type == "cuda":
+        loader = CUDAPrefetcher(loader, env.device)  # overlaps host-to-device copies with compute
     batches_per_epoch = loader.sampler.batches_per_epoch
     if batches_per_epoch < cfg.gradient_acc:
         raise ConfigError(f"batch_size={cfg.batch_size} x {env.world_size} ranks leaves {batches_per_epoch} "
@@ -146,7 +148,7 @@ def train(cfg, env) -> dict | None:
         barrier(env)  # other ranks wait here (process-group timeout: dist_timeout_s)
         return results
 
-    loss_value, nonfinite, val = float("nan"), 0, {}
+    loss_value, val, guard = float("nan"), {}, NonFiniteGuard(cfg.max_nonfinite_steps)
     micro = step * cfg.gradient_acc
     while step < last_step:
         epoch, start_batch = divmod(micro, batches_per_epoch)
@@ -185,33 +187,26 @@ def train(cfg, env) -> dict | None:
             if finite:
                 scaler.step(optimizer)
                 scaler.update()
-                nonfinite = 0
             else:  # skip the update on every rank alike; halve the fp16 scale as GradScaler would
                 scaler.update(scaler.get_scale() / 2 if cfg.fp16 else None)
-                nonfinite += 1
                 log.warning(f"step {step + 1}: non-finite loss {loss.item():.4g} / grad norm {grad_norm.item():.4g}: "
-                            f"update skipped ({nonfinite} in a row)")
-                if nonfinite >= cfg.max_nonfinite_steps:
-                    last = ckpt.latest_complete(output)
-                    raise RuntimeError(
-                        f"{nonfinite} consecutive non-finite steps (max_nonfinite_steps={cfg.max_nonfinite_steps}) at "
-                        f"step {step + 1}, loss {loss.item():.4g}; last good checkpoint: "
-                        f"{last[1] if last else 'none'}. Lower lr, check the data, or disable fp16.")
+                            f"update skipped ({guard.count + 1} in a row)")
+            last = ckpt.latest_complete(output) if not finite else None
+            guard.update(finite, step + 1, loss.item(), str(last[1]) if last else "none")
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
             loss_value = loss.item()
 
-            if writer is not None and (step % cfg.frequent == 0 or step == last_step):
+            if env.is_main and (step % cfg.frequent == 0 or step == last_step):
                 speed, eta = meter.window(step)
-                lr = optimizer.param_groups[0]["lr"]
+                lr, scale = optimizer.param_groups[0]["lr"], scaler.get_scale() if cfg.fp16 else 1.0
                 log.info(f"step {step}/{last_step} epoch {epoch} loss {loss_value:.4f} lr {lr:.5f} "
-                         f"{speed:.1f} samples/s grad scale {scaler.get_scale() if cfg.fp16 else 1.0:g} "
-                         f"ETA {format_eta(eta)}")
+                         f"{speed:.1f} samples/s grad scale {scale:g} ETA {format_eta(eta)}")
                 for tag, value in (("loss", loss_value), ("lr", lr), ("samples_per_sec", speed),
-                                   ("grad_norm", grad_norm.item()), ("grad_scale", scaler.get_scale() if cfg.fp16
-                                                                     else 1.0)):
-                    writer.add_scalar(f"train/{tag}", value, step)
+                                   ("grad_norm", grad_norm.item()), ("grad_scale", scale)):
+                    if writer is not None:
+                        writer.add_scalar(f"train/{tag}", value, step)
             if writer is not None and mix is not None and cfg.image_every and step % cfg.image_every == 0 \
                     and mix.synth_index.numel():
                 grid = style_grid(clean_images[mix.synth_index], mix.images[mix.synth_index],
@@ -229,22 +224,14 @@ def train(cfg, env) -> dict | None:
     summary = None
     if env.is_main:
         ckpt.atomic_save(backbone.state_dict(), output / "model.pt")  # plain state dict: InsightFace tools load it
-        summary = {"config": {k: v for k, v in cfg.items() if _jsonable(v)}, "steps": step,
+        summary = {"config": dict(cfg), "steps": step,
                    "epochs": micro / batches_per_epoch, "final_loss": loss_value,
                    "samples_per_sec": meter.mean(step), "val": val, "wall_s": time.time() - start_time}
-        ckpt.atomic_write_text(json.dumps(summary, indent=1), output / "summary.json")
+        ckpt.atomic_write_text(json.dumps(summary, indent=1, default=str), output / "summary.json")
         log.info(f"done: {step} steps, final loss {loss_value:.4f}, val {val}, model {output / 'model.pt'}")
         if writer is not None:
             writer.close()
     return summary
-
-
-def _jsonable(value) -> bool:
-    try:
-        json.dumps(value)
-        return True
-    except TypeError:
-        return False
 
 
 if __name__ == "__main__":

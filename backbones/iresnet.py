@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from contextlib import nullcontext
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -140,7 +142,8 @@ class IResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dev = x.device.type
-        with torch.autocast(device_type=dev, dtype=autocast_dtype(dev), enabled=self.fp16):
+        # fp16=False must not switch off a caller's autocast (train.py autocasts the whole model)
+        with torch.autocast(device_type=dev, dtype=autocast_dtype(dev)) if self.fp16 else nullcontext():
             x = self.prelu(self.bn1(self.conv1(x)))
             for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
                 x = self._run_stage(stage, x)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from contextlib import nullcontext
+
 import torch
 from torch import nn
 
@@ -142,7 +144,8 @@ class MobileFaceNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dev = x.device.type
-        with torch.autocast(device_type=dev, dtype=autocast_dtype(dev), enabled=self.fp16):
+        # fp16=False must not switch off a caller's autocast (train.py autocasts the whole model)
+        with torch.autocast(device_type=dev, dtype=autocast_dtype(dev)) if self.fp16 else nullcontext():
             x = self.layers(x)
         with torch.autocast(device_type=dev, enabled=False):
             x = self.features(self.conv_sep(x.float()))

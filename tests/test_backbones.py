@@ -110,3 +110,15 @@ def test_channels_last_training_step():
     model = get_model("r_tiny", num_features=16).to(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 112, 112).contiguous(memory_format=torch.channels_last)
     model(x).sum().backward()
+
+
+@pytest.mark.parametrize("name", ["r_tiny", "mbf_tiny"])
+def test_caller_autocast_is_kept_when_fp16_false(name):
+    """train.py autocasts around the model; the backbone's own fp16 flag must not switch that off."""
+    model = get_model(name, num_features=32)
+    seen = []
+    first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    first_conv.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.rand(2, 3, 112, 112))
+    assert seen == [torch.bfloat16] and out.dtype == torch.float32

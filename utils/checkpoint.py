@@ -64,7 +64,9 @@ def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # pickle errors, zip errors, truncated files
-        raise CheckpointError(f"cannot load {path} safely (weights_only=True): {type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(f"cannot load {path} safely (weights_only=True): {type(exc).__name__}: {exc}. "
+                              "Do not load it with weights_only=False unless you trust its source: a pickle can "
+                              "run code") from exc
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -72,6 +74,8 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     obj = safe_load(path)
     if isinstance(obj, dict) and "state_dict_backbone" in obj:  # arcface_torch full checkpoint
         obj = obj["state_dict_backbone"]
+    elif isinstance(obj, dict) and isinstance(obj.get("backbone"), dict):  # our run checkpoint (rank_0.pt)
+        obj = obj["backbone"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} is not a plain state dict of tensors")
     if obj and all(k.startswith("module.") for k in obj):

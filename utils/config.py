@@ -52,6 +52,8 @@ def _import_config_module(name_or_path: str):
         candidates.append(REPO_ROOT / "configs" / f"{text.split('.')[-1]}.py")
     if str(REPO_ROOT) not in sys.path:  # job configs may build on each other (`from configs.toy import config`)
         sys.path.insert(0, str(REPO_ROOT))
+    for name in [m for m in sys.modules if m.startswith("configs.")]:
+        del sys.modules[name]  # each load sees the files as they are now, never an object mutated by a caller
     for path in candidates:
         if path.is_file():
             spec = importlib.util.spec_from_file_location(f"_cfg_{path.stem}", path)

@@ -63,7 +63,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0, local_rank_
         dev = torch.device("cpu")
 
     backend = None
-    if world_size > 1:
+    if world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ:  # a launcher started us: same path even with 1 rank
         backend = "nccl" if use_cuda else "gloo"
         if not dist.is_initialized():
             kwargs = {"device_id": dev} if use_cuda else {}
