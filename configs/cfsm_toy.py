@@ -29,3 +29,4 @@ config.save_every = 100
 config.frequent = 20
 config.image_every = 60
 config.fp16 = False
+config.gen_lr = 5e-4                     # faster than the published 1e-4: the toy budget is a few hundred steps
