@@ -108,12 +108,9 @@ def train(cfg, env) -> dict | None:
     rngs = {"style": style_rng}
 
     # ---- resume: the full state, so the run continues exactly where it stopped ----
-    step = 0
-    found = ckpt.latest_complete(output) if cfg.resume else None
-    if cfg.resume is True and found is None:
-        raise ConfigError(f"resume=True but {ckpt.checkpoint_root(output)} holds no complete checkpoint")
+    step, found = 0, ckpt.resume_checkpoint(output, cfg.resume, env.world_size, kind="recognition")
     if found is not None:
-        step, directory, _ = found
+        step, directory = found
         state = ckpt.load_run_checkpoint(directory, env.rank, env.world_size)
         backbone.load_state_dict(state["backbone"])
         pfc.load_state_dict(state["partial_fc"])
@@ -141,7 +138,7 @@ def train(cfg, env) -> dict | None:
                  optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                  "rng": ckpt.capture_rng_state(rngs), "step": at_step}
         ckpt.save_run_checkpoint(output, at_step, env.rank, env.world_size, state, lambda: barrier(env),
-                                 cfg.keep_checkpoints, {"config": cfg.config_name})
+                                 cfg.keep_checkpoints, {"kind": "recognition", "config": cfg.config_name})
 
     def run_verification(at_step: int) -> dict:
         results = verify(at_step, backbone) if verify is not None else {}

@@ -196,20 +196,9 @@ def train(cfg, env: DistEnv) -> dict | None:
     rngs = {"style": style_rng}
 
     # ---- resume: the full state; the step count fixes epoch, batch, alternation parity and target stream ----
-    step = 0
-    found = ckpt.latest_complete(output) if cfg.resume else None
-    if cfg.resume is True and found is None:
-        raise ConfigError(f"resume=True but {ckpt.checkpoint_root(output)} holds no complete checkpoint")
+    step, found = 0, ckpt.resume_checkpoint(output, cfg.resume, env.world_size, kind="cfsm_stage1")
     if found is not None:
-        step, directory, meta = found
-        if int(meta.get("world_size", -1)) != env.world_size:
-            raise ckpt.CheckpointError(
-                f"checkpoint {directory} was written by {meta.get('world_size')} ranks but this run has "
-                f"{env.world_size}: the data order is per rank. Resume with the same world size, or start a new "
-                f"run with init_generator={directory / 'rank_0.pt'}")
-        if meta.get("kind") != "cfsm_stage1":
-            raise ckpt.CheckpointError(f"checkpoint {directory} is not a stage-1 checkpoint (kind "
-                                       f"{meta.get('kind')!r}): use another `output` folder or resume=False")
+        step, directory = found
         main_state = ckpt.safe_load(ckpt.rank_file(directory, 0))
         if int(main_state.get("batches_per_epoch", bpe)) != bpe:
             raise ckpt.CheckpointError(

@@ -123,7 +123,7 @@ def test_pretrained_backbone_fine_tunes(mini_toy, tmp_path):
     (["rs_ratio=1.5"], ConfigError, "rs_ratio"),
     (["k=-1"], ConfigError, "'k'"),
     (["num_classes=17"], Exception, "17.*16|16.*17"),
-    (["resume=True"], ConfigError, "no complete checkpoint"),
+    (["resume=True"], CheckpointError, "no complete checkpoint"),
     (["loss=sphereface"], ConfigError, "loss"),
 ])
 def test_bad_inputs_stop_before_work(mini_toy, tmp_path, extra, error, pattern):

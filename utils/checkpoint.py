@@ -205,6 +205,29 @@ def save_run_checkpoint(output: str | os.PathLike, step: int, rank: int, world_s
     return directory
 
 
+def resume_checkpoint(output: str | os.PathLike, resume: bool | str, world_size: int,
+                      kind: str) -> tuple[int, Path] | None:
+    """(step, directory) to resume from under the `resume` policy (False | True | "auto"), or None.
+
+    Refuses a checkpoint written by another world size (per-rank shards and data order) or by another kind of run
+    (a stage-1 folder given to stage 2 and vice versa)."""
+    found = latest_complete(output) if resume else None
+    if resume is True and found is None:
+        raise CheckpointError(f"resume=True but {checkpoint_root(output)} holds no complete checkpoint")
+    if found is None:
+        return None
+    step, directory, meta = found
+    if int(meta.get("world_size", -1)) != world_size:
+        raise CheckpointError(
+            f"checkpoint {directory} was written by {meta.get('world_size')} ranks but this run has {world_size}: "
+            f"shards, optimizer states and data order are per rank. Resume with the same world size, or start a "
+            f"new output folder initialised from {rank_file(directory, 0)}")
+    if meta.get("kind") != kind:
+        raise CheckpointError(f"checkpoint {directory} is a {meta.get('kind')!r} checkpoint, not {kind!r}: "
+                              f"use another `output` folder or resume=False")
+    return step, directory
+
+
 def load_run_checkpoint(directory: Path, rank: int, world_size: int) -> dict:
     """This rank's state from a complete checkpoint; the world size must match the one that wrote it."""
     meta = json.loads((directory / COMPLETE).read_text())
