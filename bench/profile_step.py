@@ -6,7 +6,7 @@
 Builds the real step (Partial FC ArcFace, adversarial_mix with a released-size generator, backward, clip, SGD),
 runs `--warmup` untimed steps, then profiles `--steps` steps on the current device. Prints the top ops by self
 device time (CPU time without a GPU) and, last, one JSON line. `--trace FILE` also writes a Chrome trace.
-bench/step_cost.py keeps its step inside main(), so the step is rebuilt here (a few lines) rather than imported.
+`build_step` is the one definition of the benchmarked step; bench/step_cost.py imports it.
 """
 from __future__ import annotations
 
@@ -26,8 +26,10 @@ from partial_fc import PartialFC
 
 
 def build_step(network: str, batch_size: int, device: torch.device, amp: str, channels_last: bool,
-               rs_ratio: float, k: int, gen_dim: int, num_classes: int) -> Callable[[], float]:
-    """One CFSM training step as a closure returning the loss (random weights and data: cost is what counts)."""
+               rs_ratio: float, k: int, gen_dim: int, num_classes: int) -> Callable[..., float]:
+    """The real training step as a closure `step(cfsm=True) -> loss` (cfsm=False: the plain ArcFace step).
+
+    Random weights and data: the cost is what counts. bench/step_cost.py times both variants with it."""
     amp_dtype = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}[amp]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(0)
@@ -41,7 +43,7 @@ def build_step(network: str, batch_size: int, device: torch.device, amp: str, ch
     labels = torch.randint(0, num_classes, (batch_size,), device=device)
     rng = torch.Generator().manual_seed(0)
 
-    def step() -> float:
+    def step(cfsm: bool = True) -> float:
         class_sample = pfc.sample_negatives(labels)
 
         def attack_loss(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
@@ -50,10 +52,12 @@ def build_step(network: str, batch_size: int, device: torch.device, amp: str, ch
             return pfc(emb.float(), ys, class_sample=class_sample, update_stats=False)
 
         # record_function labels make the phases visible in the trace next to the per-op table
+        x = images
         with record_function("cfsm/adversarial_mix"):
-            x = adversarial_mix(images, labels, generator, attack_loss, rs_ratio=rs_ratio, epsilon=0.314,
-                                alpha=0.314, k=k, rng=rng, autocast_dtype=amp_dtype,
-                                grad_scale=scaler.get_scale() if scaler.is_enabled() else 1.0).images
+            if cfsm:
+                x = adversarial_mix(images, labels, generator, attack_loss, rs_ratio=rs_ratio, epsilon=0.314,
+                                    alpha=0.314, k=k, rng=rng, autocast_dtype=amp_dtype,
+                                    grad_scale=scaler.get_scale() if scaler.is_enabled() else 1.0).images
         with record_function("step/forward"), torch.autocast(**autocast):
             emb = backbone(x)
         with record_function("step/loss_backward"):

@@ -17,11 +17,8 @@ import time
 
 import torch
 
-from backbones import get_model
-from cfsm import Generator
-from cfsm.attack import adversarial_mix, frozen_stats, split_counts
-from losses import ArcFace
-from partial_fc import PartialFC
+from bench.profile_step import build_step
+from cfsm.attack import split_counts
 
 
 def main(argv=None) -> dict:
@@ -46,46 +43,14 @@ def main(argv=None) -> dict:
                           args.device if args.device != "auto" else "cpu")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    amp_dtype = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.amp]
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    torch.manual_seed(0)
-    backbone = get_model(args.network, num_features=512).to(device).to(memory_format=fmt).train()
-    pfc = PartialFC(ArcFace(s=64.0, margin=0.5), 512, args.num_classes).to(device)
-    generator = Generator(dim=args.gen_dim).to(device).to(memory_format=fmt).eval().requires_grad_(False)
-    optimizer = torch.optim.SGD(list(backbone.parameters()) + list(pfc.parameters()), lr=0.01, momentum=0.9)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    autocast = dict(device_type=device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
-    images = (torch.rand(args.batch_size, 3, 112, 112, device=device) * 2 - 1).contiguous(memory_format=fmt)
-    labels = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
-    rng = torch.Generator().manual_seed(0)
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    train_step = build_step(args.network, args.batch_size, device, args.amp, args.channels_last, args.rs_ratio,
+                            args.k, args.gen_dim, args.num_classes)
 
     def step(cfsm: bool) -> float:
-        sync()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        x = images
-        class_sample = pfc.sample_negatives(labels)
-        if cfsm:
-            def attack_loss(xs, ys):
-                with frozen_stats(backbone), torch.autocast(**autocast):
-                    emb = backbone(xs)
-                return pfc(emb.float(), ys, class_sample=class_sample, update_stats=False)
-            x = adversarial_mix(images, labels, generator, attack_loss, rs_ratio=args.rs_ratio, epsilon=0.314,
-                                alpha=0.314, k=args.k, rng=rng, autocast_dtype=amp_dtype,
-                                grad_scale=scaler.get_scale() if scaler.is_enabled() else 1.0).images
-        with torch.autocast(**autocast):
-            emb = backbone(x)
-        loss = pfc(emb.float(), labels, class_sample=class_sample)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(backbone.parameters(), 5.0)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        sync()
+        train_step(cfsm)  # returns the loss as a float: the step has finished on the device
         return time.perf_counter() - t0
 
     for _ in range(args.warmup):
