@@ -71,7 +71,7 @@ def test_train_resume_refuses_payload(mini_toy: Path, tmp_path: Path, marker: Pa
     directory = step_dir(out, 1)
     directory.mkdir(parents=True)
     _crafted(rank_file(directory, 0), marker, "run")
-    (directory / COMPLETE).write_text(json.dumps({"step": 1, "world_size": 1}))
+    (directory / COMPLETE).write_text(json.dumps({"step": 1, "world_size": 1, "kind": "recognition"}))
     with pytest.raises(CheckpointError, match=r"rank_0\.pt.*weights_only=True"):
         train.main(tiny_args(mini_toy, out, "max_steps=2", "resume=True"))
     assert not marker.exists()
