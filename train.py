@@ -28,7 +28,7 @@ from utils import checkpoint as ckpt
 from utils.config import ConfigError, load_config
 from utils.distributed import all_ranks_ok, barrier, cleanup, init_distributed
 from utils.logging import SpeedMeter, format_eta, setup_logger, style_grid, summary_writer
-from utils.optim import NonFiniteGuard, PolyScheduler, build_optimizer
+from utils.optim import NonFiniteGuard, PolyScheduler, build_optimizer, mixed_precision
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -102,8 +102,7 @@ def train(cfg, env) -> dict | None:
     optimizer = build_optimizer(cfg.optimizer, [{"params": backbone.parameters()}, {"params": pfc.parameters()}],
                                 lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = PolyScheduler(optimizer, total_steps, warmup_steps, cfg.lr_power)
-    amp_dtype = torch.float16 if cfg.fp16 else torch.bfloat16 if cfg.bf16 else None
-    scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.fp16)
+    amp_dtype, scaler, autocast = mixed_precision(cfg.fp16, cfg.bf16, env.device.type)
     style_rng = torch.Generator().manual_seed(cfg.seed * 1000 + env.rank)  # CPU: same draws on any device
     rngs = {"style": style_rng}
 
@@ -129,7 +128,6 @@ def train(cfg, env) -> dict | None:
     verify = CallBackVerification(cfg.val_targets, cfg.rec, batch_size=cfg.val_batch_size, summary_writer=writer) \
         if env.is_main and cfg.val_targets else None
     meter = SpeedMeter(cfg.batch_size * env.world_size * cfg.gradient_acc, last_step, step)
-    autocast = dict(device_type=env.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
     log.info(f"{cfg.config_name}: {num_classes} classes, {dataset.num_images} images, world size {env.world_size}, "
              f"device {env.device}, {total_steps} steps ({batches_per_epoch} batches/epoch), stopping at {last_step}")
 

@@ -33,6 +33,7 @@ from utils import checkpoint as ckpt  # noqa: E402
 from utils.config import ConfigError, load_config  # noqa: E402
 from utils.distributed import DistEnv, all_ranks_ok, barrier, cleanup, init_distributed  # noqa: E402
 from utils.logging import SpeedMeter, format_eta, setup_logger, summary_writer  # noqa: E402
+from utils.optim import mixed_precision  # noqa: E402
 
 RELEASED_KEYS = ("G_state_dict", "D_state_dict", "optimizerG_state_dict", "optimizerD_state_dict")
 
@@ -190,8 +191,7 @@ def train(cfg, env: DistEnv) -> dict | None:
 
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.gen_lr, betas=tuple(cfg.gen_betas))
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.gen_lr, betas=tuple(cfg.gen_betas))
-    amp_dtype = torch.float16 if cfg.fp16 else torch.bfloat16 if cfg.bf16 else None
-    scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.fp16)
+    _, scaler, autocast = mixed_precision(cfg.fp16, cfg.bf16, env.device.type)
     style_rng = torch.Generator().manual_seed(cfg.seed * 1000 + env.rank)  # CPU: same draws on any device
     rngs = {"style": style_rng}
 
@@ -219,7 +219,6 @@ def train(cfg, env: DistEnv) -> dict | None:
     G_train, D_train = _dist_wrap(G, env), _dist_wrap(D, env, find_unused=True)
     writer = summary_writer(output, cfg.tensorboard) if env.is_main else None
     meter = SpeedMeter(cfg.batch_size * env.world_size, last_step, step)
-    autocast = dict(device_type=env.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
     distance_range = tuple(float(v) for v in cfg.id_distance_range)
     log.info(f"{cfg.config_name}: source {source.num_images} images ({cfg.rec}), target {len(target)} images "
              f"({cfg.target}), world size {env.world_size}, device {env.device}, {total_steps} steps "

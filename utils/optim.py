@@ -57,3 +57,13 @@ class NonFiniteGuard:
             raise RuntimeError(
                 f"{self.count} consecutive non-finite steps (max_nonfinite_steps={self.limit}) at step {step}, "
                 f"loss {loss:.4g}; last good checkpoint: {last_checkpoint}. Lower lr, check the data, or disable fp16.")
+
+
+def mixed_precision(fp16: bool, bf16: bool, device_type: str) -> tuple[torch.dtype | None, torch.amp.GradScaler,
+                                                                           dict]:
+    """(autocast dtype or None, a GradScaler enabled for fp16 only, keyword arguments for torch.autocast)."""
+    dtype = torch.float16 if fp16 else torch.bfloat16 if bf16 else None
+    scaler = torch.amp.GradScaler(device_type, enabled=fp16)
+    # a disabled autocast still needs a dtype the device accepts; bfloat16 is valid on CPU and CUDA
+    autocast = dict(device_type=device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+    return dtype, scaler, autocast
