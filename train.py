@@ -8,7 +8,6 @@ generator, one forward of the mixed batch, Partial FC margin loss, backward, cli
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from contextlib import nullcontext
@@ -25,23 +24,14 @@ from eval.verification import CallBackVerification
 from losses import build_margin_loss
 from partial_fc import PartialFC
 from utils import checkpoint as ckpt
-from utils.config import ConfigError, load_config
+from utils.config import ConfigError, load_config, parse_launch_args
 from utils.distributed import all_ranks_ok, barrier, cleanup, init_distributed
 from utils.logging import SpeedMeter, format_eta, setup_logger, style_grid, summary_writer
 from utils.optim import NonFiniteGuard, PolyScheduler, build_optimizer, mixed_precision
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="config module, e.g. configs/arcface_ms1mv2_r50_ours")
-    parser.add_argument("overrides", nargs="*", default=[], help="key=value config overrides")
-    parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
-                        help="set by torch.distributed.launch; LOCAL_RANK from the environment wins")
-    return parser.parse_args(argv)
-
-
 def main(argv=None) -> dict | None:
-    args = parse_args(argv)
+    args = parse_launch_args(argv, __doc__, "configs/arcface_ms1mv2_r50_ours")
     cfg = load_config(args.config, args.overrides)
     env = init_distributed(cfg.device, cfg.dist_timeout_s, args.local_rank)
     try:

@@ -20,7 +20,6 @@ if __name__ == "__main__" and not __package__:
     # `cfsm`, `dataset`, `utils` import as packages (and cfsm/train.py does not shadow the root train.py).
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
@@ -30,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from utils import checkpoint as ckpt  # noqa: E402
-from utils.config import ConfigError, load_config  # noqa: E402
+from utils.config import ConfigError, load_config, parse_launch_args  # noqa: E402
 from utils.distributed import DistEnv, all_ranks_ok, barrier, cleanup, init_distributed  # noqa: E402
 from utils.logging import SpeedMeter, format_eta, setup_logger, summary_writer  # noqa: E402
 from utils.optim import mixed_precision  # noqa: E402
@@ -38,17 +37,8 @@ from utils.optim import mixed_precision  # noqa: E402
 RELEASED_KEYS = ("G_state_dict", "D_state_dict", "optimizerG_state_dict", "optimizerD_state_dict")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="config module, e.g. configs/cfsm_toy")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
-                        help="set by torch.distributed.launch; LOCAL_RANK from the environment wins")
-    return parser.parse_args(argv)
-
-
 def main(argv=None) -> dict | None:
-    args = parse_args(argv)
+    args = parse_launch_args(argv, __doc__, "configs/cfsm_toy")
     cfg = load_config(args.config, args.overrides)
     validate_stage1(cfg)
     env = init_distributed(cfg.device, cfg.dist_timeout_s, args.local_rank)

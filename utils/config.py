@@ -176,3 +176,18 @@ def validate(cfg: EasyDict) -> None:
         need(bool(cfg.pretrained_synthesis_model), "pretrained_synthesis_model",
              "rs_ratio < 1 synthesizes faces and needs a generator file (train one with "
              "`python -m cfsm.train configs/cfsm_<name>`; released ones are listed in the CFSM README)")
+
+
+def parse_launch_args(argv, description: str, example_config: str):
+    """`SCRIPT CONFIG [key=value ...] [--local-rank N]`: the command line of both training stages.
+
+    torch 2.x `torch.distributed.launch` passes `--local-rank=N` (older: `--local_rank`); LOCAL_RANK from the
+    environment wins when both exist."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help=f"config module, e.g. {example_config}")
+    parser.add_argument("overrides", nargs="*", default=[], help="key=value config overrides")
+    parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
+                        help="set by torch.distributed.launch; LOCAL_RANK from the environment wins")
+    return parser.parse_args(argv)
