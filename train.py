@@ -14,6 +14,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from easydict import EasyDict
 from torch.nn.parallel import DistributedDataParallel
 
 from backbones import get_model
@@ -25,12 +26,12 @@ from losses import build_margin_loss
 from partial_fc import PartialFC
 from utils import checkpoint as ckpt
 from utils.config import ConfigError, load_config, parse_launch_args
-from utils.distributed import all_ranks_ok, barrier, cleanup, init_distributed
+from utils.distributed import DistEnv, all_ranks_ok, barrier, cleanup, init_distributed
 from utils.logging import SpeedMeter, format_eta, setup_logger, style_grid, summary_writer
 from utils.optim import NonFiniteGuard, PolyScheduler, build_optimizer, mixed_precision
 
 
-def main(argv=None) -> dict | None:
+def main(argv: list[str] | None = None) -> dict | None:
     args = parse_launch_args(argv, __doc__, "configs/arcface_ms1mv2_r50_ours")
     cfg = load_config(args.config, args.overrides)
     env = init_distributed(cfg.device, cfg.dist_timeout_s, args.local_rank)
@@ -40,7 +41,8 @@ def main(argv=None) -> dict | None:
         cleanup(env)
 
 
-def train(cfg, env) -> dict | None:
+def train(cfg: EasyDict, env: DistEnv) -> dict | None:
+    """Run stage 2 with a loaded config on an initialised process environment; rank 0 returns the summary."""
     start_time = time.time()
     output = Path(cfg.output or Path("work_dirs") / cfg.config_name)
     log = setup_logger(env.rank, output)
