@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from backbones import get_model
 from cfsm import load_generator
 from cfsm.attack import adversarial_mix, frozen_stats, split_counts
+from cfsm.visualize import clean_vs_synth_grid
 from dataset import CUDAPrefetcher, build_dataset, get_dataloader
 from eval.verification import CallBackVerification
 from losses import build_margin_loss
@@ -27,7 +28,7 @@ from partial_fc import PartialFC
 from utils import checkpoint as ckpt
 from utils.config import ConfigError, load_config, parse_launch_args
 from utils.distributed import DistEnv, all_ranks_ok, barrier, cleanup, init_distributed
-from utils.logging import SpeedMeter, format_eta, setup_logger, style_grid, summary_writer
+from utils.logging import SpeedMeter, format_eta, setup_logger, summary_writer
 from utils.optim import NonFiniteGuard, PolyScheduler, build_optimizer, mixed_precision
 
 
@@ -196,8 +197,8 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
                         writer.add_scalar(f"train/{tag}", value, step)
             if writer is not None and mix is not None and cfg.image_every and step % cfg.image_every == 0 \
                     and mix.synth_index.numel():
-                grid = style_grid(clean_images[mix.synth_index], mix.images[mix.synth_index],
-                                  mix.style.norm(dim=1))
+                grid = clean_vs_synth_grid(clean_images[mix.synth_index], mix.images[mix.synth_index],
+                                           mix.style.norm(dim=1))
                 writer.add_image("cfsm/clean_vs_synth", grid, step, dataformats="HWC")
             if cfg.verbose and step % cfg.verbose == 0 and step < last_step:
                 val = run_verification(step)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 __all__ = ["to_uint8", "label_tile", "tile_rows", "direction_grid", "random_style_row", "style_grid_image",
-           "training_samples_grid", "save_png", "DEFAULT_COEFFICIENTS", "DEFAULT_MAGNITUDES"]
+           "training_samples_grid", "clean_vs_synth_grid", "save_png", "DEFAULT_COEFFICIENTS", "DEFAULT_MAGNITUDES"]
 
 DEFAULT_COEFFICIENTS: tuple[float, ...] = (-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0)
 DEFAULT_MAGNITUDES: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
@@ -123,6 +123,15 @@ def training_samples_grid(generator, sources: torch.Tensor, targets: torch.Tenso
         rows.append([label_tile(to_uint8(sources[i])[0], "source")] + synth
                     + [label_tile(to_uint8(targets[i])[0], "target")])
     return tile_rows(rows)
+
+
+def clean_vs_synth_grid(clean: torch.Tensor, synth: torch.Tensor, magnitudes: torch.Tensor,
+                        max_faces: int = 8) -> np.ndarray:
+    """Stage-2 monitor: the same faces clean (top row) and synthesized (bottom row), each labelled with |o|."""
+    n = min(max_faces, clean.shape[0])
+    top = list(to_uint8(clean[:n]))
+    bottom = [label_tile(t, f"|o|={float(m):.2f}") for t, m in zip(to_uint8(synth[:n]), magnitudes[:n])]
+    return tile_rows([top, bottom])
 
 
 def save_png(grid: np.ndarray, path: str | Path) -> Path:

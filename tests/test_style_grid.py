@@ -77,3 +77,14 @@ def test_cli_from_toy_rec_and_image_folder(tmp_path):
         style_grid.main([str(tmp_path / "g.pth"), "--faces", str(tmp_path / "nope"), "--out", str(tmp_path)])
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         style_grid.main([str(tmp_path / "nope.pth"), "--faces", str(data), "--out", str(tmp_path)])
+
+
+def test_clean_vs_synth_grid_rows_and_labels():
+    from cfsm.visualize import clean_vs_synth_grid
+
+    clean = torch.full((3, 3, 112, 112), -1.0)
+    synth = torch.full((3, 3, 112, 112), 1.0)
+    grid = clean_vs_synth_grid(clean, synth, torch.tensor([0.5, 1.0, 2.0]))
+    assert grid.shape == (2 * 112 + 2, 3 * 112 + 2 * 2, 3) and grid.dtype == np.uint8
+    assert (grid[:112, :112] == 0).all()  # clean row untouched
+    assert (grid[114:, :112] != 255).any()  # label drawn on the synthesized tile

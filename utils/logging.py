@@ -1,13 +1,10 @@
-"""Console logging, TensorBoard, throughput/ETA meter and the clean-vs-synthesized image grid."""
+"""Console logging, TensorBoard and the throughput/ETA meter."""
 from __future__ import annotations
 
 import logging
 import sys
 import time
 from pathlib import Path
-
-import numpy as np
-import torch
 
 
 def setup_logger(rank: int, output: str | Path | None, name: str = "train") -> logging.Logger:
@@ -65,22 +62,3 @@ class SpeedMeter:
 def format_eta(seconds: float) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m{seconds % 60:02d}s"
-
-
-def style_grid(clean: torch.Tensor, synth: torch.Tensor, magnitudes: torch.Tensor, max_faces: int = 8) -> np.ndarray:
-    """Two rows, the same faces clean (top) and synthesized (bottom), each synthesized tile labelled |o|.
-
-    Inputs are [-1, 1] CHW batches; returns uint8 HWC RGB.
-    """
-    import cv2
-
-    n = min(max_faces, clean.shape[0])
-    to_uint8 = lambda t: ((t[:n].detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte()  # noqa: E731
-    top = to_uint8(clean).permute(0, 2, 3, 1).numpy()
-    bottom = to_uint8(synth).permute(0, 2, 3, 1).numpy().copy()
-    for i in range(n):
-        tile = np.ascontiguousarray(bottom[i])
-        cv2.putText(tile, f"|o|={float(magnitudes[i]):.2f}", (2, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35,
-                    (255, 255, 0), 1, cv2.LINE_AA)
-        bottom[i] = tile
-    return np.concatenate([np.concatenate(list(top), axis=1), np.concatenate(list(bottom), axis=1)], axis=0)
