@@ -103,7 +103,7 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
     step, found = 0, ckpt.resume_checkpoint(output, cfg.resume, env.world_size, kind="recognition")
     if found is not None:
         step, directory = found
-        state = ckpt.load_run_checkpoint(directory, env.rank, env.world_size)
+        state = ckpt.safe_load(ckpt.rank_file(directory, env.rank))
         backbone.load_state_dict(state["backbone"])
         pfc.load_state_dict(state["partial_fc"])
         optimizer.load_state_dict(state["optimizer"])
@@ -129,7 +129,7 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
                  optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                  "rng": ckpt.capture_rng_state(rngs), "step": at_step}
         ckpt.save_run_checkpoint(output, at_step, env.rank, env.world_size, state, lambda: barrier(env),
-                                 cfg.keep_checkpoints, {"kind": "recognition", "config": cfg.config_name})
+                                 cfg.keep_checkpoints, "recognition", {"config": cfg.config_name})
 
     def run_verification(at_step: int) -> dict:
         results = verify(at_step, backbone) if verify is not None else {}

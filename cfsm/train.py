@@ -229,8 +229,8 @@ def train(cfg, env: DistEnv) -> dict | None:
         else:
             state = {"step": at_step, "rng": rng}
         ckpt.save_run_checkpoint(output, at_step, env.rank, env.world_size, state, lambda: barrier(env),
-                                 cfg.keep_checkpoints, {"config": cfg.config_name, "epoch": at_step // bpe,
-                                                        "kind": "cfsm_stage1"})
+                                 cfg.keep_checkpoints, "cfsm_stage1",
+                                 {"config": cfg.config_name, "epoch": at_step // bpe})
         last_saved = at_step
 
     last = {}  # latest detached loss tensors by name; .item() only when logging (avoids a sync per step)

@@ -71,7 +71,7 @@ def test_killed_writer_leaves_previous_checkpoint_intact(tmp_path):
 
 def test_run_layout_complete_marker_and_prune(tmp_path):
     for step in (10, 20, 30):
-        ckpt.save_run_checkpoint(tmp_path, step, 0, 1, {"step": step}, barrier=lambda: None, keep=2)
+        ckpt.save_run_checkpoint(tmp_path, step, 0, 1, {"step": step}, barrier=lambda: None, keep=2, kind="test")
     partial = ckpt.step_dir(tmp_path, 40)
     partial.mkdir()
     (partial / "rank_0.pt").write_bytes(b"half")  # a crash before COMPLETE
@@ -79,9 +79,13 @@ def test_run_layout_complete_marker_and_prune(tmp_path):
     assert steps == [20, 30]
     step, directory, meta = ckpt.latest_complete(tmp_path)
     assert step == 30 and meta["world_size"] == 1
-    assert ckpt.load_run_checkpoint(directory, 0, 1)["step"] == 30
+    assert ckpt.resume_checkpoint(tmp_path, "auto", 1, kind="test") == (30, directory)
+    assert ckpt.safe_load(ckpt.rank_file(directory, 0))["step"] == 30
     with pytest.raises(ckpt.CheckpointError, match="written by 1 ranks but this run has 2"):
-        ckpt.load_run_checkpoint(directory, 0, 2)
+        ckpt.resume_checkpoint(tmp_path, "auto", 2, kind="test")
+    with pytest.raises(ckpt.CheckpointError, match="not 'recognition'"):
+        ckpt.resume_checkpoint(tmp_path, True, 1, kind="recognition")
+    assert ckpt.resume_checkpoint(tmp_path, False, 1, kind="test") is None
 
 
 def test_rng_state_roundtrip_through_weights_only(tmp_path):

@@ -193,13 +193,15 @@ def _as_python_random_state(obj):
 
 
 def save_run_checkpoint(output: str | os.PathLike, step: int, rank: int, world_size: int, state: dict,
-                        barrier, keep: int, meta: dict | None = None) -> Path:
-    """Every rank writes its file atomically; after a barrier rank 0 marks the step complete and prunes."""
+                        barrier, keep: int, kind: str, meta: dict | None = None) -> Path:
+    """Every rank writes its file atomically; after a barrier rank 0 marks the step complete and prunes.
+
+    `kind` names the run type; `resume_checkpoint` only resumes a checkpoint of the same kind."""
     directory = step_dir(output, step)
     atomic_save(state, rank_file(directory, rank))
     barrier()
     if rank == 0:
-        mark_complete(directory, {"step": step, "world_size": world_size, **(meta or {})})
+        mark_complete(directory, {"step": step, "world_size": world_size, "kind": kind, **(meta or {})})
         prune(output, keep)
     barrier()
     return directory
@@ -226,14 +228,3 @@ def resume_checkpoint(output: str | os.PathLike, resume: bool | str, world_size:
         raise CheckpointError(f"checkpoint {directory} is a {meta.get('kind')!r} checkpoint, not {kind!r}: "
                               f"use another `output` folder or resume=False")
     return step, directory
-
-
-def load_run_checkpoint(directory: Path, rank: int, world_size: int) -> dict:
-    """This rank's state from a complete checkpoint; the world size must match the one that wrote it."""
-    meta = json.loads((directory / COMPLETE).read_text())
-    if int(meta.get("world_size", -1)) != world_size:
-        raise CheckpointError(
-            f"checkpoint {directory} was written by {meta.get('world_size')} ranks but this run has {world_size}: "
-            f"Partial FC shards and optimizer states are per rank. Resume with the same world size, or start a "
-            f"new run with pretrained_backbone_model={directory / 'rank_0.pt'}'s backbone exported as model.pt")
-    return safe_load(rank_file(directory, rank))
