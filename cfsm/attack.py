@@ -33,32 +33,30 @@ def split_counts(batch_size: int, rs_ratio: float) -> tuple[int, int]:
 
 
 def _attack_grad(generator, content, o, labels, loss_fn, autocast_dtype, device_type, grad_scale):
-    """d loss / d o, computed so that fp16 cannot silently zero it.
+    """d loss / d o, computed so that fp16 cannot silently zero it; returns (grad, loss scale used).
 
     Under fp16 the loss is scaled (a positive scale does not change sign()). If the scaled gradient overflows we
     retry with a smaller scale; if any coordinate is exactly zero (underflow: sign(0) would leave it unmoved) or
-    nothing finite comes out, the step is recomputed in fp32.
+    nothing finite comes out, the step is recomputed in fp32 (scale reported as 0.0).
     """
-    attempts = [(autocast_dtype, grad_scale), (autocast_dtype, grad_scale / 2**8)] \
-        if autocast_dtype == torch.float16 else [(autocast_dtype, 1.0)]
-    for dtype, scale in attempts + [(None, 1.0)]:
+    def grad_of(dtype, scale: float) -> torch.Tensor:
         with torch.enable_grad():
             o_var = o.detach().requires_grad_(True)
             with torch.autocast(device_type=device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-                synth = generator.decode(content, o_var)
-                loss = loss_fn(synth, labels)
-            (grad,) = torch.autograd.grad(loss.float() * scale, o_var)
+                loss = loss_fn(generator.decode(content if dtype else content.float(), o_var), labels)
+            return torch.autograd.grad(loss.float() * scale, o_var)[0]
+
+    attempts = [(autocast_dtype, grad_scale), (autocast_dtype, grad_scale / 2**8)] \
+        if autocast_dtype == torch.float16 else [(autocast_dtype, 1.0)] if autocast_dtype is not None else []
+    for dtype, scale in attempts:
+        grad = grad_of(dtype, scale)
         if not torch.isfinite(grad).all():
             continue
         if dtype == torch.float16 and bool((grad == 0).any()):
             break  # underflow: go straight to fp32
         return grad, scale
-    with torch.enable_grad():
-        o_var = o.detach().requires_grad_(True)
-        with torch.autocast(device_type=device_type, enabled=False):
-            loss = loss_fn(generator.decode(content.float(), o_var), labels)
-        (grad,) = torch.autograd.grad(loss.float(), o_var)
-    return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0), 0.0
+    grad = grad_of(None, 1.0)  # fp32; non-finite coordinates are not moved (the caller's loss will show it)
+    return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0), 1.0 if autocast_dtype is None else 0.0
 
 
 def adversarial_mix(images: torch.Tensor, labels: torch.Tensor, generator: torch.nn.Module, loss_fn: LossFn, *,
