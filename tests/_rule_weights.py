@@ -1,4 +1,4 @@
-"""Deterministic weight rule of ../shared/fixtures/compat/README.md §3, plus helpers shared by the model tests."""
+"""Deterministic weight rule of tests/fixtures/compat/README.md §3, plus helpers shared by the model tests."""
 from __future__ import annotations
 
 import hashlib
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-COMPAT = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "compat"
+COMPAT = Path(__file__).resolve().parent / "fixtures" / "compat"
 
 
 def rule_array(key: str, shape, dtype: str) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Shared test fixtures: repo root on sys.path, small thread count, paths to ../shared."""
+"""Shared test fixtures: repo root on sys.path, small thread count, the in-repo reference fixtures."""
 import os
 import sys
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = REPO_ROOT.parent / "shared"
+FIXTURES = REPO_ROOT / "tests" / "fixtures"  # files MXNet and the reference code wrote (see its README)
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
@@ -20,10 +20,9 @@ except ImportError:  # pragma: no cover
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    if not SHARED.is_dir():
-        pytest.skip(f"shared fixtures not found at {SHARED}")
-    return SHARED
+def fixtures_dir() -> Path:
+    """tests/fixtures: part of the repository, so a plain clone runs every fixture test."""
+    return FIXTURES
 
 
 @pytest.fixture(scope="session")

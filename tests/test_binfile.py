@@ -12,13 +12,13 @@ from utils.binfile import BinFileError, load_bin, write_bin
 
 
 @pytest.fixture(scope="module")
-def expected(shared_dir):
-    return json.loads((shared_dir / "fixtures/mxrec/expected.json").read_text())["tiny_ver"]
+def expected(fixtures_dir):
+    return json.loads((fixtures_dir / "mxrec/expected.json").read_text())["tiny_ver"]
 
 
 @pytest.mark.parametrize("name", ["tiny_ver.bin", "tiny_ver_py2.bin"])
-def test_fixture_bins(shared_dir, expected, name):
-    images, issame = load_bin(shared_dir / "fixtures/mxrec" / name)
+def test_fixture_bins(fixtures_dir, expected, name):
+    images, issame = load_bin(fixtures_dir / "mxrec" / name)
     assert isinstance(images, torch.Tensor) and images.dtype == torch.uint8
     assert tuple(images.shape) == (40, 3, 112, 112)
     assert issame.dtype == np.bool_ and issame.tolist() == expected["issame_list"]
@@ -27,28 +27,28 @@ def test_fixture_bins(shared_dir, expected, name):
         assert hashlib.md5(hwc.tobytes()).hexdigest() == e["mx_imdecode_rgb_md5"], i
 
 
-def test_round_trip_arrays_and_bytes(tmp_path, shared_dir):
+def test_round_trip_arrays_and_bytes(tmp_path, fixtures_dir):
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, (4, 112, 112, 3), dtype=np.uint8)
     write_bin(tmp_path / "a.bin", imgs, [True, False])
     images, issame = load_bin(tmp_path / "a.bin")
     assert issame.tolist() == [True, False] and images.shape == (4, 3, 112, 112)
-    bins, _ = pickle.loads((shared_dir / "fixtures/mxrec/tiny_ver.bin").read_bytes())
+    bins, _ = pickle.loads((fixtures_dir / "mxrec/tiny_ver.bin").read_bytes())
     write_bin(tmp_path / "b.bin", bins[:4], np.array([True, True]))
-    ref, _ = load_bin(shared_dir / "fixtures/mxrec/tiny_ver.bin")
+    ref, _ = load_bin(fixtures_dir / "mxrec/tiny_ver.bin")
     got, issame = load_bin(tmp_path / "b.bin")
     assert torch.equal(got, ref[:4]) and issame.tolist() == [True, True]
 
 
-def test_numpy_bools_and_protocol2_bytes(tmp_path, shared_dir):
-    bins, issame = pickle.loads((shared_dir / "fixtures/mxrec/tiny_ver.bin").read_bytes())
+def test_numpy_bools_and_protocol2_bytes(tmp_path, fixtures_dir):
+    bins, issame = pickle.loads((fixtures_dir / "mxrec/tiny_ver.bin").read_bytes())
     (tmp_path / "c.bin").write_bytes(pickle.dumps((bins, [np.bool_(x) for x in issame]), protocol=2))
     _, got = load_bin(tmp_path / "c.bin")
     assert got.tolist() == issame
 
 
-def test_pair_count_mismatch(tmp_path, shared_dir):
-    bins, issame = pickle.loads((shared_dir / "fixtures/mxrec/tiny_ver.bin").read_bytes())
+def test_pair_count_mismatch(tmp_path, fixtures_dir):
+    bins, issame = pickle.loads((fixtures_dir / "mxrec/tiny_ver.bin").read_bytes())
     (tmp_path / "d.bin").write_bytes(pickle.dumps((bins[:5], issame[:2])))
     with pytest.raises(BinFileError, match=r"d\.bin: 5 images but 2 pairs"):
         load_bin(tmp_path / "d.bin")

@@ -22,8 +22,8 @@ from utils.recordio import IndexedRecordWriter, IRHeader, pack_record, write_fac
 
 
 @pytest.fixture(scope="module")
-def mxrec(shared_dir):
-    return shared_dir / "fixtures/mxrec"
+def mxrec(fixtures_dir):
+    return fixtures_dir / "mxrec"
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Margin heads equal ../shared/fixtures/compat/margin_losses.npz (outputs and gradients), never mutate inputs."""
+"""Margin heads equal tests/fixtures/compat/margin_losses.npz (outputs and gradients), never mutate inputs."""
 import numpy as np
 import pytest
 import torch

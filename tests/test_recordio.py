@@ -23,12 +23,12 @@ VARIANTS = ["jpeg_header_first", "png", "face2rec2_layout", "multipart"]
 
 
 @pytest.fixture(scope="module")
-def expected(shared_dir):
-    return json.loads((shared_dir / "fixtures/mxrec/expected.json").read_text())
+def expected(fixtures_dir):
+    return json.loads((fixtures_dir / "mxrec/expected.json").read_text())
 
 
-def _variant_dir(shared_dir, expected, name):
-    return shared_dir / "fixtures/mxrec" / expected[name]["dir"]
+def _variant_dir(fixtures_dir, expected, name):
+    return fixtures_dir / "mxrec" / expected[name]["dir"]
 
 
 def _md5(b: bytes) -> str:
@@ -95,9 +95,9 @@ def test_pack_unpack_scalar_and_array_labels():
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_mxnet_fixtures_labels_and_pixels(shared_dir, expected, variant):
+def test_mxnet_fixtures_labels_and_pixels(fixtures_dir, expected, variant):
     e = expected[variant]
-    d = _variant_dir(shared_dir, expected, variant)
+    d = _variant_dir(fixtures_dir, expected, variant)
     r = IndexedRecordReader(d / e["rec_file"], d / e["idx_file"])
     assert [[k, r.offset(k)] for k in r.keys] == e["idx_lines_in_file_order"]
     h, labels, body = r.read_unpacked(0)
@@ -115,9 +115,9 @@ def test_mxnet_fixtures_labels_and_pixels(shared_dir, expected, variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_writer_is_byte_identical_to_mxnet(shared_dir, expected, variant, tmp_path):
+def test_writer_is_byte_identical_to_mxnet(fixtures_dir, expected, variant, tmp_path):
     e = expected[variant]
-    d = _variant_dir(shared_dir, expected, variant)
+    d = _variant_dir(fixtures_dir, expected, variant)
     r = IndexedRecordReader(d / e["rec_file"], d / e["idx_file"])
     with IndexedRecordWriter(tmp_path / "x.rec", tmp_path / "x.idx") as w:
         for k in r.keys:
