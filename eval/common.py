@@ -109,7 +109,10 @@ class FaceImages(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         img = read_image_bgr(self.paths[i])
         if self.landmarks is not None:
-            img = align_face(img, self.landmarks[i], self.image_size)
+            try:
+                img = align_face(img, self.landmarks[i], self.image_size)
+            except EvalInputError as e:  # the landmarks alone do not tell the user which image it was
+                raise EvalInputError(f"image {self.paths[i]}: {e}") from None
         elif img.shape[:2] != (self.image_size, self.image_size):
             raise EvalInputError(
                 f"image {self.paths[i]} is {img.shape[1]}x{img.shape[0]}, expected an aligned "

@@ -130,6 +130,13 @@ def read_landmarks(path: Path) -> dict[str, tuple[np.ndarray, float]]:
                 raise EvalInputError(f"{path}:{lineno}: non-numeric landmark or score in {line.strip()!r}") from None
             pts = vals[:-1].reshape(-1, 2)
             lmk = landmarks_68_to_5(pts) if pts.shape[0] == 68 else pts.astype(np.float32)
+            # checked here, not at alignment time: hours into embedding, a worker's error could not name the row
+            if not np.isfinite(vals).all():
+                raise EvalInputError(f"{path}:{lineno}: image {parts[0]}: landmarks or score are NaN/inf: "
+                                     f"{line.strip()!r}")
+            if np.ptp(lmk, axis=0).max() <= 0:
+                raise EvalInputError(f"{path}:{lineno}: image {parts[0]}: all landmarks are the same point "
+                                     f"{lmk[0].tolist()}: no alignment can be estimated from them")
             if parts[0] in out:
                 raise EvalInputError(f"{path}:{lineno}: image {parts[0]} listed twice")
             out[parts[0]] = (lmk, float(vals[-1]))

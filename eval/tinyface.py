@@ -106,8 +106,10 @@ def main(argv: list[str] | None = None) -> dict:
         "n_distractor": len(lists["Gallery_Distractor"]),
         "ranks": {str(k): v for k, v in res.items()}, "seconds": time.time() - t0,
     }
+    # Rank-k counts only probes with a mate in Gallery_Match (the reference's rule): say so, with both counts
     print("TinyFace " + "  ".join(f"Rank-{k} {100 * v:.2f}" for k, v in res.items())
-          + f"  ({n_p} probes, {len(gallery_labels)} gallery incl. {result['n_distractor']} distractors)")
+          + f"  (over the {n_mated} of {n_p} probes that have a gallery mate; {len(gallery_labels)} gallery incl. "
+          f"{result['n_distractor']} distractors)")
     out = Path(args.out) / f"TinyFace_{Path(args.model).stem}.json"
     write_json(out, result)
     print(f"wrote {out}")

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from eval import ijb, ijbs, tinyface
-from eval.common import EvalInputError, align_face
+from eval.common import EvalInputError, FaceImages, align_face
 from utils.checkpoint import CheckpointError
 from utils.toyface import identity_params, render_face
 
@@ -195,6 +195,25 @@ def test_ijb_landmarks_missing_extra_duplicate(ijb_root: Path, tmp_path: Path) -
         ijb.load_meta(root, "IJBC")
 
 
+def test_ijb_unusable_landmarks_name_file_line_and_image(ijb_root: Path, tmp_path: Path) -> None:
+    root = _copy(ijb_root, tmp_path)
+    lm = root / "IJBC" / "meta" / "ijbc_name_5pts_score.txt"
+    lines = lm.read_text().splitlines()
+    name = lines[3].split()[0]
+    for bad, what in (("nan " * 10, "NaN/inf"), ("40 50 " * 5, "all landmarks are the same point")):
+        lm.write_text("\n".join(lines[:3] + [f"{name} {bad}0.9"] + lines[4:]) + "\n")
+        with pytest.raises(EvalInputError) as info:
+            ijb.load_meta(root, "IJBC")
+        assert f"{lm}:4: image {name}: " in str(info.value) and what in str(info.value)
+
+
+def test_alignment_error_names_the_image(tmp_path: Path) -> None:
+    path = tmp_path / "face.jpg"
+    _jpg(path, np.zeros((120, 120, 3), np.uint8))
+    with pytest.raises(EvalInputError, match=rf"image {path}: landmarks contain NaN"):
+        FaceImages([path], np.full((1, 5, 2), np.nan, np.float32))[0]
+
+
 def test_ijb_unreadable_image_and_partial_1n(ijb_root: Path, tmp_path: Path) -> None:
     root = _copy(ijb_root, tmp_path)
     (root / "IJBC" / "loose_crop" / "3.jpg").write_bytes(b"not a jpeg")
@@ -237,6 +256,18 @@ def test_tinyface_end_to_end(tinyface_root: Path, tmp_path: Path) -> None:
     assert res["ranks"]["1"] == 1.0 and res["ranks"]["20"] == 1.0  # each probe's exact copy is in the gallery
     assert (res["n_probe"], res["n_gallery_match"], res["n_distractor"]) == (5, 10, 12)
     assert json.loads((tmp_path / "TinyFace_model.json").read_text())["ranks"] == res["ranks"]
+
+
+def test_tinyface_reports_probes_with_and_without_mate(tinyface_root: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "tf"
+    shutil.copytree(tinyface_root, root)
+    _jpg(root / tinyface.ALIGNED_DIR / "Probe" / "9_1.jpg", _face(9, 0)[0][:, :, ::-1])  # identity 9: no mate
+    res = tinyface.main(["--model", str(root / "model.pt"), "--network", "r_tiny", "--root", str(root),
+                         "--out", str(tmp_path), *COMMON])
+    assert (res["n_probe"], res["n_probe_with_mate"]) == (6, 5)
+    assert res["ranks"]["1"] == 1.0  # over the 5 mated probes (over all 6 it could be at most 5/6)
+    assert "over the 5 of 6 probes that have a gallery mate" in capsys.readouterr().out
 
 
 def test_tinyface_bad_inputs(tinyface_root: Path, tmp_path: Path) -> None:
