@@ -121,8 +121,10 @@ class AdaFace(MarginLoss):
     `update_stats=True` (pass False for auxiliary forwards such as the CFSM attack). A batch with fewer than 2 rows
     leaves `batch_std` unchanged (the unbiased std is undefined there).
 
-    Numerical safety: cosines are clamped to [−1 + eps, 1 − eps] (eps = 1e-3) before acos, whose gradient is infinite
-    at ±1. This differs from the reference only for |cos| > 0.999; the reference fixture stays within ±0.95.
+    Numerical safety (as the AdaFace authors' code; the CFSM port dropped both): cosines are clamped to
+    [−1 + eps, 1 − eps] (eps = 1e-3) before acos, whose gradient is infinite at ±1, and the margin-adjusted target
+    angle is clipped to [eps, π − eps]. This differs from the CFSM reference only for |cos| > 0.999 or when the
+    adjusted angle leaves [eps, π − eps]; the reference fixture's inputs stay inside both.
     """
 
     needs_norms = True
@@ -152,7 +154,10 @@ class AdaFace(MarginLoss):
         g_ang = -self.m * ms[rows, 0]
         g_add = self.m + self.m * ms[rows, 0]
         theta = torch.acos(logits.clamp(-1 + self.eps, 1 - self.eps))
-        theta = theta.index_put((rows, cols), theta[rows, cols] + g_ang)
+        # clip the adjusted target angle to [eps, pi - eps] as the AdaFace authors' code does: beyond it cos() is
+        # no longer monotonic in the angle (a margin that rewards), and at the ends its gradient vanishes
+        target = (theta[rows, cols] + g_ang).clamp(self.eps, math.pi - self.eps)
+        theta = theta.index_put((rows, cols), target)
         cosine = torch.cos(theta)
         cosine = cosine.index_put((rows, cols), cosine[rows, cols] - g_add)
         return cosine * self.s

@@ -117,3 +117,25 @@ def test_build_margin_loss():
         build_margin_loss("sphereface")
     with pytest.raises(TypeError, match="cosface"):
         build_margin_loss("cosface", margin=0.3)
+
+
+@pytest.mark.parametrize("target_cos,norm", [(1.0, 100.0), (-1.0, 0.001), (0.999, 100.0), (-0.999, 0.001)])
+def test_adaface_clips_adjusted_angle_at_extreme_cosines(target_cos, norm):
+    """The margin-adjusted target angle stays in [eps, pi - eps] (AdaFace authors' clip): a high-quality face at
+    cos = 1 (angle - m < 0) or a low-quality one at cos = -1 (angle + m > pi) gets the clipped angle, and loss and
+    gradients stay finite."""
+    ada = AdaFace(m=0.4, h=0.333, s=64.0, t_alpha=0.01)
+    ada.batch_std.fill_(1.0)  # |ms| = 1: the largest angular margin, in either direction
+    leaf = torch.tensor([[target_cos, 0.3, -0.2], [0.1, target_cos, 0.0]], requires_grad=True)
+    labels = torch.tensor([0, 1])
+    norms = torch.full((2, 1), norm)
+    out = ada(leaf.clone(), labels, norms, update_stats=False)
+    ms = ((norms.clamp(0.001, 100) - ada.batch_mean) / (ada.batch_std + 1e-3) * ada.h).clamp(-1, 1)[:, 0]
+    theta = torch.acos(torch.tensor(target_cos).clamp(-1 + ada.eps, 1 - ada.eps)) - ada.m * ms
+    clipped = theta.clamp(ada.eps, torch.pi - ada.eps)
+    assert not torch.allclose(theta, clipped)  # the case does leave [eps, pi - eps]
+    expected = (torch.cos(clipped) - (ada.m + ada.m * ms)) * 64.0
+    torch.testing.assert_close(out[[0, 1], [0, 1]], expected)
+    loss = torch.nn.functional.cross_entropy(out, labels)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(leaf.grad).all()
