@@ -1,0 +1,65 @@
+"""Is a CFSM generator's style space controllable? Measures (issue 12) as a JSON last line, plus a PNG.
+
+    python -m tools.style_report runs/toy/generator/generator.pth --faces data/toy \\
+        --id-model runs/toy/baseline/model.pt --id-network r_tiny --id-embedding-size 128 \\
+        --target-faces data/toy/target_faces --out runs/toy/style_report
+
+Writes OUT/style_report.json and OUT/style_report.png (identity distance vs |o| against the stage-1 target d*,
+per-direction effect bars, samples). The last stdout line is the report as one JSON object; each goal of the
+report's ``goals`` block says its value, threshold and whether it is met. Stage 1 writes the same report at its end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("generator", help="CFSM generator file (released format: dict with 'G_state_dict')")
+    p.add_argument("--faces", required=True, help="clean faces: toy/RecordIO folder, .rec, image folder or .txt")
+    p.add_argument("--id-model", required=True, help="identity network weights (stage 1's id_model)")
+    p.add_argument("--id-network", required=True, help="its architecture, e.g. r_tiny, r50")
+    p.add_argument("--id-embedding-size", type=int, default=None, help="embedding size (default: from the file)")
+    p.add_argument("--target-faces", required=True, help="real target-domain faces (folder or .txt list)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--num-faces", type=int, default=32, help="clean faces measured (>= 32 recommended)")
+    p.add_argument("--num-target-faces", type=int, default=32)
+    p.add_argument("--directions", type=int, default=3, help="random unit directions per face and |o|")
+    p.add_argument("--distance-range", type=float, nargs=4, default=(0.0, 6.0, 0.05, 0.65),
+                   metavar=("LA", "UA", "LM", "UM"), help="stage 1's id_distance_range (defines d*)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    from cfsm import load_generator
+    from cfsm.style_report import write_style_report
+    from eval.common import load_backbone
+    from tools.style_grid import load_faces
+
+    args = parse_args(argv)
+    if args.num_faces < 2:
+        raise SystemExit(f"--num-faces must be >= 2, got {args.num_faces}")
+    device = torch.device(args.device)
+    generator = load_generator(args.generator).to(device).eval()
+    id_net = load_backbone(args.id_model, args.id_network, args.id_embedding_size, device)
+    faces = load_faces(args.faces, args.num_faces, args.seed)
+    target_faces = load_faces(args.target_faces, args.num_target_faces, args.seed)
+    report = write_style_report(generator, id_net, faces, target_faces, Path(args.out), tuple(args.distance_range),
+                        args.directions, args.seed)
+    print(f"style report: {Path(args.out) / 'style_report.png'}", file=sys.stderr)
+    print(json.dumps(report), flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()
