@@ -76,7 +76,7 @@ def test_round_trip_multipart_and_any_key_order(tmp_path):
         for k in order:
             w.write(k, payloads[k])
     r = IndexedRecordReader(rec, idx)
-    assert r.keys == order and len(r) == len(payloads)
+    assert r.keys.tolist() == order and len(r) == len(payloads)
     for k in reversed(order):
         assert r.read(k) == payloads[k], k
 
@@ -198,3 +198,142 @@ def test_reader_pickles_without_handle(tmp_path):
     r.read(0)
     r2 = pickle.loads(pickle.dumps(r))
     assert r2._fd is None and r2.read(1) == b"second"
+
+
+# ---- the index at scale: numpy arrays, chunked parse, binary cache ---------------------------------------------------
+
+import os  # noqa: E402
+import tracemalloc  # noqa: E402
+
+import utils.recordio as recordio  # noqa: E402
+
+
+def _big_idx(tmp_path, n, keys=None):
+    """A sparse .rec and a real .idx of n records spaced 64 bytes apart (offsets only; nothing is read)."""
+    rec, idx = tmp_path / "big.rec", tmp_path / "big.idx"
+    keys = np.arange(n) if keys is None else np.asarray(keys)
+    idx.write_text("".join(f"{k}\t{64 * i}\n" for i, k in enumerate(keys.tolist())))
+    with open(rec, "wb") as f:
+        f.truncate(64 * n)
+    return rec, idx
+
+
+def test_index_is_numpy_without_per_record_objects(tmp_path):
+    n = 200_000
+    rec, idx = _big_idx(tmp_path, n)
+    tracemalloc.start()
+    try:
+        r = IndexedRecordReader(rec, idx, index_cache=False)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # a dict + list of Python ints costs > 100 bytes a record; int64 offsets are 8 (the dense layout keeps no keys)
+    assert held < 16 * n, held
+    assert isinstance(r.keys, np.ndarray) and r.keys.dtype == np.int64 and not r.keys.flags.writeable
+    assert r.keys[-1] == n - 1 and len(r) == n and r.offset(n - 1) == 64 * (n - 1) and r.offset(np.int64(7)) == 448
+    assert (n - 1) in r and n not in r and -1 not in r and "3" not in r
+    with pytest.raises(KeyError, match=rf"big\.idx: no key {n}"):
+        r.offset(n)
+
+
+@pytest.mark.parametrize("layout", ["header_last", "sparse_keys", "shuffled"])
+def test_index_lookup_in_any_key_order(tmp_path, layout):
+    rng = np.random.default_rng(1)
+    keys = {"header_last": np.r_[np.arange(1, 500), 0], "sparse_keys": np.arange(0, 1500, 3),
+            "shuffled": rng.permutation(np.arange(-5, 495))}[layout]
+    rec, idx = _big_idx(tmp_path, keys.size, keys)
+    for cache in (False, True):
+        r = IndexedRecordReader(rec, idx, index_cache=cache, cache_min_records=1)
+        assert r.keys.tolist() == keys.tolist()
+        for i in rng.permutation(keys.size)[:50].tolist():
+            assert r.offset(int(keys[i])) == 64 * i
+        assert 10_000 not in r
+
+
+def test_chunked_parse_matches_line_by_line(tmp_path, monkeypatch):
+    """Chunk edges, blank lines, CRLF, spaces and signs (the exact path) mixed with plain lines (the fast path)."""
+    lines = [f"{k}\t{8 * k}" for k in range(300)]
+    lines[17] = " 17  136 "
+    lines[40] = "+40\t320\r"
+    lines[41] = ""
+    lines[200] = "200\t" + "0" * 25 + "1600"  # 29 digits: beyond the vectorised path's 18
+    idx = tmp_path / "mix.idx"
+    idx.write_text("\n".join(lines))  # no final newline
+    rec = tmp_path / "mix.rec"
+    rec.write_bytes(b"\0" * 4000)
+    monkeypatch.setattr(recordio, "_IDX_CHUNK", 64)
+    r = IndexedRecordReader(rec, idx, index_cache=False)
+    expected = [k for k in range(300) if k != 41]
+    assert r.keys.tolist() == expected and [r.offset(k) for k in expected] == [8 * k for k in expected]
+
+
+def test_repeated_key_names_line_in_any_order(tmp_path, monkeypatch):
+    rec, idx = _big_idx(tmp_path, 50, [*range(30), 5, *range(30, 49)])
+    monkeypatch.setattr(recordio, "_IDX_CHUNK", 128)
+    with pytest.raises(RecordIOError, match=r"big\.idx: key 5 appears twice \(line 31\)"):
+        IndexedRecordReader(rec, idx)
+
+
+def test_idx_with_byte_order_mark_or_non_ascii(tmp_path):
+    rec, idx = _small_rec(tmp_path)
+    good = idx.read_bytes()
+    idx.write_bytes(b"\xef\xbb\xbf" + good)  # saved by an editor as "UTF-8 with BOM"
+    with pytest.raises(RecordIOError, match=r"t\.idx: line 1 starts with a UTF-8 byte-order mark"):
+        IndexedRecordReader(rec, idx)
+    idx.write_bytes(good + "2\t1\u00e9\n".encode())
+    with pytest.raises(RecordIOError, match=r"t\.idx: line 3 holds the non-ASCII byte 0xC3"):
+        IndexedRecordReader(rec, idx)
+
+
+def test_negative_offset_and_long_line_messages_unchanged(tmp_path):
+    rec, idx = _small_rec(tmp_path)
+    idx.write_text("0\t0\n1\t-8\n")
+    with pytest.raises(RecordIOError, match=r"t\.idx: key 1 has negative offset -8"):
+        IndexedRecordReader(rec, idx)
+
+
+def test_cache_is_written_atomically_used_and_validated(tmp_path, monkeypatch):
+    rec, idx = _big_idx(tmp_path, 1000)
+    cache = recordio.cache_path_for(idx)
+    IndexedRecordReader(rec, idx, cache_min_records=10_000)
+    assert not cache.exists()  # small indexes get no cache file
+    IndexedRecordReader(rec, idx, cache_min_records=1)
+    assert cache.is_file() and [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    parses = []
+    real_parse = recordio._parse_idx
+    monkeypatch.setattr(recordio, "_parse_idx", lambda p: parses.append(p) or real_parse(p))
+    r = IndexedRecordReader(rec, idx, cache_min_records=1)
+    assert parses == [] and r.offset(999) == 64 * 999  # served by the cache
+
+    # a stale cache: same size and mtime, other content (offsets doubled on one line)
+    st = os.stat(idx)
+    idx.write_text(idx.read_text().replace("1\t64\n", "1\t65\n", 1))
+    os.utime(idx, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(idx).st_size == st.st_size
+    r = IndexedRecordReader(rec, idx, cache_min_records=1)
+    assert len(parses) == 1 and r.offset(1) == 65
+
+    # a corrupt cache (one flipped payload byte) is never trusted; it is rebuilt
+    data = bytearray(cache.read_bytes())
+    data[-3] ^= 0x40
+    cache.write_bytes(bytes(data))
+    assert IndexedRecordReader(rec, idx, cache_min_records=1).offset(999) == 64 * 999 and len(parses) == 2
+    assert IndexedRecordReader(rec, idx, cache_min_records=1).offset(998) == 64 * 998 and len(parses) == 2
+    cache.write_bytes(b"CFSMIDX1")  # truncated
+    assert IndexedRecordReader(rec, idx, cache_min_records=1).offset(5) == 320 and len(parses) == 3
+
+    # a grown .idx: its errors are the parser's, not a stale cache's
+    idx.write_text(idx.read_text() + "1000\t999999\n")
+    with pytest.raises(RecordIOError, match=r"big\.idx: key 1000 offset 999999 is past the end"):
+        IndexedRecordReader(rec, idx, cache_min_records=1)
+
+
+def test_cache_in_read_only_folder_is_skipped(tmp_path, monkeypatch):
+    rec, idx = _big_idx(tmp_path, 100)
+
+    def refuse(*a, **k):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(recordio.os, "replace", refuse)
+    assert IndexedRecordReader(rec, idx, cache_min_records=1).offset(99) == 64 * 99
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.idx", "big.rec"]

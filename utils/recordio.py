@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import struct
+import uuid
+import zlib
 from collections import namedtuple
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -20,6 +22,9 @@ __all__ = [
     "MAGIC",
     "pack_record",
     "unpack_record",
+    "IdxIndex",
+    "load_idx",
+    "cache_path_for",
     "IndexedRecordReader",
     "IndexedRecordWriter",
     "write_face_rec",
@@ -83,52 +88,324 @@ def unpack_record(payload: bytes, where: str = "record") -> tuple[IRHeader, np.n
     return IRHeader(flag, label, id_, id2), labels, bytes(payload[body_start:])
 
 
-def _parse_idx(idx_path: Path) -> tuple[list[int], dict[int, int]]:
-    """Read ``key\\toffset`` lines; returns keys in file order and a key -> offset dict."""
-    keys: list[int] = []
-    offsets: dict[int, int] = {}
-    with open(idx_path, "r", encoding="ascii", errors="strict") as f:
+# ---- the .idx index: numpy arrays, parsed in vectorised chunks, optionally cached beside the .idx ----------------
+
+_IDX_CHUNK = 1 << 22  # bytes parsed per vectorised step: bounds the temporary arrays to a few tens of MB
+_MAX_FAST_DIGITS = 18  # longer numbers (or signs, spaces, blank lines) take the exact line-by-line path
+CACHE_SUFFIX = ".npcache"  # the binary cache is "<idx file name>.npcache" in the .idx's folder
+CACHE_MIN_RECORDS = 1_000_000  # smaller indexes parse in well under a second: no cache file is written for them
+_CACHE_MAGIC = b"CFSMIDX1"
+_CACHE_HEAD = struct.Struct("<8sQqQQIIQ")  # magic, n, key_base (-1<<63: keys stored), idx size, mtime_ns, head/tail crc, payload crc, payload bytes
+_NO_KEY_BASE = -(1 << 63)
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
+class IdxIndex:
+    """Keys and offsets of a ``.idx`` as int64 numpy arrays (no per-record Python objects).
+
+    Arrays are shared copy-on-write with forked DataLoader workers; reading them never touches per-record refcounts,
+    so workers do not grow. The common InsightFace layout (keys ``k0, k0+1, ...`` in file order) keeps only the offsets
+    and looks a key up by subtraction; other layouts keep the keys and a sorted view for ``searchsorted``.
+    """
+
+    def __init__(self, idx_path: Path, keys: np.ndarray | None, offsets: np.ndarray, key_base: int | None) -> None:
+        self.idx_path = idx_path
+        self.offsets = offsets  # file order
+        self.key_base = key_base  # dense layout: keys == key_base + arange(n), no key array kept
+        self._sorted_keys: np.ndarray | None = None  # other layouts: keys ascending ...
+        self._sorted_pos: np.ndarray | None = None  # ... and their file positions (None when file order is sorted)
+        if keys is None:
+            return
+        if bool(np.all(keys[1:] > keys[:-1])):
+            self._sorted_keys = keys  # already ascending and unique: the file order is the lookup order
+            return
+        order = np.argsort(keys, kind="stable")
+        sorted_keys = keys[order]
+        repeats = np.flatnonzero(sorted_keys[1:] == sorted_keys[:-1])
+        if repeats.size:
+            # The repeat that comes first in file order, as the line-by-line reader reported it.
+            pos = int(order[1:][repeats].min())
+            raise RecordIOError(
+                f"{idx_path}: key {int(keys[pos])} appears twice (line {_line_of_record(idx_path, pos)})"
+            )
+        self._sorted_keys = sorted_keys
+        self._sorted_pos = order.astype(np.int32) if keys.size < (1 << 31) else order
+
+    def __len__(self) -> int:
+        return int(self.offsets.size)
+
+    @property
+    def keys(self) -> np.ndarray:
+        """Keys in file order (a read-only int64 array)."""
+        if self.key_base is not None:
+            out = np.arange(self.key_base, self.key_base + self.offsets.size, dtype=np.int64)
+        elif self._sorted_pos is None:
+            out = self._sorted_keys.view()
+        else:
+            out = np.empty_like(self._sorted_keys)
+            out[self._sorted_pos] = self._sorted_keys
+        out.flags.writeable = False
+        return out
+
+    def position(self, key) -> int:
+        """File-order position of ``key``, or -1 when it is not indexed."""
+        try:
+            k = int(key)
+        except (TypeError, ValueError):
+            return -1
+        if k != key:
+            return -1
+        if self.key_base is not None:
+            i = k - self.key_base
+            return i if 0 <= i < self.offsets.size else -1
+        sk = self._sorted_keys
+        i = int(np.searchsorted(sk, k))
+        if i >= sk.size or int(sk[i]) != k:
+            return -1
+        return i if self._sorted_pos is None else int(self._sorted_pos[i])
+
+
+def _line_of_record(idx_path: Path, record: int) -> int:
+    """1-based line number of the ``record``-th non-blank line (only used to word an error)."""
+    with open(idx_path, "rb") as f:
+        seen = -1
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            parts = line.split()
-            try:
-                if len(parts) != 2:
-                    raise ValueError
-                key, off = int(parts[0]), int(parts[1])
-            except ValueError:
-                raise RecordIOError(f"{idx_path}: line {lineno} is not '<key>\\t<offset>': {line.rstrip()!r}") from None
-            if off < 0:
-                raise RecordIOError(f"{idx_path}: key {key} has negative offset {off}")
-            if key in offsets:
-                raise RecordIOError(f"{idx_path}: key {key} appears twice (line {lineno})")
-            keys.append(key)
-            offsets[key] = off
-    return keys, offsets
+            if line.strip():
+                seen += 1
+                if seen == record:
+                    return lineno
+    return -1
+
+
+def _digits_to_int(digits: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """Integers spelled by ``digits[start:end]`` (values 0..9) for every field at once; fields are 1..18 digits."""
+    lengths = end - start
+    value = np.zeros(start.size, dtype=np.int64)
+    scale = np.int64(1)
+    for k in range(int(lengths.max()) if lengths.size else 0):
+        at = end - 1 - k
+        d = digits[np.maximum(at, 0)].astype(np.int64)
+        d[lengths <= k] = 0
+        value += d * scale
+        scale *= 10
+    return value
+
+
+def _parse_chunk_fast(buf: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Parse whole ``<digits>\\t<digits>\\n`` lines vectorised; ``None`` when the chunk needs the exact path."""
+    is_nl = buf == 10
+    is_tab = buf == 9
+    if not bool(np.all(((buf >= 48) & (buf <= 57)) | is_nl | is_tab)):
+        return None
+    ends = np.flatnonzero(is_nl)
+    tabs = np.flatnonzero(is_tab)
+    if tabs.size != ends.size:
+        return None
+    starts = np.empty_like(ends)
+    starts[:1] = 0
+    starts[1:] = ends[:-1] + 1
+    # exactly one tab per line, with a non-empty key before it and a non-empty offset after it
+    if not (bool(np.all(tabs > starts)) and bool(np.all(tabs + 1 < ends))):
+        return None
+    if max(int((tabs - starts).max(initial=0)), int((ends - tabs - 1).max(initial=0))) > _MAX_FAST_DIGITS:
+        return None
+    digits = buf - np.uint8(48)
+    return _digits_to_int(digits, starts, tabs), _digits_to_int(digits, tabs + 1, ends)
+
+
+def _parse_chunk_exact(idx_path: Path, text: bytes, first_line: int) -> tuple[np.ndarray, np.ndarray]:
+    """Line-by-line parse (blank lines, spaces, signs, long numbers) with the reader's historical messages."""
+    keys: list[int] = []
+    offsets: list[int] = []
+    for lineno, raw in enumerate(text.split(b"\n"), first_line):
+        line = raw.decode("ascii")  # non-ASCII bytes were refused before
+        if not line.strip():
+            continue
+        parts = line.split()
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            key, off = int(parts[0]), int(parts[1])
+        except ValueError:
+            raise RecordIOError(f"{idx_path}: line {lineno} is not '<key>\\t<offset>': {line.rstrip()!r}") from None
+        if off < 0:
+            raise RecordIOError(f"{idx_path}: key {key} has negative offset {off}")
+        if not -(1 << 63) <= key < (1 << 63) or off >= (1 << 63):
+            raise RecordIOError(f"{idx_path}: line {lineno}: key or offset does not fit in 64 bits: {line.rstrip()!r}")
+        keys.append(key)
+        offsets.append(off)
+    return np.array(keys, dtype=np.int64), np.array(offsets, dtype=np.int64)
+
+
+def _refuse_non_ascii(idx_path: Path, buf: np.ndarray, first_line: int, at_file_start: bool) -> None:
+    bad = np.flatnonzero(buf >= 0x80)
+    if not bad.size:
+        return
+    pos = int(bad[0])
+    lineno = first_line + int(np.count_nonzero(buf[:pos] == 10))
+    if at_file_start and pos == 0 and bytes(buf[:3]) == _UTF8_BOM:
+        raise RecordIOError(
+            f"{idx_path}: line 1 starts with a UTF-8 byte-order mark (the file was saved by a text editor); a .idx is "
+            f"plain ASCII '<key>\\t<offset>' lines: remove the first 3 bytes or regenerate the .idx"
+        )
+    raise RecordIOError(
+        f"{idx_path}: line {lineno} holds the non-ASCII byte 0x{int(buf[pos]):02X}; a .idx is plain ASCII "
+        f"'<key>\\t<offset>' lines: regenerate it (tools/pack_rec.py) or fix that line"
+    )
+
+
+def _parse_idx(idx_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read ``key\\toffset`` lines into int64 arrays (file order), in bounded chunks of whole lines."""
+    key_parts: list[np.ndarray] = []
+    off_parts: list[np.ndarray] = []
+    line_base = 1
+    carry = b""
+    at_file_start = True
+    with open(idx_path, "rb") as f:
+        while True:
+            block = f.read(_IDX_CHUNK)
+            data = carry + block
+            if not block:
+                if not data:
+                    break
+                if not data.endswith(b"\n"):
+                    data += b"\n"
+                cut = len(data)
+            else:
+                cut = data.rfind(b"\n") + 1
+                if cut == 0:  # one line longer than a chunk: keep reading
+                    carry = data
+                    continue
+            chunk, carry = data[:cut], data[cut:]
+            buf = np.frombuffer(chunk, dtype=np.uint8)
+            _refuse_non_ascii(idx_path, buf, line_base, at_file_start)
+            parsed = _parse_chunk_fast(buf)
+            if parsed is None:
+                parsed = _parse_chunk_exact(idx_path, chunk[:-1], line_base)
+            key_parts.append(parsed[0])
+            off_parts.append(parsed[1])
+            line_base += int(np.count_nonzero(buf == 10))
+            at_file_start = False
+            if not block:
+                break
+    if not key_parts:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    if len(key_parts) == 1:
+        return key_parts[0], off_parts[0]
+    return np.concatenate(key_parts), np.concatenate(off_parts)
+
+
+def _idx_fingerprint(idx_path: Path) -> tuple[int, int, int]:
+    """(size, mtime_ns, crc32 of the first and last 64 KiB): what a cache must match to be used."""
+    st = os.stat(idx_path)
+    with open(idx_path, "rb") as f:
+        crc = zlib.crc32(f.read(1 << 16))
+        if st.st_size > 1 << 16:
+            f.seek(max(st.st_size - (1 << 16), 1 << 16))
+            crc = zlib.crc32(f.read(), crc)
+    return st.st_size, st.st_mtime_ns, crc
+
+
+def cache_path_for(idx_path: str | os.PathLike) -> Path:
+    """Where the binary cache of ``idx_path`` lives: beside it, named ``<idx name>.npcache``."""
+    p = Path(idx_path)
+    return p.with_name(p.name + CACHE_SUFFIX)
+
+
+def _read_cache(cache: Path, fingerprint: tuple[int, int, int]) -> tuple[np.ndarray | None, np.ndarray, int] | None:
+    """``(keys or None, offsets, key_base)`` from a cache that matches ``fingerprint`` and its checksum, else None."""
+    try:
+        with open(cache, "rb") as f:
+            head = f.read(_CACHE_HEAD.size)
+            if len(head) != _CACHE_HEAD.size:
+                return None
+            magic, n, key_base, size, mtime_ns, head_crc, payload_crc, nbytes = _CACHE_HEAD.unpack(head)
+            dense = key_base != _NO_KEY_BASE
+            if magic != _CACHE_MAGIC or (size, mtime_ns, head_crc) != fingerprint or nbytes != 8 * n * (1 if dense else 2):
+                return None
+            payload = np.empty(nbytes // 8, dtype=np.int64)
+            if f.readinto(memoryview(payload).cast("B")) != nbytes or f.read(1):
+                return None
+    except OSError:
+        return None
+    if zlib.crc32(memoryview(payload).cast("B")) != payload_crc:
+        return None  # corrupt: never trusted
+    if dense:
+        return None, payload, key_base
+    return payload[n:], payload[:n], key_base
+
+
+def _write_cache(cache: Path, fingerprint: tuple[int, int, int], keys: np.ndarray | None, offsets: np.ndarray,
+                 key_base: int) -> None:
+    """Write the cache atomically (temporary file in the same folder, then rename); failures are ignored."""
+    payload = offsets if keys is None else np.concatenate([offsets, keys])
+    view = memoryview(np.ascontiguousarray(payload, dtype="<i8")).cast("B")
+    head = _CACHE_HEAD.pack(_CACHE_MAGIC, offsets.size, key_base if keys is None else _NO_KEY_BASE, *fingerprint,
+                            zlib.crc32(view), view.nbytes)
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(head)
+            f.write(view)
+        os.replace(tmp, cache)
+    except OSError:  # read-only dataset folder, disk full, ...: the cache is an optimisation only
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+
+
+def load_idx(idx_path: str | os.PathLike, cache: bool = True, cache_min_records: int = CACHE_MIN_RECORDS) -> IdxIndex:
+    """Load a ``.idx`` into an :class:`IdxIndex`.
+
+    With ``cache``, a valid ``<idx>.npcache`` beside the file is used instead of parsing, and a parsed index of at
+    least ``cache_min_records`` records is saved there (atomically; skipped silently where the folder is read-only).
+    A cache is used only when the ``.idx`` size, mtime and a checksum of its first and last 64 KiB match, and its own
+    checksum is intact; anything else is re-parsed from the ``.idx`` (and the cache rewritten).
+    """
+    idx_path = Path(idx_path)
+    cache_file = cache_path_for(idx_path)
+    fingerprint = _idx_fingerprint(idx_path) if cache else None
+    if cache and cache_file.is_file():
+        hit = _read_cache(cache_file, fingerprint)
+        if hit is not None:
+            keys, offsets, key_base = hit
+            return IdxIndex(idx_path, keys, offsets, None if keys is not None else key_base)
+    keys, offsets = _parse_idx(idx_path)
+    dense = keys.size > 0 and int(keys[-1]) - int(keys[0]) == keys.size - 1 and bool(np.all(np.diff(keys) == 1))
+    key_base = int(keys[0]) if dense else None
+    index = IdxIndex(idx_path, None if dense else keys, offsets, key_base)  # raises on repeated keys
+    if cache and offsets.size >= cache_min_records and _idx_fingerprint(idx_path) == fingerprint:
+        _write_cache(cache_file, fingerprint, None if dense else keys, offsets, key_base if dense else _NO_KEY_BASE)
+    return index
 
 
 class IndexedRecordReader:
     """Random access to an MXNet indexed RecordIO pair by integer key.
 
-    The ``.idx`` is parsed eagerly (small); the ``.rec`` is opened lazily per process id, so an instance created
+    The ``.idx`` is loaded eagerly into numpy arrays (see :func:`load_idx`; ~50 MB for MS1MV2, shared copy-on-write
+    with forked workers); the ``.rec`` is opened lazily per process id, so an instance created
     before ``fork`` (DataLoader workers) opens its own descriptor in each worker. Reads use ``os.pread`` which has no
     shared file position.
     """
 
-    def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None) -> None:
-        self.rec_path = Path(rec_path)
-        self.idx_path = Path(idx_path) if idx_path is not None else self.rec_path.with_suffix(".idx")
+    def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None,
+                 index_cache: bool = True, cache_min_records: int = CACHE_MIN_RECORDS) -> None:
+        self.rec_path = Path(os.path.expanduser(rec_path))
+        self.idx_path = Path(os.path.expanduser(idx_path)) if idx_path is not None else self.rec_path.with_suffix(".idx")
         for p in (self.rec_path, self.idx_path):
             if not p.is_file():
                 raise FileNotFoundError(f"RecordIO file not found: {p}")
-        self._keys, self._offsets = _parse_idx(self.idx_path)
+        self._index = load_idx(self.idx_path, cache=index_cache, cache_min_records=cache_min_records)
         self._size = self.rec_path.stat().st_size
-        for key, off in self._offsets.items():
-            # +8: every record has at least its magic + lrec words
-            if off + 8 > self._size:
-                raise RecordIOError(
-                    f"{self.idx_path}: key {key} offset {off} is past the end of {self.rec_path} ({self._size} bytes)"
-                )
+        # +8: every record has at least its magic + lrec words
+        past_end = np.flatnonzero(self._index.offsets > self._size - 8)
+        if past_end.size:
+            pos = int(past_end[0])
+            raise RecordIOError(
+                f"{self.idx_path}: key {int(self._index.keys[pos])} offset {int(self._index.offsets[pos])} is past "
+                f"the end of {self.rec_path} ({self._size} bytes)"
+            )
         self._fd: int | None = None
         self._pid: int | None = None
 
@@ -162,22 +439,22 @@ class IndexedRecordReader:
 
     # -- access ---------------------------------------------------------------------------------------------------
     @property
-    def keys(self) -> list[int]:
-        """Keys in ``.idx`` file order."""
-        return self._keys
+    def keys(self) -> np.ndarray:
+        """Keys in ``.idx`` file order, as a read-only int64 array (``.tolist()`` for Python ints)."""
+        return self._index.keys
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._index)
 
     def __contains__(self, key: int) -> bool:
-        return key in self._offsets
+        return self._index.position(key) >= 0
 
     def offset(self, key: int) -> int:
         """Byte offset of ``key``'s first physical record."""
-        try:
-            return self._offsets[key]
-        except KeyError:
-            raise KeyError(f"{self.idx_path}: no key {key!r}") from None
+        pos = self._index.position(key)
+        if pos < 0:
+            raise KeyError(f"{self.idx_path}: no key {key!r}")
+        return int(self._index.offsets[pos])
 
     def read(self, key: int) -> bytes:
         """Return the logical record payload stored under ``key`` (parts joined, magic re-inserted)."""
