@@ -1,4 +1,5 @@
-"""Loading released / stage-1 CFSM generators (`torch.save` dicts whose 'G_state_dict' is the generator)."""
+"""Loading released / stage-1 CFSM generators (`torch.save` dicts whose 'G_state_dict' is the generator), and the
+checks of stage 1's input files (identity network, ``init_generator``, target images) that run before training."""
 from __future__ import annotations
 
 import os
@@ -9,7 +10,13 @@ import torch
 
 from .networks import Generator
 
-__all__ = ["load_generator", "generator_from_state_dict", "infer_generator_config"]
+__all__ = ["load_generator", "generator_from_state_dict", "infer_generator_config", "identify_backbone",
+           "load_identity_network", "check_identity_network_file", "check_init_generator_file",
+           "init_generator_from_file", "stage1_generator_config", "check_stage1_files", "GENERATOR_CONFIG_KEYS"]
+
+# Generator constructor argument -> the stage-1 config key that sets it (the others are fixed by the trainer)
+GENERATOR_CONFIG_KEYS = {"dim": "gen_dim", "n_downsample": "gen_n_downsample", "n_residual": "gen_n_residual",
+                         "latent_dim": "gen_latent_dim", "style_dim": "gen_style_dim"}
 
 _HOW_TO_GET = ("Train one with stage 1 (`python -m cfsm.train configs/cfsm_<name>`), or download a released "
                "generator (e.g. WiderFace70K.pth, IJB-S.pth) listed in the CFSM repository README "
@@ -95,3 +102,156 @@ def load_generator(path: str | os.PathLike, map_location: str | torch.device = "
     if not isinstance(sd, Mapping):
         raise ValueError(f"{path}: 'G_state_dict' is a {type(sd).__name__}, not a state dict")
     return generator_from_state_dict(sd, source=path)
+
+
+# ---- stage-1 input files ------------------------------------------------------------------------------------------
+
+def _state_mismatch(expected: Mapping[str, torch.Size], state: Mapping[str, torch.Tensor]) -> str | None:
+    """What differs between a model's key -> shape table and a state dict, or None when they match."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        first = missing[0] if missing else unexpected[0]
+        return f"first mismatching key '{first}' ({len(missing)} missing, {len(unexpected)} unexpected keys)"
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != tuple(shape):
+            return f"key '{key}' has shape {list(state[key].shape)} in the file, the model expects {list(shape)}"
+    return None
+
+
+def _backbone_shapes(network: str, embedding_size: int) -> dict[str, torch.Size]:
+    """Key -> shape of a backbone's state dict, built on the meta device (no memory, no init cost)."""
+    from backbones import get_model
+
+    with torch.device("meta"):
+        return {k: v.shape for k, v in get_model(network, num_features=embedding_size).state_dict().items()}
+
+
+def identify_backbone(state: Mapping[str, torch.Tensor]) -> tuple[str, int] | None:
+    """``(network, embedding_size)`` of the registered backbone whose keys and shapes equal ``state``'s, or None.
+
+    The embedding size is the length of the last 1-D BatchNorm ``running_var`` (the feature BN of IResNet and
+    MobileFaceNet)."""
+    from backbones import BACKBONE_NAMES
+
+    sizes = [int(v.shape[0]) for k, v in state.items() if k.endswith("running_var") and v.ndim == 1]
+    if not sizes:
+        return None
+    for name in BACKBONE_NAMES:
+        if _state_mismatch(_backbone_shapes(name, sizes[-1]), state) is None:
+            return name, sizes[-1]
+    return None
+
+
+def _identity_state(path: str | os.PathLike, network: str, embedding_size: int,
+                    key: str = "id_model") -> dict[str, torch.Tensor]:
+    """The identity network's state dict, checked against ``network`` / ``embedding_size``; errors say what the
+    file holds and which config keys to set."""
+    from backbones import BACKBONE_NAMES
+    from utils.checkpoint import CheckpointError, load_state_dict_file
+
+    if network not in BACKBONE_NAMES:
+        raise CheckpointError(f"config key 'id_network' = {network!r}: not a backbone; choices: "
+                              f"{', '.join(BACKBONE_NAMES)}")
+    state = load_state_dict_file(path)
+    problem = _state_mismatch(_backbone_shapes(network, embedding_size), state)
+    if problem is not None:
+        found = identify_backbone(state)
+        fix = (f"the file holds a {found[0]} with {found[1]}-d embeddings: set id_network={found[0]} "
+               f"id_embedding_size={found[1]}" if found else
+               f"the file matches no backbone of backbones.BACKBONE_NAMES at its embedding size")
+        raise CheckpointError(f"config key '{key}' = {path} does not fit id_network={network} "
+                              f"id_embedding_size={embedding_size}: {problem}; {fix}")
+    return state
+
+
+def check_identity_network_file(path: str | os.PathLike, network: str, embedding_size: int,
+                                key: str = "id_model") -> None:
+    """Raise a CheckpointError naming ``key``, the file and the fix unless it is a ``network`` backbone with
+    ``embedding_size``-d embeddings."""
+    _identity_state(path, network, embedding_size, key)
+
+
+def load_identity_network(path: str | os.PathLike, network: str, embedding_size: int,
+                          device: str | torch.device = "cpu", key: str = "id_model") -> torch.nn.Module:
+    """Stage 1's frozen face-recognition network f: checked (see :func:`check_identity_network_file`), strictly
+    loaded, eval mode, no parameter gradients, on ``device``."""
+    from backbones import get_model
+
+    state = _identity_state(path, network, embedding_size, key)
+    net = get_model(network, num_features=embedding_size)
+    net.load_state_dict(state, strict=True)
+    net.requires_grad_(False)
+    return net.eval().to(device)
+
+
+def _generator_state(path: str | os.PathLike, gen_config: Mapping[str, int],
+                     key: str = "init_generator") -> tuple[dict, Mapping[str, torch.Tensor]]:
+    """(file dict, its G_state_dict) after checking that the file's generator has the dimensions ``gen_config``
+    (Generator arguments) asks for; errors list the differing config keys with both values."""
+    from utils.checkpoint import CheckpointError, safe_load
+
+    obj = safe_load(path)
+    if not isinstance(obj, Mapping) or not isinstance(obj.get("G_state_dict"), Mapping):
+        found = sorted(map(str, obj))[:6] if isinstance(obj, Mapping) else type(obj).__name__
+        raise CheckpointError(f"config key '{key}' = {path}: not a CFSM generator file (no 'G_state_dict'; found "
+                              f"{found}). Give a stage-1 generator.pth, a step checkpoint's rank_0.pt or a released "
+                              f"generator")
+    state = obj["G_state_dict"]
+    try:
+        file_cfg = infer_generator_config(state, source=str(path))
+    except KeyError as e:
+        raise CheckpointError(f"config key '{key}' = {path}: {e.args[0]}") from None
+    own = Generator(**gen_config).config
+    differ = [f"{GENERATOR_CONFIG_KEYS.get(arg, arg)}={file_cfg[arg]} (this config: {own[arg]})"
+              for arg in own if file_cfg.get(arg) != own[arg]]
+    if differ:
+        raise CheckpointError(f"config key '{key}' = {path} holds a generator of another shape: "
+                              f"{', '.join(differ)}. Set these keys to the file's values or drop {key}")
+    with torch.device("meta"):
+        problem = _state_mismatch({k: v.shape for k, v in Generator(**gen_config).state_dict().items()}, state)
+    if problem is not None:
+        raise CheckpointError(f"config key '{key}' = {path} does not fit Generator({own}): {problem}")
+    return dict(obj), state
+
+
+def check_init_generator_file(path: str | os.PathLike, gen_config: Mapping[str, int],
+                              key: str = "init_generator") -> None:
+    """Raise a CheckpointError naming ``key``, the file and the config keys to change unless the file holds a
+    generator of exactly ``gen_config``'s shape (Generator arguments, e.g. ``dict(dim=16, latent_dim=128)``)."""
+    _generator_state(path, gen_config, key)
+
+
+def init_generator_from_file(path: str | os.PathLike, G: torch.nn.Module, D: torch.nn.Module,
+                             key: str = "init_generator") -> bool:
+    """Start stage 1 from a released-format file: G strictly (a shared origin makes style bases comparable), D
+    when the file holds a matching one. Returns whether D was loaded; optimizer states are left fresh (a new
+    target domain is a new optimisation)."""
+    obj, state = _generator_state(path, G.config, key)
+    G.load_state_dict(dict(state), strict=True)
+    d_state = obj.get("D_state_dict")
+    own = D.state_dict()
+    if isinstance(d_state, Mapping) and set(d_state) == set(own) and all(
+            tuple(d_state[k].shape) == tuple(v.shape) for k, v in own.items()):
+        D.load_state_dict(dict(d_state))
+        return True
+    return False
+
+
+def stage1_generator_config(cfg: Mapping) -> dict[str, int]:
+    """Generator arguments of a stage-1 config."""
+    return {arg: cfg[key] for arg, key in GENERATOR_CONFIG_KEYS.items()}
+
+
+def check_stage1_files(cfg: Mapping) -> None:
+    """Every stage-1 input file, checked before any process group exists, so a bad file stops each rank at start
+    (none waits in a collective for a rank that failed): target images listed and all decodable, the identity
+    network of ``id_network`` / ``id_embedding_size``, ``init_generator`` of the configured generator shape."""
+    from .target_data import check_target_images, list_target_images
+
+    # toy data the trainer is about to generate (generate_toy_data) is not there yet, and is ours: nothing to check
+    if not (cfg.get("generate_toy_data") and not os.path.exists(str(cfg["target"]))):
+        check_target_images(list_target_images(cfg["target"]), source=str(cfg["target"]))
+    check_identity_network_file(cfg["id_model"], cfg["id_network"], cfg["id_embedding_size"])
+    if cfg.get("init_generator"):
+        check_init_generator_file(cfg["init_generator"], stage1_generator_config(cfg))

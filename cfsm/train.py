@@ -41,6 +41,9 @@ def main(argv=None) -> dict | None:
     args = parse_launch_args(argv, __doc__, "configs/cfsm_toy")
     cfg = load_config(args.config, args.overrides)
     validate_stage1(cfg)
+    from cfsm.loading import check_stage1_files
+
+    check_stage1_files(cfg)  # every input file, before any process group: a bad one stops each rank at start
     env = init_distributed(cfg.device, cfg.dist_timeout_s, args.local_rank)
     try:
         return train(cfg, env)
@@ -92,15 +95,9 @@ def _released_state(G, D, opt_g, opt_d) -> dict:
 
 def build_identity_network(cfg, device: torch.device) -> torch.nn.Module:
     """The frozen face-recognition network f: strict load of `id_model`, eval mode, no parameter gradients."""
-    from backbones import get_model
+    from cfsm.loading import load_identity_network
 
-    net = get_model(cfg.id_network, num_features=cfg.id_embedding_size)
-    state = ckpt.load_state_dict_file(cfg.id_model)
-    ckpt.load_state_dict_strict(net, state, source=f"config key 'id_model' = {cfg.id_model} "
-                                                   f"(id_network={cfg.id_network}, "
-                                                   f"id_embedding_size={cfg.id_embedding_size})")
-    net.requires_grad_(False)
-    return net.eval().to(device)
+    return load_identity_network(cfg.id_model, cfg.id_network, cfg.id_embedding_size, device)
 
 
 def build_generator(cfg):
@@ -119,17 +116,9 @@ def build_discriminator(cfg):
 def init_from_generator_file(path: str, G: torch.nn.Module, D: torch.nn.Module, log) -> None:
     """Start from a released-format file: G strictly (a shared origin makes style bases comparable), D when the
     file has a matching one; optimizer states start fresh (a new target domain is a new optimisation)."""
-    obj = ckpt.safe_load(path)
-    if not isinstance(obj, dict) or "G_state_dict" not in obj:
-        raise ckpt.CheckpointError(f"config key 'init_generator' = {path}: not a CFSM generator file "
-                                   f"(no 'G_state_dict'; keys: {list(obj)[:6] if isinstance(obj, dict) else type(obj)})")
-    ckpt.load_state_dict_strict(G, obj["G_state_dict"], source=f"config key 'init_generator' = {path} "
-                                "(compare gen_dim / gen_n_* / gen_latent_dim / gen_style_dim)")
-    d_state = obj.get("D_state_dict")
-    own = D.state_dict()
-    if isinstance(d_state, dict) and set(d_state) == set(own) and all(
-            tuple(d_state[k].shape) == tuple(v.shape) for k, v in own.items()):
-        D.load_state_dict(d_state)
+    from cfsm.loading import init_generator_from_file as load_into
+
+    if load_into(path, G, D):
         log.info(f"generator and discriminator initialised from {path}")
     else:
         log.info(f"generator initialised from {path} (discriminator: fresh, the file has no matching one)")
