@@ -1,59 +1,99 @@
-"""Checkpoint I/O in one place: atomic writes, safe loads, the on-disk layout, RNG state capture.
-
-Layout of a training run's checkpoints::
-
-    <output>/checkpoints/step_00001200/rank_0.pt   # backbone, this rank's Partial FC shard, optimizer, ...
-    <output>/checkpoints/step_00001200/rank_1.pt
-    <output>/checkpoints/step_00001200/COMPLETE    # written by rank 0 after every rank's file is on disk
-
-A directory without COMPLETE (a rank died while writing) is ignored on resume and pruned later.
-"""
+"""Checkpoint file I/O in one place: atomic writes that honour the umask and report a full disk, safe loads,
+plain and strict state-dict loading. The run layout, run state and resume policy live in `utils.run_state`."""
 from __future__ import annotations
 
-import json
+import errno
+import io
 import os
-import random
-import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-import numpy as np
 import torch
 
-COMPLETE = "COMPLETE"
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, unreadable, or of the wrong kind; the message names the file."""
+    """A checkpoint file is missing, unreadable, unwritable or of the wrong kind; the message names the file."""
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temp file in the same folder, fsync, then rename: a crash never leaves a half file."""
+def current_umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask() alone must set it to read it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+class _FdWriter(io.RawIOBase):
+    """Writes through os.write and remembers the OSError it saw: torch.save turns a failed write into a generic
+    RuntimeError ("unexpected pos ..."), and we still want to say "no space left" and name the file."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self.fd = fd
+        self.error: OSError | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        try:
+            return os.write(self.fd, data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+
+def _disk_full(exc: BaseException, seen: OSError | None) -> bool:
+    chain: list[BaseException | None] = [seen, exc, exc.__cause__, exc.__context__]
+    return any(isinstance(e, OSError) and e.errno in _DISK_FULL for e in chain)
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write to a temp file in the target folder, fsync, chmod to what open() would give under the umask, rename.
+
+    A crash or a full disk never leaves a half file under `path`: the previous file, if any, stays intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    raw = _FdWriter(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        try:
+            os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600: others on shared storage could not read
+            with io.BufferedWriter(raw, buffer_size=1 << 20) as f:
+                write(f)
+                f.flush()
+            os.fsync(fd)
+            os.close(fd)
+            fd = -1
+            os.replace(tmp, path)
+        except BaseException as exc:
+            if _disk_full(exc, raw.error):
+                raise CheckpointError(f"cannot write {path}: no space left on device ({path.parent}). The previous "
+                                      f"file there, if any, is intact; free space or set another `output`") from exc
+            raise
+    finally:
+        if fd >= 0:
+            os.close(fd)
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temp file, fsync, rename: never a half file; honours the umask; a full disk names the file."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Text written with the same guarantees as atomic_save (summaries, COMPLETE markers)."""
+    _atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
@@ -98,133 +138,3 @@ def load_state_dict_strict(module: torch.nn.Module, state: dict[str, torch.Tenso
             raise CheckpointError(f"{source}: key '{key}' has shape {tuple(state[key].shape)}, the model expects "
                                   f"{tuple(tensor.shape)}. Is it another architecture or embedding size?")
     module.load_state_dict(state, strict=True)
-
-
-# ---- run layout ----
-
-def checkpoint_root(output: str | os.PathLike) -> Path:
-    return Path(output) / "checkpoints"
-
-
-def step_dir(output: str | os.PathLike, step: int) -> Path:
-    return checkpoint_root(output) / f"step_{step:08d}"
-
-
-def rank_file(directory: Path, rank: int) -> Path:
-    return directory / f"rank_{rank}.pt"
-
-
-def mark_complete(directory: Path, meta: dict) -> None:
-    atomic_write_text(json.dumps(meta, indent=1), directory / COMPLETE)
-
-
-def complete_checkpoints(output: str | os.PathLike) -> list[tuple[int, Path, dict]]:
-    """(step, dir, meta) of every complete checkpoint, oldest first."""
-    root = checkpoint_root(output)
-    found = []
-    if root.is_dir():
-        for d in root.glob("step_*"):
-            marker = d / COMPLETE
-            if not marker.is_file():
-                continue
-            try:
-                meta = json.loads(marker.read_text())
-                step = int(d.name.split("_")[1])
-            except (ValueError, json.JSONDecodeError, IndexError):
-                continue
-            found.append((step, d, meta))
-    return sorted(found, key=lambda t: t[0])
-
-
-def latest_complete(output: str | os.PathLike) -> tuple[int, Path, dict] | None:
-    found = complete_checkpoints(output)
-    return found[-1] if found else None
-
-
-def prune(output: str | os.PathLike, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints; delete older ones and incomplete leftovers older than them."""
-    found = complete_checkpoints(output)
-    if not found:
-        return
-    for _, d, _ in found[:-keep]:
-        shutil.rmtree(d, ignore_errors=True)
-    newest_kept = found[-keep:][0][0]
-    for d in checkpoint_root(output).glob("step_*"):
-        try:
-            step = int(d.name.split("_")[1])
-        except (ValueError, IndexError):
-            continue
-        if not (d / COMPLETE).exists() and step < newest_kept:
-            shutil.rmtree(d, ignore_errors=True)
-
-
-# ---- RNG state in weights_only-loadable form ----
-
-def capture_rng_state(generators: dict[str, torch.Generator] | None = None) -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
-                  float(np_state[4])),
-        "generators": {name: g.get_state() for name, g in (generators or {}).items()},
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def restore_rng_state(state: dict, generators: dict[str, torch.Generator] | None = None) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_as_python_random_state(state["python"]))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    for name, g in (generators or {}).items():
-        if name in state["generators"]:
-            g.set_state(state["generators"][name])
-
-
-def _as_python_random_state(obj):
-    # pickling round-trips random's state tuple as tuple/list mixes; random.setstate needs tuples
-    version, internal, gauss = obj
-    return version, tuple(internal), gauss
-
-
-def save_run_checkpoint(output: str | os.PathLike, step: int, rank: int, world_size: int, state: dict,
-                        barrier, keep: int, kind: str, meta: dict | None = None) -> Path:
-    """Every rank writes its file atomically; after a barrier rank 0 marks the step complete and prunes.
-
-    `kind` names the run type; `resume_checkpoint` only resumes a checkpoint of the same kind."""
-    directory = step_dir(output, step)
-    atomic_save(state, rank_file(directory, rank))
-    barrier()
-    if rank == 0:
-        mark_complete(directory, {"step": step, "world_size": world_size, "kind": kind, **(meta or {})})
-        prune(output, keep)
-    barrier()
-    return directory
-
-
-def resume_checkpoint(output: str | os.PathLike, resume: bool | str, world_size: int,
-                      kind: str) -> tuple[int, Path] | None:
-    """(step, directory) to resume from under the `resume` policy (False | True | "auto"), or None.
-
-    Refuses a checkpoint written by another world size (per-rank shards and data order) or by another kind of run
-    (a stage-1 folder given to stage 2 and vice versa)."""
-    found = latest_complete(output) if resume else None
-    if resume is True and found is None:
-        raise CheckpointError(f"resume=True but {checkpoint_root(output)} holds no complete checkpoint")
-    if found is None:
-        return None
-    step, directory, meta = found
-    if int(meta.get("world_size", -1)) != world_size:
-        raise CheckpointError(
-            f"checkpoint {directory} was written by {meta.get('world_size')} ranks but this run has {world_size}: "
-            f"shards, optimizer states and data order are per rank. Resume with the same world size, or start a "
-            f"new output folder initialised from {rank_file(directory, 0)}")
-    if meta.get("kind") != kind:
-        raise CheckpointError(f"checkpoint {directory} is a {meta.get('kind')!r} checkpoint, not {kind!r}: "
-                              f"use another `output` folder or resume=False")
-    return step, directory

@@ -1,0 +1,514 @@
+"""A training run's state on disk and the resume policy (file I/O itself is `utils.checkpoint`).
+
+Layout of a run's output folder::
+
+    <output>/.lock                                 # flock held by rank 0 for the whole run: one job per folder
+    <output>/checkpoints/step_00001200/rank_0.pt   # backbone, this rank's Partial FC shard, optimizer, RNG, ...
+    <output>/checkpoints/step_00001200/rank_1.pt
+    <output>/checkpoints/step_00001200/COMPLETE    # JSON: step, world size, kind, run config, finite, file sizes
+
+Rules (they hold with one shared output folder and with one folder per node):
+
+- Every rank writes its own file; after all ranks report (size, finite) the marker is written by every rank whose
+  local rank is 0 (one per node; on shared storage they write the same content atomically), and that rank prunes.
+- A rank counts a step as intact when COMPLETE parses and its own file has the size COMPLETE recorded. Ranks
+  all-gather their lists and resume from the newest step intact on every rank; a load failure on any rank makes
+  all ranks fall back to the next older step together.
+- Pruning keeps the newest `keep_checkpoints` complete steps and, in addition, the newest finite one.
+- The run config is stored in COMPLETE; on resume keys that give the saved state its meaning must match (an error
+  lists every change), schedule keys take the new value from the resumed step on (logged), others do not matter.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+
+from utils.checkpoint import CheckpointError, atomic_save, atomic_write_text, safe_load
+
+COMPLETE = "COMPLETE"
+LOCK_NAME = ".lock"
+
+_log = logging.getLogger(__name__)
+
+
+class NonFiniteStateError(RuntimeError):
+    """Weights or buffers hold NaN/Inf at the end of a run: nothing is written as a success."""
+
+
+# ---- the ranks, as the few collectives this module needs (a test passes plain functions) ----
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    agree: Callable[[bool], bool] = field(default=lambda ok: ok)  # True only if True on every rank
+    gather: Callable[[Any], list] = field(default=lambda obj: [obj])  # every rank's object, by rank
+
+    @property
+    def writes_markers(self) -> bool:
+        """Rank 0 and the first rank of every node: each node's folder gets its markers and pruning."""
+        return self.rank == 0 or self.local_rank == 0
+
+    @classmethod
+    def from_env(cls, env) -> "Ranks":
+        """From utils.distributed.DistEnv: all-reduce / all-gather over the default process group when there is one."""
+        if not env.distributed:
+            return cls(env.rank, env.world_size, env.local_rank)
+        import torch.distributed as dist
+
+        def agree(ok: bool) -> bool:
+            flag = torch.tensor([0 if ok else 1], device=env.device)
+            dist.all_reduce(flag)
+            return int(flag.item()) == 0
+
+        def gather(obj: Any) -> list:
+            out: list = [None] * env.world_size
+            dist.all_gather_object(out, obj)
+            return out
+
+        return cls(env.rank, env.world_size, env.local_rank, agree, gather)
+
+
+# ---- layout ----
+
+def checkpoint_root(output: str | os.PathLike) -> Path:
+    return Path(output) / "checkpoints"
+
+
+def step_dir(output: str | os.PathLike, step: int) -> Path:
+    return checkpoint_root(output) / f"step_{step:08d}"
+
+
+def rank_file(directory: Path, rank: int) -> Path:
+    return directory / f"rank_{rank}.pt"
+
+
+def mark_complete(directory: Path, meta: dict) -> None:
+    atomic_write_text(json.dumps(meta, indent=1, default=str), directory / COMPLETE)
+
+
+def complete_checkpoints(output: str | os.PathLike) -> list[tuple[int, Path, dict]]:
+    """(step, dir, meta) of every checkpoint with a readable COMPLETE marker, oldest first."""
+    root = checkpoint_root(output)
+    found = []
+    if root.is_dir():
+        for d in root.glob("step_*"):
+            marker = d / COMPLETE
+            if not marker.is_file():
+                continue
+            try:
+                meta = json.loads(marker.read_text())
+                step = int(d.name.split("_")[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            found.append((step, d, meta))
+    return sorted(found, key=lambda t: t[0])
+
+
+def latest_complete(output: str | os.PathLike) -> tuple[int, Path, dict] | None:
+    found = complete_checkpoints(output)
+    return found[-1] if found else None
+
+
+def last_finite_checkpoint(output: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint whose marker records finite weights, buffers and optimizer state."""
+    finite = [d for _, d, meta in complete_checkpoints(output) if meta.get("finite") is True]
+    return finite[-1] if finite else None
+
+
+def prune(output: str | os.PathLike, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints plus the newest finite one; delete older ones and incomplete
+    leftovers older than the oldest kept."""
+    found = complete_checkpoints(output)
+    if not found:
+        return
+    kept = {d for _, d, _ in found[-max(keep, 1):]}
+    finite = [d for _, d, meta in found if meta.get("finite") is True]
+    if finite:
+        kept.add(finite[-1])  # NaN checkpoints never push out the last one worth resuming from
+    for _, d, _ in found:
+        if d not in kept:
+            shutil.rmtree(d, ignore_errors=True)
+    oldest_kept = min(int(d.name.split("_")[1]) for d in kept)
+    for d in checkpoint_root(output).glob("step_*"):
+        try:
+            step = int(d.name.split("_")[1])
+        except (ValueError, IndexError):
+            continue
+        if not (d / COMPLETE).exists() and step < oldest_kept:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+# ---- finiteness ----
+
+def first_nonfinite(state: Any, prefix: str = "") -> str | None:
+    """Name of the first floating-point tensor holding NaN/Inf in a nested dict/list state, or None."""
+    if isinstance(state, torch.Tensor):
+        if state.is_floating_point() or state.is_complex():
+            return None if bool(torch.isfinite(state).all()) else (prefix or "<tensor>")
+        return None
+    if isinstance(state, float):
+        return None if math.isfinite(state) else prefix
+    if isinstance(state, Mapping):
+        items: Iterable = state.items()
+    elif isinstance(state, (list, tuple)):
+        items = enumerate(state)
+    else:
+        return None
+    for key, value in items:
+        found = first_nonfinite(value, f"{prefix}.{key}" if prefix else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def require_finite(states: Mapping[str, Any], step: int, ranks: Ranks, output: str | os.PathLike) -> None:
+    """All ranks together: raise NonFiniteStateError when any rank's final weights/buffers hold NaN/Inf.
+
+    Call before writing the final checkpoint and model file, so a broken model is never saved as a success."""
+    bad = first_nonfinite(states)
+    if ranks.agree(bad is None):
+        return
+    where = [f"rank {r}: {name}" for r, name in enumerate(ranks.gather(bad)) if name is not None]
+    last = last_finite_checkpoint(output)
+    raise NonFiniteStateError(
+        f"step {step}: the final weights/buffers are not finite ({'; '.join(where)}); no final checkpoint or "
+        f"model file was written. Last finite checkpoint: {last or 'none'}. Lower lr, check the data, or "
+        f"disable fp16, then resume from it")
+
+
+# ---- the run config stored in every checkpoint and compared on resume ----
+
+@dataclass(frozen=True)
+class ConfigPolicy:
+    refuse: tuple[str, ...]  # give the saved state its meaning: a change is an error
+    apply: tuple[str, ...]   # schedule / optimizer hyper-parameters: the new value applies from the resumed step
+
+
+CONFIG_POLICY: dict[str, ConfigPolicy] = {
+    "recognition": ConfigPolicy(
+        refuse=("network", "embedding_size", "loss", "optimizer", "batch_size", "gradient_acc", "world_size",
+                "sample_rate", "num_classes", "num_image", "fp16"),
+        apply=("lr", "num_epoch", "warmup_epoch", "lr_power", "momentum", "weight_decay")),
+    "cfsm_stage1": ConfigPolicy(
+        refuse=("gen_dim", "gen_n_downsample", "gen_n_residual", "gen_latent_dim", "gen_style_dim", "id_network",
+                "id_embedding_size", "batch_size", "world_size", "num_classes", "num_image", "fp16"),
+        apply=("gen_lr", "gen_betas", "num_epoch")),
+}
+
+
+def _plain(value: Any) -> Any:
+    """The JSON form of a value (tuples become lists), so a saved and a live config compare equal."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def run_config(cfg: Mapping[str, Any], **derived: Any) -> dict:
+    """The config as stored in COMPLETE: every key, plus values the run derived (world_size, num_classes, ...)."""
+    return _plain({**dict(cfg), **derived})
+
+
+def check_config(saved: Mapping[str, Any], current: Mapping[str, Any], directory: Path,
+                 kind: str) -> list[tuple[str, Any, Any]]:
+    """Raise for changed keys that give the state its meaning; return the (key, old, new) schedule changes."""
+    policy = CONFIG_POLICY.get(kind, ConfigPolicy((), ()))
+    current = _plain(dict(current))
+
+    def changed(keys: tuple[str, ...]) -> list[tuple[str, Any, Any]]:
+        return [(k, saved.get(k), current.get(k)) for k in keys if k in saved and saved.get(k) != current.get(k)]
+
+    refused = changed(policy.refuse)
+    if refused:
+        listing = ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in refused)
+        raise CheckpointError(
+            f"cannot resume from {directory}: the config changed keys its saved state depends on ({listing}). "
+            f"Restore those values to resume, or start a fresh `output` folder with "
+            f"pretrained_backbone_model={rank_file(directory, 0)} (or resume=False in a new folder)")
+    return changed(policy.apply)
+
+
+# ---- save ----
+
+def save_run_checkpoint(output: str | os.PathLike, step: int, state: dict, ranks: Ranks, keep: int, kind: str,
+                        config: Mapping[str, Any], meta: dict | None = None) -> Path:
+    """Every rank writes its file atomically; once all did, each node's marker writer records COMPLETE (with the
+    config, every rank's file size and whether all states are finite) and prunes.
+
+    A failed write on any rank (e.g. a full disk) fails every rank, without a marker: the previous checkpoint
+    stays the newest complete one. `kind` names the run type; resume only accepts the same kind."""
+    directory = step_dir(output, step)
+    error: BaseException | None = None
+    size = -1
+    bad = first_nonfinite(state)
+    try:
+        path = rank_file(directory, ranks.rank)
+        atomic_save(state, path)
+        size = path.stat().st_size
+    except Exception as exc:  # reported to every rank below before anyone raises
+        error = exc
+    reports = ranks.gather({"ok": error is None, "size": size, "nonfinite": bad})
+    failed = [r for r, rep in enumerate(reports) if not rep["ok"]]
+    if failed:
+        if error is not None:
+            raise error
+        raise CheckpointError(f"rank(s) {failed} could not write their file in {directory} (see their error); "
+                              f"no rank marked step {step} complete")
+    marker_error: BaseException | None = None
+    if ranks.writes_markers:
+        try:
+            mark_complete(directory, {
+                "step": step, "world_size": ranks.world_size, "kind": kind, **(meta or {}),
+                "finite": all(rep["nonfinite"] is None for rep in reports),
+                "nonfinite": {str(r): rep["nonfinite"] for r, rep in enumerate(reports) if rep["nonfinite"]},
+                "sizes": {str(r): rep["size"] for r, rep in enumerate(reports)},
+                "config": _plain(dict(config))})
+            prune(output, keep)
+        except Exception as exc:
+            marker_error = exc
+    if not ranks.agree(marker_error is None):
+        if marker_error is not None:
+            raise marker_error
+        raise CheckpointError(f"another node could not write {directory / COMPLETE} (see its error)")
+    return directory
+
+
+# ---- resume ----
+
+@dataclass
+class Resumed:
+    step: int
+    directory: Path
+    state: dict       # this rank's file
+    meta: dict        # its COMPLETE marker
+    changes: list     # (key, old, new) schedule keys whose new value applies from `step` on
+
+
+def _own_file_status(directory: Path, meta: dict, rank: int) -> str | None:
+    """None when this rank's file is present with the size COMPLETE recorded, else what is wrong."""
+    path = rank_file(directory, rank)
+    if not path.is_file():
+        return f"{path.name} is missing"
+    expected = (meta.get("sizes") or {}).get(str(rank))
+    actual = path.stat().st_size
+    if expected is not None and int(expected) != actual:
+        return f"{path.name} has {actual} bytes, COMPLETE recorded {expected}"
+    return None
+
+
+def resume(output: str | os.PathLike, policy: bool | str, ranks: Ranks, kind: str, config: Mapping[str, Any],
+           log: logging.Logger | None = None) -> Resumed | None:
+    """Find, check and load the checkpoint to resume from under `policy` (False | True | "auto"), on all ranks
+    together; None when there is nothing to resume. Collective: every rank calls it."""
+    log = log or _log
+    if not policy:
+        return None
+    intact, damaged = [], {}
+    for step, directory, meta in reversed(complete_checkpoints(output)):
+        problem = _own_file_status(directory, meta, ranks.rank)
+        if problem is None:
+            intact.append(step)
+        else:
+            damaged[step] = problem
+    every_rank = ranks.gather(intact)
+    common = sorted(set.intersection(*(set(s) for s in every_rank)), reverse=True)
+    root = checkpoint_root(output)
+    if not common and any(every_rank):
+        log.warning(f"{root}: no checkpoint step is complete and intact on every rank (per rank: "
+                    f"{[sorted(s)[-3:] for s in every_rank]}, damaged here: {damaged or 'none'})")
+    last_error: BaseException | None = None
+    for step in common:
+        directory = step_dir(output, step)
+        for newer, problem in damaged.items():
+            if newer > step:
+                log.warning(f"checkpoint {step_dir(output, newer)} is damaged ({problem}): falling back to {directory}")
+        damaged = {s: p for s, p in damaged.items() if s < step}
+        meta = json.loads((directory / COMPLETE).read_text())
+        error, changes = None, []
+        try:
+            changes = _check_meta(directory, meta, ranks.world_size, kind, config, log)
+        except CheckpointError as exc:
+            error = exc
+        if not ranks.agree(error is None):  # the same markers give the same verdict; agree anyway, never hang
+            raise error or CheckpointError(f"another rank refused {directory} (see its error)")
+        try:
+            state = safe_load(rank_file(directory, ranks.rank))
+        except CheckpointError as exc:
+            state, last_error = None, exc
+        if not ranks.agree(state is not None):
+            log.warning(f"checkpoint {directory} could not be loaded on every rank"
+                        f"{f' ({last_error})' if state is None else ''}: falling back to an older one")
+            continue
+        for key, old, new in changes:
+            log.warning(f"resume: config key '{key}' changed {old!r} -> {new!r}: the new value applies from "
+                        f"step {step} on")
+        if meta.get("finite") is False:
+            log.warning(f"resuming from {directory}, whose state is not finite ({meta.get('nonfinite')}); last "
+                        f"finite checkpoint: {last_finite_checkpoint(output) or 'none'}")
+        return Resumed(step, directory, state, meta, changes)
+    if policy is True:
+        if last_error is not None:
+            raise last_error
+        raise CheckpointError(f"resume=True but {root} holds no complete checkpoint intact on every rank"
+                              f"{f' (damaged here: {damaged})' if damaged else ''}")
+    if any(every_rank):
+        log.warning(f"{root}: no usable checkpoint; starting from step 0")
+    return None
+
+
+def _check_meta(directory: Path, meta: dict, world_size: int, kind: str, config: Mapping[str, Any],
+                log: logging.Logger) -> list[tuple[str, Any, Any]]:
+    if int(meta.get("world_size", -1)) != world_size:
+        raise CheckpointError(
+            f"checkpoint {directory} was written by {meta.get('world_size')} ranks but this run has {world_size}: "
+            f"shards, optimizer states and data order are per rank. Resume with the same world size, or start a "
+            f"new output folder initialised from {rank_file(directory, 0)} (pretrained_backbone_model)")
+    if meta.get("kind") != kind:
+        raise CheckpointError(f"checkpoint {directory} is a {meta.get('kind')!r} checkpoint, not {kind!r}: "
+                              f"use another `output` folder or resume=False")
+    if "config" not in meta:
+        log.warning(f"checkpoint {directory} records no config (written by an older version): not compared")
+        return []
+    return check_config(meta["config"], config, directory, kind)
+
+
+def load_optimizer_keeping_config(optimizer: torch.optim.Optimizer, saved: dict,
+                                  keys: tuple[str, ...] = ("lr", "initial_lr", "momentum", "weight_decay", "betas",
+                                                           "eps")) -> None:
+    """optimizer.load_state_dict, but the hyper-parameters come from this run's config, not the checkpoint
+    (torch would silently restore the old lr, momentum, ...); the per-parameter state (momentum buffers) loads."""
+    fresh = [{k: g[k] for k in keys if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, values in zip(optimizer.param_groups, fresh):
+        group.update(values)
+
+
+def load_scheduler_keeping_config(scheduler: torch.optim.lr_scheduler.LRScheduler, saved: dict,
+                                  keys: tuple[str, ...] = ("base_lrs", "total_steps", "warmup_steps", "power")) -> None:
+    """Resume the scheduler's position (its step count) under this run's schedule: lr, num_epoch, warm-up and
+    power as configured now, evaluated at the resumed step. Unchanged config: exactly the saved lr."""
+    fresh = {k: getattr(scheduler, k) for k in keys if hasattr(scheduler, k)}
+    scheduler.load_state_dict(saved)
+    for k, v in fresh.items():
+        setattr(scheduler, k, v)
+    lrs = scheduler.get_lr()
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = list(lrs)
+
+
+# ---- one job per output folder ----
+
+class OutputLock:
+    """flock on <output>/.lock, held by rank 0 from start to exit; the kernel releases it if the process dies."""
+
+    def __init__(self, fd: int | None, path: Path | None = None) -> None:
+        self._fd = fd
+        self._path = path
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+            if _HELD.get(self._path) is self:
+                del _HELD[self._path]
+
+    def __del__(self) -> None:
+        self.release()
+
+    def __enter__(self) -> "OutputLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def lock_output(output: str | os.PathLike, ranks: Ranks = Ranks(), wait_s: float | None = None) -> OutputLock:
+    """Take the output folder's lock on rank 0; every rank raises at once when another job holds it.
+
+    After an elastic restart (TORCHELASTIC_RESTART_COUNT > 0) rank 0 waits up to 60 s for the previous
+    attempt's process to be gone; otherwise a held lock fails immediately."""
+    output = Path(output)
+    fd, holder = None, ""
+    if ranks.rank == 0:
+        key = output.resolve() / LOCK_NAME
+        if key in _HELD:  # runs in one process are sequential: a lock this process still holds is a finished
+            _HELD[key].release()  # run's (e.g. kept alive by a traceback), not another job's
+        if wait_s is None:
+            wait_s = 60.0 if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0 else 0.0
+        output.mkdir(parents=True, exist_ok=True)
+        path = output / LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+                    os.close(fd)
+                    fd = None
+                    break
+                time.sleep(0.2)
+        if fd is not None:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+    if not ranks.agree(ranks.rank != 0 or fd is not None):
+        raise RuntimeError(f"output folder {output} is in use by another run ({holder or 'see its ' + LOCK_NAME}): "
+                           f"two jobs in one folder would interleave checkpoints. Wait for it, stop it, or set "
+                           f"another `output`")
+    lock = OutputLock(fd, output.resolve() / LOCK_NAME)
+    if fd is not None:
+        _HELD[lock._path] = lock
+    return lock
+
+
+_HELD: dict[Path, OutputLock] = {}  # this process's output locks, by lock file
+
+
+# ---- RNG state in weights_only-loadable form ----
+
+def capture_rng_state(generators: dict[str, torch.Generator] | None = None) -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])),
+        "generators": {name: g.get_state() for name, g in (generators or {}).items()},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict, generators: dict[str, torch.Generator] | None = None) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_python_random_state(state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    for name, g in (generators or {}).items():
+        if name in state["generators"]:
+            g.set_state(state["generators"][name])
+
+
+def _as_python_random_state(obj):
+    # pickling round-trips random's state tuple as tuple/list mixes; random.setstate needs tuples
+    version, internal, gauss = obj
+    return version, tuple(internal), gauss
