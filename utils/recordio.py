@@ -177,40 +177,29 @@ def _line_of_record(idx_path: Path, record: int) -> int:
     return -1
 
 
-def _digits_to_int(digits: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
-    """Integers spelled by ``digits[start:end]`` (values 0..9) for every field at once; fields are 1..18 digits."""
-    lengths = end - start
-    value = np.zeros(start.size, dtype=np.int64)
-    scale = np.int64(1)
-    for k in range(int(lengths.max()) if lengths.size else 0):
-        at = end - 1 - k
-        d = digits[np.maximum(at, 0)].astype(np.int64)
-        d[lengths <= k] = 0
-        value += d * scale
-        scale *= 10
-    return value
-
-
-def _parse_chunk_fast(buf: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """Parse whole ``<digits>\\t<digits>\\n`` lines vectorised; ``None`` when the chunk needs the exact path."""
-    is_nl = buf == 10
-    is_tab = buf == 9
-    if not bool(np.all(((buf >= 48) & (buf <= 57)) | is_nl | is_tab)):
+def _parse_chunk_fast(chunk: bytes, buf: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Parse whole ``<digits>\t<digits>\n`` lines vectorised; ``None`` when the chunk needs the exact path."""
+    if buf.size == 0 or int(buf.max()) > ord("9"):
         return None
-    ends = np.flatnonzero(is_nl)
-    tabs = np.flatnonzero(is_tab)
-    if tabs.size != ends.size:
+    # Every byte is now a digit, a separator, or another byte below '0': find the bytes below '0'. The plain format
+    # has them alternating tab, newline, tab, newline, ..., never adjacent nor first (no empty field), and ending
+    # the chunk.
+    sep = np.flatnonzero(buf < ord("0"))
+    if sep.size % 2 or sep.size == 0 or int(sep[-1]) != buf.size - 1 or int(sep[0]) == 0:
         return None
-    starts = np.empty_like(ends)
-    starts[:1] = 0
-    starts[1:] = ends[:-1] + 1
-    # exactly one tab per line, with a non-empty key before it and a non-empty offset after it
-    if not (bool(np.all(tabs > starts)) and bool(np.all(tabs + 1 < ends))):
+    if not (bool(np.all(buf[sep[0::2]] == 9)) and bool(np.all(buf[sep[1::2]] == 10))):
         return None
-    if max(int((tabs - starts).max(initial=0)), int((ends - tabs - 1).max(initial=0))) > _MAX_FAST_DIGITS:
+    field_len = np.diff(sep) - 1
+    if field_len.size and (int(field_len.min()) < 1 or int(field_len.max()) > _MAX_FAST_DIGITS):
         return None
-    digits = buf - np.uint8(48)
-    return _digits_to_int(digits, starts, tabs), _digits_to_int(digits, tabs + 1, ends)
+    if int(sep[0]) > _MAX_FAST_DIGITS:
+        return None
+    # Known to be "digits tab digits newline" lines, so a whitespace-separated C parse yields key, offset, ...
+    values = np.fromstring(chunk, dtype=np.int64, sep=" ")
+    if values.size != sep.size:
+        return None
+    pairs = values.reshape(-1, 2)
+    return pairs[:, 0], pairs[:, 1]  # strided views: _parse_idx's concatenate copies them once
 
 
 def _parse_chunk_exact(idx_path: Path, text: bytes, first_line: int) -> tuple[np.ndarray, np.ndarray]:
@@ -238,6 +227,8 @@ def _parse_chunk_exact(idx_path: Path, text: bytes, first_line: int) -> tuple[np
 
 
 def _refuse_non_ascii(idx_path: Path, buf: np.ndarray, first_line: int, at_file_start: bool) -> None:
+    if buf.size == 0 or int(buf.max()) < 0x80:
+        return
     bad = np.flatnonzero(buf >= 0x80)
     if not bad.size:
         return
@@ -279,19 +270,18 @@ def _parse_idx(idx_path: Path) -> tuple[np.ndarray, np.ndarray]:
             chunk, carry = data[:cut], data[cut:]
             buf = np.frombuffer(chunk, dtype=np.uint8)
             _refuse_non_ascii(idx_path, buf, line_base, at_file_start)
-            parsed = _parse_chunk_fast(buf)
+            parsed = _parse_chunk_fast(chunk, buf)
+            fast = parsed is not None
             if parsed is None:
                 parsed = _parse_chunk_exact(idx_path, chunk[:-1], line_base)
             key_parts.append(parsed[0])
             off_parts.append(parsed[1])
-            line_base += int(np.count_nonzero(buf == 10))
+            line_base += parsed[0].size if fast else int(np.count_nonzero(buf == 10))
             at_file_start = False
             if not block:
                 break
     if not key_parts:
         return np.empty(0, np.int64), np.empty(0, np.int64)
-    if len(key_parts) == 1:
-        return key_parts[0], off_parts[0]
     return np.concatenate(key_parts), np.concatenate(off_parts)
 
 
