@@ -74,9 +74,13 @@ class _FaceDatasetBase(Dataset):
     num_classes: int
     num_images: int
     augment: bool
+    degradation = None  # optional rgb uint8 -> rgb uint8 callable (utils.degrade.Degradation), only when augmenting
 
     def __len__(self) -> int:
         return self.num_images
+
+    def _degrade(self, img: np.ndarray) -> np.ndarray:
+        return self.degradation(img) if self.augment and self.degradation is not None else img
 
     def _flip(self, requested: bool | None) -> bool:
         if not self.augment:
@@ -153,7 +157,7 @@ class MXFaceDataset(_FaceDatasetBase):
     def __getitem__(self, index) -> tuple[torch.Tensor, torch.Tensor]:
         i, flip = _split_index(index)
         img, label = self.read_image(i)
-        return to_tensor(img, self._flip(flip)), torch.tensor(label, dtype=torch.long)
+        return to_tensor(self._degrade(img), self._flip(flip)), torch.tensor(label, dtype=torch.long)
 
 
 class ImageFolderDataset(_FaceDatasetBase):
@@ -179,7 +183,7 @@ class ImageFolderDataset(_FaceDatasetBase):
     def __getitem__(self, index) -> tuple[torch.Tensor, torch.Tensor]:
         i, flip = _split_index(index)
         img, label = self.read_image(i)
-        return to_tensor(img, self._flip(flip)), torch.tensor(label, dtype=torch.long)
+        return to_tensor(self._degrade(img), self._flip(flip)), torch.tensor(label, dtype=torch.long)
 
 
 def scan_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:

@@ -22,6 +22,7 @@ from cfsm import load_generator
 from cfsm.attack import adversarial_mix, frozen_stats, split_counts
 from cfsm.visualize import clean_vs_synth_grid
 from dataset import CUDAPrefetcher, build_dataset, get_dataloader
+from utils.degrade import Degradation
 from eval.verification import CallBackVerification
 from losses import build_margin_loss
 from partial_fc import PartialFC
@@ -54,6 +55,7 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
         from utils.toyface import ensure_toy_data
         ensure_toy_data(cfg.rec)  # safe when several ranks call it at once
     dataset = build_dataset(cfg.rec, augment=True, num_classes=cfg.num_classes, num_image=cfg.num_image)
+    dataset.degradation = Degradation.from_config(cfg, seed=cfg.seed)  # None when every degrade_*_prob is 0
     num_classes = dataset.num_classes
     if num_classes < env.world_size:
         raise ConfigError(f"num_classes={num_classes} ({cfg.rec}) is smaller than the world size {env.world_size}: "

@@ -53,6 +53,18 @@ config.epsilon = 0.314                   # L-inf radius of the style attack arou
 config.alpha = 0.314                     # step size of each sign-ascent step on the style code
 config.k = 1                             # number of attack steps (0 = random style)
 
+# ---- hand-crafted degradation augmentation (AdaFace-style; utils/degrade.py), in the data workers; 0 = off ----
+config.degrade_resize_prob = 0.0         # P(downscale to s x s, s ~ U(degrade_resize_range), then back to 112)
+config.degrade_resize_range = (16, 64)   # (min, max) side in pixels of the downscaled face
+config.degrade_blur_prob = 0.0           # P(Gaussian blur)
+config.degrade_blur_sigma = (0.5, 2.0)   # (min, max) blur sigma in pixels
+config.degrade_color_prob = 0.0          # P(colour jitter: brightness, contrast, saturation, per-channel cast)
+config.degrade_color_strength = 0.25     # each jitter factor ~ U(1 - strength, 1 + strength)
+config.degrade_noise_prob = 0.0          # P(additive Gaussian noise)
+config.degrade_noise_std = (2.0, 10.0)   # (min, max) noise std on the 0..255 scale
+config.degrade_jpeg_prob = 0.0           # P(JPEG re-encoding)
+config.degrade_jpeg_quality = (10, 60)   # (min, max) JPEG quality
+
 # ---- run control ----
 config.output = None                     # run folder; None = work_dirs/<config name>
 config.seed = 2048                       # seeds data order, flips, styles, init
