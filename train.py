@@ -5,32 +5,36 @@
 
 Per step: split the batch (rs_ratio), restyle the synthetic share with an adversarial style code from the frozen
 generator, one forward of the mixed batch, Partial FC margin loss, backward, clip, step; log / verify / checkpoint.
+The run around the steps (output folder, resume, checkpoints, non-finite guard, summary) is `utils.run.Run`, shared
+with stage 1 (`train_generator.py`); `make_train_step` is the step itself, which the benchmarks in bench/ time.
 """
 from __future__ import annotations
 
-import json
-import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 from easydict import EasyDict
-from torch.nn.parallel import DistributedDataParallel
+from torch.profiler import record_function
 
 from backbones import get_model
 from cfsm import load_generator
 from cfsm.attack import adversarial_mix, frozen_stats, split_counts
 from cfsm.visualize import clean_vs_synth_grid
-from dataset import CUDAPrefetcher, build_dataset, get_dataloader
+from dataset import build_dataset
 from utils.degrade import Degradation
 from eval.verification import CallBackVerification
-from losses import build_margin_loss
+from losses import margin_loss_from_config
 from partial_fc import PartialFC
 from utils import checkpoint as ckpt
 from utils.config import ConfigError, load_config, parse_launch_args
 from utils.distributed import DistEnv, all_ranks_ok, barrier, cleanup, init_distributed
-from utils.logging import SpeedMeter, format_eta, setup_logger, summary_writer
-from utils.optim import NonFiniteGuard, PolyScheduler, build_optimizer, mixed_precision
+from utils.optim import PolyScheduler, build_optimizer, mixed_precision
+from utils.run import Run
+from utils.run_state import Resumed, load_optimizer_keeping_config, load_scheduler_keeping_config
+
+Batch = Sequence[tuple[torch.Tensor, torch.Tensor]]  # the gradient_acc (images, labels) micro-batches of one step
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -43,185 +47,152 @@ def main(argv: list[str] | None = None) -> dict | None:
         cleanup(env)
 
 
-def train(cfg: EasyDict, env: DistEnv) -> dict | None:
-    """Run stage 2 with a loaded config on an initialised process environment; rank 0 returns the summary."""
-    start_time = time.time()
-    output = Path(cfg.output or Path("work_dirs") / cfg.config_name)
-    log = setup_logger(env.rank, output)
-    torch.manual_seed(cfg.seed + env.rank)
+def make_train_step(cfg: EasyDict, env: DistEnv, model: torch.nn.Module, backbone: torch.nn.Module, pfc: PartialFC,
+                    generator: torch.nn.Module | None, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
+                    autocast: dict, style_rng: torch.Generator) -> Callable[[Batch], dict]:
+    """`train_step(batch) -> stats`: one optimizer step of stage 2 over the micro-batches in `batch`.
 
-    # ---- inputs first: every missing or wrong file stops us before any work ----
-    if cfg.generate_toy_data:
-        from utils.toyface import ensure_toy_data
-        ensure_toy_data(cfg.rec)  # safe when several ranks call it at once
-    dataset = build_dataset(cfg.rec, augment=True, num_classes=cfg.num_classes, num_image=cfg.num_image)
-    dataset.degradation = Degradation.from_config(cfg, seed=cfg.seed)  # None when every degrade_*_prob is 0
-    num_classes = dataset.num_classes
-    if num_classes < env.world_size:
-        raise ConfigError(f"num_classes={num_classes} ({cfg.rec}) is smaller than the world size {env.world_size}: "
-                          f"every rank must hold at least one class centre")
-    generator = None
-    if split_counts(cfg.batch_size, cfg.rs_ratio)[1] > 0:
-        generator = load_generator(cfg.pretrained_synthesis_model).to(env.device)  # frozen, eval, never DDP
-    backbone = get_model(cfg.network, num_features=cfg.embedding_size, dropout=cfg.dropout,
-                         use_checkpoint=cfg.use_checkpoint).to(env.device)
-    if cfg.pretrained_backbone_model:
-        ckpt.load_state_dict_strict(backbone, ckpt.load_state_dict_file(cfg.pretrained_backbone_model),
-                                    source=str(cfg.pretrained_backbone_model))
+    `model` is `backbone` itself or its DDP wrapper; `generator=None` is the plain (no CFSM) step. stats: `loss`,
+    `grad_norm` (tensors, read only when logged), `finite` (agreed by all ranks: a skipped update is skipped
+    everywhere), and the last micro-batch's `clean` images and CFSM `mix` (None without a generator)."""
+    amp_dtype = autocast["dtype"] if autocast["enabled"] else None
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    backbone.to(memory_format=memory_format)
-    if generator is not None:
-        generator.to(memory_format=memory_format)
 
-    m1, m2, m3 = cfg.margin_list
-    margin = build_margin_loss(cfg.loss, **{
-        "arcface": dict(s=cfg.s, margin=cfg.m), "cosface": dict(s=cfg.s, m=cfg.m),
-        "combined": dict(s=cfg.s, m1=m1, m2=m2, m3=m3),
-        "adaface": dict(m=cfg.m, h=cfg.adaface_h, s=cfg.s, t_alpha=cfg.adaface_t_alpha)}[cfg.loss])
-    pfc = PartialFC(margin, cfg.embedding_size, num_classes, sample_rate=cfg.sample_rate,
-                    rank=env.rank, world_size=env.world_size, seed=cfg.seed,
-                    ddp_grad_compensation=env.distributed).to(env.device)  # undo DDP's 1/W: as the reference
-
-    loader = get_dataloader(dataset, cfg.batch_size, cfg.seed, cfg.num_workers, env.rank, env.world_size,
-                            env.device)
-    if env.device.type == "cuda":
-        loader = CUDAPrefetcher(loader, env.device)  # overlaps host-to-device copies with compute
-    batches_per_epoch = loader.sampler.batches_per_epoch
-    if batches_per_epoch < cfg.gradient_acc:
-        raise ConfigError(f"batch_size={cfg.batch_size} x {env.world_size} ranks leaves {batches_per_epoch} "
-                          f"batches per epoch for {dataset.num_images} images in {cfg.rec}: too few")
-    total_steps = batches_per_epoch * cfg.num_epoch // cfg.gradient_acc
-    warmup_steps = batches_per_epoch * cfg.warmup_epoch // cfg.gradient_acc
-    last_step = min(total_steps, cfg.max_steps) if cfg.max_steps > 0 else total_steps
-
-    optimizer = build_optimizer(cfg.optimizer, [{"params": backbone.parameters()}, {"params": pfc.parameters()}],
-                                lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scheduler = PolyScheduler(optimizer, total_steps, warmup_steps, cfg.lr_power)
-    amp_dtype, scaler, autocast = mixed_precision(cfg.fp16, cfg.bf16, env.device.type)
-    style_rng = torch.Generator().manual_seed(cfg.seed * 1000 + env.rank)  # CPU: same draws on any device
-    rngs = {"style": style_rng}
-
-    # ---- resume: the full state, so the run continues exactly where it stopped ----
-    step, found = 0, ckpt.resume_checkpoint(output, cfg.resume, env.world_size, kind="recognition")
-    if found is not None:
-        step, directory = found
-        state = ckpt.safe_load(ckpt.rank_file(directory, env.rank))
-        backbone.load_state_dict(state["backbone"])
-        pfc.load_state_dict(state["partial_fc"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        ckpt.restore_rng_state(state["rng"], rngs)
-        log.info(f"resumed from {directory} at step {step}")
-
-    model = backbone
-    if env.distributed:
-        model = DistributedDataParallel(backbone, device_ids=[env.local_rank] if env.device.type == "cuda" else None,
-                                        bucket_cap_mb=32, find_unused_parameters=False)
-    backbone.train()
-    writer = summary_writer(output, cfg.tensorboard) if env.is_main else None
-    verify = CallBackVerification(cfg.val_targets, cfg.rec, batch_size=cfg.val_batch_size, summary_writer=writer) \
-        if env.is_main and cfg.val_targets else None
-    meter = SpeedMeter(cfg.batch_size * env.world_size * cfg.gradient_acc, last_step, step)
-    log.info(f"{cfg.config_name}: {num_classes} classes, {dataset.num_images} images, world size {env.world_size}, "
-             f"device {env.device}, {total_steps} steps ({batches_per_epoch} batches/epoch), stopping at {last_step}")
-
-    def save(at_step: int) -> None:
-        state = {"backbone": backbone.state_dict(), "partial_fc": pfc.state_dict(), "optimizer":
-                 optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                 "rng": ckpt.capture_rng_state(rngs), "step": at_step}
-        ckpt.save_run_checkpoint(output, at_step, env.rank, env.world_size, state, lambda: barrier(env),
-                                 cfg.keep_checkpoints, "recognition", {"config": cfg.config_name})
-
-    def run_verification(at_step: int) -> dict:
-        results = verify(at_step, backbone) if verify is not None else {}
-        barrier(env)  # other ranks wait here (process-group timeout: dist_timeout_s)
-        return results
-
-    loss_value, val, guard = float("nan"), {}, NonFiniteGuard(cfg.max_nonfinite_steps)
-    micro = step * cfg.gradient_acc
-    while step < last_step:
-        epoch, start_batch = divmod(micro, batches_per_epoch)
-        loader.sampler.set_epoch(epoch, start_batch)
-        for images, labels in loader:
+    def train_step(batch: Batch) -> dict:
+        for index, (images, labels) in enumerate(batch):
             images = images.to(env.device, non_blocking=True).contiguous(memory_format=memory_format)
             labels = labels.to(env.device, non_blocking=True)
-            class_sample = pfc.sample_negatives(labels)  # one negative set per step: attack and update share it
+            class_sample = pfc.sample_negatives(labels)  # one negative set: the attack and the update share it
 
             def attack_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
                 with frozen_stats(backbone), torch.autocast(**autocast):  # plain module: no DDP sync
                     emb = backbone(x)
                 return pfc(emb.float(), y, class_sample=class_sample, update_stats=False)
 
-            mix = None
+            mix, mixed = None, images
             if generator is not None:
-                mix = adversarial_mix(images, labels, generator, attack_loss, rs_ratio=cfg.rs_ratio,
-                                      epsilon=cfg.epsilon, alpha=cfg.alpha, k=cfg.k, rng=style_rng,
-                                      autocast_dtype=amp_dtype, grad_scale=scaler.get_scale() if cfg.fp16 else 1.0)
-                clean_images, images = images, mix.images
-            micro += 1
-            boundary = micro % cfg.gradient_acc == 0
-            with (model.no_sync() if env.distributed and not boundary else nullcontext()):
-                with torch.autocast(**autocast):
-                    embeddings = model(images)
-                loss = pfc(embeddings.float(), labels, class_sample=class_sample)
-                scaler.scale(loss / cfg.gradient_acc).backward()
-            if not boundary:
-                continue
+                with record_function("cfsm/adversarial_mix"):
+                    mix = adversarial_mix(images, labels, generator, attack_loss, rs_ratio=cfg.rs_ratio,
+                                          epsilon=cfg.epsilon, alpha=cfg.alpha, k=cfg.k, rng=style_rng,
+                                          autocast_dtype=amp_dtype,
+                                          grad_scale=scaler.get_scale() if cfg.fp16 else 1.0)
+                mixed = mix.images
+            sync_now = index == len(batch) - 1  # DDP all-reduces the gradients once, on the last micro-batch
+            with (model.no_sync() if env.distributed and not sync_now else nullcontext()):
+                with record_function("step/forward"), torch.autocast(**autocast):
+                    embeddings = model(mixed)
+                with record_function("step/loss_backward"):
+                    loss = pfc(embeddings.float(), labels, class_sample=class_sample)
+                    scaler.scale(loss / len(batch)).backward()
 
+        with record_function("step/optimizer"):
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(backbone.parameters(), cfg.clip_grad_norm or float("inf"))
             pfc_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in pfc.parameters()
                                                              if p.grad is not None] or [torch.zeros(())]))
-            finite = all_ranks_ok(env, bool(torch.isfinite(loss) & torch.isfinite(grad_norm) & torch.isfinite(pfc_norm)))
+            finite = all_ranks_ok(env, bool(torch.isfinite(loss) & torch.isfinite(grad_norm)
+                                            & torch.isfinite(pfc_norm)))
             if finite:
                 scaler.step(optimizer)
                 scaler.update()
             else:  # skip the update on every rank alike; halve the fp16 scale as GradScaler would
                 scaler.update(scaler.get_scale() / 2 if cfg.fp16 else None)
-                log.warning(f"step {step + 1}: non-finite loss {loss.item():.4g} / grad norm {grad_norm.item():.4g}: "
-                            f"update skipped ({guard.count + 1} in a row)")
-            last = ckpt.latest_complete(output) if not finite else None
-            guard.update(finite, step + 1, loss.item(), str(last[1]) if last else "none")
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
+        return {"loss": loss.detach(), "grad_norm": grad_norm, "finite": finite, "clean": images, "mix": mix}
+
+    return train_step
+
+
+def train(cfg: EasyDict, env: DistEnv) -> dict | None:
+    """Run stage 2 with a loaded config on an initialised process environment; rank 0 returns the summary."""
+    with Run(cfg, env, kind="recognition", log_name="train", tensorboard_prefix="train") as run:
+        # ---- inputs first: every missing or wrong file stops us before any work ----
+        dataset = build_dataset(cfg.rec, augment=True, num_classes=cfg.num_classes, num_image=cfg.num_image)
+        dataset.degradation = Degradation.from_config(cfg, seed=cfg.seed)  # None when every degrade_*_prob is 0
+        num_classes = dataset.num_classes
+        if num_classes < env.world_size:
+            raise ConfigError(f"num_classes={num_classes} ({cfg.rec}) is smaller than the world size "
+                              f"{env.world_size}: every rank must hold at least one class centre")
+        generator = None
+        if split_counts(cfg.batch_size, cfg.rs_ratio)[1] > 0:
+            generator = load_generator(cfg.pretrained_synthesis_model).to(env.device)  # frozen, eval, never DDP
+        backbone = get_model(cfg.network, num_features=cfg.embedding_size, dropout=cfg.dropout,
+                             use_checkpoint=cfg.use_checkpoint).to(env.device)
+        if cfg.pretrained_backbone_model:
+            ckpt.load_state_dict_strict(backbone, ckpt.load_state_dict_file(cfg.pretrained_backbone_model),
+                                        source=str(cfg.pretrained_backbone_model))
+        memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        backbone.to(memory_format=memory_format)
+        if generator is not None:
+            generator.to(memory_format=memory_format)
+        pfc = PartialFC(margin_loss_from_config(cfg.loss, cfg), cfg.embedding_size, num_classes,
+                        sample_rate=cfg.sample_rate, rank=env.rank, world_size=env.world_size, seed=cfg.seed,
+                        ddp_grad_compensation=env.distributed).to(env.device)  # undo DDP's 1/W: as the reference
+
+        loader = run.loader(dataset, micro_per_step=cfg.gradient_acc)
+        optimizer = build_optimizer(cfg.optimizer, [{"params": backbone.parameters()},
+                                                    {"params": pfc.parameters()}], cfg)
+        scheduler = PolyScheduler(optimizer, run.plan.total_steps, run.plan.warmup_steps, cfg.lr_power)
+        _, scaler, autocast = mixed_precision(cfg.fp16, cfg.bf16, env.device.type)
+        run.rngs["style"] = style_rng = torch.Generator().manual_seed(cfg.seed * 1000 + env.rank)  # any device
+
+        def state() -> dict:
+            return {"backbone": backbone.state_dict(), "partial_fc": pfc.state_dict(), "optimizer":
+                    optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}
+
+        def load_state(resumed: Resumed) -> None:  # lr, schedule and momentum come from this run's config
+            backbone.load_state_dict(resumed.state["backbone"])
+            pfc.load_state_dict(resumed.state["partial_fc"])
+            load_optimizer_keeping_config(optimizer, resumed.state["optimizer"])
+            load_scheduler_keeping_config(scheduler, resumed.state["scheduler"])
+            scaler.load_state_dict(resumed.state["scaler"])
+
+        step = run.resume(load_state, num_classes=num_classes, num_image=dataset.num_images)
+        model = run.wrap_ddp(backbone, bucket_cap_mb=32, find_unused_parameters=False)
+        backbone.train()
+        train_step = make_train_step(cfg, env, model, backbone, pfc, generator, optimizer, scheduler, scaler,
+                                     autocast, style_rng)
+        run.start(step, f"{num_classes} classes, {dataset.num_images} images")
+        verify = CallBackVerification(cfg.val_targets, cfg.rec, batch_size=cfg.val_batch_size,
+                                      summary_writer=run.writer) if env.is_main and cfg.val_targets else None
+
+        def run_verification(at_step: int) -> dict:
+            results = verify(at_step, backbone) if verify is not None else {}
+            barrier(env)  # other ranks wait here (process-group timeout: dist_timeout_s)
+            return results
+
+        # ---- the method: attack, forward, loss, step (make_train_step); then log, verify, checkpoint ----
+        stats, val, stop_step = None, {}, run.plan.stop_step
+        for epoch, batch in run.step_batches(loader, step):  # ends at stop_step
+            stats = train_step(batch)
             step += 1
-            loss_value = loss.item()
-
-            if env.is_main and (step % cfg.frequent == 0 or step == last_step):
-                speed, eta = meter.window(step)
-                lr, scale = optimizer.param_groups[0]["lr"], scaler.get_scale() if cfg.fp16 else 1.0
-                log.info(f"step {step}/{last_step} epoch {epoch} loss {loss_value:.4f} lr {lr:.5f} "
-                         f"{speed:.1f} samples/s grad scale {scale:g} ETA {format_eta(eta)}")
-                for tag, value in (("loss", loss_value), ("lr", lr), ("samples_per_sec", speed),
-                                   ("grad_norm", grad_norm.item()), ("grad_scale", scale)):
-                    if writer is not None:
-                        writer.add_scalar(f"train/{tag}", value, step)
-            if writer is not None and mix is not None and cfg.image_every and step % cfg.image_every == 0 \
-                    and mix.synth_index.numel():
-                grid = clean_vs_synth_grid(clean_images[mix.synth_index], mix.images[mix.synth_index],
+            run.check_finite(step, stats["finite"], {"loss": stats["loss"], "grad norm": stats["grad_norm"]})
+            run.log_progress(step, epoch, {"loss": stats["loss"], "lr": optimizer.param_groups[0]["lr"],
+                                           "grad_norm": stats["grad_norm"],
+                                           "grad_scale": scaler.get_scale() if cfg.fp16 else 1.0})
+            mix = stats["mix"]
+            if run.image_due(step) and mix is not None and mix.synth_index.numel():
+                grid = clean_vs_synth_grid(stats["clean"][mix.synth_index], mix.images[mix.synth_index],
                                            mix.style.norm(dim=1))
-                writer.add_image("cfsm/clean_vs_synth", grid, step, dataformats="HWC")
-            if cfg.verbose and step % cfg.verbose == 0 and step < last_step:
+                run.writer.add_image("cfsm/clean_vs_synth", grid, step, dataformats="HWC")
+            if cfg.verbose and step % cfg.verbose == 0 and step < stop_step:
                 val = run_verification(step)
-            if cfg.save_every and step % cfg.save_every == 0 and step < last_step:
-                save(step)
-            if step >= last_step:
-                break
+            if run.save_due(step):
+                run.save(step, state())
 
-    save(step)
-    val = run_verification(step) if cfg.val_targets else val
-    summary = None
-    if env.is_main:
-        ckpt.atomic_save(backbone.state_dict(), output / "model.pt")  # plain state dict: InsightFace tools load it
-        summary = {"config": dict(cfg), "steps": step,
-                   "epochs": micro / batches_per_epoch, "final_loss": loss_value,
-                   "samples_per_sec": meter.mean(step), "val": val, "wall_s": time.time() - start_time}
-        ckpt.atomic_write_text(json.dumps(summary, indent=1, default=str), output / "summary.json")
-        log.info(f"done: {step} steps, final loss {loss_value:.4f}, val {val}, model {output / 'model.pt'}")
-        if writer is not None:
-            writer.close()
-    return summary
+        run.final_save(step, state(), {"backbone": backbone.state_dict(), "partial_fc": pfc.state_dict()})
+        val = run_verification(step) if cfg.val_targets else val
+        final_loss = float(stats["loss"]) if stats is not None else float("nan")
+
+        def results() -> dict:
+            ckpt.atomic_save(backbone.state_dict(), run.output / "model.pt")  # plain state dict: InsightFace tools
+            run.log.info(f"done: {step} steps, final loss {final_loss:.4f}, val {val}, model "
+                         f"{run.output / 'model.pt'}")
+            return {"final_loss": final_loss, "val": val}
+
+        return run.finish(step, results)
 
 
 if __name__ == "__main__":

@@ -49,10 +49,10 @@ def test_cfsm_wiring_generator_frozen_shared_negatives(mini_toy, tmp_path, tiny_
     real_build = train.build_optimizer
     real_load = train.load_generator
 
-    def spy_build(name, groups, **kw):
+    def spy_build(name, groups, *args, **kw):
         groups = list(groups)
         captured["params"] = {id(p) for g in groups for p in g["params"]}
-        return real_build(name, groups, **kw)
+        return real_build(name, groups, *args, **kw)
 
     def spy_load(path):
         captured["generator"] = real_load(path)
