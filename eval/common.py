@@ -162,7 +162,15 @@ def resolve_device(name: str | None = None) -> torch.device:
     """``name`` or, when None/"auto", CUDA if available else CPU."""
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # torch's own text lists 20 device types and names no option
+        raise EvalInputError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvalInputError(f"--device {name!r}: CUDA is not available on this machine; use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise EvalInputError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -259,6 +267,35 @@ def flip_fuse(orig: np.ndarray, flipped: np.ndarray | None) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------------
 # CLI helpers
 # ----------------------------------------------------------------------------------------------------------------
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse names the option and the value when this raises)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def check_output_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """``path`` as a folder that exists or can be created, checked before any work (a file of that name found
+    after hours of embedding would lose the results)."""
+    folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise EvalInputError(f"{flag} {folder} is a file; give a folder for the results")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EvalInputError(f"{flag} {folder}: cannot create the folder ({e.strerror})") from None
+    return folder
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """Arguments shared by the benchmark CLIs: model file, network, device, batching, channel order."""
     parser.add_argument("--model", required=True, help="plain state dict (torch.save(backbone.state_dict()))")
@@ -266,8 +303,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embedding-size", type=int, default=None,
                         help="default: read from the model file (last BatchNorm size)")
     parser.add_argument("--device", default="auto", help="cuda, cuda:1, cpu (default: cuda if available)")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    parser.add_argument("--batch-size", type=positive_int, default=128)
+    parser.add_argument("--workers", type=non_negative_int, default=min(8, os.cpu_count() or 1),
                         help="DataLoader worker processes reading and aligning images (0 = in process)")
     parser.add_argument("--bgr", action="store_true",
                         help="feed BGR (AdaFace-family models); default RGB (CFSM / arcface_torch models)")

@@ -47,6 +47,7 @@ from eval.common import (
     EvalInputError,
     FaceImages,
     add_model_args,
+    check_output_folder,
     embed_dataset,
     landmarks_68_to_5,
     model_from_args,
@@ -314,6 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--save-scores", action="store_true", help="also write the pair scores (.npy)")
     args = ap.parse_args(argv)
     t0 = time.time()
+    out = check_output_folder(args.out)
 
     meta = load_meta(args.root, args.target)
     paths = image_paths(meta)
@@ -355,7 +357,6 @@ def main(argv: list[str] | None = None) -> dict:
               + "  ".join(f"Rank-{k} {100 * v:.2f}" for k, v in r1n["ranks"].items()))
     result["seconds"] = {"embed": t_embed, "total": time.time() - t0}
 
-    out = Path(args.out)
     stem = f"{meta.target}_{name}"
     write_json(out / f"{stem}.json", result)
     with open(out / f"{stem}.csv", "w", newline="") as f:

@@ -41,7 +41,16 @@ from pathlib import Path
 import numpy as np
 
 from eval import metrics
-from eval.common import EvalInputError, FaceImages, add_model_args, embed_dataset, flip_fuse, model_from_args, write_json
+from eval.common import (
+    EvalInputError,
+    FaceImages,
+    add_model_args,
+    check_output_folder,
+    embed_dataset,
+    flip_fuse,
+    model_from_args,
+    write_json,
+)
 
 PROTOCOLS = {
     "V2S": ("cs6_surveillance_to_single-booking_probe.csv", "cs6_surveillance_to_single"),
@@ -122,6 +131,8 @@ def index_frames(frames_dir: Path, frame_list: Path | None) -> dict[Key, list[Pa
     if not frames_dir.is_dir():
         raise EvalInputError(f"frames folder not found: {frames_dir}")
     if frame_list is not None:
+        if not frame_list.is_file():
+            raise EvalInputError(f"--frame-list {frame_list}: file not found (a csv with a 'path' column)")
         with open(frame_list, newline="") as f:
             reader = csv.DictReader(f)
             if reader.fieldnames is None or "path" not in reader.fieldnames:
@@ -175,11 +186,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="results")
     args = ap.parse_args(argv)
     t0 = time.time()
+    out_dir = check_output_folder(args.out)
     pdir = Path(args.protocol_dir)
+    if not pdir.is_dir():
+        raise EvalInputError(f"--protocol-dir {pdir}: folder not found (it holds cs6_metadata.csv and galleries/)")
     protocols = [p.strip().upper() for p in args.protocols.split(",") if p.strip()]
     for p in protocols:
         if p not in PROTOCOLS:
-            raise EvalInputError(f"unknown protocol {p!r}; choices {list(PROTOCOLS)}")
+            raise EvalInputError(f"--protocols {args.protocols!r}: unknown protocol {p!r}; choices {list(PROTOCOLS)}")
+    if not protocols:
+        raise EvalInputError(f"--protocols {args.protocols!r}: name at least one of {list(PROTOCOLS)}")
     video_subjects = read_metadata(pdir / "cs6_metadata.csv")
     probes: dict[str, list[tuple[str, list[Key]]]] = {}
     galleries: dict[str, list[list[tuple[str, list[Key]]]]] = {}
@@ -194,6 +210,9 @@ def main(argv: list[str] | None = None) -> dict:
             probes[probe_file] = tmpl
         galleries[p] = [read_gallery(pdir / "galleries" / f"{gal_prefix}_g{g}.csv") for g in (1, 2)]
 
+    if not Path(args.frames_dir).is_dir():
+        raise EvalInputError(f"--frames-dir {args.frames_dir}: folder not found (aligned frames, "
+                             f"<subject>/videos_<vid>_<frame>.jpg)")
     index = index_frames(Path(args.frames_dir), Path(args.frame_list) if args.frame_list else None)
     all_templates = [t for tl in probes.values() for t in tl] + [
         t for gs in galleries.values() for g in gs for t in g]
@@ -241,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
         }
         print(f"| {p} | " + " | ".join(f"{100 * v:.2f}" for v in list(ranks.values()) + list(tpir.values())) + " |")
     result["seconds"] = time.time() - t0
-    out = Path(args.out) / f"IJBS_{Path(args.model).stem}.json"
+    out = out_dir / f"IJBS_{Path(args.model).stem}.json"
     write_json(out, result)
     print(f"wrote {out}")
     return result

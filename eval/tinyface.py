@@ -29,7 +29,16 @@ from pathlib import Path
 import numpy as np
 
 from eval import metrics
-from eval.common import EvalInputError, FaceImages, add_model_args, embed_dataset, flip_fuse, model_from_args, write_json
+from eval.common import (
+    EvalInputError,
+    FaceImages,
+    add_model_args,
+    check_output_folder,
+    embed_dataset,
+    flip_fuse,
+    model_from_args,
+    write_json,
+)
 
 SPLITS = ("Probe", "Gallery_Match", "Gallery_Distractor")
 ALIGNED_DIR = "aligned_pad_0.1_pad_high"
@@ -73,6 +82,17 @@ def label_of(path: Path) -> int:
         raise EvalInputError(f"cannot read the identity from {path} (expected '<id>_<n>.jpg')") from None
 
 
+def parse_ranks(text: str) -> list[int]:
+    """``--ranks`` "1,5,20" -> [1, 5, 20]; anything but positive integers is an error naming the option."""
+    try:
+        ranks = [int(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        raise EvalInputError(f"--ranks {text!r}: expected comma-separated integers such as 1,5,20") from None
+    if not ranks or min(ranks) < 1:
+        raise EvalInputError(f"--ranks {text!r}: ranks must be integers >= 1, such as 1,5,20")
+    return ranks
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description="TinyFace Rank-1/5/20 (AdaFace protocol)")
     add_model_args(ap)
@@ -83,6 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-flip", action="store_true", help="original image only (the reference uses flip)")
     args = ap.parse_args(argv)
     t0 = time.time()
+    ranks = parse_ranks(args.ranks)
+    out_dir = check_output_folder(args.out)
     root = Path(args.root)
     lists = {s: list_split(root, s, args.aligned_dir) for s in SPLITS}
     probe_labels = np.asarray([label_of(p) for p in lists["Probe"]])
@@ -96,7 +118,6 @@ def main(argv: list[str] | None = None) -> dict:
     )
     feats = metrics.l2_normalize(flip_fuse(orig, flipped))
     n_p = len(lists["Probe"])
-    ranks = [int(r) for r in args.ranks.split(",")]
     res = metrics.identification_ranks(feats[:n_p], probe_labels, feats[n_p:], gallery_labels, ranks=ranks)
     n_mated = int(np.isin(probe_labels, match_labels).sum())
     result = {
@@ -110,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("TinyFace " + "  ".join(f"Rank-{k} {100 * v:.2f}" for k, v in res.items())
           + f"  (over the {n_mated} of {n_p} probes that have a gallery mate; {len(gallery_labels)} gallery incl. "
           f"{result['n_distractor']} distractors)")
-    out = Path(args.out) / f"TinyFace_{Path(args.model).stem}.json"
+    out = out_dir / f"TinyFace_{Path(args.model).stem}.json"
     write_json(out, result)
     print(f"wrote {out}")
     return result

@@ -42,6 +42,8 @@ def _parse_named(items: list[str]) -> dict[str, str]:
         name, sep, path = item.partition("=")
         if not sep:
             name, path = Path(item).parent.name or Path(item).stem, item
+        if not name or not path:
+            raise ValueError(f"generator argument {item!r}: expected NAME=PATH or PATH")
         if name in named:
             raise ValueError(f"generator name {name!r} given twice ({named[name]} and {path}); use NAME=PATH")
         named[name] = path
@@ -103,7 +105,11 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     named = _parse_named(args.generators)
     if len(named) < 2:
-        raise SystemExit("dataset_similarity: give at least two generators")
+        raise ValueError(f"give at least two generators to compare, got {len(named)}: {list(named.values())}")
+    if args.out:
+        from eval.common import check_output_folder
+
+        check_output_folder(args.out)  # before reading any generator
     result = compare_files(named)
     print(format_matrix(result.names, result.similarity, "subspace similarity (mean cos^2 of principal angles):"))
     print(format_matrix(result.names, result.mean_angle_deg, "mean principal angle (degrees):", "{:8.1f}"))

@@ -66,13 +66,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> list[Path]:
     from cfsm import load_generator
     from cfsm.visualize import save_png
+    from eval.common import check_output_folder, resolve_device
 
     args = parse_args(argv)
-    device = torch.device(args.device)
+    # every argument is checked before the generator is loaded and any grid is drawn
+    if args.num_faces < 1:
+        raise ValueError(f"--num-faces must be >= 1, got {args.num_faces}")
+    if min(args.magnitudes) < 0:
+        raise ValueError(f"--magnitudes {args.magnitudes}: a style magnitude |o| is >= 0")
+    if args.tensorboard and Path(args.tensorboard).is_file():
+        raise ValueError(f"--tensorboard {args.tensorboard} is a file; give a folder for the event files")
+    device = resolve_device(args.device)
+    out = check_output_folder(args.out)
     generator = load_generator(args.generator).to(device)
     faces = load_faces(args.faces, args.num_faces, args.seed)
     grids = make_style_grids(generator, faces, args.coefficients, args.magnitudes, args.seed)
-    out = Path(args.out)
     paths = [save_png(g, out / f"style_grid_{i:02d}.png") for i, g in enumerate(grids)]
     if args.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
