@@ -9,12 +9,29 @@ gradients (checked against ../shared/fixtures/compat/margin_losses.npz).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable, ClassVar, Mapping, TypeVar
 
 import torch
 from torch import nn
 
-__all__ = ["MarginLoss", "ArcFace", "CosFace", "CombinedMarginLoss", "AdaFace", "build_margin_loss"]
+__all__ = ["MarginLoss", "ArcFace", "CosFace", "CombinedMarginLoss", "AdaFace", "MARGIN_LOSSES", "register_margin_loss",
+           "build_margin_loss", "margin_loss_from_config"]
+
+# The registry of margin heads: name -> class. Each class declares the config keys it reads (`config_keys`) and how
+# they map to its constructor (`options_from_config`); config validation and train.py derive from this table, so a
+# new head is one class with `@register_margin_loss("name")` plus its tests.
+MARGIN_LOSSES: dict[str, type["MarginLoss"]] = {}
+_Loss = TypeVar("_Loss", bound=type["MarginLoss"])
+
+
+def register_margin_loss(name: str) -> Callable[[_Loss], _Loss]:
+    """Class decorator: make the head available as config `loss = name`."""
+    def add(cls: _Loss) -> _Loss:
+        if name in MARGIN_LOSSES:
+            raise ValueError(f"margin loss {name!r} is registered twice ({MARGIN_LOSSES[name].__name__}, {cls.__name__})")
+        MARGIN_LOSSES[name] = cls
+        return cls
+    return add
 
 
 def _targets(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,18 +44,34 @@ def _targets(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 class MarginLoss(nn.Module):
-    """Base class: `forward(logits, labels, norms=None, update_stats=True) -> scaled logits`."""
+    """Base class: `forward(logits, labels, norms=None, update_stats=True) -> scaled logits`.
+
+    Subclasses declare `config_keys` (the config keys they read) and `options_from_config` (keys -> constructor
+    keywords); the mapping passed in is any `key -> value` lookup, so the head itself knows no config files.
+    """
 
     needs_norms: bool = False
+    config_keys: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def options_from_config(cls, values: Mapping[str, Any]) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, norms: torch.Tensor | None = None,
                 update_stats: bool = True) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
 
+@register_margin_loss("arcface")
 class ArcFace(MarginLoss):
     """CFSM ArcFace: target t = cos θ becomes cos(θ + m) when t > cos(π − m), else the fallback t − m·sin(π − m)
     (keeps the target logit monotonic in θ). Gradients flow through the formula (no straight-through)."""
+
+    config_keys = ("s", "m")
+
+    @classmethod
+    def options_from_config(cls, values: Mapping[str, Any]) -> dict[str, Any]:
+        return dict(s=values["s"], margin=values["m"])
 
     def __init__(self, s: float = 64.0, margin: float = 0.5) -> None:
         super().__init__()
@@ -56,8 +89,15 @@ class ArcFace(MarginLoss):
         return logits.index_put((rows, cols), final) * self.s
 
 
+@register_margin_loss("cosface")
 class CosFace(MarginLoss):
     """CosFace: target logit − m, then × s (gradient is exactly s·upstream)."""
+
+    config_keys = ("s", "m")
+
+    @classmethod
+    def options_from_config(cls, values: Mapping[str, Any]) -> dict[str, Any]:
+        return dict(s=values["s"], m=values["m"])
 
     def __init__(self, s: float = 64.0, m: float = 0.4) -> None:
         super().__init__()
@@ -81,6 +121,7 @@ class _StraightThroughScale(torch.autograd.Function):
         return grad * ctx.s, None, None
 
 
+@register_margin_loss("combined")
 class CombinedMarginLoss(MarginLoss):
     """arcface_torch CombinedMarginLoss(s, m1, m2, m3, interclass_filtering_threshold).
 
@@ -88,6 +129,13 @@ class CombinedMarginLoss(MarginLoss):
     autograd, so the gradient is straight-through (d out / d logits = s). m3 > 0: CosFace branch (target − m3).
     interclass_filtering_threshold > 0: non-target logits above it are zeroed first.
     """
+
+    config_keys = ("s", "margin_list")
+
+    @classmethod
+    def options_from_config(cls, values: Mapping[str, Any]) -> dict[str, Any]:
+        m1, m2, m3 = values["margin_list"]
+        return dict(s=values["s"], m1=m1, m2=m2, m3=m3)
 
     def __init__(self, s: float, m1: float, m2: float, m3: float, interclass_filtering_threshold: float = 0) -> None:
         super().__init__()
@@ -113,6 +161,7 @@ class CombinedMarginLoss(MarginLoss):
         return logits.index_put((rows, cols), logits[rows, cols] - self.m3) * self.s
 
 
+@register_margin_loss("adaface")
 class AdaFace(MarginLoss):
     """CFSM AdaFace(m, h, s, t_alpha): a margin adapted to the feature norm (image quality proxy).
 
@@ -128,6 +177,11 @@ class AdaFace(MarginLoss):
     """
 
     needs_norms = True
+    config_keys = ("m", "adaface_h", "s", "adaface_t_alpha")
+
+    @classmethod
+    def options_from_config(cls, values: Mapping[str, Any]) -> dict[str, Any]:
+        return dict(m=values["m"], h=values["adaface_h"], s=values["s"], t_alpha=values["adaface_t_alpha"])
 
     def __init__(self, m: float = 0.4, h: float = 0.333, s: float = 64.0, t_alpha: float = 0.01,
                  eps: float = 1e-3) -> None:
@@ -163,19 +217,22 @@ class AdaFace(MarginLoss):
         return cosine * self.s
 
 
-_LOSSES: dict[str, type[MarginLoss]] = {
-    "arcface": ArcFace,
-    "cosface": CosFace,
-    "combined": CombinedMarginLoss,
-    "adaface": AdaFace,
-}
+def _lookup(name: str) -> type[MarginLoss]:
+    if name not in MARGIN_LOSSES:
+        raise ValueError(f"unknown margin loss {name!r}; choices: {', '.join(MARGIN_LOSSES)}")
+    return MARGIN_LOSSES[name]
 
 
 def build_margin_loss(name: str, **params: Any) -> MarginLoss:
-    """Build a margin head by name (arcface | cosface | combined | adaface) with its constructor keywords."""
-    if name not in _LOSSES:
-        raise ValueError(f"unknown margin loss {name!r}; choices: {', '.join(_LOSSES)}")
+    """Build a registered margin head by name with its constructor keywords."""
+    cls = _lookup(name)
     try:
-        return _LOSSES[name](**params)
+        return cls(**params)
     except TypeError as e:
         raise TypeError(f"bad parameters {params} for margin loss {name!r}: {e}") from None
+
+
+def margin_loss_from_config(name: str, values: Mapping[str, Any]) -> MarginLoss:
+    """Build head `name` from a `key -> value` mapping (a loaded config): it reads only its declared `config_keys`."""
+    cls = _lookup(name)
+    return cls(**cls.options_from_config(values))

@@ -5,50 +5,67 @@ Toy nets for CPU training (same classes, fewer channels/blocks): r_tiny, mbf_tin
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 from torch import nn
 
-from .iresnet import IResNet
+from .iresnet import IRESNET_LAYERS, IResNet
 from .mobilefacenet import MobileFaceNet
 
-__all__ = ["get_model", "BACKBONE_NAMES", "IResNet", "MobileFaceNet"]
+__all__ = ["get_model", "backbone_from_config", "BACKBONES", "BACKBONE_NAMES", "BACKBONE_CONFIG_KEYS", "BackboneSpec",
+           "IResNet", "MobileFaceNet"]
+
+# Config keys a backbone may read (config key -> get_model keyword). Each registered network declares the subset it
+# honours; config validation refuses a non-default value of a key the chosen network would ignore.
+BACKBONE_CONFIG_KEYS: dict[str, str] = {"embedding_size": "num_features", "dropout": "dropout",
+                                        "use_checkpoint": "use_checkpoint"}
 
 
-def _iresnet(layers, widths=(64, 128, 256, 512), stem_stride: int = 1) -> Callable[..., nn.Module]:
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A registered network: its builder and the config keys (of BACKBONE_CONFIG_KEYS) it honours."""
+
+    build: Callable[..., nn.Module]
+    config_keys: tuple[str, ...]
+
+
+def _iresnet(layers, widths=(64, 128, 256, 512), stem_stride: int = 1) -> BackboneSpec:
     def build(num_features: int, dropout: float, fp16: bool, **kw: Any) -> nn.Module:
         kw.setdefault("widths", widths)
         kw.setdefault("stem_stride", stem_stride)
         return IResNet(layers, num_features=num_features, dropout=dropout, fp16=fp16, **kw)
 
-    return build
+    return BackboneSpec(build, ("embedding_size", "dropout", "use_checkpoint"))
 
 
-def _mbf(blocks=(1, 4, 6, 2), channels=128) -> Callable[..., nn.Module]:
-    def build(num_features: int, dropout: float, fp16: bool, **kw: Any) -> nn.Module:
-        kw.pop("use_checkpoint", None)  # MobileFaceNet is small; checkpointing is not offered
+def _mbf(blocks=(1, 4, 6, 2), channels=128) -> BackboneSpec:
+    def build(num_features: int, dropout: float, fp16: bool, use_checkpoint: bool = False, **kw: Any) -> nn.Module:
         if dropout:
             raise ValueError(f"mbf has no dropout layer; got dropout={dropout}")
+        if use_checkpoint:
+            raise ValueError("mbf does not offer activation checkpointing (it is small); got use_checkpoint=True")
         kw.setdefault("blocks", blocks)
         kw.setdefault("channels", channels)
         return MobileFaceNet(fp16=fp16, num_features=num_features, **kw)
 
-    return build
+    return BackboneSpec(build, ("embedding_size",))
 
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {
-    "r18": _iresnet((2, 2, 2, 2)),
-    "r34": _iresnet((3, 4, 6, 3)),
-    "r50": _iresnet((3, 4, 14, 3)),
-    "r100": _iresnet((3, 13, 30, 3)),
-    "r200": _iresnet((6, 26, 60, 6)),
+# The registry behind config keys `network` / `id_network`: a new architecture is one entry plus its tests.
+BACKBONES: dict[str, BackboneSpec] = {
+    "r18": _iresnet(IRESNET_LAYERS[18]),
+    "r34": _iresnet(IRESNET_LAYERS[34]),
+    "r50": _iresnet(IRESNET_LAYERS[50]),
+    "r100": _iresnet(IRESNET_LAYERS[100]),
+    "r200": _iresnet(IRESNET_LAYERS[200]),
     "mbf": _mbf(),
     # toy nets: same code path, a fraction of the width/depth, for 2-core CPU training
     "r_tiny": _iresnet((1, 1, 1, 1), widths=(16, 32, 64, 128), stem_stride=2),
     "mbf_tiny": _mbf(blocks=(1, 1, 2, 1), channels=32),
 }
 
-BACKBONE_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+BACKBONE_NAMES: tuple[str, ...] = tuple(BACKBONES)
 
 
 def get_model(name: str, num_features: int = 512, dropout: float = 0.0, fp16: bool = False, **kw: Any) -> nn.Module:
@@ -57,6 +74,14 @@ def get_model(name: str, num_features: int = 512, dropout: float = 0.0, fp16: bo
     Extra keywords go to the class: IResNet accepts `use_checkpoint`, `widths`, `input_size`, `stem_stride`;
     MobileFaceNet accepts `blocks`, `channels`, `input_size`.
     """
-    if name not in _REGISTRY:
+    if name not in BACKBONES:
         raise ValueError(f"unknown backbone name {name!r}; choices: {', '.join(BACKBONE_NAMES)}")
-    return _REGISTRY[name](num_features, dropout, fp16, **kw)
+    return BACKBONES[name].build(num_features, dropout, fp16, **kw)
+
+
+def backbone_from_config(name: str, values: Mapping[str, Any]) -> nn.Module:
+    """Build backbone `name` reading the config keys it declares from `values` (any key -> value map)."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone name {name!r}; choices: {', '.join(BACKBONE_NAMES)}")
+    options = {BACKBONE_CONFIG_KEYS[key]: values[key] for key in BACKBONES[name].config_keys}
+    return get_model(name, **options)

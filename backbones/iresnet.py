@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 __all__ = ["IBasicBlock", "IResNet", "IRESNET_LAYERS", "autocast_dtype"]
 
-# Blocks per stage of the released depths.
+# Blocks per stage of the released depths (backbones.BACKBONES builds r18 ... r200 from it).
 IRESNET_LAYERS: dict[int, tuple[int, int, int, int]] = {
     18: (2, 2, 2, 2),
     34: (3, 4, 6, 3),
@@ -94,7 +94,6 @@ class IResNet(nn.Module):
         self.fp16 = fp16
         self.use_checkpoint = use_checkpoint
         self.num_features = num_features
-        self.extra_gflops = 0.0
         self.inplanes = widths[0]
         self.conv1 = _conv3x3(3, self.inplanes, stem_stride)
         self.bn1 = nn.BatchNorm2d(self.inplanes, eps=_BN_EPS)

@@ -72,3 +72,133 @@ def test_missing_config_lists_available():
 def test_override_needs_equals():
     with pytest.raises(ConfigError, match="key=value"):
         apply_overrides(base_config(), ["lr"])
+
+
+# ---- registries: the choices and keys of `network`, `loss`, `optimizer` come from the model modules ----
+class _RecordingConfig(dict):
+    """A config mapping that records which keys were read."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.read = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+
+@pytest.mark.parametrize("name", sorted(__import__("losses").MARGIN_LOSSES))
+def test_each_margin_loss_reads_exactly_its_declared_keys(name):
+    from losses import MARGIN_LOSSES, margin_loss_from_config
+
+    cfg = _RecordingConfig(load_config("configs/arcface_ms1mv2_r50", [f"loss={name}"]))
+    head = margin_loss_from_config(name, cfg)
+    assert isinstance(head, MARGIN_LOSSES[name])
+    assert cfg.read == set(MARGIN_LOSSES[name].config_keys) and cfg.read <= set(base_config())
+
+
+def test_a_registered_margin_loss_is_a_config_choice(monkeypatch):
+    """Adding a head is one registry entry: config validation and train.py's builder pick it up."""
+    from losses import MARGIN_LOSSES, CosFace, margin_loss_from_config
+
+    class HalfCosFace(CosFace):
+        config_keys = ("s",)
+
+        @classmethod
+        def options_from_config(cls, values):
+            return dict(s=values["s"], m=0.2)
+
+    monkeypatch.setitem(MARGIN_LOSSES, "halfcos", HalfCosFace)
+    cfg = load_config("configs/arcface_ms1mv2_r50", ["loss=halfcos"])
+    head = margin_loss_from_config(cfg.loss, cfg)
+    assert isinstance(head, HalfCosFace) and head.m == 0.2
+    monkeypatch.delitem(MARGIN_LOSSES, "halfcos")
+    with pytest.raises(ConfigError, match=r"'loss' = 'halfcos'.*choices: arcface, cosface, combined, adaface"):
+        load_config("configs/arcface_ms1mv2_r50", ["loss=halfcos"])
+
+
+def test_a_registered_optimizer_is_a_config_choice_and_gets_only_its_keys(monkeypatch):
+    import torch
+
+    from utils.optim import OPTIMIZERS, OptimizerSpec, build_optimizer
+
+    monkeypatch.setitem(OPTIMIZERS, "rmsprop", OptimizerSpec(torch.optim.RMSprop, {"lr": "lr", "momentum": "momentum"}))
+    cfg = load_config("configs/arcface_ms1mv2_r50", ["optimizer=rmsprop", "lr=0.03", "momentum=0.5"])
+    opt = build_optimizer(cfg.optimizer, [{"params": [torch.nn.Parameter(torch.zeros(2))]}], config=cfg)
+    assert isinstance(opt, torch.optim.RMSprop)
+    assert opt.defaults["lr"] == 0.03 and opt.defaults["momentum"] == 0.5 and opt.defaults["weight_decay"] == 0
+    adamw = build_optimizer("adamw", [{"params": [torch.nn.Parameter(torch.zeros(2))]}], config=cfg)
+    assert "momentum" not in adamw.defaults and adamw.defaults["lr"] == 0.03
+
+
+def test_a_registered_backbone_is_a_config_choice(monkeypatch):
+    from backbones import BACKBONES
+
+    monkeypatch.setitem(BACKBONES, "r_mini", BACKBONES["r_tiny"])
+    assert load_config("configs/toy", ["network=r_mini", "id_network=r_mini"]).network == "r_mini"
+    with pytest.raises(ConfigError, match=r"'network' = 'r_nano'.*choices:.*r_tiny"):
+        load_config("configs/toy", ["network=r_nano"])
+    with pytest.raises(ConfigError, match=r"'id_network' = 'r_nano'"):
+        load_config("configs/toy", ["id_network=r_nano"])
+
+
+@pytest.mark.parametrize("override, key", [("dropout=0.2", "dropout"), ("use_checkpoint=True", "use_checkpoint")])
+def test_a_key_the_network_would_ignore_is_refused(override, key):
+    with pytest.raises(ConfigError, match=rf"'{key}'.*network mbf does not use it"):
+        load_config("configs/toy", ["network=mbf", override])
+
+
+def test_unsupported_combined_margins_are_refused_at_load():
+    with pytest.raises(ConfigError, match=r"margin_list of loss='combined'.*m1=1.35"):
+        load_config("configs/toy", ["loss=combined", "margin_list=(1.35, 0.0, 0.0)"])
+
+
+# ---- value ranges (issue 10 §7): every numeric key of base.py is checked at load, naming key and value ----
+def test_every_numeric_base_key_has_a_range_rule():
+    from utils.config import NUMERIC_RULES
+
+    numeric = {k for k, v in base_config().items()
+               if (isinstance(v, (int, float)) and not isinstance(v, bool)) or isinstance(v, (list, tuple)) and v
+               and all(isinstance(x, (int, float, list, tuple)) for x in v)}
+    assert numeric | {"num_classes", "num_image"} <= set(NUMERIC_RULES) <= set(base_config())
+
+
+@pytest.mark.parametrize("override", [
+    "clip_grad_norm=-1", "frequent=0", "embedding_size=0", "val_batch_size=0", "momentum=1.0", "momentum=1.5", "s=0",
+    "s=-64", "dist_timeout_s=0", "lr=0", "lr=-0.1", "weight_decay=-1e-4", "num_workers=-1", "seed=-1", "m=-0.1",
+    "m=3.5", "dropout=1.0", "adaface_t_alpha=0", "adaface_h=0", "lr_power=-1", "max_nonfinite_steps=0",
+    "image_every=-1", "verbose=-5", "num_epoch=0", "warmup_epoch=-1", "warmup_epoch=30", "num_classes=0",
+    "num_image=0", "gen_lr=0", "gen_betas=(1.0, 0.9)", "gen_dim=0", "id_embedding_size=0", "gen_n_residual=-1",
+    "id_distance_range=(1.0, 1.0, 0.0, 0.5)", "lambda_id_schedule=[(0, -1.0)]", "margin_list=(1.0, 0.5)",
+    "lr=1e999", "gradient_acc=0", "keep_checkpoints=0", "sample_rate=0", "val_targets=['']"])
+def test_out_of_range_values_name_key_and_value(override):
+    key, value = override.split("=", 1)
+    with pytest.raises(ConfigError, match=rf"config key '{key}' = .*: must|config key '{key}'"):
+        load_config("configs/arcface_ms1mv2_r50", [override])
+
+
+def test_clip_grad_norm_zero_still_means_off_and_the_message_says_so():
+    assert load_config("configs/toy", ["clip_grad_norm=0"]).clip_grad_norm == 0
+    with pytest.raises(ConfigError, match=r"'clip_grad_norm' = -1.0: must be >= 0 \(0 = no clipping"):
+        load_config("configs/toy", ["clip_grad_norm=-1"])
+
+
+def test_tilde_is_expanded_in_every_path_key(tmp_path, monkeypatch):
+    from utils.config import PATH_KEYS
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    gen = tmp_path / "g.pth"
+    cfg = load_config("configs/toy", [f"{key}=~/x/{key}" for key in PATH_KEYS if key != "pretrained_synthesis_model"]
+                      + ["rs_ratio=0.5", "pretrained_synthesis_model=~/g.pth"])
+    for key in PATH_KEYS:
+        assert cfg[key].startswith(str(tmp_path)) and "~" not in cfg[key], (key, cfg[key])
+    assert cfg.pretrained_synthesis_model == str(gen)
+
+
+@pytest.mark.parametrize("override", ["degrade_resize_prob=1.5", "degrade_resize_range=(64, 16)",
+                                      "degrade_jpeg_quality=(0, 60)", "degrade_noise_std=(-1.0, 2.0)"])
+def test_degradation_values_are_checked(override):
+    if "degrade_resize_prob" not in base_config():
+        pytest.skip("degradation keys not in configs/base.py yet")
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        load_config("configs/toy", [override])

@@ -1,6 +1,9 @@
 """Config loading: `configs/base.py` holds every key; a job config overrides some; `key=value` overrides last.
 
-Unknown keys are an error everywhere (a typo must not silently train with a default).
+Unknown keys are an error everywhere (a typo must not silently train with a default), and every value is checked at
+load (`validate`): numeric ranges (`NUMERIC_RULES`, one rule per numeric key of base.py) and the choices of
+`network`, `loss` and `optimizer`, which come from the registries in `backbones`, `losses` and `utils.optim` (the one
+place a new architecture, margin head or optimizer is declared). `~` is expanded in every path key (`PATH_KEYS`).
 """
 from __future__ import annotations
 
@@ -8,12 +11,18 @@ import ast
 import difflib
 import importlib
 import importlib.util
+import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from easydict import EasyDict
+
+# The registries are plain name -> (class, declared config keys) tables; importing them builds no model.
+from backbones import BACKBONE_CONFIG_KEYS, BACKBONES
+from losses import MARGIN_LOSSES, margin_loss_from_config
+from utils.optim import OPTIMIZERS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,8 +40,111 @@ _FLEXIBLE_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
+# Keys holding a file or folder path: `~` is expanded at load.
+PATH_KEYS: tuple[str, ...] = ("rec", "output", "pretrained_synthesis_model", "pretrained_backbone_model", "target",
+                              "id_model", "init_generator")
+
+
 class ConfigError(ValueError):
     """A config file, key or value is wrong; the message names it."""
+
+
+def _numbers(value: Any, count: int | None = None) -> bool:
+    """A list/tuple of finite real numbers (of length `count` when given)."""
+    return isinstance(value, (list, tuple)) and (count is None or len(value) == count) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+
+
+def _range(low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False,
+           none_ok: bool = False, note: str = "") -> tuple[Callable[[Any], bool], str]:
+    """A rule `(check, text)` for one number in [low, high] (bounds optional, open when *_open)."""
+    def check(v: Any) -> bool:
+        if v is None:
+            return none_ok
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return False
+        return ((low is None or (v > low if low_open else v >= low))
+                and (high is None or (v < high if high_open else v <= high)))
+
+    if low is not None and high is not None:
+        text = f"must be in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        text = f"must be {'>' if low_open else '>='} {low:g}"
+    else:
+        text = f"must be {'<' if high_open else '<='} {high:g}"
+    text += " or None" if none_ok else ""
+    return check, text + (f" ({note})" if note else "")
+
+
+def _interval(low: float, high: float | None, what: str, low_open: bool = False) -> tuple[Callable[[Any], bool], str]:
+    """A rule for a (min, max) pair with low <= min <= max <= high."""
+    def check(v: Any) -> bool:
+        return _numbers(v, 2) and (v[0] > low if low_open else v[0] >= low) and v[0] <= v[1] and (
+            high is None or v[1] <= high)
+
+    bounds = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+    return check, f"must be (min, max) with min <= max, both {bounds} ({what})"
+
+
+# One range rule per numeric key of configs/base.py (tests/test_config.py checks that none is missing).
+NUMERIC_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "num_classes": _range(1, none_ok=True, note="None = read from the data"),
+    "num_image": _range(1, none_ok=True, note="None = read from the data"),
+    "num_workers": _range(0, note="0 = load in the training process"),
+    "val_batch_size": _range(1),
+    "embedding_size": _range(1),
+    "dropout": _range(0, 1, high_open=True),
+    "s": _range(0, low_open=True, note="the logit scale; 64 is usual"),
+    "m": _range(0, math.pi, high_open=True, note="the margin; 0.5 for arcface, 0.4 for cosface/adaface"),
+    "margin_list": (lambda v: _numbers(v, 3), "must be three numbers (m1, m2, m3)"),
+    "adaface_h": _range(0, low_open=True),
+    "adaface_t_alpha": _range(0, 1, low_open=True, note="EMA rate"),
+    "sample_rate": _range(0, 1, low_open=True),
+    "lr": _range(0, low_open=True),
+    "momentum": _range(0, 1, high_open=True, note="momentum >= 1 makes SGD diverge"),
+    "weight_decay": _range(0),
+    "batch_size": _range(1),
+    "gradient_acc": _range(1),
+    "num_epoch": _range(1),
+    "warmup_epoch": _range(0),
+    "lr_power": _range(0, note="0 = constant lr after warm-up"),
+    "clip_grad_norm": _range(0, note="0 = no clipping; a negative max norm would flip the gradient"),
+    "max_nonfinite_steps": _range(1),
+    "rs_ratio": _range(0, 1, note="the share of clean images"),
+    "epsilon": _range(0),
+    "alpha": _range(0),
+    "k": _range(0, note="number of attack steps"),
+    "seed": _range(0, 2**31, high_open=True),
+    "max_steps": _range(0, note="0 = full schedule"),
+    "save_every": _range(0, note="0 = only at the end"),
+    "keep_checkpoints": _range(1),
+    "dist_timeout_s": _range(0, low_open=True, note="seconds before a stuck rank fails the job"),
+    "frequent": _range(1, note="log every N steps"),
+    "verbose": _range(0, note="verification every N steps; 0 = only at the end"),
+    "image_every": _range(0, note="0 = never"),
+    "id_embedding_size": _range(1),
+    "gen_dim": _range(1),
+    "gen_n_downsample": _range(0),
+    "gen_n_residual": _range(0),
+    "gen_latent_dim": _range(1),
+    "gen_style_dim": _range(1),
+    "gen_lr": _range(0, low_open=True),
+    "gen_betas": (lambda v: _numbers(v, 2) and all(0 <= b < 1 for b in v), "must be two numbers in [0, 1)"),
+    "lambda_id_schedule": (lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(
+        _numbers(item, 2) and item[0] >= 0 and item[1] >= 0 for item in v),
+        "must be a non-empty list of (start_epoch >= 0, lambda_id >= 0) pairs"),
+    "id_distance_range": (lambda v: _numbers(v, 4) and v[0] != v[1], "must be four numbers (la, ua, lm, um), la != ua"),
+    "degrade_resize_prob": _range(0, 1, note="a probability"),
+    "degrade_resize_range": _interval(1, 112, "sides in pixels"),
+    "degrade_blur_prob": _range(0, 1, note="a probability"),
+    "degrade_blur_sigma": _interval(0, None, "sigmas in pixels", low_open=True),
+    "degrade_color_prob": _range(0, 1, note="a probability"),
+    "degrade_color_strength": _range(0, 1, high_open=True, note="factors ~ U(1 - strength, 1 + strength)"),
+    "degrade_noise_prob": _range(0, 1, note="a probability"),
+    "degrade_noise_std": _interval(0, None, "std on the 0..255 scale"),
+    "degrade_jpeg_prob": _range(0, 1, note="a probability"),
+    "degrade_jpeg_quality": _interval(1, 100, "JPEG quality"),
+}
 
 
 def _close_matches(key: str, known: Iterable[str]) -> str:
@@ -144,34 +256,41 @@ def load_config(config: str, overrides: Iterable[str] = ()) -> EasyDict:
             cfg[key] = check_type(key, value, cfg[key], source=str(path))
     cfg.config_name = path.stem
     apply_overrides(cfg, overrides)
+    for key in PATH_KEYS:
+        if isinstance(cfg.get(key), str):
+            cfg[key] = os.path.expanduser(cfg[key])
     validate(cfg)
     return cfg
 
 
 def validate(cfg: EasyDict) -> None:
-    """Range checks that need no data or files."""
+    """Value checks that need no data or files: ranges, registry choices, combinations."""
     def need(cond: bool, key: str, what: str) -> None:
         if not cond:
             raise ConfigError(f"config key '{key}' = {cfg[key]!r}: {what}")
 
-    need(0.0 <= cfg.rs_ratio <= 1.0, "rs_ratio", "must be in [0, 1] (the share of clean images)")
-    need(cfg.k >= 0, "k", "must be >= 0 (number of attack steps)")
-    need(cfg.epsilon >= 0, "epsilon", "must be >= 0")
-    need(cfg.alpha >= 0, "alpha", "must be >= 0")
-    need(cfg.batch_size > 0, "batch_size", "must be > 0")
-    need(0.0 < cfg.sample_rate <= 1.0, "sample_rate", "must be in (0, 1]")
+    for key, (check, text) in NUMERIC_RULES.items():
+        if key in cfg:
+            need(check(cfg[key]), key, text)
+    need(cfg.network in BACKBONES, "network", f"choices: {', '.join(BACKBONES)}")
+    need(cfg.id_network in BACKBONES, "id_network", f"choices: {', '.join(BACKBONES)}")
+    need(cfg.loss in MARGIN_LOSSES, "loss", f"choices: {', '.join(MARGIN_LOSSES)}")
+    need(cfg.optimizer in OPTIMIZERS, "optimizer", f"choices: {', '.join(OPTIMIZERS)}")
+    defaults = base_config()
+    for key in BACKBONE_CONFIG_KEYS:  # a value the chosen network would silently ignore is a mistake
+        need(key in BACKBONES[cfg.network].config_keys or cfg[key] == defaults[key], key,
+             f"network {cfg.network} does not use it; leave it at {defaults[key]!r} or choose another network")
+    try:  # the head's own constructor checks combinations (e.g. combined margins it does not implement)
+        margin_loss_from_config(cfg.loss, cfg)
+    except (ValueError, TypeError) as exc:
+        keys = ", ".join(MARGIN_LOSSES[cfg.loss].config_keys)
+        raise ConfigError(f"config keys {keys} of loss={cfg.loss!r}: {exc}") from None
     need(cfg.resume in (True, False, "auto"), "resume", "must be False, True or \"auto\"")
-    need(cfg.max_steps >= 0, "max_steps", "must be >= 0 (0 = full schedule)")
-    need(cfg.save_every >= 0, "save_every", "must be >= 0 (0 = only at the end)")
-    need(cfg.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
-    need(cfg.gradient_acc >= 1, "gradient_acc", "must be >= 1")
-    need(cfg.loss in ("arcface", "cosface", "combined", "adaface"), "loss", "choices: arcface, cosface, combined, adaface")
-    need(len(cfg.margin_list) == 3, "margin_list", "must be (m1, m2, m3)")
-    need(cfg.optimizer in ("sgd", "adamw"), "optimizer", "choices: sgd, adamw")
     need(not (cfg.fp16 and cfg.bf16), "fp16", "fp16 and bf16 cannot both be True")
     need(cfg.device in ("auto", "cpu", "cuda"), "device", "choices: auto, cpu, cuda")
-    need(cfg.num_epoch > 0, "num_epoch", "must be > 0")
-    need(cfg.warmup_epoch >= 0, "warmup_epoch", "must be >= 0")
+    need(cfg.warmup_epoch <= cfg.num_epoch, "warmup_epoch", f"must be <= num_epoch ({cfg.num_epoch})")
+    need(isinstance(cfg.val_targets, (list, tuple)) and all(isinstance(v, str) and v for v in cfg.val_targets),
+         "val_targets", "must be a list of .bin set names, e.g. ['lfw', 'cfp_fp'] (files <rec>/<name>.bin)")
     if cfg.rs_ratio < 1.0:
         need(bool(cfg.pretrained_synthesis_model), "pretrained_synthesis_model",
              "rs_ratio < 1 synthesizes faces and needs a generator file (train one with "

@@ -1,20 +1,35 @@
 """Optimizer and the polynomial learning-rate schedule with linear warm-up (as arcface_torch)."""
 from __future__ import annotations
 
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
 
-def build_optimizer(name: str, param_groups: Iterable[dict], lr: float, momentum: float,
-                    weight_decay: float) -> torch.optim.Optimizer:
-    """SGD (honours `momentum`) or AdamW; `foreach` kernels where the device supports them."""
-    groups = list(param_groups)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"config key 'optimizer' = {name!r}: choices are 'sgd', 'adamw'")
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """A registered optimizer: its constructor and the config keys it reads (config key -> constructor keyword)."""
+
+    build: Callable[..., torch.optim.Optimizer]
+    config_keys: dict[str, str]
+
+
+# The registry behind config key `optimizer`: config validation and train.py derive the choices and keys from it, so
+# a new optimizer is one entry here plus its tests. A key an optimizer does not read (e.g. `momentum` for AdamW) is
+# not passed to it.
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    "sgd": OptimizerSpec(torch.optim.SGD, {"lr": "lr", "momentum": "momentum", "weight_decay": "weight_decay"}),
+    "adamw": OptimizerSpec(torch.optim.AdamW, {"lr": "lr", "weight_decay": "weight_decay"}),
+}
+
+
+def build_optimizer(name: str, param_groups: Iterable[dict], config: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """Optimizer `name` over `param_groups`, reading its declared config keys from `config` (any key -> value map)."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"config key 'optimizer' = {name!r}: choices are {', '.join(map(repr, OPTIMIZERS))}")
+    spec = OPTIMIZERS[name]
+    return spec.build(list(param_groups), **{kw: config[key] for key, kw in spec.config_keys.items()})
 
 
 class PolyScheduler(torch.optim.lr_scheduler.LRScheduler):
