@@ -369,3 +369,19 @@ def test_ijbs_bad_inputs(ijbs_root: Path, tmp_path: Path) -> None:
     lst.write_text("file\n1/weird.jpg\n")
     with pytest.raises(EvalInputError, match="needs a 'path' column"):
         ijbs.index_frames(tmp_path / "fr", lst)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# .bin verification
+# ---------------------------------------------------------------------------------------------------------------
+def test_empty_bin_names_the_file(tmp_path: Path) -> None:
+    import pickle
+
+    from eval import verification
+    from utils.binfile import BinFileError
+
+    path = tmp_path / "empty.bin"
+    path.write_bytes(pickle.dumps(([], []), protocol=4))  # a valid pickle with no pair: used to embed 0 images
+    with pytest.raises(BinFileError, match=rf"{path}: holds no pairs"):
+        verification.main(["--model", str(_save_model(tmp_path / "m.pt")), "--network", "r_tiny", "--bin", str(path),
+                           *COMMON])

@@ -104,6 +104,9 @@ def load_bin(path: str | os.PathLike, image_size: tuple[int, int] = (112, 112)) 
         raise BinFileError(
             f"{path}: {len(bins)} images but {len(issame_list)} pairs in issame_list (need {2 * len(issame_list)})"
         )
+    if len(issame_list) == 0:  # would otherwise surface as "embedded 0 images, expected 0", naming no file
+        raise BinFileError(f"{path}: holds no pairs (empty bins and issame_list): nothing to verify; re-create it "
+                           f"(utils.binfile.write_bin) or remove it from val_targets / --bin")
     images = np.empty((len(bins), 3, image_size[0], image_size[1]), dtype=np.uint8)
     for i, buf in enumerate(bins):
         images[i] = _decode(buf, path, i, image_size).transpose(2, 0, 1)
