@@ -6,8 +6,10 @@ Items are ``(image float32 [3,112,112] RGB in [-1,1], label int64 scalar tensor)
 """
 from __future__ import annotations
 
+import math
 import os
 import random
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -44,7 +46,8 @@ class DataError(ValueError):
 
 def decode_image(buf: bytes, where: str) -> np.ndarray:
     """Decode encoded image bytes to RGB uint8 HxWx3 (OpenCV); ``where`` names file/key in the error."""
-    img = cv2.imdecode(np.frombuffer(buf, dtype=np.uint8), cv2.IMREAD_COLOR_RGB)
+    # OpenCV asserts (``!buf.empty()``, naming nothing) on empty input instead of returning None.
+    img = cv2.imdecode(np.frombuffer(buf, dtype=np.uint8), cv2.IMREAD_COLOR_RGB) if len(buf) else None
     if img is None:
         raise DataError(f"{where}: could not decode image ({len(buf)} bytes)")
     if img.shape[:2] != IMAGE_SIZE:
@@ -95,11 +98,19 @@ class _FaceDatasetBase(Dataset):
             raise DataError(f"{where}: label {label} outside [0, {self.num_classes})")
 
 
+def _integer_label(value: float, where: str) -> int:
+    """A record's float label as an int; NaN, inf and fractions are a ``DataError`` naming ``where``."""
+    value = float(value)
+    if not math.isfinite(value) or value != int(value):
+        raise DataError(f"{where}: label {value} is not an integer (identity labels are 0, 1, 2, ...)")
+    return int(value)
+
+
 class MXFaceDataset(_FaceDatasetBase):
     """InsightFace ``train.rec``/``train.idx`` in ``root_dir`` (header-record layout or no-header layout)."""
 
     def __init__(self, root_dir: str | os.PathLike, augment: bool = True) -> None:
-        self.root_dir = Path(root_dir)
+        self.root_dir = Path(os.path.expanduser(root_dir))
         self.augment = augment
         rec, idx = self.root_dir / "train.rec", self.root_dir / "train.idx"
         for p in (rec, idx):
@@ -115,18 +126,39 @@ class MXFaceDataset(_FaceDatasetBase):
         if header is not None:
             if header.size < 2:
                 raise DataError(f"{rec}: key 0 header record has label {header.tolist()}, expected [a, b]")
-            a, b = int(header[0]), int(header[1])
+            a = _integer_label(header[0], f"{rec} key 0 (header record [a, b])")
+            b = _integer_label(header[1], f"{rec} key 0 (header record [a, b])")
             self.imgidx = np.arange(1, a, dtype=np.int64)
             self.num_classes = b - a
             missing = [k for k in (1, a - 1) if k not in self.reader] if a > 1 else []
             if missing:
                 raise DataError(f"{idx}: header says images are keys 1..{a - 1} but key {missing[0]} is not indexed")
+            if a > 1:
+                self._check_header_range(a, b)
         else:
             self.imgidx = np.array(sorted(self.reader.keys), dtype=np.int64)
             self.num_classes = self._classes_without_header()
         self.num_images = len(self.imgidx)
         if self.num_images == 0 or self.num_classes <= 0:
             raise DataError(f"{rec}: no images ({self.num_images}) or no classes ({self.num_classes})")
+
+    def _check_header_range(self, a: int, b: int) -> None:
+        """The header's image range must end on an image, and should cover every image the ``.idx`` holds."""
+        rec, idx = self.rec_path, self.reader.idx_path
+        h, labels, body = self.reader.read_unpacked(a - 1)
+        if h.flag >= 2 and not body:  # an identity record [first_key, end_key): no image bytes
+            raise DataError(
+                f"{rec}: header record (key 0) says images are keys 1..{a - 1} and identities {a}..{b - 1}, but key "
+                f"{a - 1} is an identity record (label {labels.tolist()}, no image): the header range covers identity "
+                f"records; fix the header (write_face_rec / tools/pack_rec.py write a correct one) or re-pack"
+            )
+        held = len(self.reader) - 1 - self.reader.count_keys(a, b)  # keys other than the header and identities
+        if held > a - 1:
+            warnings.warn(
+                f"{rec}: header record (key 0) lists {a - 1} images (keys 1..{a - 1}) but {idx} holds {held} image "
+                f"records: training uses only the {a - 1} the header lists; re-pack (tools/pack_rec.py) to use all",
+                stacklevel=3,
+            )
 
     def _classes_without_header(self) -> int:
         prop = self.root_dir / "property"
@@ -140,7 +172,7 @@ class MXFaceDataset(_FaceDatasetBase):
         top = -1
         for k in self.imgidx:
             _, labels, _ = self.reader.read_unpacked(int(k))
-            top = max(top, int(labels[0]))
+            top = max(top, _integer_label(labels[0], f"{self.rec_path} key {int(k)}"))
         return top + 1
 
     def read_image(self, index: int) -> tuple[np.ndarray, int]:
@@ -148,9 +180,7 @@ class MXFaceDataset(_FaceDatasetBase):
         key = int(self.imgidx[index])
         where = f"{self.rec_path} key {key}"
         _, labels, body = self.reader.read_unpacked(key)
-        label = int(labels[0])
-        if label != labels[0]:
-            raise DataError(f"{where}: label {float(labels[0])} is not an integer")
+        label = _integer_label(labels[0], where)
         self._check_label(label, where)
         return decode_image(body, where), label
 
@@ -164,7 +194,7 @@ class ImageFolderDataset(_FaceDatasetBase):
     """``root_dir/<identity>/<image>``: labels are the sorted sub-folder order; images must be 112x112 crops."""
 
     def __init__(self, root_dir: str | os.PathLike, augment: bool = True) -> None:
-        self.root_dir = Path(root_dir)
+        self.root_dir = Path(os.path.expanduser(root_dir))
         self.augment = augment
         if not self.root_dir.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root_dir}")
@@ -230,9 +260,14 @@ def build_dataset(
         if num_classes is None or num_image is None:
             raise DataError("rec='synthetic' needs num_classes and num_image")
         return SyntheticDataset(num_classes, num_image)
-    root = Path(rec)
+    root = Path(os.path.expanduser(str(rec)))
     if not root.exists():
         raise FileNotFoundError(f"dataset not found: {root}")
+    if root.is_file():
+        raise DataError(
+            f"rec={str(rec)!r} is a file; rec is the folder holding train.rec and train.idx (or an image folder): "
+            f"set rec={str(root.parent)!r}"
+        )
     if (root / "train.rec").exists() or (root / "train.idx").exists():
         ds: _FaceDatasetBase = MXFaceDataset(root, augment=augment)
     else:

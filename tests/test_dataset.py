@@ -237,3 +237,94 @@ def test_cuda_prefetcher_matches_cpu_loader(mxrec):
     for (a, la), (b, lb) in zip(cpu, gpu):
         assert b.is_cuda and lb.is_cuda
         assert torch.equal(a, b.cpu()) and torch.equal(la, lb.cpu())
+
+
+# ---- issue 11: header vs index, empty images, bad labels, rec= a file, ~ --------------------------------------------
+
+
+def _rewrite(folder, replace):
+    """Re-write folder's train.rec/.idx with the payloads of `replace` ({key: payload}) swapped in."""
+    from utils.recordio import IndexedRecordReader
+
+    r = IndexedRecordReader(folder / "train.rec")
+    payloads = {int(k): r.read(k) for k in r.keys}
+    r.close()
+    payloads.update(replace)
+    with IndexedRecordWriter(folder / "train.rec", folder / "train.idx") as w:
+        for k, p in payloads.items():
+            w.write(k, p)
+    return folder
+
+
+def _four_images(tmp_path):
+    # keys: 0 header [5, 7]; 1..4 images (labels 0, 0, 1, 1); 5, 6 identity records
+    write_face_rec(tmp_path, iter([(0, _jpeg(0)), (0, _jpeg(1)), (1, _jpeg(2)), (1, _jpeg(3))]), 2)
+    return tmp_path
+
+
+def _header(a, b):
+    return pack_record(IRHeader(0, 0.0, 0, 0), b"", label_array=[a, b])
+
+
+def test_header_range_covering_identity_records_is_refused(tmp_path):
+    _rewrite(_four_images(tmp_path), {0: _header(6, 8)})
+    with pytest.raises(DataError, match=r"train\.rec: header record \(key 0\) says images are keys 1\.\.5 .* key 5 is "
+                                        r"an identity record \(label \[1\.0, 3\.0\]"):
+        MXFaceDataset(tmp_path)
+
+
+def test_header_listing_fewer_images_than_index_warns_with_both_counts(tmp_path):
+    _rewrite(_four_images(tmp_path), {0: _header(4, 6)})
+    with pytest.warns(UserWarning, match=r"lists 3 images \(keys 1\.\.3\) but .*train\.idx holds 4 image records"):
+        ds = MXFaceDataset(tmp_path)
+    assert ds.num_images == 3
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MXFaceDataset(_four_images(tmp_path / "good"))  # a correct header: no warning
+
+
+def test_zero_length_image_is_a_named_data_error(tmp_path):
+    _rewrite(_four_images(tmp_path), {3: pack_record(IRHeader(0, 1.0, 3, 0), b"")})
+    with pytest.raises(DataError, match=r"train\.rec key 3: could not decode image \(0 bytes\)"):
+        MXFaceDataset(tmp_path)[2]
+    root = tmp_path / "faces"
+    (root / "amy").mkdir(parents=True)
+    (root / "amy" / "0.jpg").write_bytes(_jpeg(0))
+    (root / "amy" / "1.jpg").write_bytes(b"")  # an interrupted copy
+    ds = ImageFolderDataset(root)
+    with pytest.raises(DataError, match=r"amy/1\.jpg: could not decode image \(0 bytes\)"):
+        ds[1]
+
+
+@pytest.mark.parametrize("label", [float("nan"), float("inf"), 1.5])
+def test_non_integer_label_names_file_and_key(tmp_path, label):
+    _rewrite(_four_images(tmp_path), {2: pack_record(IRHeader(0, label, 2, 0), _jpeg(1))})
+    with pytest.raises(DataError, match=rf"train\.rec key 2: label {label} is not an integer"):
+        MXFaceDataset(tmp_path)[1]
+
+
+def test_non_integer_label_without_header(tmp_path):
+    with IndexedRecordWriter(tmp_path / "train.rec", tmp_path / "train.idx") as w:
+        w.write(0, pack_record(IRHeader(0, 0.0, 0, 0), _jpeg(0)))
+        w.write(1, pack_record(IRHeader(0, float("nan"), 1, 0), _jpeg(1)))
+    with pytest.raises(DataError, match=r"train\.rec key 1: label nan is not an integer"):
+        MXFaceDataset(tmp_path)
+
+
+def test_rec_pointing_at_the_rec_file_says_to_name_the_folder(tmp_path):
+    _four_images(tmp_path)
+    with pytest.raises(DataError, match=r"is a file; rec is the folder holding train\.rec and train\.idx"):
+        build_dataset(str(tmp_path / "train.rec"))
+
+
+def test_tilde_in_data_paths_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _four_images(tmp_path / "data")
+    assert build_dataset("~/data", num_image=4).num_images == 4
+    assert MXFaceDataset("~/data").num_classes == 2
+    (tmp_path / "faces" / "amy").mkdir(parents=True)
+    (tmp_path / "faces" / "amy" / "0.jpg").write_bytes(_jpeg(0))
+    assert ImageFolderDataset("~/faces").num_images == 1
+    assert not (tmp_path / "~").exists()

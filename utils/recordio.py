@@ -147,6 +147,14 @@ class IdxIndex:
         out.flags.writeable = False
         return out
 
+    def count_in_range(self, lo: int, hi: int) -> int:
+        """How many indexed keys lie in ``[lo, hi)``."""
+        if hi <= lo:
+            return 0
+        if self.key_base is not None:
+            return max(0, min(hi, self.key_base + self.offsets.size) - max(lo, self.key_base))
+        return int(np.searchsorted(self._sorted_keys, hi) - np.searchsorted(self._sorted_keys, lo))
+
     def position(self, key) -> int:
         """File-order position of ``key``, or -1 when it is not indexed."""
         try:
@@ -438,6 +446,10 @@ class IndexedRecordReader:
 
     def __contains__(self, key: int) -> bool:
         return self._index.position(key) >= 0
+
+    def count_keys(self, lo: int, hi: int) -> int:
+        """Number of indexed keys in ``[lo, hi)`` (no per-key work)."""
+        return self._index.count_in_range(int(lo), int(hi))
 
     def offset(self, key: int) -> int:
         """Byte offset of ``key``'s first physical record."""
