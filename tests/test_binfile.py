@@ -3,6 +3,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -85,3 +86,36 @@ def test_restricted_unpickler_refuses_code_execution(tmp_path):
     (tmp_path / "evil2.bin").write_bytes(pickle.dumps((eval, [True])))
     with pytest.raises(BinFileError, match="builtins.eval"):
         load_bin(tmp_path / "evil2.bin")
+
+
+@pytest.mark.parametrize("bad, position", [("False", 1), ("0", 0), (b"0", 1), (2, 0), (None, 1), (0.0, 0), (-1, 1)])
+def test_issame_accepts_only_booleans(tmp_path, fixtures_dir, bad, position):
+    """bool("False") is True: a blind conversion scores impostor pairs as genuine (100 %)."""
+    bins, _ = pickle.loads((fixtures_dir / "mxrec/tiny_ver.bin").read_bytes())
+    issame = [False, False]
+    issame[position] = bad
+    (tmp_path / "s.bin").write_bytes(pickle.dumps((bins[:4], issame), protocol=2))
+    with pytest.raises(BinFileError, match=rf"s\.bin: issame_list\[{position}\] is {re.escape(repr(bad))}"):
+        load_bin(tmp_path / "s.bin")
+    with pytest.raises(BinFileError, match=rf"issame_list\[{position}\]"):
+        write_bin(tmp_path / "w.bin", bins[:4], issame)
+    assert not (tmp_path / "w.bin").exists()
+
+
+def test_issame_integers_and_numpy_bools_are_accepted(tmp_path, fixtures_dir):
+    bins, _ = pickle.loads((fixtures_dir / "mxrec/tiny_ver.bin").read_bytes())
+    (tmp_path / "i.bin").write_bytes(pickle.dumps((bins[:8], [1, 0, np.bool_(True), np.int64(0)]), protocol=2))
+    assert load_bin(tmp_path / "i.bin")[1].tolist() == [True, False, True, False]
+
+
+def test_zero_length_image_is_named(tmp_path, fixtures_dir):
+    bins, _ = pickle.loads((fixtures_dir / "mxrec/tiny_ver.bin").read_bytes())
+    (tmp_path / "z.bin").write_bytes(pickle.dumps(([bins[0], b"", bins[2], bins[3]], [True, False])))
+    with pytest.raises(BinFileError, match=r"z\.bin: image 1 \(0 bytes\) could not be decoded"):
+        load_bin(tmp_path / "z.bin")
+
+
+def test_tilde_in_bin_path_is_expanded(tmp_path, fixtures_dir, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "t.bin").write_bytes((fixtures_dir / "mxrec/tiny_ver.bin").read_bytes())
+    assert load_bin("~/t.bin")[1].size == 20

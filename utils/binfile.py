@@ -72,12 +72,33 @@ def _decode(buf, path: Path, i: int, image_size: tuple[int, int]) -> np.ndarray:
         buf = buf.encode("latin1")
     if not isinstance(buf, (bytes, bytearray)):
         raise BinFileError(f"{path}: image {i} is a {type(buf).__name__}, expected encoded image bytes")
-    img = cv2.imdecode(np.frombuffer(buf, dtype=np.uint8), cv2.IMREAD_COLOR_RGB)
+    # OpenCV asserts (``!buf.empty()``, naming nothing) on empty input instead of returning None.
+    img = cv2.imdecode(np.frombuffer(buf, dtype=np.uint8), cv2.IMREAD_COLOR_RGB) if len(buf) else None
     if img is None:
         raise BinFileError(f"{path}: image {i} ({len(buf)} bytes) could not be decoded")
     if img.shape[:2] != image_size:
         img = cv2.resize(img, (image_size[1], image_size[0]), interpolation=cv2.INTER_LINEAR)
     return img
+
+
+def _issame_array(issame_list, path: Path) -> np.ndarray:
+    """Pair labels as a bool array; only booleans, 0/1 integers and numpy bools are accepted.
+
+    ``bool("False")``, ``bool("0")`` and ``bool(b"0")`` are all True, so converting blindly turns impostor pairs
+    into genuine ones and a verification score of 100 %.
+    """
+    out = np.empty(len(issame_list), dtype=np.bool_)
+    for i, x in enumerate(issame_list):
+        if isinstance(x, (bool, np.bool_)):
+            out[i] = bool(x)
+        elif isinstance(x, (int, np.integer)) and x in (0, 1):  # bool is an int too; handled above
+            out[i] = x == 1
+        else:
+            raise BinFileError(
+                f"{path}: issame_list[{i}] is {x!r} ({type(x).__name__}); each pair label must be True/False "
+                f"(or 0/1): re-create the file with utils.binfile.write_bin"
+            )
+    return out
 
 
 def load_bin(path: str | os.PathLike, image_size: tuple[int, int] = (112, 112)) -> tuple[torch.Tensor, np.ndarray]:
@@ -86,7 +107,7 @@ def load_bin(path: str | os.PathLike, image_size: tuple[int, int] = (112, 112)) 
     Images not of ``image_size`` are resized (as InsightFace does). Raises ``FileNotFoundError`` / ``BinFileError``
     naming the file for a missing file, an unsafe or malformed pickle, undecodable images or a pair-count mismatch.
     """
-    path = Path(path)
+    path = Path(os.path.expanduser(path))
     if not path.is_file():
         raise FileNotFoundError(f".bin file not found: {path}")
     try:
@@ -107,10 +128,10 @@ def load_bin(path: str | os.PathLike, image_size: tuple[int, int] = (112, 112)) 
     if len(issame_list) == 0:  # would otherwise surface as "embedded 0 images, expected 0", naming no file
         raise BinFileError(f"{path}: holds no pairs (empty bins and issame_list): nothing to verify; re-create it "
                            f"(utils.binfile.write_bin) or remove it from val_targets / --bin")
+    issame = _issame_array(issame_list, path)  # before decoding thousands of images
     images = np.empty((len(bins), 3, image_size[0], image_size[1]), dtype=np.uint8)
     for i, buf in enumerate(bins):
         images[i] = _decode(buf, path, i, image_size).transpose(2, 0, 1)
-    issame = np.asarray([bool(x) for x in issame_list], dtype=np.bool_)
     return torch.from_numpy(images), issame
 
 
@@ -124,8 +145,8 @@ def write_bin(
 
     Arrays are JPEG-encoded (from BGR, as InsightFace's tools do) at ``quality``; the file is written atomically.
     """
-    path = Path(path)
-    issame_list = [bool(x) for x in np.asarray(issame).reshape(-1)]
+    path = Path(os.path.expanduser(path))
+    issame_list = [bool(x) for x in _issame_array(list(np.asarray(issame, dtype=object).reshape(-1)), path)]
     if isinstance(images_rgb_uint8, torch.Tensor):
         images_rgb_uint8 = images_rgb_uint8.cpu().numpy()
     n = len(images_rgb_uint8)
