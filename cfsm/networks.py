@@ -261,7 +261,8 @@ class MultiDiscriminator(nn.Module):
     is treated (exactly zero, the legacy value, so that scale outputs its last conv bias).
     """
 
-    def __init__(self, in_channels: int = 3, num_scales: int = 3) -> None:
+    def __init__(self, in_channels: int = 3, num_scales: int = 3, dim: int = 64) -> None:
+        """``dim``: first-layer width (doubling per layer); 64 = the released discriminators."""
         super().__init__()
 
         def block(cin: int, cout: int, normalize: bool = True) -> list[nn.Module]:
@@ -274,8 +275,8 @@ class MultiDiscriminator(nn.Module):
         self.models = nn.ModuleList()
         for i in range(num_scales):
             self.models.add_module(f"disc_{i}", nn.Sequential(
-                *block(in_channels, 64, normalize=False), *block(64, 128), *block(128, 256), *block(256, 512),
-                nn.Conv2d(512, 1, 3, padding=1)))
+                *block(in_channels, dim, normalize=False), *block(dim, 2 * dim), *block(2 * dim, 4 * dim),
+                *block(4 * dim, 8 * dim), nn.Conv2d(8 * dim, 1, 3, padding=1)))
         self.downsample = nn.AvgPool2d(in_channels, stride=2, padding=[1, 1], count_include_pad=False)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:

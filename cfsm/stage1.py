@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["lambda_id_at", "check_lambda_schedule", "target_distance", "identity_loss", "lsgan_loss",
-           "split_outputs", "is_synthesis_step"]
+           "split_outputs", "is_synthesis_step", "sample_style", "STYLE_SAMPLINGS"]
+
+STYLE_SAMPLINGS = ("gaussian", "uniform_magnitude")
 
 
 def check_lambda_schedule(schedule: Sequence, key: str = "lambda_id_schedule") -> list[tuple[int, float]]:
@@ -76,3 +78,23 @@ def is_synthesis_step(step: int) -> bool:
     resumes.
     """
     return step % 2 == 0
+
+
+def sample_style(batch: int, style_dim: int, rng: torch.Generator, sampling: str = "gaussian",
+                 max_magnitude: float = 6.0) -> torch.Tensor:
+    """Style codes of a synthesis iteration, on the CPU (``rng`` is a CPU generator: same draws on any device).
+
+    * ``"gaussian"`` (the paper): o ~ N(0, I). In ``style_dim`` = 10 dimensions |o| concentrates at 3.1 +- 0.7, so
+      the identity target d*(|o|) hardly varies within a batch and nothing asks the generator to make |o| matter
+      outside that shell.
+    * ``"uniform_magnitude"``: a uniform random direction scaled to |o| ~ U(0, max_magnitude) (max_magnitude = ua of
+      ``id_distance_range``): d* spans its whole range every batch, so the identity term has to teach a distance
+      that grows with |o|, and small-|o| samples also train identity preservation near o = 0.
+    """
+    if sampling not in STYLE_SAMPLINGS:
+        raise ValueError(f"config key 'style_sampling' = {sampling!r}: expected one of {STYLE_SAMPLINGS}")
+    o = torch.randn(batch, style_dim, generator=rng)
+    if sampling == "gaussian":
+        return o
+    unit = o / o.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return unit * (torch.rand(batch, 1, generator=rng) * float(max_magnitude))

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["style_report", "write_style_report", "spearman", "sharpness", "REPORT_MAGNITUDES", "GOALS", "report_scalars"]
+__all__ = ["style_report", "write_style_report", "report_from_datasets", "evenly_spaced", "spearman", "sharpness", "REPORT_MAGNITUDES", "GOALS", "report_scalars"]
 
 REPORT_MAGNITUDES: tuple[float, ...] = (0.0, 1.5, 3.0, 4.5, 6.0)
 # issue 12's table: a toy generator that meets these has a style space the attack can exploit
@@ -204,3 +204,23 @@ def write_style_report(generator, id_net, faces: torch.Tensor, target_faces: tor
                                     rng=torch.Generator().manual_seed(seed))
     style_report_figure(report, samples, out / "style_report.png")
     return report
+
+
+def evenly_spaced(dataset, count: int) -> torch.Tensor:
+    """``count`` un-flipped items picked evenly over ``dataset`` (items ``ds[(i, False)]``: a tensor or (tensor, label))."""
+    n = len(dataset)
+    picks = np.linspace(0, n - 1, min(count, n)).round().astype(int)
+    items = [dataset[(int(i), False)] for i in picks]
+    return torch.stack([it[0] if isinstance(it, (tuple, list)) else it for it in items])
+
+
+def report_from_datasets(generator, id_net, source, target, num_faces: int, out: str | Path,
+                         distance_range: Sequence[float]) -> dict:
+    """Stage 1's end-of-run report: ``num_faces`` source and target faces, written under ``out``."""
+    was_training = generator.training
+    generator.eval()
+    try:
+        return write_style_report(generator, id_net, evenly_spaced(source, num_faces),
+                                  evenly_spaced(target, num_faces), out, distance_range)
+    finally:
+        generator.train(was_training)

@@ -57,7 +57,7 @@ def validate_stage1(cfg) -> None:
         if not cond:
             raise ConfigError(f"config key '{key}' = {cfg[key]!r}: {what}")
 
-    from cfsm.stage1 import check_lambda_schedule
+    from cfsm.stage1 import STYLE_SAMPLINGS, check_lambda_schedule
 
     need(bool(cfg.target), "target", "stage 1 needs unlabelled target-domain faces (a folder or a .txt list)")
     need(bool(cfg.id_model), "id_model", "stage 1 needs a pretrained identity network (an InsightFace "
@@ -72,6 +72,11 @@ def validate_stage1(cfg) -> None:
     need(cfg.gen_style_dim <= cfg.gen_latent_dim, "gen_style_dim", f"must be <= gen_latent_dim "
          f"({cfg.gen_latent_dim}): the basis U spans a subspace of the latent space")
     need(cfg.gen_lr > 0, "gen_lr", "must be > 0")
+    need(isinstance(cfg.lambda_rec, (int, float)) and cfg.lambda_rec >= 0, "lambda_rec", "must be a number >= 0")
+    need(cfg.style_sampling in STYLE_SAMPLINGS, "style_sampling", f"must be one of {STYLE_SAMPLINGS}")
+    need(isinstance(cfg.dis_dim, int) and cfg.dis_dim > 0, "dis_dim", "must be a positive integer")
+    need(isinstance(cfg.style_report_faces, int) and cfg.style_report_faces >= 0, "style_report_faces",
+         "must be an integer >= 0 (0 = no style report)")
     need(len(cfg.gen_betas) == 2 and all(0.0 <= b < 1.0 for b in cfg.gen_betas), "gen_betas",
          "must be two numbers in [0, 1)")
     need(len(cfg.id_distance_range) == 4 and cfg.id_distance_range[0] != cfg.id_distance_range[1],
@@ -110,7 +115,7 @@ def build_generator(cfg):
 def build_discriminator(cfg):
     from cfsm import MultiDiscriminator
 
-    return MultiDiscriminator()
+    return MultiDiscriminator(dim=cfg.dis_dim)
 
 
 def init_from_generator_file(path: str, G: torch.nn.Module, D: torch.nn.Module, log) -> None:
@@ -134,8 +139,8 @@ def _dist_wrap(module: torch.nn.Module, env: DistEnv, find_unused: bool = False)
 
 def train(cfg, env: DistEnv) -> dict | None:
     """Run stage 1 to completion (or `max_steps`); returns the summary on rank 0."""
-    from cfsm.stage1 import identity_loss, is_synthesis_step, lambda_id_at, lsgan_loss, split_outputs, \
-        target_distance
+    from cfsm.stage1 import identity_loss, is_synthesis_step, lambda_id_at, lsgan_loss, sample_style, \
+        split_outputs, target_distance
     from cfsm.target_data import TargetBatchSampler, TargetFaceDataset
     from cfsm.visualize import save_png, training_samples_grid
     from dataset import build_dataset, get_dataloader
@@ -236,7 +241,8 @@ def train(cfg, env: DistEnv) -> dict | None:
             synthesis = is_synthesis_step(step)
             batch = sources.shape[0]
             if synthesis:
-                style = torch.randn(batch, G.style_dim, generator=style_rng).to(env.device)
+                style = sample_style(batch, G.style_dim, style_rng, cfg.style_sampling,
+                                     distance_range[1]).to(env.device)
             else:
                 style = torch.zeros(batch, G.style_dim, device=env.device)
 
@@ -269,7 +275,7 @@ def train(cfg, env: DistEnv) -> dict | None:
                 last.update(g_gan=loss_gan.detach(), id=loss_id.detach())
             else:
                 loss_rec = (fake.float() - sources.float()).abs().mean()
-                loss_g = loss_rec + regu.float()
+                loss_g = cfg.lambda_rec * loss_rec + regu.float()
                 last.update(rec=loss_rec.detach())
             opt_g.zero_grad(set_to_none=True)
             scaler.scale(loss_g).backward()  # always: DDP expects a backward after every forward
@@ -321,6 +327,16 @@ def train(cfg, env: DistEnv) -> dict | None:
                    "epochs": step / bpe, "losses": losses, "finite": all(math.isfinite(v) for v in losses.values()),
                    "samples_per_sec": meter.mean(step), "wall_s": time.time() - start_time,
                    "generator": str(output / "generator.pth")}
+        if cfg.style_report_faces:
+            from cfsm.style_report import report_from_datasets, report_scalars
+
+            summary["style_report"] = report_from_datasets(G, id_net, source, target, cfg.style_report_faces,
+                                                           output / "style_report", distance_range)
+            log.info(f"style report: {output / 'style_report'}: " + " ".join(
+                f"{k} {v:.3f}" for k, v in report_scalars(summary["style_report"]).items()))
+            if writer is not None:
+                for k, v in report_scalars(summary["style_report"]).items():
+                    writer.add_scalar(f"stage1/style_report/{k}", v, step)
         ckpt.atomic_write_text(json.dumps(summary, indent=1), output / "summary.json")
         log.info(f"done: {step} steps, losses {losses}, generator {output / 'generator.pth'}")
         if writer is not None:
