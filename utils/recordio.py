@@ -567,14 +567,15 @@ class IndexedRecordWriter:
 def write_face_rec(
     out_dir: str | os.PathLike,
     samples: Iterable[tuple[int, bytes]],
-    num_classes: int,
+    num_classes: int | None,
     image_size: tuple[int, int] = (112, 112),
 ) -> int:
     """Write an InsightFace ``train.rec``/``train.idx``/``property`` from ``(label, encoded_image)`` samples.
 
     Samples must come grouped by label in increasing order (0..num_classes-1, every class present). Layout: header
     record 0 (flag 2, ``[num_images + 1, num_images + 1 + num_classes]``), images ``1..num_images``, then one identity
-    record per class with ``[first_key, end_key)``. Returns the number of images.
+    record per class with ``[first_key, end_key)``. Returns the number of images. ``num_classes=None`` takes the
+    number of identities the samples hold (a packer that skips bad images may drop a whole identity).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -596,6 +597,8 @@ def write_face_rec(
                 )
             w.write(key, pack_record(IRHeader(0, float(label), key, 0), body))
             key += 1
+        if num_classes is None:
+            num_classes = len(starts)
         if len(starts) != num_classes:
             raise ValueError(f"{rec_path}: got images for {len(starts)} identities, num_classes={num_classes}")
         ends = starts[1:] + [key]
