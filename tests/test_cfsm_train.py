@@ -1,4 +1,4 @@
-"""Stage 1 (cfsm/train.py): objectives, target sampling, a few real steps, checkpoints, exact resume, errors."""
+"""Stage 1 (train_generator.py): objectives, target sampling, a few real steps, checkpoints, exact resume, errors."""
 from __future__ import annotations
 
 import json
@@ -125,14 +125,14 @@ def _overrides(tiny: dict, output: Path, **extra) -> list[str]:
 
 
 def _run(args: list[str]) -> dict:
-    from cfsm import train as stage1
+    import train_generator
 
-    return stage1.main(["configs/cfsm_toy"] + args)
+    return train_generator.main(["configs/cfsm_toy"] + args)
 
 
 def test_steps_checkpoint_and_exact_resume(tiny):
     from cfsm import Generator, load_generator
-    from utils.checkpoint import latest_complete
+    from utils.run_state import latest_complete
 
     straight = tiny["root"] / "straight"
     summary = _run(_overrides(tiny, straight, max_steps=6, tensorboard=True, image_every=2))
@@ -206,9 +206,9 @@ def test_clear_errors(tiny, tmp_path):
 def test_two_process_gloo(tiny):
     """torchrun with 2 CPU ranks: DDP over gloo, per-rank checkpoint files, the released-format generator."""
     out = tiny["root"] / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a script path at the repo root: no PYTHONPATH needed
     env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "cfsm/train.py",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_generator.py",
            "configs/cfsm_toy", *_overrides(tiny, out, max_steps=2, device="cpu", batch_size=2)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -1,0 +1,278 @@
+"""Stage 1: train a CFSM generator for a new target domain (unpaired labelled source faces -> unlabelled targets).
+
+    torchrun --nproc_per_node=8 train_generator.py configs/cfsm_widerface [key=value ...]
+    python train_generator.py configs/cfsm_toy            # one process, CPU or one GPU
+    python -m train_generator configs/cfsm_toy output=work_dirs/my_gen init_generator=work_dirs/cfsm_toy/generator.pth
+
+Per global iteration s: G(x, o) once; the discriminator learns target (1) vs G's output (0); then G learns.
+Even s synthesise with o ~ N(0, I) (LSGAN + lambda_id * identity-distance loss + orthogonality penalty), odd s
+reconstruct at o = 0 (L1 + penalty). Checkpoints (`output/checkpoints/step_*/rank_0.pt`) and the final
+`output/generator.pth` use the released format (`G_state_dict`, `D_state_dict`, `optimizerG_state_dict`,
+`optimizerD_state_dict`), so `cfsm.load_generator` and stage-2 `train.py` read them unchanged.
+The run around the steps is `utils.run.Run`, shared with stage 2; the objectives are `cfsm.stage1`.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from easydict import EasyDict
+from torch.utils.data import DataLoader
+
+from cfsm import Generator, MultiDiscriminator
+from cfsm.loading import check_stage1_files, init_generator_from_file, load_identity_network
+from cfsm.stage1 import STYLE_SAMPLINGS, check_lambda_schedule, identity_loss, is_synthesis_step, lambda_id_at, \
+    lsgan_loss, sample_style, split_outputs, target_distance
+from cfsm.style_report import report_from_datasets, report_scalars
+from cfsm.target_data import TargetBatchSampler, TargetFaceDataset
+from cfsm.visualize import save_png, training_samples_grid
+from dataset import _worker_init as seed_worker, build_dataset
+from utils import checkpoint as ckpt
+from utils.cli import run_command
+from utils.config import ConfigError, load_config, parse_launch_args
+from utils.distributed import DistEnv, all_ranks_ok, cleanup, init_distributed
+from utils.optim import OptimizerSpec, mixed_precision
+from utils.run import Run
+from utils.run_state import Resumed, load_optimizer_keeping_config, rank_file
+
+RELEASED_KEYS = ("G_state_dict", "D_state_dict", "optimizerG_state_dict", "optimizerD_state_dict")
+# Stage 1's optimizer, declared like the entries of utils.optim.OPTIMIZERS: Adam for G and D, reading gen_lr/gen_betas
+GENERATOR_OPTIMIZER = OptimizerSpec(torch.optim.Adam, {"gen_lr": "lr", "gen_betas": "betas"})
+# [((sources, labels), targets)]: one loader batch per step (stage 1 does not accumulate gradients)
+Batch = Sequence[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]]
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = parse_launch_args(argv, __doc__, "configs/cfsm_toy")
+    cfg = load_config(args.config, args.overrides)
+    validate_stage1(cfg)
+    check_stage1_files(cfg)  # every input file, before any process group: a bad one stops each rank at start
+    env = init_distributed(cfg.device, cfg.dist_timeout_s, args.local_rank)
+    try:
+        return train(cfg, env)
+    finally:
+        cleanup(env)
+
+
+def validate_stage1(cfg: EasyDict) -> None:
+    """Stage-1 key checks that need no data: every bad value stops the run before any process group exists."""
+    def need(cond: bool, key: str, what: str) -> None:
+        if not cond:
+            raise ConfigError(f"config key '{key}' = {cfg[key]!r}: {what}")
+
+    need(bool(cfg.target), "target", "stage 1 needs unlabelled target-domain faces (a folder or a .txt list)")
+    need(bool(cfg.id_model), "id_model", "stage 1 needs a pretrained identity network (an InsightFace "
+         "backbone.pth or train.py's model.pt) matching id_network / id_embedding_size")
+    need(Path(str(cfg.id_model)).is_file(), "id_model", "file not found")
+    if cfg.init_generator:
+        need(Path(str(cfg.init_generator)).is_file(), "init_generator", "file not found")
+    for key in ("gen_dim", "gen_latent_dim", "gen_style_dim", "id_embedding_size"):
+        need(isinstance(cfg[key], int) and cfg[key] > 0, key, "must be a positive integer")
+    for key in ("gen_n_downsample", "gen_n_residual"):
+        need(isinstance(cfg[key], int) and cfg[key] >= 0, key, "must be an integer >= 0")
+    need(cfg.gen_style_dim <= cfg.gen_latent_dim, "gen_style_dim", f"must be <= gen_latent_dim "
+         f"({cfg.gen_latent_dim}): the basis U spans a subspace of the latent space")
+    need(cfg.gen_lr > 0, "gen_lr", "must be > 0")
+    need(isinstance(cfg.lambda_rec, (int, float)) and cfg.lambda_rec >= 0, "lambda_rec", "must be a number >= 0")
+    need(cfg.style_sampling in STYLE_SAMPLINGS, "style_sampling", f"must be one of {STYLE_SAMPLINGS}")
+    need(isinstance(cfg.dis_dim, int) and cfg.dis_dim > 0, "dis_dim", "must be a positive integer")
+    need(isinstance(cfg.style_report_faces, int) and cfg.style_report_faces >= 0, "style_report_faces",
+         "must be an integer >= 0 (0 = no style report)")
+    need(len(cfg.gen_betas) == 2 and all(0.0 <= b < 1.0 for b in cfg.gen_betas), "gen_betas",
+         "must be two numbers in [0, 1)")
+    need(cfg.gradient_acc == 1, "gradient_acc", "stage 1 takes one batch per step; set gradient_acc=1")
+    need(len(cfg.id_distance_range) == 4 and cfg.id_distance_range[0] != cfg.id_distance_range[1],
+         "id_distance_range", "must be (la, ua, lm, um) with la != ua")
+    try:
+        check_lambda_schedule(cfg.lambda_id_schedule)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def build_optimizer(spec: OptimizerSpec, params, cfg: EasyDict) -> torch.optim.Optimizer:
+    kwargs = {kw: tuple(cfg[key]) if isinstance(cfg[key], list) else cfg[key] for key, kw in spec.config_keys.items()}
+    return spec.build(list(params), **kwargs)
+
+
+def released_state(G: torch.nn.Module, D: torch.nn.Module, opt_g: torch.optim.Optimizer,
+                   opt_d: torch.optim.Optimizer) -> dict:
+    return {"G_state_dict": G.state_dict(), "D_state_dict": D.state_dict(),
+            "optimizerG_state_dict": opt_g.state_dict(), "optimizerD_state_dict": opt_d.state_dict()}
+
+
+def make_train_step(cfg: EasyDict, env: DistEnv, G: torch.nn.Module, D: torch.nn.Module, G_train: torch.nn.Module,
+                    D_train: torch.nn.Module, id_net: torch.nn.Module, opt_g: torch.optim.Optimizer,
+                    opt_d: torch.optim.Optimizer, scaler: torch.amp.GradScaler, autocast: dict,
+                    style_rng: torch.Generator) -> Callable[[Batch, int, float], dict]:
+    """`train_step(batch, step, lambda_id) -> stats`: one stage-1 iteration (the step's parity picks synthesis or
+    reconstruction; lambda_id follows the epoch). `G_train`/`D_train` are G/D or their DDP wrappers. stats:
+    `finite` (agreed by all ranks) and `losses` (detached tensors, read only when logged)."""
+    distance_range = tuple(float(v) for v in cfg.id_distance_range)
+
+    def train_step(batch: Batch, step: int, lambda_id: float) -> dict:
+        [((sources, _), targets)] = batch
+        sources = sources.to(env.device, non_blocking=True)
+        targets = targets.to(env.device, non_blocking=True)
+        synthesis = is_synthesis_step(step)
+        if synthesis:
+            style = sample_style(sources.shape[0], G.style_dim, style_rng, cfg.style_sampling,
+                                 distance_range[1]).to(env.device)
+        else:
+            style = torch.zeros(sources.shape[0], G.style_dim, device=env.device)
+        with torch.autocast(**autocast):
+            _, fake, regu = G_train(sources, style)
+
+        # -- discriminator: real targets vs this iteration's output, one forward for both (per-sample norms) --
+        with torch.autocast(**autocast):
+            d_out = split_outputs(D_train(torch.cat([targets, fake.detach()])))
+        loss_d = lsgan_loss([o[: targets.shape[0]] for o in d_out], 1.0) + \
+            lsgan_loss([o[targets.shape[0]:] for o in d_out], 0.0)
+        opt_d.zero_grad(set_to_none=True)
+        scaler.scale(loss_d).backward()
+        ok_d = cfg.fp16 or all_ranks_ok(env, bool(torch.isfinite(loss_d)))
+        if ok_d:
+            scaler.step(opt_d)  # with fp16 the scaler itself skips non-finite gradients (DDP-reduced: on all ranks)
+
+        # -- generator --
+        if synthesis:
+            D.requires_grad_(False)  # plain module, frozen: no D gradients, no DDP hooks on this forward
+            with torch.autocast(**autocast):
+                loss_gan = lsgan_loss(D(fake), 1.0)
+                with torch.no_grad():
+                    emb_src = id_net(sources)
+                # fp32 input: a backbone that switches autocast off inside (fp16=False) gets matching dtypes
+                emb_fake = id_net(fake.float())
+            D.requires_grad_(True)
+            loss_id = identity_loss(emb_src, emb_fake, target_distance(style, distance_range))
+            loss_g = loss_gan + lambda_id * loss_id + regu.float()
+            losses = {"g_gan": loss_gan.detach(), "id": loss_id.detach()}
+        else:
+            loss_rec = (fake.float() - sources.float()).abs().mean()
+            loss_g = cfg.lambda_rec * loss_rec + regu.float()
+            losses = {"rec": loss_rec.detach()}
+        opt_g.zero_grad(set_to_none=True)
+        scaler.scale(loss_g).backward()  # always: DDP expects a backward after every forward
+        ok_g = cfg.fp16 or all_ranks_ok(env, bool(torch.isfinite(loss_g)))
+        if ok_g:
+            scaler.step(opt_g)
+        scaler.update()
+        losses.update(d=loss_d.detach(), regu=regu.detach().float(), g=loss_g.detach())
+        return {"finite": ok_d and ok_g, "losses": losses, "sources": sources, "targets": targets}
+
+    return train_step
+
+
+def train(cfg: EasyDict, env: DistEnv) -> dict | None:
+    """Run stage 1 to completion (or `max_steps`); returns the summary on rank 0."""
+    with Run(cfg, env, kind="cfsm_stage1", log_name="cfsm_train", tensorboard_prefix="stage1",
+             save_each_epoch=True) as run:
+        # ---- inputs first: every missing or wrong file stops us before any work ----
+        source = build_dataset(cfg.rec, augment=True, num_classes=cfg.num_classes, num_image=cfg.num_image)
+        target = TargetFaceDataset(cfg.target)
+        id_net = load_identity_network(cfg.id_model, cfg.id_network, cfg.id_embedding_size, env.device)
+        G = Generator(dim=cfg.gen_dim, n_residual=cfg.gen_n_residual, n_downsample=cfg.gen_n_downsample,
+                      latent_dim=cfg.gen_latent_dim, style_dim=cfg.gen_style_dim)
+        D = MultiDiscriminator(dim=cfg.dis_dim)
+        if cfg.init_generator:
+            with_d = init_generator_from_file(cfg.init_generator, G, D)
+            run.log.info(f"generator {'and discriminator ' if with_d else ''}initialised from {cfg.init_generator}"
+                         f"{'' if with_d else ' (discriminator: fresh, the file has no matching one)'}")
+        G.to(env.device).train()
+        D.to(env.device).train()
+
+        loader = run.loader(source)
+        batches_per_epoch = run.plan.batches_per_epoch
+        target_sampler = TargetBatchSampler(len(target), cfg.batch_size, env.rank, env.world_size, cfg.seed)
+        target_loader = DataLoader(target, batch_sampler=target_sampler, num_workers=cfg.num_workers,
+                                   pin_memory=env.device.type == "cuda", worker_init_fn=seed_worker,
+                                   persistent_workers=cfg.num_workers > 0)
+        opt_g = build_optimizer(GENERATOR_OPTIMIZER, G.parameters(), cfg)
+        opt_d = build_optimizer(GENERATOR_OPTIMIZER, D.parameters(), cfg)
+        _, scaler, autocast = mixed_precision(cfg.fp16, cfg.bf16, env.device.type)
+        run.rngs["style"] = style_rng = torch.Generator().manual_seed(cfg.seed * 1000 + env.rank)  # any device
+
+        def state() -> dict:
+            if env.rank != 0:  # G/D/optimizers are replicated: one copy, by rank 0
+                return {}
+            return {**released_state(G, D, opt_g, opt_d), "epoch": run.plan.epoch_of(step),
+                    "batches_per_epoch": batches_per_epoch, "scaler": scaler.state_dict(),
+                    "gen_config": {"dim": cfg.gen_dim, "n_residual": cfg.gen_n_residual,
+                                   "n_downsample": cfg.gen_n_downsample, "latent_dim": cfg.gen_latent_dim,
+                                   "style_dim": cfg.gen_style_dim}}
+
+        def load_state(resumed: Resumed) -> None:  # the step count fixes epoch, batch, parity and target stream
+            main_state = resumed.state if env.rank == 0 else ckpt.safe_load(rank_file(resumed.directory, 0))
+            if int(main_state.get("batches_per_epoch", batches_per_epoch)) != batches_per_epoch:
+                raise ckpt.CheckpointError(
+                    f"checkpoint {resumed.directory} counts {main_state['batches_per_epoch']} batches per epoch, "
+                    f"this run {batches_per_epoch} (rec / batch_size changed?): its step {resumed.step} would map "
+                    f"to another epoch. Use the original settings, or resume=False with "
+                    f"init_generator={rank_file(resumed.directory, 0)}")
+            G.load_state_dict(main_state["G_state_dict"])
+            D.load_state_dict(main_state["D_state_dict"])
+            load_optimizer_keeping_config(opt_g, main_state["optimizerG_state_dict"])  # gen_lr/betas as configured
+            load_optimizer_keeping_config(opt_d, main_state["optimizerD_state_dict"])
+            scaler.load_state_dict(main_state["scaler"])
+
+        step = run.resume(load_state, num_classes=source.num_classes, num_image=source.num_images)
+        # At 112x112 the discriminator's third scale normalises a 1x1 map to zeros, so its lower layers get no
+        # gradient; DDP must be told to expect unused parameters there (the set depends on the image size).
+        # Buffers (AdaIN running stats) are never read or updated: no need to broadcast them every forward.
+        G_train = run.wrap_ddp(G, broadcast_buffers=False, find_unused_parameters=False)
+        D_train = run.wrap_ddp(D, broadcast_buffers=False, find_unused_parameters=True)
+        train_step = make_train_step(cfg, env, G, D, G_train, D_train, id_net, opt_g, opt_d, scaler, autocast,
+                                     style_rng)
+        run.start(step, f"source {source.num_images} images ({cfg.rec}), target {len(target)} images "
+                        f"({cfg.target}); G {sum(p.numel() for p in G.parameters()):,} params, D "
+                        f"{sum(p.numel() for p in D.parameters()):,}, identity net {cfg.id_network}")
+
+        def open_epoch(epoch: int, first_batch: int):
+            loader.sampler.set_epoch(epoch, first_batch)
+            target_sampler.set_range(epoch * batches_per_epoch + first_batch, batches_per_epoch - first_batch)
+            return zip(loader, target_loader)
+
+        # ---- the method: D step, G step (make_train_step); then log, pictures, checkpoint ----
+        latest, stats = {}, None  # newest value of every loss (synthesis and reconstruction steps alternate)
+        for epoch, batch in run.step_batches(loader, step, open_epoch):
+            lambda_id = lambda_id_at(cfg.lambda_id_schedule, epoch)
+            stats = train_step(batch, step, lambda_id)
+            latest.update(stats["losses"])
+            step += 1
+            run.check_finite(step, stats["finite"], {"loss D": latest["d"], "loss G": latest["g"]})
+            run.log_progress(step, epoch, {"lambda_id": lambda_id, **{f"loss_{k}": v for k, v in latest.items()}})
+            if run.image_due(step):
+                grid = training_samples_grid(G, stats["sources"], stats["targets"],
+                                             rng=torch.Generator().manual_seed(step))
+                run.writer.add_image("stage1/source_synth_target", grid, step, dataformats="HWC")
+            if run.save_due(step):
+                run.save(step, state())
+
+        run.final_save(step, state(), {"G": G.state_dict(), "D": D.state_dict()})
+
+        def results() -> dict:
+            ckpt.atomic_save(released_state(G, D, opt_g, opt_d), run.output / "generator.pth")
+            if stats is not None:
+                grid = training_samples_grid(G, stats["sources"], stats["targets"],
+                                             rng=torch.Generator().manual_seed(step))
+                save_png(grid, run.output / "samples.png")
+            losses = {k: float(v) for k, v in latest.items()}
+            run.log.info(f"done: {step} steps, losses {losses}, generator {run.output / 'generator.pth'}")
+            out = {"losses": losses, "finite": all(math.isfinite(v) for v in losses.values()),
+                   "generator": str(run.output / "generator.pth")}
+            if cfg.style_report_faces:  # is the style space controllable? (cfsm/style_report.py, issue 12)
+                out["style_report"] = report_from_datasets(G, id_net, source, target, cfg.style_report_faces,
+                                                           run.output / "style_report", cfg.id_distance_range)
+                scalars = report_scalars(out["style_report"])
+                run.log.info("style report: " + " ".join(f"{k} {v:.3f}" for k, v in scalars.items()))
+                if run.writer is not None:
+                    for k, v in scalars.items():
+                        run.writer.add_scalar(f"stage1/style_report/{k}", v, step)
+            return out
+
+        return run.finish(step, results)
+
+
+if __name__ == "__main__":
+    run_command(main)  # a wrong config key, value or file: one `error:` line, exit 2 (utils/cli.py)
