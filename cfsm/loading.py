@@ -18,7 +18,7 @@ __all__ = ["load_generator", "generator_from_state_dict", "infer_generator_confi
 GENERATOR_CONFIG_KEYS = {"dim": "gen_dim", "n_downsample": "gen_n_downsample", "n_residual": "gen_n_residual",
                          "latent_dim": "gen_latent_dim", "style_dim": "gen_style_dim"}
 
-_HOW_TO_GET = ("Train one with stage 1 (`python -m cfsm.train configs/cfsm_<name>`), or download a released "
+_HOW_TO_GET = ("Train one with stage 1 (`python train_generator.py configs/cfsm_<name>`), or download a released "
                "generator (e.g. WiderFace70K.pth, IJB-S.pth) listed in the CFSM repository README "
                "(github.com/liufeng2915/CFSM).")
 

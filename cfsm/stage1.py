@@ -1,4 +1,4 @@
-"""Stage-1 objectives as pure functions (no data, no files, no process group): what `cfsm/train.py` optimises.
+"""Stage-1 objectives as pure functions (no data, no files, no process group): what `train_generator.py` optimises.
 
 * synthesis iteration: ``L_G = LSGAN(D(G(x, o)) -> 1) + lambda_id * mean((1 - cos(f(x), f(G(x, o))) - d*)^2) + regu``
   with ``d* = lm + (|o| - la) (um - lm) / (ua - la)``;

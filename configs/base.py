@@ -82,7 +82,7 @@ config.verbose = 2000                    # verification every N steps (and at th
 config.image_every = 500                 # clean-vs-synthesized image grid every N steps (0 = never)
 config.tensorboard = True                # write TensorBoard event files in output/tensorboard
 
-# ---- stage 1: training a CFSM generator (cfsm/train.py); `rec` is the labelled source, `batch_size`,
+# ---- stage 1: training a CFSM generator (train_generator.py); `rec` is the labelled source, `batch_size`,
 # ---- `num_epoch`, `output`, `seed`, `resume`, `save_every`, `image_every`, `fp16`/`bf16` apply as above ----
 config.target = ""                       # unlabelled target-domain faces: a folder of images or a .txt list of paths
 config.id_network = "r50"                # architecture of the frozen identity network

@@ -1,6 +1,6 @@
 """Toy stage 1: a small CFSM generator for the toy target style (surveillance-like degradations), on 2 CPU cores.
 
-    python cfsm/train.py configs/cfsm_toy        # needs the toy baseline's model.pt (python train.py configs/toy)
+    python train_generator.py configs/cfsm_toy   # needs the toy baseline's model.pt (python train.py configs/toy)
 
 Source = the toy training .rec (generated on first use), target = its unlabelled `target_faces`, identity network =
 the toy baseline (r_tiny, 128-d). A narrow generator (gen_dim 16) and a step budget (max_steps) instead of epochs:

@@ -1,6 +1,6 @@
 """Stage 1 with the published CFSM settings: WiderFace-like target faces, MS1MV2 source, R50 identity network.
 
-    torchrun --nproc_per_node=8 cfsm/train.py configs/cfsm_widerface
+    torchrun --nproc_per_node=8 train_generator.py configs/cfsm_widerface
 
 Generator width 64 (the released models), batch 32 per rank, Adam 1e-4 (0.5, 0.999), lambda_id 8 -> 5 -> 2 over
 5 + 3 + 12 epochs. Paths are placeholders: point `rec`, `target` and `id_model` at your data.

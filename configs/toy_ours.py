@@ -6,7 +6,7 @@ from easydict import EasyDict as edict
 from configs.toy import config as _toy
 
 config = edict(_toy)
-# a generator trained by `python cfsm/train.py configs/cfsm_toy` (the toy pipeline does this for you)
+# a generator trained by `python train_generator.py configs/cfsm_toy` (the toy pipeline does this for you)
 config.pretrained_synthesis_model = str(Path(__file__).resolve().parents[1] / "work_dirs" / "cfsm_toy" /
                                         "generator.pth")
 config.rs_ratio = 0.75

@@ -248,7 +248,7 @@ ROWS: list[Row] = [
         lambda c: ["'pretrained_synthesis_model'", "rs_ratio < 1"]),
     # ---- checkpoints ----
     Row("generator_missing", lambda c: _train(c, "rs_ratio=0.5", f"pretrained_synthesis_model={MISSING}/g.pth"),
-        FileNotFoundError, lambda c: [f"{MISSING}/g.pth", "cfsm.train"]),
+        FileNotFoundError, lambda c: [f"{MISSING}/g.pth", "train_generator.py"]),
     Row("generator_without_G_state_dict",
         lambda c: load_generator(_generator_variant(c, "sd_only.pth", lambda o: {"state_dict": o["G_state_dict"]})),
         KeyError, lambda c: [str(c.tmp / "sd_only.pth"), "G_state_dict", "state_dict"]),

@@ -8,7 +8,7 @@ Prints the similarity matrix (mean cos^2 of the principal angles between the row
 principal angle and the offset ||mu_a - mu_b||, and writes `similarity.json` and `similarity.png` (heatmaps).
 
 ASSUMPTION: the generators must share their latent space, i.e. be fine-tuned from ONE stage-1 model
-(`cfsm/train.py ... init_generator=<shared generator.pth>`). The latent z = o @ U + mu only means something
+(`train_generator.py ... init_generator=<shared generator.pth>`). The latent z = o @ U + mu only means something
 through the MLP/decoder that reads it; independently initialised generators have unrelated latent spaces and their
 angles say nothing about the datasets (this tool warns when the bases look independent).
 """

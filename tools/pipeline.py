@@ -5,7 +5,7 @@
 Stages (each skipped when its output already exists, so an interrupted pipeline continues where it stopped):
   1. data       toy faces: training .rec, toy_clean/toy_target .bin pairs, unlabelled target faces
   2. baseline   `train.py configs/toy`: a plain ArcFace model (also stage 1's identity network)
-  3. generator  `cfsm/train.py configs/cfsm_toy`: a CFSM generator for the toy target style
+  3. generator  `train_generator.py configs/cfsm_toy`: a CFSM generator for the toy target style
   4. cfsm       `train.py configs/toy_ours`: guided training with the generator, same schedule as the baseline
   5. evaluate   10-fold verification of both models on toy_clean and toy_target; results.json, bar chart PNG,
                 style grid of the generator
@@ -103,7 +103,7 @@ def main(argv=None) -> dict:
         ("baseline", out / "baseline" / "summary.json",
          [py, "train.py", "configs/toy", f"output={out / 'baseline'}", *common]),
         ("generator", gen_file,
-         [py, "cfsm/train.py", "configs/cfsm_toy", f"rec={data}", f"target={data / 'target_faces'}",
+         [py, "train_generator.py", "configs/cfsm_toy", f"rec={data}", f"target={data / 'target_faces'}",
           f"id_model={out / 'baseline' / 'model.pt'}", f"output={out / 'generator'}", *args.generator_set]
          + ([f"max_steps={args.generator_steps}"] if args.generator_steps else [])),
         ("cfsm", out / "cfsm" / "summary.json",

@@ -75,9 +75,9 @@ def render_targets(folder: Path, style_name: str, count: int) -> Path:
 
 
 def _stage1(config: str, overrides: dict) -> dict:
-    from cfsm import train as stage1
+    import train_generator
 
-    return stage1.main([config] + [f"{k}={v}" for k, v in overrides.items()])
+    return train_generator.main([config] + [f"{k}={v}" for k, v in overrides.items()])
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -294,7 +294,7 @@ def validate(cfg: EasyDict) -> None:
     if cfg.rs_ratio < 1.0:
         need(bool(cfg.pretrained_synthesis_model), "pretrained_synthesis_model",
              "rs_ratio < 1 synthesizes faces and needs a generator file (train one with "
-             "`python -m cfsm.train configs/cfsm_<name>`; released ones are listed in the CFSM README)")
+             "`python train_generator.py configs/cfsm_<name>`; released ones are listed in the CFSM README)")
 
 
 def parse_launch_args(argv, description: str, example_config: str):
