@@ -55,6 +55,28 @@ def evaluate(model_path: Path, network: str, embedding_size: int, data: Path) ->
     return results
 
 
+def generator_style_report(out: Path, data: Path, network: str, embedding_size: int) -> dict:
+    """The generator's style report: stage 1's (generator/summary.json) or, for a generator trained elsewhere,
+    measured now with the baseline as identity network (cfsm/style_report.py; written under out/style_report)."""
+    summary = out / "generator" / "summary.json"
+    if summary.is_file():
+        report = json.loads(summary.read_text()).get("style_report")
+        if report is not None:
+            return report
+    from cfsm import load_generator
+    from cfsm.style_report import evenly_spaced, write_style_report
+    from cfsm.target_data import TargetFaceDataset
+    from dataset import build_dataset
+    from eval.common import load_backbone
+
+    id_net = load_backbone(out / "baseline" / "model.pt", network, embedding_size=embedding_size, device="cpu")
+    stage1 = json.loads(summary.read_text())["config"] if summary.is_file() else {}
+    return write_style_report(load_generator(out / "generator" / "generator.pth"), id_net,
+                              evenly_spaced(build_dataset(data, augment=False), 32),
+                              evenly_spaced(TargetFaceDataset(data / "target_faces"), 32), out / "style_report",
+                              stage1.get("id_distance_range", (0.0, 6.0, 0.05, 0.65)))
+
+
 def bar_chart(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -127,14 +149,19 @@ def main(argv=None) -> dict:
                    for method in ("baseline", "cfsm")}
         bar.update(1)
 
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    style = generator_style_report(out, data, cfg["network"], cfg["embedding_size"])
+    (out / "results.json").write_text(json.dumps({**results, "generator_style_report": style}, indent=1))
     bar_chart(results, out / "results.png")
     lines = ["", f"{'method':<10}" + "".join(f"{t:>12}" for t in TARGETS)]
     lines += [f"{m:<10}" + "".join(f"{100 * r[t]:>11.2f}%" for t in TARGETS) for m, r in results.items()]
     lines.append(f"\nresults: {out / 'results.json'}, chart: {out / 'results.png'}, "
                  f"style grid: {out / 'style_grid'}; {time.time() - t0:.0f} s")
+    met = [name for name, goal in style["goals"].items() if goal["met"]]
+    lines.append(f"generator style report: {len(met)}/{len(style['goals'])} goals met (recon_l1 {style['recon_l1']:.3f}, "
+                 f"id distance at o=0 {style['id_distance_o0']:.3f}, Spearman {style['magnitude_spearman']:.2f}, "
+                 f"direction effect {style['direction_effect']:.3f})")
     print("\n".join(lines), flush=True)
-    return results
+    return {**results, "generator_style_report": style}
 
 
 if __name__ == "__main__":
