@@ -1,13 +1,12 @@
-"""Checkpoint I/O: atomic writes, safe loading, run layout, RNG capture, strict loading errors."""
+"""Checkpoint file I/O: atomic writes (umask, full disk), safe loading, strict loading errors.
+(The run layout, RNG capture and resume policy: tests/test_resume_policy.py.)"""
+import errno
 import os
-import pickle
-import random
 import signal
 import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 import torch
 
@@ -69,36 +68,6 @@ def test_killed_writer_leaves_previous_checkpoint_intact(tmp_path):
     assert torch.equal(ckpt.safe_load(path)["v"], torch.zeros(4))
 
 
-def test_run_layout_complete_marker_and_prune(tmp_path):
-    for step in (10, 20, 30):
-        ckpt.save_run_checkpoint(tmp_path, step, 0, 1, {"step": step}, barrier=lambda: None, keep=2, kind="test")
-    partial = ckpt.step_dir(tmp_path, 40)
-    partial.mkdir()
-    (partial / "rank_0.pt").write_bytes(b"half")  # a crash before COMPLETE
-    steps = [s for s, _, _ in ckpt.complete_checkpoints(tmp_path)]
-    assert steps == [20, 30]
-    step, directory, meta = ckpt.latest_complete(tmp_path)
-    assert step == 30 and meta["world_size"] == 1
-    assert ckpt.resume_checkpoint(tmp_path, "auto", 1, kind="test") == (30, directory)
-    assert ckpt.safe_load(ckpt.rank_file(directory, 0))["step"] == 30
-    with pytest.raises(ckpt.CheckpointError, match="written by 1 ranks but this run has 2"):
-        ckpt.resume_checkpoint(tmp_path, "auto", 2, kind="test")
-    with pytest.raises(ckpt.CheckpointError, match="not 'recognition'"):
-        ckpt.resume_checkpoint(tmp_path, True, 1, kind="recognition")
-    assert ckpt.resume_checkpoint(tmp_path, False, 1, kind="test") is None
-
-
-def test_rng_state_roundtrip_through_weights_only(tmp_path):
-    g = torch.Generator().manual_seed(5)
-    state = ckpt.capture_rng_state({"g": g})
-    ckpt.atomic_save(state, tmp_path / "rng.pt")
-    expected = (torch.rand(3), random.random(), np.random.rand(), torch.rand(2, generator=g))
-    ckpt.restore_rng_state(ckpt.safe_load(tmp_path / "rng.pt"), {"g": g})
-    got = (torch.rand(3), random.random(), np.random.rand(), torch.rand(2, generator=g))
-    assert torch.equal(expected[0], got[0]) and expected[1] == got[1] and expected[2] == got[2]
-    assert torch.equal(expected[3], got[3])
-
-
 def test_strict_load_names_first_mismatching_key(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
     other = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 4))
@@ -108,3 +77,41 @@ def test_strict_load_names_first_mismatching_key(tmp_path):
         ckpt.load_state_dict_strict(model, {**model.state_dict(), "2.weight": torch.zeros(1)}, "x.pt")
     torch.save({"module." + k: v for k, v in model.state_dict().items()}, tmp_path / "ddp.pt")
     ckpt.load_state_dict_strict(model, ckpt.load_state_dict_file(tmp_path / "ddp.pt"), "ddp.pt")
+
+
+def _fail_writes_into(folder, real_write=os.write):
+    """An os.write that reports a full disk for files under `folder` (what the kernel says when it is full)."""
+    def write(fd, data):
+        if str(folder) in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+    return write
+
+
+@pytest.mark.parametrize("save", [
+    lambda path, value: ckpt.atomic_save({"v": torch.full((1000,), value)}, path),
+    lambda path, value: ckpt.atomic_write_text(f"value {value}", path),
+], ids=["atomic_save", "atomic_write_text"])
+def test_disk_full_names_the_file_and_keeps_the_previous_one(tmp_path, monkeypatch, save):
+    path = tmp_path / "ckpt" / "state.pt"
+    save(path, 1.0)
+    before = path.read_bytes()
+    monkeypatch.setattr(os, "write", _fail_writes_into(tmp_path / "ckpt"))
+    with pytest.raises(ckpt.CheckpointError, match=r"cannot write .*state\.pt: no space left"):
+        save(path, 2.0)
+    monkeypatch.undo()
+    assert path.read_bytes() == before  # the previous file, untouched
+    assert [p.name for p in path.parent.iterdir()] == ["state.pt"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_written_files_honour_the_umask(tmp_path, umask, mode):
+    """Not 0600 from mkstemp: other users on shared storage read model.pt and checkpoints as the umask allows."""
+    old = os.umask(umask)
+    try:
+        ckpt.atomic_save({"w": torch.zeros(2)}, tmp_path / "model.pt")
+        ckpt.atomic_write_text("{}", tmp_path / "summary.json")
+    finally:
+        os.umask(old)
+    for name in ("model.pt", "summary.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == mode, name

@@ -1,0 +1,383 @@
+"""Run state and resume policy (utils.run_state): the config stored in every checkpoint and compared on resume,
+schedule changes applied from the resumed step, damaged-checkpoint fallback, finiteness recorded at save time,
+per-node markers and a resume step agreed by all ranks, disk full, the output-folder lock."""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import random
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from tests.test_train import REPO, free_port, tiny_args
+from utils import run_state as rs
+from utils.checkpoint import CheckpointError
+from utils.optim import PolyScheduler
+
+SINGLE = rs.Ranks()
+
+
+def save(out: Path, step: int, value: float = 0.0, config: dict | None = None, keep: int = 5,
+         ranks: rs.Ranks = SINGLE, kind: str = "test") -> Path:
+    state = {"w": torch.full((64,), value), "step": step}
+    return rs.save_run_checkpoint(out, step, state, ranks, keep, kind, config or {"lr": 0.1})
+
+
+# ---- layout, pruning, finiteness ----
+
+def test_layout_marker_records_config_sizes_and_finiteness(tmp_path):
+    for step in (10, 20, 30):
+        save(tmp_path, step, keep=2, config={"network": "r_tiny", "lr": 0.1})
+    partial = rs.step_dir(tmp_path, 40)
+    partial.mkdir()
+    (partial / "rank_0.pt").write_bytes(b"half")  # a crash before COMPLETE
+    assert [s for s, _, _ in rs.complete_checkpoints(tmp_path)] == [20, 30]
+    step, directory, meta = rs.latest_complete(tmp_path)
+    assert step == 30 and meta["world_size"] == 1 and meta["finite"] is True
+    assert meta["config"] == {"network": "r_tiny", "lr": 0.1}
+    assert meta["sizes"] == {"0": rs.rank_file(directory, 0).stat().st_size}
+    resumed = rs.resume(tmp_path, "auto", SINGLE, "test", {})
+    assert (resumed.step, resumed.directory, resumed.state["step"]) == (30, directory, 30)
+    with pytest.raises(CheckpointError, match="written by 1 ranks but this run has 2"):
+        rs.resume(tmp_path, "auto", rs.Ranks(world_size=2, gather=lambda o: [o, o]), "test", {})
+    with pytest.raises(CheckpointError, match="not 'recognition'"):
+        rs.resume(tmp_path, True, SINGLE, "recognition", {})
+    assert rs.resume(tmp_path, False, SINGLE, "test", {}) is None
+
+
+def test_pruning_keeps_the_newest_finite_checkpoint(tmp_path):
+    """Non-finite checkpoints never push out the last finite one, and the stop message can only name a finite one."""
+    save(tmp_path, 10, value=1.0, keep=1)
+    for step in (20, 30, 40):
+        save(tmp_path, step, value=float("nan"), keep=1)
+    found = {s: meta for s, _, meta in rs.complete_checkpoints(tmp_path)}
+    assert sorted(found) == [10, 40]
+    assert found[40]["finite"] is False and found[40]["nonfinite"] == {"0": "w"}
+    assert rs.last_finite_checkpoint(tmp_path) == rs.step_dir(tmp_path, 10)
+    save(tmp_path, 50, value=2.0, keep=1)  # a finite one again: the old finite one may go
+    assert [s for s, _, _ in rs.complete_checkpoints(tmp_path)] == [50]
+
+
+def test_first_nonfinite_names_the_key():
+    state = {"backbone": {"bn.weight": torch.ones(2), "bn.running_var": torch.tensor([1.0, float("inf")])},
+             "step": 3, "counts": torch.tensor([1, 2])}
+    assert rs.first_nonfinite(state) == "backbone.bn.running_var"
+    assert rs.first_nonfinite({"a": torch.zeros(3), "b": [torch.ones(1)]}) is None
+
+
+def test_nan_buffers_stop_the_run_without_model_file(mini_toy, tmp_path):
+    """NaN BatchNorm running statistics leave the loss finite (training uses batch statistics): the run used to
+    exit 0 and write model.pt with NaN buffers. Now it stops naming the step and writes no model file."""
+    from backbones import get_model
+
+    model = get_model("r_tiny", num_features=32)
+    state = model.state_dict()
+    name = next(k for k in state if k.endswith("running_mean"))
+    state[name] = torch.full_like(state[name], float("nan"))
+    init = tmp_path / "nan_bn.pt"
+    torch.save(state, init)
+    out = tmp_path / "out"
+    with pytest.raises(rs.NonFiniteStateError, match=rf"step 2: .*not finite.*rank 0: backbone\.{name}.*"
+                                                     rf"Last finite checkpoint: none"):
+        train.main(tiny_args(mini_toy, out, "max_steps=2", f"pretrained_backbone_model={init}"))
+    assert not (out / "model.pt").exists() and not (out / "summary.json").exists()
+
+
+# ---- the config stored in every checkpoint ----
+
+def test_changed_state_keys_are_refused_with_every_change_listed(tmp_path):
+    saved = {"network": "r50", "embedding_size": 512, "batch_size": 128, "lr": 0.1, "frequent": 10}
+    directory = tmp_path / "checkpoints" / "step_00000100"
+    current = {**saved, "network": "r100", "batch_size": 64, "frequent": 50}
+    with pytest.raises(CheckpointError) as err:
+        rs.check_config(saved, current, directory, "recognition")
+    message = str(err.value)
+    assert "network: 'r50' -> 'r100'" in message and "batch_size: 128 -> 64" in message
+    assert str(directory) in message and "pretrained_backbone_model" in message and "frequent" not in message
+    assert rs.check_config(saved, {**saved, "lr": 0.05, "frequent": 1, "output": "x"}, directory,
+                           "recognition") == [("lr", 0.1, 0.05)]
+    stage1 = {"gen_dim": 64, "gen_lr": 1e-4}
+    with pytest.raises(CheckpointError, match="gen_dim: 64 -> 32"):
+        rs.check_config(stage1, {**stage1, "gen_dim": 32}, directory, "cfsm_stage1")
+
+
+def test_resume_with_another_architecture_names_the_keys(mini_toy, tmp_path):
+    """Used to fail inside load_state_dict with thousands of key names."""
+    out = tmp_path / "out"
+    train.main(tiny_args(mini_toy, out, "max_steps=1"))
+    with pytest.raises(CheckpointError, match=r"step_00000001: .*network: 'r_tiny' -> 'mbf_tiny', "
+                                              r"embedding_size: 32 -> 16.*pretrained_backbone_model"):
+        train.main(tiny_args(mini_toy, out, "max_steps=2", "network=mbf_tiny", "embedding_size=16"))
+
+
+def test_optimizer_and_schedule_follow_the_new_config_from_the_resumed_step():
+    def build(lr, total, momentum=0.9):
+        w = torch.nn.Parameter(torch.ones(3))
+        opt = torch.optim.SGD([w], lr=lr, momentum=momentum)
+        return w, opt, PolyScheduler(opt, total, 0, 2.0)
+
+    w, opt, sched = build(0.1, 10)
+    for _ in range(4):
+        w.grad = torch.ones(3)
+        opt.step()
+        sched.step()
+    saved_opt, saved_sched = opt.state_dict(), sched.state_dict()
+    continued = opt.param_groups[0]["lr"]
+
+    w2, opt2, sched2 = build(0.1, 10)  # unchanged config: exactly the lr of the uninterrupted run
+    rs.load_optimizer_keeping_config(opt2, saved_opt)
+    rs.load_scheduler_keeping_config(sched2, saved_sched)
+    assert opt2.param_groups[0]["lr"] == continued
+
+    w3, opt3, sched3 = build(0.05, 20, momentum=0.5)  # lr halved, schedule twice as long, other momentum
+    rs.load_optimizer_keeping_config(opt3, saved_opt)
+    rs.load_scheduler_keeping_config(sched3, saved_sched)
+    assert opt3.param_groups[0]["lr"] == pytest.approx(0.05 * (1 - 4 / 20) ** 2)
+    assert opt3.param_groups[0]["momentum"] == 0.5
+    assert torch.equal(opt3.state[w3]["momentum_buffer"], saved_opt["state"][0]["momentum_buffer"])
+    sched3.step()
+    assert opt3.param_groups[0]["lr"] == pytest.approx(0.05 * (1 - 5 / 20) ** 2)
+
+
+def test_longer_num_epoch_trains_the_added_steps(mini_toy, tmp_path):
+    """A finished 1-epoch run resumed with num_epoch=2: the old schedule ended at lr 0, so the added steps used to
+    change nothing. Now the new schedule applies from the resumed step (logged)."""
+    out = tmp_path / "out"
+    train.main(tiny_args(mini_toy, out, "num_epoch=1", "val_targets=[]"))
+    first = torch.load(out / "model.pt", weights_only=True)
+    summary = train.main(tiny_args(mini_toy, out, "num_epoch=2", "val_targets=[]"))
+    second = torch.load(out / "model.pt", weights_only=True)
+    assert summary["steps"] == 12
+    assert any(not torch.equal(first[k], second[k]) for k in first if first[k].is_floating_point())
+    assert "config key 'num_epoch' changed 1 -> 2: the new value applies from step 6" in \
+        (out / "train.log").read_text()
+
+
+# ---- damaged newest checkpoint ----
+
+def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
+    for step in (10, 20, 30):
+        save(tmp_path, step, value=step)
+    newest = rs.rank_file(rs.step_dir(tmp_path, 30), 0)
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated (size differs from COMPLETE)
+    middle = rs.rank_file(rs.step_dir(tmp_path, 20), 0)
+    middle.write_bytes(b"\0" * middle.stat().st_size)  # same size, unreadable: found only by loading
+    with caplog.at_level(logging.WARNING):
+        resumed = rs.resume(tmp_path, "auto", SINGLE, "test", {})
+    assert resumed.step == 10 and float(resumed.state["w"][0]) == 10
+    assert "step_00000030 is damaged (rank_0.pt has 100 bytes" in caplog.text
+    assert "step_00000020 could not be loaded" in caplog.text
+    rs.rank_file(rs.step_dir(tmp_path, 10), 0).unlink()
+    with pytest.raises(CheckpointError, match="step_00000020.*rank_0.pt"):
+        rs.resume(tmp_path, True, SINGLE, "test", {})
+
+
+def test_train_resumes_from_the_newest_intact_checkpoint(mini_toy, tmp_path):
+    out = tmp_path / "out"
+    train.main(tiny_args(mini_toy, out, "max_steps=3", "save_every=2", "keep_checkpoints=3", "val_targets=[]"))
+    rank0 = rs.rank_file(rs.step_dir(out, 3), 0)
+    rank0.write_bytes(rank0.read_bytes()[: rank0.stat().st_size // 2])  # a copy cut short
+    summary = train.main(tiny_args(mini_toy, out, "max_steps=4", "val_targets=[]"))
+    assert summary["steps"] == 4
+    log = (out / "train.log").read_text()
+    assert "step_00000003 is damaged" in log and "resumed from" in log and "step_00000002 at step 2" in log
+
+
+# ---- disk full ----
+
+def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    save(tmp_path, 10, value=1.0)
+    real_write = os.write
+
+    def full(fd, data):
+        if "step_00000020" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(CheckpointError, match=r"step_00000020/rank_0\.pt: no space left"):
+        save(tmp_path, 20, value=2.0)
+    monkeypatch.undo()
+    assert [s for s, _, _ in rs.complete_checkpoints(tmp_path)] == [10]
+    assert float(rs.resume(tmp_path, True, SINGLE, "test", {}).state["w"][0]) == 1.0
+
+
+# ---- one job per output folder ----
+
+@pytest.mark.slow
+def test_second_job_in_the_same_output_fails_at_once(mini_toy, tmp_path):
+    out = tmp_path / "busy"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from utils.run_state import lock_output; "
+                               f"lock = lock_output({str(out)!r}); print('locked', flush=True); time.sleep(120)"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        start = time.time()
+        with pytest.raises(RuntimeError, match=rf"output folder {out} is in use by another run \(pid {holder.pid}"):
+            train.main(tiny_args(mini_toy, out, "max_steps=1"))
+        assert time.time() - start < 30
+        assert not (out / "checkpoints").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train.main(tiny_args(mini_toy, out, "max_steps=1", "val_targets=[]"))["steps"] == 1  # freed on exit
+
+
+# ---- RNG state ----
+
+def test_rng_state_roundtrip_through_weights_only(tmp_path):
+    from utils.checkpoint import atomic_save, safe_load
+
+    g = torch.Generator().manual_seed(5)
+    state = rs.capture_rng_state({"g": g})
+    atomic_save(state, tmp_path / "rng.pt")
+    expected = (torch.rand(3), random.random(), np.random.rand(), torch.rand(2, generator=g))
+    rs.restore_rng_state(safe_load(tmp_path / "rng.pt"), {"g": g})
+    got = (torch.rand(3), random.random(), np.random.rand(), torch.rand(2, generator=g))
+    assert torch.equal(expected[0], got[0]) and expected[1] == got[1] and expected[2] == got[2]
+    assert torch.equal(expected[3], got[3])
+
+
+# ---- two real gloo ranks, each with its own output folder (two nodes without a shared filesystem) ----
+
+WORKER = textwrap.dedent("""
+    import errno, json, os, sys, traceback
+    import torch, torch.distributed as dist
+    from utils import run_state as rs
+    from utils.distributed import DistEnv
+
+    rank, folder, result_file = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    ranks = rs.Ranks.from_env(DistEnv(rank, 0, 2, torch.device("cpu"), "gloo"))  # local rank 0: own node
+    results = {}
+
+    def scenario(name, fn):
+        try:
+            results[name] = {"ok": fn()}
+        except Exception as exc:
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+
+    def save(out, step, value=0.0, keep=5):
+        state = {"w": torch.full((64,), float(value))}
+        return str(rs.save_run_checkpoint(out, step, state, ranks, keep, "recognition", {"batch_size": 8}))
+
+    def markers(out):
+        return [s for s, _, _ in rs.complete_checkpoints(out)]
+
+    def resumed_step(out):
+        found = rs.resume(out, "auto", ranks, "recognition", {"batch_size": 8})
+        return None if found is None else [found.step, float(found.state["w"][0])]
+
+    # markers and pruning in every node's folder
+    agree = os.path.join(folder, "agree")
+    scenario("markers", lambda: [save(agree, s, s, keep=2) for s in (10, 20, 30)] and markers(agree))
+    # node 1 lost step 30's COMPLETE (crash between files and marker): both ranks resume from 20
+    if rank == 1:
+        os.remove(os.path.join(agree, "checkpoints", "step_00000030", "COMPLETE"))
+    scenario("agreed_step", lambda: resumed_step(agree))
+
+    # rank 1's newest file truncated, its next one unreadable at full size: both fall back to 10
+    damaged = os.path.join(folder, "damaged")
+    for s in (10, 20, 30):
+        save(damaged, s, s)
+    if rank == 1:
+        f = rs.rank_file(rs.step_dir(damaged, 30), 1)
+        f.write_bytes(f.read_bytes()[:50])
+        g = rs.rank_file(rs.step_dir(damaged, 20), 1)
+        g.write_bytes(b"\\0" * g.stat().st_size)
+    scenario("fallback", lambda: resumed_step(damaged))
+
+    # disk full on rank 1 only: every rank raises, no marker anywhere, the previous checkpoint stays newest
+    full = os.path.join(folder, "full")
+    save(full, 10, 1)
+    real_write = os.write
+    def write(fd, data):
+        if rank == 1 and "step_00000020" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+    os.write = write
+    scenario("disk_full", lambda: save(full, 20, 2))
+    os.write = real_write
+    scenario("after_full", lambda: markers(full))
+
+    # non-finite final state on rank 1 only: both ranks refuse
+    scenario("nonfinite", lambda: rs.require_finite({"w": torch.tensor([float("nan") if rank else 0.0])}, 7,
+                                                    ranks, agree))
+    # another job holds rank 0's folder: both ranks stop at once
+    scenario("lock", lambda: rs.lock_output(os.path.join(folder, "locked"), ranks) and "locked")
+    # a changed batch size is refused on both ranks
+    scenario("config", lambda: rs.resume(agree, "auto", ranks, "recognition", {"batch_size": 16}) and "resumed")
+    with open(result_file, "w") as f:
+        json.dump(results, f)
+    dist.destroy_process_group()
+""")
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    """Run WORKER on 2 gloo ranks, each with LOCAL_RANK 0 and its own folder; return (folders, results)."""
+    root = tmp_path_factory.mktemp("two_nodes")
+    folders = [root / "node0", root / "node1"]
+    (folders[0] / "locked").mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from utils.run_state import lock_output; import time; "
+                               f"l = lock_output({str(folders[0] / 'locked')!r}); print('locked', flush=True); "
+                               f"time.sleep(300)"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
+    try:
+        procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(r), str(folders[r]), str(root / f"{r}.json")],
+                                  cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for r in range(2)]
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        holder.kill()
+        holder.wait()
+    for p, text in zip(procs, outputs):
+        assert p.returncode == 0, text[-3000:]
+    return folders, [json.loads((root / f"{r}.json").read_text()) for r in range(2)], outputs
+
+
+@pytest.mark.slow
+def test_two_nodes_each_folder_gets_markers_and_pruning(two_nodes):
+    folders, results, _ = two_nodes
+    assert [r["markers"] for r in results] == [{"ok": [20, 30]}] * 2
+
+
+@pytest.mark.slow
+def test_two_nodes_agree_on_the_resume_step(two_nodes):
+    _, results, outputs = two_nodes
+    assert [r["agreed_step"] for r in results] == [{"ok": [20, 20.0]}] * 2
+    assert [r["fallback"] for r in results] == [{"ok": [10, 10.0]}] * 2
+    assert "step_00000030 is damaged (rank_1.pt has 50 bytes" in outputs[1]
+    assert "step_00000020 could not be loaded on every rank" in outputs[0]
+
+
+@pytest.mark.slow
+def test_two_nodes_disk_full_on_one_rank_fails_every_rank(two_nodes):
+    _, results, _ = two_nodes
+    assert "rank_1.pt: no space left" in results[1]["disk_full"]["error"]
+    assert "rank(s) [1] could not write" in results[0]["disk_full"]["error"]
+    assert [r["after_full"] for r in results] == [{"ok": [10]}] * 2
+
+
+@pytest.mark.slow
+def test_two_nodes_refuse_together(two_nodes):
+    _, results, _ = two_nodes
+    for r in results:
+        assert "NonFiniteStateError: step 7" in r["nonfinite"]["error"] and "rank 1: w" in r["nonfinite"]["error"]
+        assert "is in use by another run" in r["lock"]["error"]
+        assert "batch_size: 8 -> 16" in r["config"]["error"]
+    assert "node0/locked is in use by another run (pid" in results[0]["lock"]["error"]  # rank 0 names the holder
