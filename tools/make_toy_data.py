@@ -25,6 +25,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=None, help="rendering processes (default: CPU count)")
     args = ap.parse_args(argv)
+    # counts of 0 wrote an empty dataset and --workers -1 hung; --out naming a file failed after rendering began
+    for flag, value, low in (("--num-identities", args.num_identities, 2), ("--images-per-identity",
+                             args.images_per_identity, 2), ("--num-eval-identities", args.num_eval_identities, 2),
+                             ("--num-pairs", args.num_pairs, 2), ("--num-target-faces", args.num_target_faces, 1),
+                             ("--workers", args.workers, 1)):
+        if value is not None and value < low:
+            ap.error(f"argument {flag}: must be >= {low}, got {value}")
+    if args.out.exists() and not args.out.is_dir():
+        ap.error(f"argument --out: {args.out} is a file; give a folder for the toy data")
     root = ensure_toy_data(
         args.out,
         num_identities=args.num_identities,
