@@ -190,6 +190,11 @@ def main(argv: list[str] | None = None) -> dict:
     pdir = Path(args.protocol_dir)
     if not pdir.is_dir():
         raise EvalInputError(f"--protocol-dir {pdir}: folder not found (it holds cs6_metadata.csv and galleries/)")
+    if not Path(args.frames_dir).is_dir():
+        raise EvalInputError(f"--frames-dir {args.frames_dir}: folder not found (aligned frames, "
+                             f"<subject>/videos_<vid>_<frame>.jpg)")
+    if args.frame_list and not Path(args.frame_list).is_file():
+        raise EvalInputError(f"--frame-list {args.frame_list}: file not found (a csv with a 'path' column)")
     protocols = [p.strip().upper() for p in args.protocols.split(",") if p.strip()]
     for p in protocols:
         if p not in PROTOCOLS:
@@ -210,9 +215,6 @@ def main(argv: list[str] | None = None) -> dict:
             probes[probe_file] = tmpl
         galleries[p] = [read_gallery(pdir / "galleries" / f"{gal_prefix}_g{g}.csv") for g in (1, 2)]
 
-    if not Path(args.frames_dir).is_dir():
-        raise EvalInputError(f"--frames-dir {args.frames_dir}: folder not found (aligned frames, "
-                             f"<subject>/videos_<vid>_<frame>.jpg)")
     index = index_frames(Path(args.frames_dir), Path(args.frame_list) if args.frame_list else None)
     all_templates = [t for tl in probes.values() for t in tl] + [
         t for gs in galleries.values() for g in gs for t in g]
