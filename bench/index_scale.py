@@ -17,7 +17,6 @@ gains while looking up ``--probe-keys`` random keys (copy-on-access would show u
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -27,7 +26,12 @@ import tempfile
 import time
 from pathlib import Path
 
+if __name__ == "__main__" and not __package__:  # run as a path: import the repo's packages, not this folder's
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import numpy as np
+
+from utils.cli import ArgumentParser, run_command
 
 REPO = Path(__file__).resolve().parents[1]
 MS1MV2_RECORDS = 5_822_653
@@ -105,7 +109,7 @@ def probe(rec: Path, idx: Path, probe_keys: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--records", type=int, nargs="+", default=[MS1MV2_RECORDS, WEBFACE42M_RECORDS],
                     help="index sizes to test (default: MS1MV2 and WebFace42M image counts)")
     ap.add_argument("--record-bytes", type=int, default=1800, help="spacing of the offsets (a JPEG face ~1.8 KB)")
@@ -140,4 +144,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_command(main)

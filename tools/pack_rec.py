@@ -13,7 +13,6 @@ out instead (listed at the end; an identity left with no image is dropped and th
 """
 from __future__ import annotations
 
-import argparse
 import multiprocessing as mp
 import os
 import shutil
@@ -22,14 +21,15 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__" and not __package__:  # run as a path: import the repo's packages, not this folder's
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from dataset import DataError, scan_image_folder  # noqa: E402
+from utils.cli import ArgumentParser, UsageError, expanded_path, non_negative_int, run_command  # noqa: E402
 from utils.recordio import cache_path_for, write_face_rec  # noqa: E402
 
 IMAGE_SIZE = (112, 112)
@@ -147,10 +147,10 @@ def pack_folder(image_folder: str | Path, out_dir: str | Path, workers: int = 0,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("image_folder", type=Path, help="one sub-folder of aligned 112x112 faces per identity")
-    ap.add_argument("out_dir", type=Path, help="folder that receives train.rec, train.idx and property")
-    ap.add_argument("--workers", type=int, default=0, help="encoding processes (default: CPU count)")
+    ap = ArgumentParser(description=__doc__)
+    ap.add_argument("image_folder", type=expanded_path, help="one sub-folder of aligned 112x112 faces per identity")
+    ap.add_argument("out_dir", type=expanded_path, help="folder that receives train.rec, train.idx and property")
+    ap.add_argument("--workers", type=non_negative_int, default=0, help="encoding processes (default: CPU count)")
     ap.add_argument("--quality", type=int, default=95, help="JPEG quality for re-encoded (non-JPEG) images")
     ap.add_argument("--overwrite", action="store_true", help="replace a pack already in OUT_DIR")
     ap.add_argument("--skip-bad", action="store_true",
@@ -158,23 +158,19 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not 0 <= args.quality <= 100:
         ap.error(f"--quality must be in 0..100, got {args.quality}")
-    if args.workers < 0:
-        ap.error(f"--workers must be >= 0, got {args.workers}")
     try:
         result = pack_folder(args.image_folder, args.out_dir, args.workers, args.quality,
                              overwrite=args.overwrite, skip_bad=args.skip_bad)
-    except (DataError, FileExistsError, FileNotFoundError) as e:
-        print(f"pack_rec: {e}", file=sys.stderr)
-        return 1
+    except FileExistsError as e:  # a user's choice to make, not a bug: one line, exit 2
+        raise UsageError(str(e)) from None
     for reason in result.skipped:
         print(f"skipped {reason}")
     if result.skipped:
         print(f"skipped {len(result.skipped)} bad image(s)")
-    out = Path(os.path.expanduser(args.out_dir))
-    print(f"wrote {out / 'train.rec'}: set num_classes = {result.num_classes} and num_image = {result.num_images} "
+    print(f"wrote {args.out_dir / 'train.rec'}: set num_classes = {result.num_classes} and num_image = {result.num_images} "
           f"in your config")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_command(main)
