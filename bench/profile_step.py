@@ -3,79 +3,70 @@
     python -m bench.profile_step --network r50 --batch-size 128 --amp fp16 --channels-last   # GPU
     python -m bench.profile_step --network r_tiny --batch-size 8 --steps 2                   # CPU smoke run
 
-Builds the real step (Partial FC ArcFace, adversarial_mix with a released-size generator, backward, clip, SGD),
-runs `--warmup` untimed steps, then profiles `--steps` steps on the current device. Prints the top ops by self
-device time (CPU time without a GPU) and, last, one JSON line. `--trace FILE` also writes a Chrome trace.
-`build_step` is the one definition of the benchmarked step; bench/step_cost.py imports it.
+Profiles train.py's own step (`make_train_step`: Partial FC ArcFace, adversarial_mix with a released-size
+generator, backward, clip, SGD; its `record_function` labels name the phases): `--warmup` untimed steps, then
+`--steps` profiled ones on the current device. Prints the top ops by self device time (CPU time without a GPU)
+and, last, one JSON line. `--trace FILE` also writes a Chrome trace.
+`build_step` sets that step up on random data; bench/step_cost.py imports it.
 """
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import time
+from pathlib import Path
 from typing import Callable
 
+if __name__ == "__main__" and not __package__:  # run as a path: import the repo's packages, not this folder's
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import torch
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch.profiler import ProfilerActivity, profile
 
 from backbones import get_model
 from cfsm import Generator
-from cfsm.attack import adversarial_mix, frozen_stats
-from losses import ArcFace
+from losses import margin_loss_from_config
 from partial_fc import PartialFC
+from train import make_train_step
+from utils.cli import ArgumentParser, run_command
+from utils.config import base_config
+from utils.distributed import DistEnv
+from utils.optim import PolyScheduler, build_optimizer, mixed_precision
 
 
 def build_step(network: str, batch_size: int, device: torch.device, amp: str, channels_last: bool,
                rs_ratio: float, k: int, gen_dim: int, num_classes: int) -> Callable[..., float]:
-    """The real training step as a closure `step(cfsm=True) -> loss` (cfsm=False: the plain ArcFace step).
+    """train.py's own step (`make_train_step`) as a closure `step(cfsm=True) -> loss`; cfsm=False is the same step
+    without a generator (plain ArcFace). Both share one backbone, Partial FC and optimizer.
 
     Random weights and data: the cost is what counts. bench/step_cost.py times both variants with it."""
-    amp_dtype = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}[amp]
+    cfg = base_config()  # every other key at its documented default (ArcFace s=64 m=0.5, SGD momentum 0.9, clip 5)
+    cfg.update(network=network, batch_size=batch_size, fp16=amp == "fp16", bf16=amp == "bf16", k=k,
+               channels_last=channels_last, rs_ratio=rs_ratio, num_classes=num_classes, lr=0.01, weight_decay=0.0)
+    env = DistEnv(rank=0, local_rank=0, world_size=1, device=device, backend=None)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(0)
-    backbone = get_model(network, num_features=512).to(device).to(memory_format=fmt).train()
-    pfc = PartialFC(ArcFace(s=64.0, margin=0.5), 512, num_classes).to(device)
+    backbone = get_model(network, num_features=cfg.embedding_size).to(device).to(memory_format=fmt).train()
+    pfc = PartialFC(margin_loss_from_config(cfg.loss, cfg), cfg.embedding_size, num_classes).to(device)
     generator = Generator(dim=gen_dim).to(device).to(memory_format=fmt).eval().requires_grad_(False)
-    optimizer = torch.optim.SGD(list(backbone.parameters()) + list(pfc.parameters()), lr=0.01, momentum=0.9)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    autocast = dict(device_type=device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
-    images = (torch.rand(batch_size, 3, 112, 112, device=device) * 2 - 1).contiguous(memory_format=fmt)
+    optimizer = build_optimizer(cfg.optimizer, [{"params": backbone.parameters()}, {"params": pfc.parameters()}],
+                                cfg)
+    scheduler = PolyScheduler(optimizer, total_steps=10**9, warmup_steps=0, power=cfg.lr_power)
+    _, scaler, autocast = mixed_precision(cfg.fp16, cfg.bf16, device.type)
+    style_rng = torch.Generator().manual_seed(0)
+    steps = {cfsm: make_train_step(cfg, env, backbone, backbone, pfc, generator if cfsm else None, optimizer,
+                                   scheduler, scaler, autocast, style_rng) for cfsm in (False, True)}
+    images = torch.rand(batch_size, 3, 112, 112, device=device) * 2 - 1
     labels = torch.randint(0, num_classes, (batch_size,), device=device)
-    rng = torch.Generator().manual_seed(0)
 
     def step(cfsm: bool = True) -> float:
-        class_sample = pfc.sample_negatives(labels)
-
-        def attack_loss(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-            with frozen_stats(backbone), torch.autocast(**autocast):
-                emb = backbone(xs)
-            return pfc(emb.float(), ys, class_sample=class_sample, update_stats=False)
-
-        # record_function labels make the phases visible in the trace next to the per-op table
-        x = images
-        with record_function("cfsm/adversarial_mix"):
-            if cfsm:
-                x = adversarial_mix(images, labels, generator, attack_loss, rs_ratio=rs_ratio, epsilon=0.314,
-                                    alpha=0.314, k=k, rng=rng, autocast_dtype=amp_dtype,
-                                    grad_scale=scaler.get_scale() if scaler.is_enabled() else 1.0).images
-        with record_function("step/forward"), torch.autocast(**autocast):
-            emb = backbone(x)
-        with record_function("step/loss_backward"):
-            loss = pfc(emb.float(), labels, class_sample=class_sample)
-            scaler.scale(loss).backward()
-        with record_function("step/optimizer"):
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(backbone.parameters(), 5.0)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return float(steps[cfsm]([(images, labels)])["loss"])  # a float: the step has finished on the device
 
     return step
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--network", default="r50")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -142,4 +133,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

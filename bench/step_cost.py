@@ -3,26 +3,31 @@
     python -m bench.step_cost --network r50 --batch-size 8                 # CPU
     python -m bench.step_cost --network r50 --batch-size 128 --amp fp16    # GPU
 
-Both steps are the real training step (Partial FC ArcFace, backward, clip, SGD); the CFSM step adds the adversarial
-style search with a generator of the released size (dim 64, 9.7 M parameters, random weights: cost does not depend
-on the values). Repetitions alternate plain/CFSM so machine noise hits both alike; the last line is JSON with the
-medians.
+Both steps are train.py's own step (`make_train_step`, set up by bench/profile_step.py's `build_step`: Partial FC
+ArcFace, backward, clip, SGD); the CFSM step adds the adversarial style search with a generator of the released
+size (dim 64, 9.7 M parameters, random weights: cost does not depend on the values). Repetitions alternate
+plain/CFSM so machine noise hits both alike; the last line is JSON with the medians.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:  # run as a path: import the repo's packages, not this folder's
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
 
 from bench.profile_step import build_step
 from cfsm.attack import split_counts
+from utils.cli import ArgumentParser, run_command
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--network", default="r50")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -81,4 +86,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)
