@@ -28,6 +28,7 @@ from eval.verification import CallBackVerification
 from losses import margin_loss_from_config
 from partial_fc import PartialFC
 from utils import checkpoint as ckpt
+from utils.cli import run_command
 from utils.config import ConfigError, load_config, parse_launch_args
 from utils.distributed import DistEnv, all_ranks_ok, barrier, cleanup, init_distributed
 from utils.optim import PolyScheduler, build_optimizer, mixed_precision
@@ -196,4 +197,4 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)  # a wrong config key, value or file: one `error:` line, exit 2 (utils/cli.py)

@@ -207,7 +207,7 @@ def _parse_chunk_fast(chunk: bytes, buf: np.ndarray) -> tuple[np.ndarray, np.nda
     if values.size != sep.size:
         return None
     pairs = values.reshape(-1, 2)
-    return pairs[:, 0], pairs[:, 1]  # strided views: _parse_idx's concatenate copies them once
+    return pairs[:, 0], pairs[:, 1]  # strided views: _parse_idx copies them into its output arrays
 
 
 def _parse_chunk_exact(idx_path: Path, text: bytes, first_line: int) -> tuple[np.ndarray, np.ndarray]:
@@ -254,13 +254,18 @@ def _refuse_non_ascii(idx_path: Path, buf: np.ndarray, first_line: int, at_file_
 
 
 def _parse_idx(idx_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read ``key\\toffset`` lines into int64 arrays (file order), in bounded chunks of whole lines."""
-    key_parts: list[np.ndarray] = []
-    off_parts: list[np.ndarray] = []
+    """Read ``key\\toffset`` lines into int64 arrays (file order), in bounded chunks of whole lines.
+
+    The results are written straight into two arrays sized from the first chunk's line density (pages past the
+    end are never touched, so never resident): no list of per-chunk parts whose freed memory the allocator keeps.
+    """
+    keys_out = offs_out = np.empty(0, np.int64)
+    n = 0
     line_base = 1
     carry = b""
     at_file_start = True
     with open(idx_path, "rb") as f:
+        file_size = os.fstat(f.fileno()).st_size
         while True:
             block = f.read(_IDX_CHUNK)
             data = carry + block
@@ -282,15 +287,27 @@ def _parse_idx(idx_path: Path) -> tuple[np.ndarray, np.ndarray]:
             fast = parsed is not None
             if parsed is None:
                 parsed = _parse_chunk_exact(idx_path, chunk[:-1], line_base)
-            key_parts.append(parsed[0])
-            off_parts.append(parsed[1])
+            count = parsed[0].size
+            if n + count > keys_out.size:
+                # First chunk: lines per byte so far x file size, +5 %; later (longer lines than guessed): x1.5.
+                guess = int(file_size * count / max(len(chunk), 1) * 1.05) + 16 if n == 0 else int(keys_out.size * 1.5)
+                capacity = max(guess, n + count)
+                keys_out = _grown(keys_out, n, capacity)
+                offs_out = _grown(offs_out, n, capacity)
+            keys_out[n:n + count] = parsed[0]
+            offs_out[n:n + count] = parsed[1]
+            n += count
             line_base += parsed[0].size if fast else int(np.count_nonzero(buf == 10))
             at_file_start = False
             if not block:
                 break
-    if not key_parts:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    return np.concatenate(key_parts), np.concatenate(off_parts)
+    return keys_out[:n], offs_out[:n]
+
+
+def _grown(array: np.ndarray, used: int, capacity: int) -> np.ndarray:
+    out = np.empty(capacity, dtype=np.int64)
+    out[:used] = array[:used]
+    return out
 
 
 def _idx_fingerprint(idx_path: Path) -> tuple[int, int, int]:
