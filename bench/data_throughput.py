@@ -8,20 +8,20 @@ output is JSON.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__" and not __package__:  # run as a path: import the repo's packages, not this folder's
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import cv2  # noqa: E402
 import torch  # noqa: E402
 
 from dataset import MXFaceDataset, get_dataloader  # noqa: E402
+from utils.cli import ArgumentParser, run_command
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,7 @@ def with_workers(ds: MXFaceDataset, workers: int, n: int, batch_size: int = 128)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--rec", type=Path, default=None, help="folder with train.rec/train.idx (default: toy data)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="largest DataLoader worker count")
     ap.add_argument("--images", type=int, default=4000, help="images per measurement")
@@ -88,4 +88,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_command(main)

@@ -12,14 +12,19 @@ the image features.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import time
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:  # run as a path: import the repo's packages, not this folder's
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import numpy as np
 
 from eval import metrics
+from utils.cli import ArgumentParser, run_command
 
 
 def _time(fn, repeat: int) -> float:
@@ -32,7 +37,7 @@ def _time(fn, repeat: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pairs", type=int, default=15_658_489)
     ap.add_argument("--genuine", type=int, default=19_557)
     ap.add_argument("--images", type=int, default=469_375)
@@ -88,4 +93,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -8,13 +8,19 @@ attack). Weights are random: timings and MACs do not depend on them. Prints one 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from typing import Callable
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:  # run as a path: import the repo's packages, not this folder's
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from utils.cli import ArgumentParser, run_command
 
 
 def _sync(device: torch.device) -> None:
@@ -39,7 +45,7 @@ def _gmacs(fn: Callable[[], None], batch: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--reps", type=int, default=3)
@@ -125,4 +131,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -33,12 +33,15 @@ Any embedding size works (buffers use the model's real size). An unreadable imag
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+import sys
+
+if __name__ == "__main__" and not __package__:  # run as a path: import the repo's packages, not this folder's
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import numpy as np
 
@@ -53,6 +56,7 @@ from eval.common import (
     model_from_args,
     write_json,
 )
+from utils.cli import ArgumentParser, run_command
 
 GALLERY_NAMES = {"IJBB": ("S1", "S2"), "IJBC": ("G1", "G2")}
 
@@ -303,7 +307,7 @@ def plot_roc(fpr: np.ndarray, tpr: np.ndarray, label: str, path: Path, fars=metr
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description="IJB-B/C 1:1 verification and 1:N identification")
+    ap = ArgumentParser(description="IJB-B/C 1:1 verification and 1:N identification")
     add_model_args(ap)
     ap.add_argument("--root", required=True, help="IJB_release folder (containing IJBB/ or IJBC/)")
     ap.add_argument("--target", default="IJBC", choices=["IJBB", "IJBC"], type=str.upper)
@@ -375,4 +379,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

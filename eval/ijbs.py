@@ -32,11 +32,14 @@ gallery (:func:`eval.metrics.tpir_at_fpir`, k = floor(n*fpir)), averaged over G1
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import re
 import time
 from pathlib import Path
+import sys
+
+if __name__ == "__main__" and not __package__:  # run as a path: import the repo's packages, not this folder's
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import numpy as np
 
@@ -51,6 +54,7 @@ from eval.common import (
     model_from_args,
     write_json,
 )
+from utils.cli import ArgumentParser, run_command
 
 PROTOCOLS = {
     "V2S": ("cs6_surveillance_to_single-booking_probe.csv", "cs6_surveillance_to_single"),
@@ -176,7 +180,7 @@ def template_matrix(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description="IJB-S V2S / V2B / V2V identification")
+    ap = ArgumentParser(description="IJB-S V2S / V2B / V2V identification")
     add_model_args(ap)
     ap.add_argument("--protocol-dir", required=True)
     ap.add_argument("--frames-dir", required=True)
@@ -269,4 +273,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

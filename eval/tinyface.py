@@ -22,9 +22,12 @@ error (resizing would silently change the feature).
 """
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
+import sys
+
+if __name__ == "__main__" and not __package__:  # run as a path: import the repo's packages, not this folder's
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import numpy as np
 
@@ -39,6 +42,7 @@ from eval.common import (
     model_from_args,
     write_json,
 )
+from utils.cli import ArgumentParser, run_command
 
 SPLITS = ("Probe", "Gallery_Match", "Gallery_Distractor")
 ALIGNED_DIR = "aligned_pad_0.1_pad_high"
@@ -94,7 +98,7 @@ def parse_ranks(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description="TinyFace Rank-1/5/20 (AdaFace protocol)")
+    ap = ArgumentParser(description="TinyFace Rank-1/5/20 (AdaFace protocol)")
     add_model_args(ap)
     ap.add_argument("--root", required=True, help=f"folder containing {ALIGNED_DIR}/")
     ap.add_argument("--aligned-dir", default=ALIGNED_DIR)
@@ -138,4 +142,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

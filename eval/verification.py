@@ -10,11 +10,14 @@ CLI: ``python -m eval.verification --model model.pt --network r50 --bin lfw.bin 
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from pathlib import Path
 from typing import Any, Sequence
+import sys
+
+if __name__ == "__main__" and not __package__:  # run as a path: import the repo's packages, not this folder's
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import numpy as np
 import torch
@@ -23,6 +26,7 @@ from torch import nn
 from eval import metrics
 from eval.common import add_model_args, embed_batches, iter_chunks, model_from_args, write_json
 from utils.binfile import load_bin
+from utils.cli import ArgumentParser, run_command
 
 __all__ = ["load_bin", "embed_images", "evaluate_verification", "CallBackVerification"]
 
@@ -149,7 +153,7 @@ class CallBackVerification:
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
-    ap = argparse.ArgumentParser(description="10-fold .bin verification accuracy")
+    ap = ArgumentParser(description="10-fold .bin verification accuracy")
     add_model_args(ap)
     ap.add_argument("--bin", action="append", required=True, help=".bin file (repeatable)")
     ap.add_argument("--out", default=None, help="optional JSON file for the results")
@@ -169,4 +173,4 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

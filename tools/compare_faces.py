@@ -8,12 +8,17 @@ L2-normalised; the printed score is the cosine in [-1, 1] (the ``.bin`` protocol
 """
 from __future__ import annotations
 
-import argparse
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:  # run as a path: import the repo's packages, not this folder's
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import numpy as np
 import torch
 
 from eval.common import FaceImages, embed_dataset, flip_fuse, load_backbone, resolve_device
+from utils.cli import ArgumentParser, run_command
 
 
 def compare(backbone: torch.nn.Module, path_a: str, path_b: str, flip: bool = True, bgr: bool = False,
@@ -28,7 +33,7 @@ def compare(backbone: torch.nn.Module, path_a: str, path_b: str, flip: bool = Tr
 
 
 def main(argv: list[str] | None = None) -> float:
-    ap = argparse.ArgumentParser(description="cosine similarity of two aligned face images")
+    ap = ArgumentParser(description="cosine similarity of two aligned face images")
     ap.add_argument("image_a")
     ap.add_argument("image_b")
     ap.add_argument("--model", required=True)
@@ -46,4 +51,4 @@ def main(argv: list[str] | None = None) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

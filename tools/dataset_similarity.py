@@ -17,8 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+import sys
+
+if __name__ == "__main__" and not __package__:  # run as a path: import the repo's packages, not this folder's
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import numpy as np
+
+from utils.cli import ArgumentParser, run_command
 
 
 def read_basis(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -95,7 +101,7 @@ def compare_files(generators: dict[str, str]):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("generators", nargs="+", help="NAME=PATH (or PATH: named by its folder) of generator files")
     p.add_argument("--out", default=None, help="folder for similarity.json and similarity.png")
     return p.parse_args(argv)
@@ -132,4 +138,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -11,14 +11,18 @@ output: the raw embedding [B, D] (not normalised).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import warnings
 from pathlib import Path
 
+if __name__ == "__main__" and not __package__:  # run as a path: import the repo's packages, not this folder's
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import numpy as np
 import torch
 from torch import nn
+
+from utils.cli import ArgumentParser, run_command
 
 
 def export_onnx(backbone: nn.Module, out: str | Path, opset: int = 17, image_size: int = 112) -> Path:
@@ -63,7 +67,7 @@ def check_onnx(
 def main(argv: list[str] | None = None) -> float:
     from eval.common import load_backbone
 
-    ap = argparse.ArgumentParser(description="export a backbone to ONNX and verify it with onnxruntime")
+    ap = ArgumentParser(description="export a backbone to ONNX and verify it with onnxruntime")
     ap.add_argument("--model", required=True, help="plain state dict")
     ap.add_argument("--network", default="r50")
     ap.add_argument("--embedding-size", type=int, default=None)
@@ -82,4 +86,4 @@ def main(argv: list[str] | None = None) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -1,21 +1,21 @@
 """Generate the toy face benchmark: ``python -m tools.make_toy_data --out data/toy``."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # allow `python tools/make_toy_data.py` as well as `python -m tools.make_toy_data`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__" and not __package__:  # run as a path: import the repo's packages, not this folder's
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from utils.cli import ArgumentParser, run_command
 from utils.toyface import ensure_toy_data  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "data" / "toy"
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     ap.add_argument("--num-identities", type=int, default=None, help="training identities (default 300)")
     ap.add_argument("--images-per-identity", type=int, default=None, help="training images per identity (default 24)")
@@ -51,4 +51,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_command(main)

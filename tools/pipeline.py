@@ -22,7 +22,12 @@ import sys
 import time
 from pathlib import Path
 
+if __name__ == "__main__" and not __package__:  # run as a path: import the repo's packages, not this folder's
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 from tqdm import tqdm
+
+from utils.cli import ArgumentParser, run_command
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = ("toy_clean", "toy_target")
@@ -100,7 +105,7 @@ def bar_chart(results: dict, path: Path) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--out", required=True, help="output folder (stages already there are skipped)")
     p.add_argument("--data", default=str(REPO / "data" / "toy"), help="toy data folder (generated when missing)")
     p.add_argument("--steps", type=int, default=0, help="optimizer steps of baseline and CFSM runs (0 = config)")
@@ -165,4 +170,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

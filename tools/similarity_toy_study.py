@@ -22,8 +22,14 @@ import argparse
 import json
 import time
 from pathlib import Path
+import sys
+
+if __name__ == "__main__" and not __package__:  # run as a path: import the repo's packages, not this folder's
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import numpy as np
+
+from utils.cli import ArgumentParser, run_command
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,7 +87,7 @@ def _stage1(config: str, overrides: dict) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--out", required=True, help="study folder (runs are reused when complete)")
     p.add_argument("--id-model", default=str(REPO / "work_dirs" / "toy" / "model.pt"),
                    help="identity network (r_tiny, 128-d) e.g. the toy baseline's model.pt")
@@ -160,4 +166,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -13,9 +13,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 from typing import Sequence
+import sys
+
+if __name__ == "__main__" and not __package__:  # run as a path: import the repo's packages, not this folder's
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import numpy as np
 import torch
+
+from utils.cli import ArgumentParser, run_command
 
 
 def load_faces(faces: str | Path, num_faces: int, seed: int = 0) -> torch.Tensor:
@@ -49,7 +55,7 @@ def make_style_grids(generator, faces: torch.Tensor, coefficients: Sequence[floa
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("generator", help="CFSM generator file (released format: dict with 'G_state_dict')")
     p.add_argument("--faces", required=True, help="toy/RecordIO folder, .rec file, image folder or .txt list")
     p.add_argument("--out", required=True, help="output folder for style_grid_<i>.png")
@@ -94,4 +100,4 @@ def main(argv=None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

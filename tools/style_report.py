@@ -15,14 +15,16 @@ import json
 import sys
 from pathlib import Path
 
+if __name__ == "__main__" and not __package__:  # run as a path: import the repo's packages, not this folder's
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from utils.cli import ArgumentParser, run_command
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("generator", help="CFSM generator file (released format: dict with 'G_state_dict')")
     p.add_argument("--faces", required=True, help="clean faces: toy/RecordIO folder, .rec, image folder or .txt")
     p.add_argument("--id-model", required=True, help="identity network weights (stage 1's id_model)")
@@ -62,4 +64,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

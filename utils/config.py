@@ -302,11 +302,13 @@ def parse_launch_args(argv, description: str, example_config: str):
 
     torch 2.x `torch.distributed.launch` passes `--local-rank=N` (older: `--local_rank`); LOCAL_RANK from the
     environment wins when both exist."""
-    import argparse
+    from utils.cli import ArgumentParser
 
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help=f"config module, e.g. {example_config}")
-    parser.add_argument("overrides", nargs="*", default=[], help="key=value config overrides")
+    parser = ArgumentParser(description=description)
+    parser.add_argument("config", help=f"config module, e.g. {example_config} (every key and its default: "
+                                       f"configs/base.py)")
+    parser.add_argument("overrides", nargs="*", default=[],
+                        help="key=value config overrides, e.g. lr=0.05 (default: none)")
     parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
-                        help="set by torch.distributed.launch; LOCAL_RANK from the environment wins")
+                        help="set by torch.distributed.launch (default: from LOCAL_RANK, which wins when both exist)")
     return parser.parse_args(argv)

@@ -1,0 +1,149 @@
+"""Conventions every command shares: the argument parser, the shared flags, and how a user's mistake is reported.
+
+* `ArgumentParser`: `--help` shows every argument with its default; a bad command line prints one line and exits 2.
+* Shared flags mean the same everywhere: `--device` (auto = CUDA when available), `--workers` (DataLoader worker
+  processes), `--out` (a folder), `--bgr` (feed BGR, for AdaFace-family models).
+* `run_command(main)`: a user's mistake (a missing or malformed file, a bad config key or value) prints
+  `error: <what>, <which file/key>, <how to fix>` on one line and exits 2. The traceback is printed only when the
+  environment variable CFSM_TRACEBACK=1 is set. Anything else (a bug) keeps its traceback.
+
+Every entry point starts with the same two lines so that it also runs as a script path (`python tools/x.py`), where
+Python puts the script's folder, not the repository root, first on sys.path:
+
+    if __name__ == "__main__" and not __package__:  # run as a path: import the repo's packages, not this folder's
+        sys.path[0] = str(Path(__file__).resolve().parents[1])
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+TRACEBACK_ENV = "CFSM_TRACEBACK"
+USAGE_ERROR_EXIT = 2
+
+# (module, class) of the errors that mean "the user gave a wrong input"; looked up in sys.modules only, so this
+# module imports none of them (a class whose module was never imported cannot have been raised).
+_USER_ERRORS: tuple[tuple[str, str], ...] = (
+    ("utils.config", "ConfigError"),
+    ("utils.binfile", "BinFileError"),
+    ("utils.recordio", "RecordIOError"),
+    ("utils.checkpoint", "CheckpointError"),
+    ("utils.degrade", "DegradeConfigError"),
+    ("dataset", "DataError"),
+    ("eval.common", "EvalInputError"),
+)
+_USER_OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+class UsageError(ValueError):
+    """A command-line value is wrong (e.g. `--device cuda` without CUDA); the message names the flag and the fix."""
+
+
+class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's layout and appends `(default: X)` to every option whose help does not state it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        flag = action.nargs == 0  # store_true & co: the flag's presence is the value
+        if "default" in text.lower() or flag or action.default in (None, argparse.SUPPRESS) or action.required:
+            return text
+        default = action.default
+        if isinstance(default, (list, tuple)):
+            default = " ".join(map(str, default)) or "none"
+        return f"{text} (default: {default})".strip()
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with `DefaultsHelpFormatter` and a one-line `error: ...` (exit 2) for a bad command line."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {message}; see `{self.prog} --help`", file=sys.stderr)
+        raise SystemExit(USAGE_ERROR_EXIT)
+
+
+def expanded_path(text: str) -> Path:
+    """argparse type: a path with `~` expanded."""
+    return Path(os.path.expanduser(text))
+
+
+def add_device_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
+
+
+def add_workers_arg(parser: argparse.ArgumentParser, default: int, what: str = "reading images") -> None:
+    parser.add_argument("--workers", type=non_negative_int, default=default,
+                        help=f"DataLoader worker processes {what} (0 = in the main process)")
+
+
+def add_out_arg(parser: argparse.ArgumentParser, what: str, default: str | None = None) -> None:
+    """`--out`: always a folder (created when missing)."""
+    parser.add_argument("--out", type=expanded_path, default=default, required=default is None,
+                        help=f"output folder for {what} (created when missing)")
+
+
+def add_bgr_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bgr", action="store_true",
+                        help="feed the model BGR images (AdaFace-family models); default RGB (CFSM / arcface_torch)")
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def resolve_device(name: str | None = "auto") -> "torch.device":  # noqa: F821 - torch is imported lazily
+    """`auto` (or None) = CUDA when available, else CPU; otherwise the named device, checked to exist."""
+    import torch
+
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name!r}: CUDA is not available on this machine; use --device cpu or auto")
+    return device
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """True for the errors that report a wrong input (their messages name the file / key and the fix)."""
+    if isinstance(exc, _USER_OS_ERRORS + (UsageError,)):
+        return True
+    for module_name, class_name in _USER_ERRORS:
+        cls = getattr(sys.modules.get(module_name), class_name, None)
+        if cls is not None and isinstance(exc, cls):
+            return True
+    return False
+
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.filename is not None and str(exc.filename) not in text:
+        text = f"{text}: {exc.filename}"
+    return f"error: {text}"
+
+
+def run_command(main: Callable[..., Any], argv: list[str] | None = None) -> None:
+    """Run an entry point's `main(argv)`; a user's mistake becomes one `error: ...` line and exit status 2.
+
+    An int returned by `main` is the exit status; any other return value means success."""
+    try:
+        result = main(argv)
+    except Exception as exc:  # noqa: BLE001 - classified below; anything not a user error is re-raised untouched
+        if not is_user_error(exc) or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            raise
+        print(one_line(exc), file=sys.stderr)
+        raise SystemExit(USAGE_ERROR_EXIT) from None
+    if isinstance(result, int) and not isinstance(result, bool):
+        raise SystemExit(result)
