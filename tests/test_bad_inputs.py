@@ -387,10 +387,10 @@ def _tinyface(ctx: Ctx, *extra: str, root: Path | None = None) -> None:
 
 
 def _ijbs(ctx: Ctx, *extra: str, protocol_dir: Path | None = None, frames: Path | None = None) -> None:
-    pdir = protocol_dir or ctx.tmp / "protocols"
-    pdir.mkdir(exist_ok=True)
-    frames = frames or ctx.tmp / "frames"
-    frames.mkdir(exist_ok=True)
+    pdir, frames = protocol_dir or ctx.tmp / "protocols", frames or ctx.tmp / "frames"
+    for folder in (pdir, frames):
+        if str(folder) != MISSING:
+            folder.mkdir(exist_ok=True)
     _eval_main("eval.ijbs", ctx, "--protocol-dir", str(pdir), "--frames-dir", str(frames), "--out",
                str(ctx.tmp / "results"), *extra)
 
