@@ -286,6 +286,31 @@ ROWS: list[Row] = [
         lambda c: [str(c.tmp / "model.pt"), "not found"], "eval --model"),
     Row("eval_bad_target", lambda c: _ijb(c, c.tmp / "model.pt", target="IJBX"), SystemExit,
         lambda c: ["--target", "'IJBX'"], "eval.ijb --target"),
+    # ---- data, second matrix (issue 11); helpers at the end of the module ----
+    Row("idx_utf8_bom", lambda c: MXFaceDataset(_idx_bytes(c, b"\xef\xbb\xbf")), RecordIOError,
+        lambda c: [str(c.tmp / "rec" / "train.idx"), "line 1", "UTF-8 byte-order mark"]),
+    Row("idx_non_ascii", lambda c: MXFaceDataset(_idx_bytes(c, b"", "3\t1\u00b2\n".encode())), RecordIOError,
+        lambda c: [str(c.tmp / "rec" / "train.idx"), "line 114", "non-ASCII byte 0xC2"]),
+    Row("header_covers_identity_records", lambda c: MXFaceDataset(_rewrite_record(c, 0, _header(99, 115))),
+        DataError, lambda c: [str(c.tmp / "rec" / "train.rec"), "keys 1..98", "key 98 is an identity record"]),
+    Row("empty_image_record", lambda c: MXFaceDataset(_rewrite_record(c, TINY_TOY_KEY, _empty_image))[
+        TINY_TOY_KEY - 1], DataError,
+        lambda c: [str(c.tmp / "rec" / "train.rec"), f"key {TINY_TOY_KEY}", "could not decode image (0 bytes)"]),
+    Row("empty_image_file", lambda c: ImageFolderDataset(_faces_with_empty_file(c))[0], DataError,
+        lambda c: [str(c.tmp / "faces" / "amy" / "0.jpg"), "could not decode image (0 bytes)"]),
+    Row("label_nan", lambda c: MXFaceDataset(_rewrite_record(c, TINY_TOY_KEY, _relabel(float("nan"))))[
+        TINY_TOY_KEY - 1], DataError,
+        lambda c: [str(c.tmp / "rec" / "train.rec"), f"key {TINY_TOY_KEY}", "label nan is not an integer"]),
+    Row("rec_is_the_rec_file", lambda c: build_dataset(c.toy / "train.rec"), DataError,
+        lambda c: [str(c.toy / "train.rec"), "rec is the folder holding train.rec and train.idx", str(c.toy)]),
+    Row("bin_issame_strings", lambda c: load_bin(_bin_with_issame(c, ["True", "False"])), BinFileError,
+        lambda c: [str(c.tmp / "issame.bin"), "issame_list[0]", "'True'"]),
+    Row("bin_empty_image", lambda c: load_bin(_bin_with_issame(c, [True], empty_image=True)), BinFileError,
+        lambda c: [str(c.tmp / "issame.bin"), "image 1 (0 bytes) could not be decoded"]),
+    Row("pack_rec_bad_image", lambda c: _pack(c, _faces_with_empty_file(c)), DataError,
+        lambda c: [str(c.tmp / "faces" / "amy" / "0.jpg"), "0 bytes"]),
+    Row("pack_rec_over_existing_pack", lambda c: _pack(c, _faces(c), _pack(c, _faces(c))), FileExistsError,
+        lambda c: [str(c.tmp / "packed"), "already holds a pack", "--overwrite"]),
 ]
 
 
@@ -643,3 +668,57 @@ def test_matrix_covers_every_area() -> None:
                    "train_without_config", "override_without_equals", "eval_missing_meta_file",
                    "eval_wrong_architecture"):
         assert needed in ids, needed
+
+
+# ---- helpers of the second data matrix (issue 11) -----------------------------------------------------------------
+
+def _idx_bytes(ctx: Ctx, prefix: bytes, suffix: bytes = b"") -> Path:
+    """A copy of the toy pack whose .idx gets bytes before / after its lines (an editor's BOM, a stray character)."""
+    d = _rec_copy(ctx, "train.rec", "train.idx", "property")
+    (d / "train.idx").write_bytes(prefix + (d / "train.idx").read_bytes() + suffix)
+    return d
+
+
+def _header(a: int, b: int) -> Callable[[bytes], bytes]:
+    return lambda payload: pack_record(unpack_record(payload)[0], b"", label_array=[a, b])
+
+
+def _empty_image(payload: bytes) -> bytes:
+    return pack_record(unpack_record(payload)[0]._replace(flag=0), b"")
+
+
+def _faces(ctx: Ctx) -> Path:
+    root = ctx.tmp / "faces"
+    (root / "amy").mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(root / "amy" / "1.jpg"), np.zeros((112, 112, 3), np.uint8))
+    return root
+
+
+def _faces_with_empty_file(ctx: Ctx) -> Path:
+    root = _faces(ctx)
+    (root / "amy" / "0.jpg").write_bytes(b"")  # a 0-byte file: an interrupted copy
+    return root
+
+
+def _pack(ctx: Ctx, faces: Path, *_: object) -> object:
+    from tools.pack_rec import pack_folder
+
+    return pack_folder(faces, ctx.tmp / "packed", workers=1, progress=False)
+
+
+def _bin_with_issame(ctx: Ctx, issame: list, empty_image: bool = False) -> Path:
+    _, jpg = cv2.imencode(".jpg", np.zeros((112, 112, 3), np.uint8))
+    images = [jpg.tobytes()] * (2 * len(issame))
+    if empty_image:
+        images[1] = b""
+    path = ctx.tmp / "issame.bin"
+    path.write_bytes(pickle.dumps((images, issame), protocol=4))
+    return path
+
+
+def test_header_listing_fewer_images_warns_with_both_counts(mini_toy: Path, tmp_path: Path) -> None:
+    """Not an error (the header's images are valid), but the user learns that part of the .idx is unused."""
+    ctx = Ctx(toy=Path(mini_toy), generator=Path(), tmp=tmp_path)
+    d = _rewrite_record(ctx, 0, _header(91, 107))  # 90 of the 96 images; keys 91..106 are read as identities
+    with pytest.warns(UserWarning, match=r"lists 90 images \(keys 1\.\.90\) but .*train\.idx holds 96 image records"):
+        assert MXFaceDataset(d).num_images == 90
