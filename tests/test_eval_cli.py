@@ -346,12 +346,72 @@ def test_ijbs_end_to_end(ijbs_root: Path, tmp_path: Path) -> None:
     assert v2s["ranks"]["1"] == 1.0
     # k = floor(3 * 0.01) = 0 in each gallery -> threshold just above the best non-mated score; copies score 1
     assert v2s["tpir_at_fpir"] == {"0.01": 1.0, "0.1": 1.0}
-    for p in ("V2B", "V2V"):
-        r = res["protocols"][p]
-        assert all(0.0 <= v <= 1.0 for v in list(r["ranks"].values()) + list(r["tpir_at_fpir"].values()))
-        assert r["ranks"]["10"] == 1.0
+    # V2B / V2V numbers of a random model mean nothing: test_ijbs_v2b_v2v_hand_computed_ranks checks them
     assert res["protocols"]["V2V"]["n_probe_templates"] == 2
-    assert (tmp_path / "IJBS_model.json").is_file()
+    assert res["protocols"]["V2B"]["n_gallery_templates"] == [2, 2]  # stills of one subject form one template
+    assert json.loads((tmp_path / "IJBS_model.json").read_text())["protocols"]["V2S"]["ranks"] == v2s["ranks"]
+
+
+class MeanColour(torch.nn.Module):
+    """A 'face model' whose embedding is the image's mean colour: solid-colour frames get embeddings chosen by hand."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
+def _colour_frame(path: Path, degrees: float) -> None:
+    """A solid frame whose MeanColour embedding points at ``degrees`` in the (G, B) plane (R at the centre)."""
+    a = np.radians(degrees)
+    rgb = [0.0, 0.9 * np.cos(a), 0.9 * np.sin(a)]  # in the model's [-1, 1] input range
+    pixel = [int(round((v * 0.5 + 0.5) * 255)) for v in rgb]
+    _jpg(path, np.full((112, 112, 3), pixel[::-1], np.uint8))
+
+
+def test_ijbs_v2b_v2v_hand_computed_ranks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gallery subject s (1..7) sits at angle 20 (s - 1) degrees, G1 = subjects 1-4, G2 = 5-7; each probe template
+    is placed at an angle that puts its mate at a chosen rank. Every template averages two frames at +-d degrees
+    (the mean points at the middle), so the template rule is exercised too."""
+    proto, frames = tmp_path / "protocols", tmp_path / "frames"
+    (proto / "galleries").mkdir(parents=True)
+    gallery = {s: 20.0 * (s - 1) for s in range(1, 8)}
+    # V2B probes in videos 10 (subjects 1, 2) and 11 (3, 6); V2V probes in videos 30 (1, 2) and 31 (3, 6)
+    v2b = {("10", 1): 5.0, ("10", 2): 95.0, ("11", 3): 52.0, ("11", 6): 112.0}
+    v2v = {("30", 1): 45.0, ("30", 2): 18.0, ("31", 3): 67.0, ("31", 6): 101.0}
+    meta = ["SUBJECT_ID,FILENAME"]
+    for (vid, s), angle in {**v2b, **v2v}.items():
+        meta.append(f"{s},videos/{vid}.mp4")
+        for k, d in enumerate((-3.0, 3.0)):
+            _colour_frame(frames / str(s) / f"videos_{vid}_{k}.jpg", angle + d)
+    for s, angle in gallery.items():
+        for k, d in ((1, -4.0), (2, 4.0)):  # two booking stills
+            _colour_frame(frames / str(s) / f"img_{s}0{k}.jpg", angle + d)
+        for k, d in enumerate((-2.0, 2.0)):  # one surveillance gallery video each: video 20 + s
+            _colour_frame(frames / str(s) / f"videos_{20 + s}_{k}.jpg", angle + d)
+    (proto / "cs6_metadata.csv").write_text("\n".join(meta) + "\n")
+    (proto / "cs6_surveillance_to_single-booking_probe.csv").write_text("V,F\n1,videos/10.mp4\n2,videos/11.mp4\n")
+    (proto / "cs6_surveillance_to_surveillance_probe.csv").write_text("V,F\n1,videos/30.mp4\n2,videos/31.mp4\n")
+    hdr = "TEMPLATE_ID,SUBJECT_ID,FILENAME\n"
+    for g, subjects in ((1, range(1, 5)), (2, range(5, 8))):
+        (proto / "galleries" / f"cs6_surveillance_to_booking_g{g}.csv").write_text(
+            hdr + "".join(f"{s},{s},img/{s}0{k}.jpg\n" for s in subjects for k in (1, 2)))
+        (proto / "galleries" / f"cs6_surveillance_to_surveillance_g{g}.csv").write_text(
+            hdr + "".join(f"{s},{s},videos/{20 + s}.mp4\n" for s in subjects))
+    monkeypatch.setattr(ijbs, "model_from_args", lambda args: (MeanColour(), torch.device("cpu")))
+    res = ijbs.main(["--model", "unused.pt", "--protocol-dir", str(proto), "--frames-dir", str(frames),
+                     "--protocols", "V2B,V2V", "--out", str(tmp_path / "out"), *COMMON])["protocols"]
+    # Mate ranks by angular distance to the 7 gallery angles 0, 20, ..., 120:
+    #   V2B  1@5 -> 1;  2@95 -> 6 (100, 80, 120, 60, 40 are nearer than 20);  3@52 -> 2 (60 nearer);  6@112 -> 2
+    #   V2V  1@45 -> 5 (40, 60, 20, 80 nearer);  2@18 -> 1;  3@67 -> 3 (60, 80 nearer);  6@101 -> 1
+    assert res["V2B"]["ranks"] == {"1": 0.25, "5": 0.75, "10": 1.0}
+    assert res["V2V"]["ranks"] == {"1": 0.5, "5": 1.0, "10": 1.0}
+    # TPIR per gallery (k = floor(n_nonmated * fpir) = 0: threshold = best non-mated score), then the mean:
+    #   V2B  G1: mated 1, 2, 3, non-mated 6 (best cos(112-60)); only 1@5 is rank 1 in G1 -> 1/3.
+    #        G2: mated 6@112, nearest is 7 (120), not its mate 6 (100) -> 0.                       mean 1/6
+    #   V2V  G1: only 2@18 is rank 1 (cos 2 deg > cos(101-60)) -> 1/3.  G2: 6@101 rank 1, cos 1 deg above the
+    #        best non-mated cos(80-67) -> 1.                                                          mean 2/3
+    assert res["V2B"]["tpir_at_fpir"] == pytest.approx({"0.01": 1 / 6, "0.1": 1 / 6})
+    assert res["V2V"]["tpir_at_fpir"] == pytest.approx({"0.01": 2 / 3, "0.1": 2 / 3})
+    assert res["V2B"]["n_gallery_templates"] == [4, 3] and res["V2V"]["n_probe_templates"] == 4
 
 
 def test_ijbs_bad_inputs(ijbs_root: Path, tmp_path: Path) -> None:
