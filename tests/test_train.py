@@ -117,6 +117,25 @@ def test_pretrained_backbone_fine_tunes(mini_toy, tmp_path):
     assert summary["steps"] == 1
 
 
+def test_pretrained_backbone_weights_are_the_starting_point(mini_toy, tmp_path):
+    """Fine-tuning starts from the file's weights: with lr 1e-8 one step cannot move them, so the saved model equals
+    the file (parameters; BatchNorm statistics do move in a training forward). A run that dropped the file would
+    end at its own seeded initialisation, which differs from this file's (another seed) by ~0.1 per weight."""
+    torch.manual_seed(12345)
+    init_state = get_model("r_tiny", num_features=32).state_dict()
+    init = tmp_path / "init.pt"
+    torch.save(init_state, init)
+    train.main(tiny_args(mini_toy, tmp_path / "ft", "max_steps=1", "lr=1e-8", "val_targets=[]", "verbose=0",
+                         f"pretrained_backbone_model={init}"))
+    final = load_model(tmp_path / "ft" / "model.pt")
+    params = [name for name, _ in get_model("r_tiny", num_features=32).named_parameters()]
+    assert len(params) > 10
+    for name in params:
+        assert torch.allclose(final[name], init_state[name], atol=1e-5), f"{name} did not start from the file"
+    assert max((final[n] - init_state[n]).abs().max().item() for n in params) < 1e-5 < \
+        min(init_state[n].abs().max().item() for n in params if init_state[n].dim() > 1)  # weights are not ~0
+
+
 @pytest.mark.parametrize("extra, error, pattern", [
     (["rec=/no/such/folder"], Exception, "/no/such/folder"),
     (["rs_ratio=0.5", "pretrained_synthesis_model=/no/such/gen.pth"], FileNotFoundError, r"gen\.pth.*cfsm"),
