@@ -193,9 +193,7 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
         _, scaler, autocast = mixed_precision(cfg.fp16, cfg.bf16, env.device.type)
         run.rngs["style"] = style_rng = torch.Generator().manual_seed(cfg.seed * 1000 + env.rank)  # any device
 
-        def state() -> dict:
-            if env.rank != 0:  # G/D/optimizers are replicated: one copy, by rank 0
-                return {}
+        def state() -> dict:  # every rank writes the full state: with a folder per node, each resumes from its own
             return {**released_state(G, D, opt_g, opt_d), "epoch": run.plan.epoch_of(step),
                     "batches_per_epoch": batches_per_epoch, "scaler": scaler.state_dict(),
                     "gen_config": {"dim": cfg.gen_dim, "n_residual": cfg.gen_n_residual,
@@ -203,7 +201,7 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
                                    "style_dim": cfg.gen_style_dim}}
 
         def load_state(resumed: Resumed) -> None:  # the step count fixes epoch, batch, parity and target stream
-            main_state = resumed.state if env.rank == 0 else ckpt.safe_load(rank_file(resumed.directory, 0))
+            main_state = resumed.state  # this rank's file, checked intact and loaded on every rank together
             if int(main_state.get("batches_per_epoch", batches_per_epoch)) != batches_per_epoch:
                 raise ckpt.CheckpointError(
                     f"checkpoint {resumed.directory} counts {main_state['batches_per_epoch']} batches per epoch, "
