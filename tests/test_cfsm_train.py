@@ -225,3 +225,15 @@ def test_two_process_gloo(tiny):
 
     with pytest.raises(CheckpointError, match="2 ranks but this run has 1"):
         _run(_overrides(tiny, out, max_steps=3, batch_size=2))
+
+
+def test_nonfinite_steps_stop_as_in_stage_2(tiny, tmp_path, monkeypatch):
+    """The shared guard (utils/run.py): a non-finite loss skips the update on every rank; max_nonfinite_steps in a
+    row stop the run with stage 2's message (step, the bad loss, the last good checkpoint)."""
+    import train_generator
+
+    monkeypatch.setattr(train_generator, "identity_loss", lambda *args: torch.tensor(float("nan")))
+    with pytest.raises(RuntimeError, match=r"1 consecutive non-finite steps \(max_nonfinite_steps=1\) at step 1, "
+                                           r"loss nan; last good checkpoint: none"):
+        _run(_overrides(tiny, tmp_path / "nan", max_steps=4, max_nonfinite_steps=1))
+    assert "step 1: non-finite loss D" in (tmp_path / "nan" / "cfsm_train.log").read_text()

@@ -8,6 +8,7 @@ loop over `Run.step_batches`.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,12 +181,14 @@ class Run:
 
     def check_finite(self, step: int, finite: bool, values: Mapping[str, torch.Tensor | float]) -> None:
         """Count a skipped step (already agreed by all ranks); stop after `max_nonfinite_steps` in a row, naming
-        the step, the first of `values` and the newest complete checkpoint."""
+        the step, the first non-finite of `values` and the newest finite checkpoint."""
         if not finite:
             shown = ", ".join(f"{name} {float(v):.4g}" for name, v in values.items())
             self.log.warning(f"step {step}: non-finite {shown}: update skipped ({self.guard.count + 1} in a row)")
+            numbers = [float(v) for v in values.values()]
+            shown_loss = next((v for v in numbers if not math.isfinite(v)), numbers[0])  # the culprit, if a loss
             newest = run_state.last_finite_checkpoint(self.output)
-            self.guard.update(False, step, float(next(iter(values.values()))), str(newest or "none"))
+            self.guard.update(False, step, shown_loss, str(newest or "none"))
         else:
             self.guard.update(True, step, 0.0, "")
 
