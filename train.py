@@ -20,7 +20,7 @@ from torch.profiler import record_function
 
 from backbones import get_model
 from cfsm import load_generator
-from cfsm.attack import adversarial_mix, frozen_stats, split_counts
+from cfsm.attack import AttackStats, adversarial_mix, frozen_stats, split_counts
 from cfsm.visualize import clean_vs_synth_grid
 from dataset import build_dataset
 from utils.degrade import Degradation
@@ -30,9 +30,10 @@ from partial_fc import PartialFC
 from utils import checkpoint as ckpt
 from utils.cli import run_command
 from utils.config import ConfigError, load_config, parse_launch_args
-from utils.distributed import DistEnv, all_ranks_ok, barrier, cleanup, init_distributed
+from utils.distributed import DistEnv, agree_any, agreed_call, all_ranks_ok, cleanup, init_distributed
 from utils.optim import PolyScheduler, build_optimizer, mixed_precision
 from utils.run import Run
+from utils.step_state import StepState
 from utils.run_state import Resumed, load_optimizer_keeping_config, load_scheduler_keeping_config
 
 Batch = Sequence[tuple[torch.Tensor, torch.Tensor]]  # the gradient_acc (images, labels) micro-batches of one step
@@ -58,16 +59,20 @@ def make_train_step(cfg: EasyDict, env: DistEnv, model: torch.nn.Module, backbon
     `grad_norm` (tensors, read only when logged), `finite` (agreed by all ranks: a skipped update is skipped
     everywhere), and the last micro-batch's `clean` images and CFSM `mix` (None without a generator)."""
     amp_dtype = autocast["dtype"] if autocast["enabled"] else None
+    step_state = StepState(backbone, pfc)  # BN stats, AdaFace EMA, sampling counter: put back on a skipped step
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
     def train_step(batch: Batch) -> dict:
+        step_state.capture()
         for index, (images, labels) in enumerate(batch):
             images = images.to(env.device, non_blocking=True).contiguous(memory_format=memory_format)
             labels = labels.to(env.device, non_blocking=True)
             class_sample = pfc.sample_negatives(labels)  # one negative set: the attack and the update share it
 
             def attack_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-                with frozen_stats(backbone), torch.autocast(**autocast):  # plain module: no DDP sync
+                # plain module: no DDP sync; no autocast of its own: the attack sets the precision of each attempt
+                # (an inner autocast would turn its fp32 fallback back into fp16)
+                with frozen_stats(backbone):
                     emb = backbone(x)
                 return pfc(emb.float(), y, class_sample=class_sample, update_stats=False)
 
@@ -77,7 +82,8 @@ def make_train_step(cfg: EasyDict, env: DistEnv, model: torch.nn.Module, backbon
                     mix = adversarial_mix(images, labels, generator, attack_loss, rs_ratio=cfg.rs_ratio,
                                           epsilon=cfg.epsilon, alpha=cfg.alpha, k=cfg.k, rng=style_rng,
                                           autocast_dtype=amp_dtype,
-                                          grad_scale=scaler.get_scale() if cfg.fp16 else 1.0)
+                                          grad_scale=scaler.get_scale() if cfg.fp16 else 1.0,
+                                          agree=agree_any)  # precision retries: chosen by all ranks together
                 mixed = mix.images
             sync_now = index == len(batch) - 1  # DDP all-reduces the gradients once, on the last micro-batch
             with (model.no_sync() if env.distributed and not sync_now else nullcontext()):
@@ -99,6 +105,7 @@ def make_train_step(cfg: EasyDict, env: DistEnv, model: torch.nn.Module, backbon
                 scaler.update()
             else:  # skip the update on every rank alike; halve the fp16 scale as GradScaler would
                 scaler.update(scaler.get_scale() / 2 if cfg.fp16 else None)
+                step_state.restore()  # the forward's writes (possibly NaN) leave no trace
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
         return {"loss": loss.detach(), "grad_norm": grad_norm, "finite": finite, "clean": images, "mix": mix}
@@ -160,19 +167,25 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
                                       summary_writer=run.writer) if env.is_main and cfg.val_targets else None
 
         def run_verification(at_step: int) -> dict:
-            results = verify(at_step, backbone) if verify is not None else {}
-            barrier(env)  # other ranks wait here (process-group timeout: dist_timeout_s)
-            return results
+            # rank 0 verifies; an error there stops every rank (agreed in place of a barrier), not a timeout
+            return agreed_call(env, lambda: verify(at_step, backbone) if verify is not None else {},
+                               "verification")
 
         # ---- the method: attack, forward, loss, step (make_train_step); then log, verify, checkpoint ----
         stats, val, stop_step = None, {}, run.plan.stop_step
+        attack_stats = AttackStats()  # attack gain and |o*|: TensorBoard cfsm/*, means in summary.json
         for epoch, batch in run.step_batches(loader, step):  # ends at stop_step
             stats = train_step(batch)
+            if stats["mix"] is not None:
+                attack_stats.add(stats["mix"])
             step += 1
             run.check_finite(step, stats["finite"], {"loss": stats["loss"], "grad norm": stats["grad_norm"]})
             run.log_progress(step, epoch, {"loss": stats["loss"], "lr": optimizer.param_groups[0]["lr"],
                                            "grad_norm": stats["grad_norm"],
                                            "grad_scale": scaler.get_scale() if cfg.fp16 else 1.0})
+            if run.writer is not None and cfg.frequent and (step % cfg.frequent == 0 or step == stop_step):
+                for name, value in attack_stats.window().items():
+                    run.writer.add_scalar(f"cfsm/{name}", value, step)
             mix = stats["mix"]
             if run.image_due(step) and mix is not None and mix.synth_index.numel():
                 grid = clean_vs_synth_grid(stats["clean"][mix.synth_index], mix.images[mix.synth_index],
@@ -191,7 +204,7 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
             ckpt.atomic_save(backbone.state_dict(), run.output / "model.pt")  # plain state dict: InsightFace tools
             run.log.info(f"done: {step} steps, final loss {final_loss:.4f}, val {val}, model "
                          f"{run.output / 'model.pt'}")
-            return {"final_loss": final_loss, "val": val}
+            return {"final_loss": final_loss, "val": val, **attack_stats.means()}
 
         return run.finish(step, results)
 

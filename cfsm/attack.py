@@ -13,6 +13,7 @@ from typing import Callable, Optional
 import torch
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Agree = Callable[[torch.Tensor], torch.Tensor]  # int flags of this rank -> the flags OR-ed (MAX) over all ranks
 
 
 @dataclass
@@ -22,6 +23,8 @@ class StyleMix:
     style0: torch.Tensor        # starting style codes o0 of those images, [n_synth, style_dim], fp32
     style: torch.Tensor         # final style codes o*, [n_synth, style_dim], fp32
     grad_scale_used: float      # loss scale of the last attack gradient; 0.0 = it fell back to fp32
+    attack_gain: torch.Tensor   # 0-dim: loss_fn on the synthesized share at o* minus at o0 (0 when k == 0)
+    style_norm: torch.Tensor    # 0-dim: mean |o*| over the synthesized share (0 when nothing is synthesized)
 
 
 def split_counts(batch_size: int, rs_ratio: float) -> tuple[int, int]:
@@ -32,36 +35,50 @@ def split_counts(batch_size: int, rs_ratio: float) -> tuple[int, int]:
     return n_clean, batch_size - n_clean
 
 
-def _attack_grad(generator, content, o, labels, loss_fn, autocast_dtype, device_type, grad_scale):
-    """d loss / d o, computed so that fp16 cannot silently zero it; returns (grad, loss scale used).
+def local_agreement(flags: torch.Tensor) -> torch.Tensor:
+    """The single-process `agree`: this process's flags are everyone's."""
+    return flags
+
+
+def _attack_grad(generator, content, o, labels, loss_fn, autocast_dtype, device_type, grad_scale, agree):
+    """(d loss / d o, the loss at o, loss scale used), computed so that fp16 cannot silently zero the gradient.
 
     Under fp16 the loss is scaled (a positive scale does not change sign()). If the scaled gradient overflows we
     retry with a smaller scale; if any coordinate is exactly zero (underflow: sign(0) would leave it unmoved) or
     nothing finite comes out, the step is recomputed in fp32 (scale reported as 0.0).
+
+    Each attempt runs `loss_fn`, whose Partial FC issues collectives, so the choice of the next attempt must be the
+    same on every rank: the flags (non-finite, underflow) of each attempt go through `agree` (an all-reduce MAX in
+    a distributed run) and every rank follows the worst rank.
     """
-    def grad_of(dtype, scale: float) -> torch.Tensor:
+    def grad_of(dtype, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.enable_grad():
             o_var = o.detach().requires_grad_(True)
             with torch.autocast(device_type=device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
                 loss = loss_fn(generator.decode(content if dtype else content.float(), o_var), labels)
-            return torch.autograd.grad(loss.float() * scale, o_var)[0]
+            return torch.autograd.grad(loss.float() * scale, o_var)[0], loss.detach().float()
 
     attempts = [(autocast_dtype, grad_scale), (autocast_dtype, grad_scale / 2**8)] \
         if autocast_dtype == torch.float16 else [(autocast_dtype, 1.0)] if autocast_dtype is not None else []
     for dtype, scale in attempts:
-        grad = grad_of(dtype, scale)
-        if not torch.isfinite(grad).all():
+        grad, loss = grad_of(dtype, scale)
+        underflow = (grad == 0).any() if dtype == torch.float16 else torch.zeros((), dtype=torch.bool,
+                                                                                  device=grad.device)
+        flags = torch.stack([~torch.isfinite(grad).all(), underflow]).to(torch.int32)
+        nonfinite_anywhere, underflow_anywhere = (bool(v) for v in agree(flags).tolist())
+        if nonfinite_anywhere:
             continue
-        if dtype == torch.float16 and bool((grad == 0).any()):
+        if underflow_anywhere:
             break  # underflow: go straight to fp32
-        return grad, scale
-    grad = grad_of(None, 1.0)  # fp32; non-finite coordinates are not moved (the caller's loss will show it)
-    return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0), 1.0 if autocast_dtype is None else 0.0
+        return grad, loss, scale
+    grad, loss = grad_of(None, 1.0)  # fp32; non-finite coordinates are not moved (the caller's loss will show it)
+    return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0), loss, 1.0 if autocast_dtype is None else 0.0
 
 
 def adversarial_mix(images: torch.Tensor, labels: torch.Tensor, generator: torch.nn.Module, loss_fn: LossFn, *,
                     rs_ratio: float, epsilon: float, alpha: float, k: int, rng: torch.Generator,
-                    autocast_dtype: Optional[torch.dtype] = None, grad_scale: float = 2.0 ** 16) -> StyleMix:
+                    autocast_dtype: Optional[torch.dtype] = None, grad_scale: float = 2.0 ** 16,
+                    agree: Agree = local_agreement, measure_gain: bool = True) -> StyleMix:
     """Replace a (1 - rs_ratio) share of the batch by faces restyled with an adversarial style code.
 
     One permutation (from `rng`, a CPU generator) picks the images to synthesize. For them: o0 ~ N(0, I),
@@ -70,7 +87,16 @@ def adversarial_mix(images: torch.Tensor, labels: torch.Tensor, generator: torch
 
     `generator` must be frozen (no trainable parameters) and provide `encode(x)` and `decode(content, o)` and
     `style_dim`. `loss_fn(images, labels)` is the recognition loss of the *attack* forward: it must not update
-    BatchNorm statistics or margin buffers, nor couple samples, and must not run through DDP.
+    BatchNorm statistics or margin buffers, nor couple samples, and must not run through DDP. It runs inside the
+    attack's autocast context and must not open its own (that would turn the fp32 fallback back into fp16).
+
+    `agree(flags)` combines per-rank int flags over ranks (MAX); pass an all-reduce in a distributed run so that the
+    precision retries, each of which runs `loss_fn`'s collectives, are chosen by all ranks together. The default is
+    the single-process identity.
+
+    Diagnostics: `attack_gain` = loss_fn(G(x_s, o*)) - loss_fn(G(x_s, o0)). The o0 term is the first attack
+    iteration's loss (already computed); the o* term costs one extra no-grad forward of the synthesized share
+    (`measure_gain=False` skips it and reports 0). With k == 0 nothing extra runs (o* = o0, gain 0).
     """
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
@@ -79,8 +105,8 @@ def adversarial_mix(images: torch.Tensor, labels: torch.Tensor, generator: torch
     device = images.device
     style_dim = int(generator.style_dim)
     if n_synth == 0:  # plain training: no generator call, no random draw
-        empty = torch.zeros(0, style_dim, device=device)
-        return StyleMix(images, torch.zeros(0, dtype=torch.long, device=device), empty, empty, 1.0)
+        empty, zero = torch.zeros(0, style_dim, device=device), torch.zeros((), device=device)
+        return StyleMix(images, torch.zeros(0, dtype=torch.long, device=device), empty, empty, 1.0, zero, zero)
     if any(p.requires_grad for p in generator.parameters()):
         raise ValueError("adversarial_mix: the generator must be frozen (requires_grad_(False)); "
                          "use cfsm.load_generator, which freezes it")
@@ -94,16 +120,21 @@ def adversarial_mix(images: torch.Tensor, labels: torch.Tensor, generator: torch
     with torch.no_grad(), torch.autocast(**amp):
         content = generator.encode(x_s)  # independent of o: once per step
 
-    o, used_scale = o0.clone(), 1.0
+    o, used_scale, loss_at_o0 = o0.clone(), 1.0, None
     for _ in range(k):
-        grad, used_scale = _attack_grad(generator, content, o, y_s, loss_fn, autocast_dtype, device.type, grad_scale)
+        grad, loss, used_scale = _attack_grad(generator, content, o, y_s, loss_fn, autocast_dtype, device.type,
+                                              grad_scale, agree)
+        loss_at_o0 = loss if loss_at_o0 is None else loss_at_o0
         o = torch.maximum(torch.minimum(o + alpha * grad.sign(), o0 + epsilon), o0 - epsilon)
 
+    gain = torch.zeros((), device=device)
     with torch.no_grad(), torch.autocast(**amp):
         x_syn = generator.decode(content, o)
+        if loss_at_o0 is not None and measure_gain:  # the one extra forward: the synthesized share at o*
+            gain = loss_fn(x_syn, y_s).detach().float() - loss_at_o0
     mixed = images.clone()
     mixed[synth_index] = x_syn.to(images.dtype)
-    return StyleMix(mixed, synth_index, o0, o, used_scale)
+    return StyleMix(mixed, synth_index, o0, o, used_scale, gain, o.norm(dim=1).mean())
 
 
 class frozen_stats:
@@ -124,3 +155,39 @@ class frozen_stats:
     def __exit__(self, *exc) -> None:
         for m, mode in self.modes:
             m.training = mode
+
+
+class AttackStats:
+    """Running means of the attack diagnostics (`attack_gain`, `style_norm`) over steps. Values stay device
+    tensors until read, so adding one per step costs no host sync; `window()` (for TensorBoard) and `means()` (for
+    summary.json) read them."""
+
+    NAMES = ("attack_gain", "style_norm")
+
+    def __init__(self) -> None:
+        self._total: Optional[torch.Tensor] = None
+        self._window: Optional[torch.Tensor] = None
+        self._total_count = self._window_count = 0
+
+    def add(self, mix: StyleMix) -> None:
+        if mix.synth_index.numel() == 0:
+            return  # nothing synthesized: no style, no gain
+        values = torch.stack([mix.attack_gain.detach().float(), mix.style_norm.detach().float()])
+        self._total = values if self._total is None else self._total + values
+        self._window = values if self._window is None else self._window + values
+        self._total_count += 1
+        self._window_count += 1
+
+    def window(self) -> dict[str, float]:
+        """Means since the previous call ({} when no step synthesized anything), then start a new window."""
+        if self._window is None:
+            return {}
+        means = dict(zip(self.NAMES, (self._window / self._window_count).tolist()))
+        self._window, self._window_count = None, 0
+        return means
+
+    def means(self) -> dict[str, float]:
+        """Means over every step added: {'attack_gain_mean': ..., 'style_norm_mean': ...}, {} when none."""
+        if self._total is None:
+            return {}
+        return {f"{name}_mean": v for name, v in zip(self.NAMES, (self._total / self._total_count).tolist())}

@@ -207,3 +207,97 @@ def test_attack_through_unwrapped_backbone_does_not_touch_ddp(tmp_path):
         assert all(p.grad is not None for p in ddp.parameters() if p.requires_grad)
     finally:
         dist.destroy_process_group()
+
+
+# ---- diagnostics: gain and |o*| -------------------------------------------------------------------------------
+
+def test_attack_gain_is_positive_on_average_and_matches_a_recomputation():
+    """gain = loss of the synthesized share at o* minus at o0; sign ascent makes it positive on average (k >= 1);
+    mean |o*| is reported alongside."""
+    gen = tiny_generator()
+    backbone, pfc, images, labels = tiny_setup()
+    loss_fn = attack_loss_fn(backbone, pfc)
+    gains = []
+    for k in (1, 3):
+        for seed in range(4):
+            mix = adversarial_mix(images, labels, gen, loss_fn, rs_ratio=0.5, epsilon=0.6, alpha=0.3, k=k,
+                                  rng=torch.Generator().manual_seed(seed))
+            idx = mix.synth_index
+            with torch.no_grad():
+                at_o0 = loss_fn(gen.decode(gen.encode(images[idx]), mix.style0), labels[idx])
+                at_star = loss_fn(mix.images[idx], labels[idx])
+            torch.testing.assert_close(mix.attack_gain, at_star - at_o0, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(mix.style_norm, mix.style.norm(dim=1).mean())
+            gains.append(float(mix.attack_gain))
+    assert sum(gains) / len(gains) > 0, gains
+
+
+def test_attack_gain_uses_the_steps_negatives():
+    """With sample_rate < 1 the gain is measured with the step's class sample (the one the attack used): no new
+    negatives are drawn, and a recomputation with that sample gives the same number while another sample does not."""
+    gen = tiny_generator()
+    backbone, _, images, labels = tiny_setup()
+    pfc = PartialFC(ArcFace(s=16.0, margin=0.3), 32, 40, sample_rate=0.5)  # 8 positives + 12 random negatives
+    sample = pfc.sample_negatives(labels)
+    counter = pfc.sample_step
+    loss_fn = attack_loss_fn(backbone, pfc, class_sample=sample)
+    mix = adversarial_mix(images, labels, gen, loss_fn, rs_ratio=0.5, epsilon=0.6, alpha=0.3, k=2,
+                          rng=torch.Generator().manual_seed(3))
+    assert pfc.sample_step == counter  # the attack and its gain forward drew nothing
+    idx = mix.synth_index
+    with torch.no_grad():
+        x0 = gen.decode(gen.encode(images[idx]), mix.style0)
+        same = loss_fn(mix.images[idx], labels[idx]) - loss_fn(x0, labels[idx])
+        other_fn = attack_loss_fn(backbone, pfc, class_sample=pfc.sample_negatives(labels))
+        other = other_fn(mix.images[idx], labels[idx]) - other_fn(x0, labels[idx])
+    torch.testing.assert_close(mix.attack_gain, same, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(mix.attack_gain, other)
+
+
+def test_k0_reports_zero_gain_without_an_extra_forward():
+    gen = tiny_generator()
+    backbone, pfc, images, labels = tiny_setup()
+    calls = []
+    loss_fn = attack_loss_fn(backbone, pfc)
+    mix = adversarial_mix(images, labels, gen, lambda x, y: calls.append(1) or loss_fn(x, y), rs_ratio=0.5,
+                          epsilon=0.3, alpha=0.3, k=0, rng=torch.Generator().manual_seed(1))
+    assert not calls and float(mix.attack_gain) == 0.0
+    torch.testing.assert_close(mix.style_norm, mix.style0.norm(dim=1).mean())
+    # k = 2: two attack forwards (one per step, fp32) plus exactly one no-grad gain forward
+    adversarial_mix(images, labels, gen, lambda x, y: calls.append(torch.is_grad_enabled()) or loss_fn(x, y),
+                    rs_ratio=0.5, epsilon=0.3, alpha=0.3, k=2, rng=torch.Generator().manual_seed(1))
+    assert calls == [True, True, False]
+
+
+# ---- precision retries: decided by `agree` (all ranks), not by this rank's gradient alone ------------------------
+
+@pytest.mark.parametrize("other_rank,expected_scale,expected_calls", [
+    ((1, 0), 2.0 ** 8, 2),   # another rank overflowed at 2^16: retry at 2^8 although this rank's gradient was fine
+    ((0, 1), 0.0, 2),        # another rank underflowed: fp32 although this rank's gradient was fine
+    ((1, 1), 0.0, 3),        # another rank non-finite at every scale: every attempt, then fp32
+])
+def test_precision_attempts_follow_the_agreed_flags(other_rank, expected_scale, expected_calls):
+    """`agree` combines this rank's (non-finite, underflow) flags with the other ranks' (here a stand-in for the
+    all-reduce): the attempt sequence follows the combined flags."""
+    gen = tiny_generator()
+    images = torch.rand(4, 3, 112, 112) * 2 - 1
+    labels = torch.zeros(4, dtype=torch.long)
+    calls, seen = [], []
+
+    def loss_fn(x, y):
+        calls.append(1)
+        return x.float().mean() * 10.0  # large enough: no fp16 underflow at these scales on this rank
+
+    def agree(flags):
+        seen.append(flags.tolist())
+        other = torch.tensor(other_rank if len(seen) == 1 or other_rank == (1, 1) else (0, 0), dtype=flags.dtype)
+        return torch.maximum(flags, other)
+
+    try:
+        mix = adversarial_mix(images, labels, gen, loss_fn, rs_ratio=0.0, epsilon=0.3, alpha=0.3, k=1,
+                              rng=torch.Generator().manual_seed(7), autocast_dtype=torch.float16,
+                              grad_scale=2.0 ** 16, agree=agree, measure_gain=False)
+    except RuntimeError as exc:  # pragma: no cover - CPU build without fp16 kernels
+        pytest.skip(f"fp16 autocast unsupported on this CPU build: {exc}")
+    assert seen[0] == [0, 0], "this rank's own first attempt must be clean for the test to mean anything"
+    assert mix.grad_scale_used == expected_scale and len(calls) == expected_calls

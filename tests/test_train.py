@@ -79,11 +79,13 @@ def test_cfsm_wiring_generator_frozen_shared_negatives(mini_toy, tmp_path, tiny_
     gen = captured["generator"]
     assert not any(p.requires_grad for p in gen.parameters()) and not gen.training
     assert not ({id(p) for p in gen.parameters()} & captured["params"])
-    # per step: one sample, k=2 attack forwards on the synthesized quarter (4 of 16), one update forward of 16
-    steps = [calls[i:i + 4] for i in range(0, 8, 4)]
-    for sample, attack1, attack2, update in steps:
+    # per step: one sample, k=2 attack forwards on the synthesized quarter (4 of 16), the attack-gain forward at o*
+    # (4), one update forward of 16
+    steps = [calls[i:i + 5] for i in range(0, 10, 5)]
+    for sample, attack1, attack2, gain, update in steps:
         assert sample[0] == "sample" and sample[1] is not None
         assert attack1[1] is sample[1] and attack2[1] is sample[1] and update[1] is sample[1]
+        assert gain[1] is sample[1] and (gain[2], gain[3]) == (False, 4)
         assert (attack1[2], attack1[3]) == (False, 4) and (attack2[2], attack2[3]) == (False, 4)
         assert (update[2], update[3]) == (True, 16)
 

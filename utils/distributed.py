@@ -7,9 +7,12 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,70 @@ def all_ranks_ok(env: DistEnv, ok: bool) -> bool:
     flag = torch.tensor([0 if ok else 1], device=env.device)
     dist.all_reduce(flag)
     return int(flag.item()) == 0
+
+
+def agree_any(flags: torch.Tensor) -> torch.Tensor:
+    """Per-rank int flags OR-ed over the ranks of the default process group (all-reduce MAX); without one (single
+    process) the flags as they are. A branch that one rank could take alone is then taken by every rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flags
+    flags = flags.clone()
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return flags
+
+
+class PeerRankError(RuntimeError):
+    """Raised on the ranks that did not fail when another rank failed at a point all ranks agreed on."""
+
+
+def _stop_together(env: DistEnv, error: BaseException | None, what: str, more_flags: tuple[bool, ...] = ()) \
+        -> tuple[bool, ...]:
+    """One all-reduce of (failing rank + 1, *more_flags); raise on every rank if any rank failed, else return the
+    extra flags OR-ed over ranks. The failing rank re-raises its own error, the others a PeerRankError naming it."""
+    values = [env.rank + 1 if error is not None else 0, *(int(f) for f in more_flags)]
+    agreed = agree_any(torch.tensor(values, dtype=torch.int64, device=env.device)).tolist() if env.distributed \
+        else values
+    if error is not None:
+        raise error
+    if agreed[0]:
+        raise PeerRankError(f"rank {agreed[0] - 1} failed during {what} (its error is in its own log / output); "
+                            f"rank {env.rank} stops with it instead of waiting in the next collective")
+    return tuple(bool(v) for v in agreed[1:])
+
+
+def agreed_call(env: DistEnv, fn: Callable[[], T], what: str) -> T:
+    """fn() on this rank, then an agreement in place of a barrier: if fn raised on any rank, every rank raises
+    (instead of the others waiting at the next collective until the process-group timeout)."""
+    try:
+        result, error = fn(), None
+    except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks were told
+        result, error = None, exc
+    _stop_together(env, error, what)
+    return result
+
+
+def agreed_batches(batches: Iterable[T], env: DistEnv) -> Iterator[T]:
+    """Yield the items of `batches` while every rank has one, with one all-reduce per item of (error, exhausted,
+    not exhausted). A rank whose loader raises (a bad record) re-raises, the others raise PeerRankError; when
+    every rank is exhausted all stop together; when only some are (uneven shards) every rank raises, instead of
+    the longer ranks waiting in their next collective."""
+    iterator = iter(batches)
+    while True:
+        item, error, exhausted = None, None, False
+        try:
+            item = next(iterator)
+        except StopIteration:
+            exhausted = True
+        except Exception as exc:  # noqa: BLE001 - re-raised by _stop_together on this rank
+            error = exc
+        any_exhausted, any_not_exhausted = _stop_together(env, error, "data loading", (exhausted, not exhausted))
+        if any_exhausted and any_not_exhausted:
+            raise RuntimeError(f"rank {env.rank}: the ranks' loaders ran out of batches at different points (uneven "
+                               f"shards: this rank {'had no' if exhausted else 'still had a'} batch); every rank "
+                               f"must get the same number of batches per epoch (drop_last sampler)")
+        if exhausted:
+            return
+        yield item
 
 
 def broadcast_object(env: DistEnv, obj):

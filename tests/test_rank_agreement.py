@@ -1,0 +1,211 @@
+"""Rank agreement: every branch that one rank can take and another cannot, around a collective.
+
+Audit (stage 2 = train.py, stage 1 = train_generator.py). "Collective" below means anything that must be issued by
+every rank in the same order: Partial FC (all-gathers, all-reduces in forward and backward), DDP (gradient
+all-reduce, buffer broadcast), barriers, all_ranks_ok.
+
+Dangerous, fixed, and exercised here with 2 real gloo processes whose inputs differ:
+1. CFSM attack precision retries (cfsm/attack.py `_attack_grad`): under fp16, retry at a smaller loss scale or
+   fall back to fp32 was decided from this rank's gradient, and each attempt runs Partial FC's collectives -> a
+   hang, or collectives paired with the wrong partner. Now every attempt's flags (non-finite, underflow) are
+   combined over ranks (`adversarial_mix(agree=...)`, `utils.distributed.agree_any`): all ranks take the path of
+   the worst rank. Test: one rank's gradient overflows, the other's does not.
+2. Non-finite step (train.py): the skip is agreed (`all_ranks_ok` over loss and both gradient norms), but its
+   forward had already written NaN into BatchNorm running stats, AdaFace's EMA and advanced Partial FC's sampling
+   counter, on the rank with the NaN batch only (and DDP then broadcasts rank 0's buffers to all). Now a
+   `utils.step_state.StepState` snapshot (buffers + module extra state) is taken before the step and restored on
+   every rank when the agreed flag says skip. Test: a NaN batch on one rank of two.
+3. Data errors and end of epoch (train.py / train_generator.py loops): a rank whose loader raises (bad record) or runs
+   out of batches while the other still has one left the other rank blocked in its next collective until
+   `dist_timeout_s`. Now `utils.distributed.agreed_batches` wraps the loader: one all-reduce per batch of
+   (error, exhausted); every rank raises (naming the failing rank) or stops together. Test: one rank's loader
+   raises, one rank's loader is shorter.
+4. Verification (train.py `run_verification`): only rank 0 verifies; an exception there left the other ranks in
+   the barrier until `dist_timeout_s`. Now the outcome is agreed with `all_ranks_ok` in place of the barrier and
+   every rank raises. Exercised through `utils.distributed.agreed_call` with 2 gloo ranks.
+
+Safe as they are (why):
+5. Non-finite guard counter / stop (utils.optim.NonFiniteGuard): fed the agreed flag, so every rank counts and
+   raises at the same step; the "last good checkpoint" lookup reads the disk but issues no collective.
+6. GradScaler: scale and growth tracker stay equal on all ranks: `scaler.step` runs only when all ranks agreed the
+   gradients are finite (so no rank's unscale_ found inf), and the skip path sets the same explicit scale.
+7. CFSM mix split, k loop, gain forward: n_synth depends on batch_size and rs_ratio only (equal on all ranks, the
+   sampler drops the last partial batch); k is a config value. Partial FC negative sampling: one all-gather per
+   step on every rank; the draw itself is local.
+8. Checkpointing (utils.checkpoint.save_run_checkpoint): by step count (equal on all ranks); every rank writes then
+   meets at a barrier; only rank 0 marks / prunes, between two barriers. A rank whose write fails raises before the
+   barrier; torchrun then tears the group down (the others see a closed connection, not a silent result).
+9. Early stop / max_steps / end of run: `last_step` comes from config and `batches_per_epoch`, which FaceSampler
+   computes identically on every rank (floor(len / world) // batch_size, drop_last).
+10. Logging, TensorBoard, image grids, summary: rank 0 only, no collectives inside.
+11. Stage 1 skips: with fp16 the GradScaler decides from gradients that DDP already all-reduced (identical on all
+   ranks); without fp16 the skip is agreed with `all_ranks_ok`. Its networks have no running statistics that a
+   forward writes (AdaIN's running_* buffers are never read or written), so a skip leaves nothing to restore.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from backbones import get_model
+from cfsm import Generator
+from cfsm.attack import adversarial_mix, frozen_stats
+from losses import ArcFace
+from partial_fc import PartialFC
+
+WORLD = 2
+NUM_CLASSES = 8
+PG_TIMEOUT_S = 20  # a mismatched collective sequence fails (or times out) within this, not after 10 minutes
+
+
+def _spawn(fn, tmp_path, *args) -> list[dict]:
+    """Run fn(rank, *args) on 2 gloo processes; return each rank's result dict (or raise its error)."""
+    mp.spawn(_entry, args=(fn, str(tmp_path), args), nprocs=WORLD, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _entry(rank: int, fn, out_dir: str, args) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'pg_init')}", rank=rank,
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
+    try:
+        result = fn(rank, *args)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+# ---- 1. CFSM attack: precision retries decided together -------------------------------------------------------
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward, gradient times `factor`: stands for a rank whose activation gradients are very large."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.factor, None
+
+
+def _attack_worker(rank: int, use_agree: bool) -> dict:
+    torch.manual_seed(0)  # same weights on every rank
+    gen = Generator(dim=8, n_residual=1, n_downsample=2, latent_dim=16, style_dim=6).eval().requires_grad_(False)
+    backbone = get_model("r_tiny", num_features=16).train()
+    pfc = PartialFC(ArcFace(s=16.0, margin=0.3), 16, NUM_CLASSES, rank=rank, world_size=WORLD)
+    images = torch.rand(4, 3, 112, 112, generator=torch.Generator().manual_seed(rank)) * 2 - 1  # rank's own batch
+    labels = torch.arange(4) + 4 * rank
+    # rank 1's fp16 gradient overflows at every loss scale, rank 0's does not: the ranks would choose differently
+    factor = 1e6 if rank == 1 else 1.0
+    calls = []
+
+    def loss_fn(x, y):
+        calls.append(x.shape[0])
+        with frozen_stats(backbone):  # as train.py: the attack's own autocast sets each attempt's precision
+            emb = _ScaleGrad.apply(backbone(x), factor)
+        return pfc(emb.float(), y, update_stats=False)
+
+    kwargs = {}
+    if use_agree:  # False: how train.py called the attack before ranks agreed (the bug's reproduction)
+        from utils.distributed import agree_any
+        kwargs = dict(agree=agree_any)
+    mix = adversarial_mix(images, labels, gen, loss_fn, rs_ratio=0.5, epsilon=0.3, alpha=0.3, k=2,
+                          rng=torch.Generator().manual_seed(10 + rank), autocast_dtype=torch.float16,
+                          grad_scale=2.0 ** 16, **kwargs)
+    # after the attack, the step's real Partial FC forward: must pair with the other rank's, not with a retry
+    loss = pfc(backbone(mix.images), labels)
+    return {"grad_scale_used": mix.grad_scale_used, "loss_calls": len(calls), "loss": loss.detach(),
+            "moved": (mix.style - mix.style0).abs().max().item(), "gain": mix.attack_gain}
+
+
+@pytest.mark.slow
+def test_attack_precision_retries_are_agreed_by_all_ranks(tmp_path):
+    """One rank's fp16 attack gradient overflows, the other's does not: both take the same attempts (fp32
+    fallback), issue the same number of Partial FC calls, and the step's loss afterwards is the same number."""
+    try:
+        torch.zeros(2).to(torch.float16) @ torch.zeros(2).to(torch.float16)
+    except RuntimeError as exc:  # pragma: no cover - CPU build without fp16 kernels
+        pytest.skip(f"fp16 unsupported on this CPU build: {exc}")
+    res = _spawn(_attack_worker, tmp_path, True)
+    assert res[0]["grad_scale_used"] == res[1]["grad_scale_used"] == 0.0  # both fell back to fp32 together
+    # per attack step: scale 2^16, scale 2^8, fp32; plus the one no-grad gain forward
+    assert res[0]["loss_calls"] == res[1]["loss_calls"] == 2 * 3 + 1
+    torch.testing.assert_close(res[0]["loss"], res[1]["loss"])  # Partial FC's loss is the global mean
+    torch.testing.assert_close(res[0]["gain"], res[1]["gain"])
+    assert res[0]["moved"] > 0.29 and res[1]["moved"] > 0.29
+
+
+# ---- 2. a skipped non-finite step leaves no trace ----------------------------------------------------------------
+
+def _model_state(backbone: torch.nn.Module, pfc: PartialFC, optimizer: torch.optim.Optimizer) -> dict:
+    state = {f"backbone.{k}": v.detach().clone() for k, v in backbone.state_dict().items()}
+    state.update({f"pfc.{k}": (v.detach().clone() if isinstance(v, torch.Tensor) else dict(v))
+                  for k, v in pfc.state_dict().items()})
+    for i, s in optimizer.state_dict()["state"].items():
+        state[f"optimizer.{i}"] = s["momentum_buffer"].clone()
+    return state
+
+
+def _skip_worker(rank: int, nan_rank: int) -> dict:
+    import train
+    from losses import AdaFace
+    from utils.config import base_config
+    from utils.distributed import DistEnv
+    from utils.optim import PolyScheduler, mixed_precision
+
+    cfg = base_config()
+    cfg.update(rs_ratio=0.5, k=1, epsilon=0.3, alpha=0.3, fp16=False, clip_grad_norm=5.0, channels_last=False)
+    env = DistEnv(rank=rank, local_rank=rank, world_size=WORLD, device=torch.device("cpu"), backend="gloo")
+    torch.manual_seed(0)  # same weights on every rank
+    gen = Generator(dim=8, n_residual=1, n_downsample=2, latent_dim=16, style_dim=6).eval().requires_grad_(False)
+    backbone = get_model("r_tiny", num_features=16).train()
+    pfc = PartialFC(AdaFace(m=0.4, h=0.333, s=16.0, t_alpha=0.5), 16, 24, sample_rate=0.5, rank=rank,
+                    world_size=WORLD, ddp_grad_compensation=True)
+    model = torch.nn.parallel.DistributedDataParallel(backbone)
+    optimizer = torch.optim.SGD(list(backbone.parameters()) + list(pfc.parameters()), lr=0.01, momentum=0.9)
+    scheduler = PolyScheduler(optimizer, 10, 0, 2.0)
+    _, scaler, autocast = mixed_precision(False, False, "cpu")
+    train_step = train.make_train_step(cfg, env, model, backbone, pfc, gen, optimizer, scheduler, scaler, autocast,
+                                       torch.Generator().manual_seed(rank))
+
+    def batch(index: int, nan: bool = False) -> list:
+        g = torch.Generator().manual_seed(100 * rank + index)  # each rank its own images
+        images = torch.rand(4, 3, 112, 112, generator=g) * 2 - 1
+        if nan:
+            images[1] = float("nan")
+        return [(images, torch.randint(0, 24, (4,), generator=g))]
+
+    finite = [train_step(batch(0))["finite"]]
+    before = _model_state(backbone, pfc, optimizer)
+    finite.append(train_step(batch(1, nan=rank == nan_rank))["finite"])
+    after_skip = _model_state(backbone, pfc, optimizer)
+    stats = train_step(batch(2))
+    finite.append(stats["finite"])
+    return {"finite": finite, "before": before, "after_skip": after_skip, "loss3": stats["loss"],
+            "after3": _model_state(backbone, pfc, optimizer)}
+
+
+@pytest.mark.slow
+def test_nan_batch_on_one_rank_leaves_no_trace_on_any_rank(tmp_path):
+    """Rank 1's second batch holds NaN. Both ranks skip that step together, and afterwards every buffer (BatchNorm
+    running stats and num_batches_tracked, AdaFace batch_mean / batch_std), Partial FC's sampling counter, every
+    weight and momentum buffer is bitwise what it was before the step, on both ranks; the next step is finite."""
+    res = _spawn(_skip_worker, tmp_path, 1)
+    for rank, r in enumerate(res):
+        assert r["finite"] == [True, False, True], (rank, r["finite"])
+        assert r["before"].keys() == r["after_skip"].keys()
+        for key, value in r["before"].items():
+            after = r["after_skip"][key]
+            same = value == after if isinstance(value, dict) else torch.equal(value, after)
+            assert same, f"rank {rank}: the skipped step changed {key}"
+        assert torch.isfinite(r["loss3"])
+        assert all(torch.isfinite(v).all() for v in r["after3"].values() if isinstance(v, torch.Tensor))
+    assert any("running_mean" in k for k in res[0]["before"]) and "pfc.margin_softmax.batch_mean" in res[0]["before"]
