@@ -198,12 +198,16 @@ class ImageFolderDataset(_FaceDatasetBase):
         self.augment = augment
         if not self.root_dir.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root_dir}")
-        self.classes, self.samples = scan_image_folder(self.root_dir)
+        self.classes, samples = scan_image_folder(self.root_dir)
+        # Paths relative to the root in one fixed-width bytes array and labels in an int64 array: no per-image Python
+        # objects, so forked DataLoader workers share them without copy-on-access growth (a list of Paths would).
+        self.rel_paths = np.array([os.fsencode(p.relative_to(self.root_dir)) for p, _ in samples], dtype=np.bytes_)
+        self.labels = np.array([label for _, label in samples], dtype=np.int64)
         self.num_classes = len(self.classes)
-        self.num_images = len(self.samples)
+        self.num_images = len(samples)
 
     def read_image(self, index: int) -> tuple[np.ndarray, int]:
-        path, label = self.samples[index]
+        path, label = self.root_dir / os.fsdecode(self.rel_paths[index]), int(self.labels[index])
         try:
             buf = Path(path).read_bytes()
         except OSError as e:

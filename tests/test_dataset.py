@@ -328,3 +328,25 @@ def test_tilde_in_data_paths_is_expanded(tmp_path, monkeypatch):
     (tmp_path / "faces" / "amy" / "0.jpg").write_bytes(_jpeg(0))
     assert ImageFolderDataset("~/faces").num_images == 1
     assert not (tmp_path / "~").exists()
+
+
+def test_image_folder_keeps_no_per_image_python_objects(tmp_path):
+    """Forked workers grow by copy-on-access when a dataset holds a Python object per image."""
+    import tracemalloc
+
+    root = tmp_path / "faces"
+    n = 3000
+    for c in range(30):
+        (root / f"id{c:02d}").mkdir(parents=True)
+        for j in range(n // 30):
+            (root / f"id{c:02d}" / f"{j:03d}.jpg").touch()
+    tracemalloc.start()
+    try:
+        ds = ImageFolderDataset(root)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert ds.num_images == n and held < 100 * n, held  # arrays: ~40 B an image; a list of Paths: ~400 B
+    (root / "id07" / "005.jpg").write_bytes(_jpeg(5))
+    img, label = ds.read_image(7 * 100 + 5)
+    assert label == 7 and img.shape == (112, 112, 3)
