@@ -173,7 +173,8 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
         target = TargetFaceDataset(cfg.target)
         id_net = load_identity_network(cfg.id_model, cfg.id_network, cfg.id_embedding_size, env.device)
         G = Generator(dim=cfg.gen_dim, n_residual=cfg.gen_n_residual, n_downsample=cfg.gen_n_downsample,
-                      latent_dim=cfg.gen_latent_dim, style_dim=cfg.gen_style_dim)
+                      latent_dim=cfg.gen_latent_dim, style_dim=cfg.gen_style_dim,
+                      input_color_skip=cfg.gen_input_color_skip)
         D = MultiDiscriminator(dim=cfg.dis_dim)
         if cfg.init_generator:
             with_d = init_generator_from_file(cfg.init_generator, G, D)

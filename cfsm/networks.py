@@ -187,10 +187,15 @@ class Decoder(nn.Module):
             out.append(per_block)
         return out
 
-    def forward(self, content: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+    def forward(self, content: torch.Tensor, latent: torch.Tensor,
+                pre_tanh_offset: torch.Tensor | None = None) -> torch.Tensor:
+        """``pre_tanh_offset`` (optional, broadcastable to the image) is added just before the final tanh."""
         per_block = self.split_adain_params(self.mlp(latent))
         x = content
+        last = len(self.model) - 1
         for i, layer in enumerate(self.model):
+            if i == last and pre_tanh_offset is not None:
+                x = x + pre_tanh_offset.to(x.dtype)
             x = layer(x, per_block[i]) if i < self.n_residual else layer(x)
         return x
 
@@ -219,22 +224,40 @@ class Generator(nn.Module):
 
     `n_residual` is the decoder's block count; the encoder uses `n_residual_encoder` (3, as the released model,
     whose encoder ignores n_residual).
+
+    `input_color_skip` (off in the released models): the content encoder's InstanceNorm makes G blind to each
+    image's mean colour (G(a x + b, o) = G(x, o) for any per-channel shift b and scale a > 0), and CFSM has no style
+    encoder to carry it, so G(x, 0) cannot reconstruct x when mean colours vary (toy faces: L1 >= 0.24 whatever the
+    training). With the skip, `encode` appends x's per-channel mean as 3 constant channels to the content code and
+    `decode` adds atanh(mean) before the final tanh: the network learns the image around its own mean colour, and
+    styles still shift colours freely. No parameters: the state dict gains only the marker buffer
+    `input_color_skip`, by which `cfsm.load_generator` recognises such a generator (released files lack it).
     """
 
     def __init__(self, in_channels: int = 3, dim: int = 64, n_residual: int = 3, n_downsample: int = 2,
-                 latent_dim: int = 128, style_dim: int = 10, mlp_dim: int = 256, n_residual_encoder: int = 3) -> None:
+                 latent_dim: int = 128, style_dim: int = 10, mlp_dim: int = 256, n_residual_encoder: int = 3,
+                 input_color_skip: bool = False) -> None:
         super().__init__()
         self.style_dim, self.latent_dim = style_dim, latent_dim
+        self.in_channels, self.input_color_skip = in_channels, bool(input_color_skip)
         self.config = dict(in_channels=in_channels, dim=dim, n_residual=n_residual, n_downsample=n_downsample,
                            latent_dim=latent_dim, style_dim=style_dim, mlp_dim=mlp_dim,
                            n_residual_encoder=n_residual_encoder)
+        if self.input_color_skip:  # only then: released state dicts keep their exact key set
+            self.config["input_color_skip"] = True
+            self.register_buffer("input_color_skip_marker", torch.ones(()))
         self.encoder = ContentEncoder(in_channels, dim, n_residual_encoder, n_downsample)
         self.decoder = Decoder(in_channels, self.encoder.out_channels, n_residual, n_downsample, latent_dim, mlp_dim)
         self.pca = SubspaceLayer(dim=latent_dim, n_basis=style_dim)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Content code [B, dim·2^n_downsample, H/2^n, W/2^n]; independent of the style code."""
-        return self.encoder(x)
+        """Content code [B, dim·2^n_downsample (+ in_channels with input_color_skip), H/2^n, W/2^n]; independent of
+        the style code."""
+        content = self.encoder(x)
+        if not self.input_color_skip:
+            return content
+        mean = x.float().mean(dim=(2, 3), keepdim=True).to(content.dtype)
+        return torch.cat([content, mean.expand(-1, -1, *content.shape[2:])], dim=1)
 
     def style_to_latent(self, o: torch.Tensor) -> torch.Tensor:
         if o.dim() != 2 or o.shape[1] != self.style_dim:
@@ -243,14 +266,18 @@ class Generator(nn.Module):
 
     def decode(self, content: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """Image [B, C, H, W] in [-1, 1] from a content code and a style code o."""
-        return self.decoder(content, self.style_to_latent(o))
+        if not self.input_color_skip:
+            return self.decoder(content, self.style_to_latent(o))
+        c = self.in_channels
+        mean = content[:, -c:, :1, :1].float().clamp(-0.999, 0.999)
+        return self.decoder(content[:, :-c], self.style_to_latent(o), pre_tanh_offset=torch.atanh(mean))
 
     def regularizer(self) -> torch.Tensor:
         return self.pca.orthogonality()
 
     def forward(self, x: torch.Tensor, o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         z = self.style_to_latent(o)
-        image = self.decoder(self.encode(x), z)
+        image = self.decode(self.encode(x), o)
         return z, image, self.regularizer()
 
 

@@ -93,6 +93,7 @@ config.gen_n_downsample = 2              # generator down/up-sampling stages
 config.gen_n_residual = 3                # residual blocks in the generator decoder
 config.gen_latent_dim = 128              # latent size of the style subspace z = o @ U + mu
 config.gen_style_dim = 10                # style coefficient dimension (basis count)
+config.gen_input_color_skip = False      # hand the input's mean colour past the encoder's InstanceNorm (networks.py)
 config.init_generator = None             # start stage 1 from this generator file (shared origin => comparable bases)
 config.gen_lr = 1e-4                     # Adam lr of generator and discriminator
 config.gen_betas = (0.5, 0.999)          # Adam betas

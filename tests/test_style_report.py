@@ -117,7 +117,7 @@ def test_stage1_writes_the_report_and_checks_recipe_keys(tmp_path):
                 id_network="r_tiny", id_embedding_size=32, gen_dim=4, gen_latent_dim=16, gen_style_dim=3,
                 batch_size=4, max_steps=2, num_workers=0, tensorboard=False, image_every=0, save_every=0,
                 frequent=1, output=tmp_path / "out", seed=3, dis_dim=8, lambda_rec=10.0,
-                style_sampling="uniform_magnitude", style_report_faces=3)
+                style_sampling="uniform_magnitude", style_report_faces=3, gen_input_color_skip=True)
 
     def run(**extra):
         return train_generator.main(["configs/cfsm_toy"] + [f"{k}={v}" for k, v in {**keys, **extra}.items()])
@@ -130,6 +130,32 @@ def test_stage1_writes_the_report_and_checks_recipe_keys(tmp_path):
     assert (tmp_path / "out" / "style_report" / "style_report.png").is_file()
     d_state = torch.load(tmp_path / "out" / "generator.pth", weights_only=True)["D_state_dict"]
     assert d_state["models.disc_0.0.weight"].shape[0] == 8
+    from cfsm import load_generator
+    assert load_generator(tmp_path / "out" / "generator.pth").input_color_skip
     for key, bad in (("style_sampling", "laplace"), ("lambda_rec", -1.0), ("dis_dim", 0), ("style_report_faces", -2)):
         with pytest.raises(ConfigError, match=key):
             run(**{key: bad}, output=tmp_path / "bad")
+
+
+def test_input_color_skip_restores_what_instance_norm_hides(tmp_path):
+    from cfsm import load_generator
+
+    torch.manual_seed(0)
+    x = _faces(4)
+    shifted = 0.7 * x + torch.tensor([0.2, -0.1, 0.05])[None, :, None, None]
+    o = torch.zeros(4, 3)
+    released = Generator(dim=8, n_residual=1, latent_dim=16, style_dim=3).eval()
+    skip = Generator(dim=8, n_residual=1, latent_dim=16, style_dim=3, input_color_skip=True).eval()
+    skip.load_state_dict(released.state_dict(), strict=False)  # same weights; only the marker differs
+    with torch.no_grad():
+        # the defect: the released architecture cannot see a per-channel shift / global scale of its input
+        assert (released(x, o)[1] - released(shifted, o)[1]).abs().max() < 5e-3
+        a, b = skip(x, o)[1], skip(shifted, o)[1]
+    assert (a.mean(dim=(2, 3)) - b.mean(dim=(2, 3))).abs().mean() > 0.05
+    assert set(skip.state_dict()) - set(released.state_dict()) == {"input_color_skip_marker"}
+    torch.save({"G_state_dict": skip.state_dict()}, tmp_path / "skip.pth")
+    torch.save({"G_state_dict": released.state_dict()}, tmp_path / "released.pth")
+    loaded = load_generator(tmp_path / "skip.pth")
+    assert loaded.input_color_skip and not load_generator(tmp_path / "released.pth").input_color_skip
+    with torch.no_grad():
+        assert torch.allclose(loaded.decode(loaded.encode(x), o), a, atol=1e-5)
