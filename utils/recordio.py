@@ -262,25 +262,17 @@ def _parse_idx(idx_path: Path) -> tuple[np.ndarray, np.ndarray]:
     keys_out = offs_out = np.empty(0, np.int64)
     n = 0
     line_base = 1
-    carry = b""
     at_file_start = True
     with open(idx_path, "rb") as f:
         file_size = os.fstat(f.fileno()).st_size
         while True:
-            block = f.read(_IDX_CHUNK)
-            data = carry + block
-            if not block:
-                if not data:
-                    break
-                if not data.endswith(b"\n"):
-                    data += b"\n"
-                cut = len(data)
-            else:
-                cut = data.rfind(b"\n") + 1
-                if cut == 0:  # one line longer than a chunk: keep reading
-                    carry = data
-                    continue
-            chunk, carry = data[:cut], data[cut:]
+            chunk = f.read(_IDX_CHUNK)
+            if not chunk:
+                break
+            if not chunk.endswith(b"\n"):
+                chunk += f.readline()  # finish the chunk's last line
+                if not chunk.endswith(b"\n"):  # the file's last line has no newline
+                    chunk += b"\n"
             buf = np.frombuffer(chunk, dtype=np.uint8)
             _refuse_non_ascii(idx_path, buf, line_base, at_file_start)
             parsed = _parse_chunk_fast(chunk, buf)
@@ -299,8 +291,6 @@ def _parse_idx(idx_path: Path) -> tuple[np.ndarray, np.ndarray]:
             n += count
             line_base += parsed[0].size if fast else int(np.count_nonzero(buf == 10))
             at_file_start = False
-            if not block:
-                break
     return keys_out[:n], offs_out[:n]
 
 
@@ -387,7 +377,8 @@ def load_idx(idx_path: str | os.PathLike, cache: bool = True, cache_min_records:
             keys, offsets, key_base = hit
             return IdxIndex(idx_path, keys, offsets, None if keys is not None else key_base)
     keys, offsets = _parse_idx(idx_path)
-    dense = keys.size > 0 and int(keys[-1]) - int(keys[0]) == keys.size - 1 and bool(np.all(np.diff(keys) == 1))
+    # strictly increasing integers spanning exactly n values are consecutive (no n-element difference array)
+    dense = keys.size > 0 and int(keys[-1]) - int(keys[0]) == keys.size - 1 and bool(np.all(keys[1:] > keys[:-1]))
     key_base = int(keys[0]) if dense else None
     index = IdxIndex(idx_path, None if dense else keys, offsets, key_base)  # raises on repeated keys
     if cache and offsets.size >= cache_min_records and _idx_fingerprint(idx_path) == fingerprint:
