@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from cfsm import Generator
-from cfsm.visualize import direction_grid, random_style_row, style_grid_image, tile_rows, training_samples_grid
+from cfsm import Generator, load_generator
+from cfsm.visualize import (DEFAULT_COEFFICIENTS, DEFAULT_MAGNITUDES, direction_grid, random_style_row,
+                            style_grid_image, tile_rows, training_samples_grid)
 
 TILE, PAD = 112, 2
 
@@ -69,7 +70,20 @@ def test_cli_from_toy_rec_and_image_folder(tmp_path):
     assert [p.name for p in paths] == ["style_grid_00.png", "style_grid_01.png"]
     img = cv2.imread(str(paths[0]))
     assert img.shape == (_extent(1 + 2 + 1), _extent(1 + 7), 3)
-    assert list(Path(tmp_path / "tb").glob("events.*"))
+    # the files hold the grids of the two faces the CLI picked (first and last record), not just any image
+    faces = style_grid.load_faces(data / "train.rec", 2)
+    expected = style_grid.make_style_grids(load_generator(tmp_path / "g.pth"), faces, DEFAULT_COEFFICIENTS,
+                                           DEFAULT_MAGNITUDES, seed=0)
+    for path, grid in zip(paths, expected):
+        assert np.array_equal(cv2.imread(str(path))[:, :, ::-1], grid)  # PNG is lossless
+    assert not np.array_equal(expected[0], expected[1])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert sorted(events.Tags()["images"]) == ["style_grid/face_00", "style_grid/face_01"]
+    tb_image = events.Images("style_grid/face_01")[0]
+    assert (tb_image.height, tb_image.width) == expected[1].shape[:2]
     paths = style_grid.main([str(tmp_path / "g.pth"), "--faces", str(data / "target_faces"), "--out",
                              str(tmp_path / "out2"), "--coefficients", "-1", "1", "--magnitudes", "2", "4"])
     assert cv2.imread(str(paths[0])).shape == (_extent(4), _extent(3), 3)
