@@ -301,3 +301,22 @@ def test_precision_attempts_follow_the_agreed_flags(other_rank, expected_scale, 
         pytest.skip(f"fp16 autocast unsupported on this CPU build: {exc}")
     assert seen[0] == [0, 0], "this rank's own first attempt must be clean for the test to mean anything"
     assert mix.grad_scale_used == expected_scale and len(calls) == expected_calls
+
+
+def test_attack_stats_window_and_run_means():
+    from cfsm.attack import AttackStats, StyleMix
+
+    def mix(gain: float, norm: float, n_synth: int = 2) -> StyleMix:
+        empty = torch.zeros(n_synth, 3)
+        return StyleMix(torch.zeros(1), torch.arange(n_synth), empty, empty, 1.0, torch.tensor(gain),
+                        torch.tensor(norm))
+
+    stats = AttackStats()
+    assert stats.window() == {} and stats.means() == {}
+    stats.add(mix(1.0, 4.0))
+    stats.add(mix(3.0, 6.0))
+    stats.add(mix(100.0, 100.0, n_synth=0))  # nothing synthesized: not counted
+    assert stats.window() == {"attack_gain": 2.0, "style_norm": 5.0}
+    stats.add(mix(-1.0, 2.0))
+    assert stats.window() == {"attack_gain": -1.0, "style_norm": 2.0}
+    assert stats.means() == {"attack_gain_mean": 1.0, "style_norm_mean": 4.0}

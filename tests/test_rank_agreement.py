@@ -209,3 +209,77 @@ def test_nan_batch_on_one_rank_leaves_no_trace_on_any_rank(tmp_path):
         assert torch.isfinite(r["loss3"])
         assert all(torch.isfinite(v).all() for v in r["after3"].values() if isinstance(v, torch.Tensor))
     assert any("running_mean" in k for k in res[0]["before"]) and "pfc.margin_softmax.batch_mean" in res[0]["before"]
+
+
+# ---- 3./4. data errors, uneven shards, verification: every rank stops together -----------------------------------
+
+class _BadRecord(ValueError):
+    """Stands for dataset.DataError: a record this rank cannot decode."""
+
+
+def _batches(count: int, fail_at: int | None = None):
+    for index in range(count):
+        if index == fail_at:
+            raise _BadRecord("train.rec: key 7 is not a decodable image")
+        yield torch.full((2,), float(index))
+
+
+def _outcome(fn) -> dict:
+    """What happened on this rank: the steps it took, or the error it raised (type and message)."""
+    try:
+        return {"steps": fn(), "error": None}
+    except Exception as exc:  # noqa: BLE001 - reported to the test process
+        return {"steps": None, "error": type(exc).__name__, "message": str(exc)}
+
+
+def _stop_worker(rank: int, out_dir: str) -> dict:
+    from utils.config import base_config
+    from utils.distributed import DistEnv, agreed_call
+    from utils.run import Run, plan_steps
+
+    env = DistEnv(rank=rank, local_rank=rank, world_size=WORLD, device=torch.device("cpu"), backend="gloo")
+    cfg = base_config()
+    cfg.update(output=os.path.join(out_dir, "run"), config_name="rank_agreement", max_steps=0)
+
+    def train_over(loader_of_rank) -> int:
+        """The trainers' loop: Run.step_batches, then a collective per step (as Partial FC / DDP issue)."""
+        with Run(cfg, env, kind="recognition", log_name="rank_agreement", tensorboard_prefix="t") as run:
+            run.plan = plan_steps(3, 1, 1, 0, 0, "test")
+            steps = 0
+            for _, batch in run.step_batches(None, 0, open_epoch=lambda epoch, first: loader_of_rank):
+                total = batch[0].sum()
+                dist.all_reduce(total)
+                steps += 1
+            return steps
+
+    out = {
+        # rank 1 cannot decode its second record: rank 1 raises its error, rank 0 stops at once too
+        "data_error": _outcome(lambda: train_over(_batches(3, fail_at=1 if rank == 1 else None))),
+        # rank 0's shard has one batch more than rank 1's: both raise instead of rank 0 waiting in a collective
+        "uneven": _outcome(lambda: train_over(_batches(3 if rank == 0 else 2))),
+        # equal shards: both run the 3 steps
+        "even": _outcome(lambda: train_over(_batches(3))),
+        # rank 0's verification fails (a bad .bin): rank 1 stops with it rather than at a barrier's timeout
+        "verification": _outcome(lambda: agreed_call(
+            env, (lambda: (_ for _ in ()).throw(_BadRecord("lfw.bin: 3 pairs, 10 folds need 20"))) if rank == 0
+            else (lambda: {}), "verification")),
+    }
+    t = torch.ones(1)
+    dist.all_reduce(t)  # the process group is still usable: both ranks issued the same collectives
+    out["after"] = float(t)
+    return out
+
+
+@pytest.mark.slow
+def test_data_error_uneven_shards_and_verification_stop_every_rank(tmp_path):
+    res = _spawn(_stop_worker, tmp_path, str(tmp_path))
+    r0, r1 = res
+    assert r1["data_error"]["error"] == "_BadRecord" and "key 7" in r1["data_error"]["message"]
+    assert r0["data_error"]["error"] == "PeerRankError" and "rank 1" in r0["data_error"]["message"]
+    for r in res:
+        assert r["uneven"]["error"] == "RuntimeError" and "uneven shards" in r["uneven"]["message"], r["uneven"]
+        assert r["even"] == {"steps": 3, "error": None}
+        assert r["after"] == WORLD
+    assert r0["verification"]["error"] == "_BadRecord"
+    assert r1["verification"]["error"] == "PeerRankError" and "rank 0 failed during verification" in \
+        r1["verification"]["message"]

@@ -184,3 +184,24 @@ def test_two_process_gloo_launchers(mini_toy, tmp_path, tiny_generator_file, lau
     assert summary["steps"] == 2 and "world size 2" in (out / "train.log").read_text()
     ckpts = sorted((out / "checkpoints").glob("step_*/rank_*.pt"))
     assert [p.name for p in ckpts] == ["rank_0.pt", "rank_1.pt"]
+
+
+def test_attack_diagnostics_in_tensorboard_and_summary(mini_toy, tmp_path, tiny_generator_file):
+    """CFSM runs log the attack gain and mean |o*| as TensorBoard scalars cfsm/attack_gain, cfsm/style_norm and put
+    their means in summary.json."""
+    import math
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "diag"
+    summary = train.main(tiny_args(mini_toy, out, "max_steps=3", f"pretrained_synthesis_model={tiny_generator_file}",
+                                   "rs_ratio=0.5", "k=1", "tensorboard=True", "val_targets=[]", "image_every=0"))
+    saved = json.loads((out / "summary.json").read_text())
+    for key in ("attack_gain_mean", "style_norm_mean"):
+        assert key in summary and saved[key] == pytest.approx(summary[key]) and math.isfinite(saved[key])
+    assert saved["style_norm_mean"] > 0
+    events = EventAccumulator(str(next(out.glob("tensorboard*")))).Reload()
+    for tag in ("cfsm/attack_gain", "cfsm/style_norm"):
+        assert [e.step for e in events.Scalars(tag)] == [1, 2, 3]
+    means = sum(e.value for e in events.Scalars("cfsm/style_norm")) / 3
+    assert means == pytest.approx(saved["style_norm_mean"], rel=1e-5)

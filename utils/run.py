@@ -20,7 +20,7 @@ from easydict import EasyDict
 from utils import checkpoint as ckpt
 from utils import run_state
 from utils.config import ConfigError
-from utils.distributed import DistEnv, all_ranks_ok, barrier
+from utils.distributed import DistEnv, agreed_batches, all_ranks_ok, barrier
 from utils.logging import SpeedMeter, format_eta, setup_logger, summary_writer
 from utils.optim import NonFiniteGuard
 
@@ -123,7 +123,8 @@ class Run:
                 batches = loader
             else:
                 batches = open_epoch(epoch, first_batch)
-            for item in batches:
+            # one all-reduce per batch: a loader error or an early end on one rank stops every rank together
+            for item in agreed_batches(batches, self.env):
                 micro += 1
                 batch.append(item)
                 if len(batch) == plan.micro_per_step:
