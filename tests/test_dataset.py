@@ -350,3 +350,16 @@ def test_image_folder_keeps_no_per_image_python_objects(tmp_path):
     (root / "id07" / "005.jpg").write_bytes(_jpeg(5))
     img, label = ds.read_image(7 * 100 + 5)
     assert label == 7 and img.shape == (112, 112, 3)
+
+
+def test_toy_data_root_with_tilde_is_expanded(tmp_path, monkeypatch, mini_toy):
+    import shutil
+
+    from utils.toyface import ensure_toy_data
+
+    home = tmp_path / "home"
+    shutil.copytree(mini_toy, home / "toy")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)  # where a literal "~" folder would appear
+    assert ensure_toy_data("~/toy") == home / "toy"
+    assert not (tmp_path / "~").exists()

@@ -386,7 +386,7 @@ def ensure_toy_data(
     values that disagree with existing data raise ``ValueError``. Concurrent callers (e.g. two ranks) are serialised
     with a file lock; files are produced in a temp dir and moved in, the meta file last.
     """
-    root = Path(root)
+    root = Path(os.path.expanduser(root))
     asked = {
         "num_identities": num_identities,
         "images_per_identity": images_per_identity,
