@@ -24,7 +24,7 @@ from cfsm.attack import AttackStats, adversarial_mix, frozen_stats, split_counts
 from cfsm.visualize import clean_vs_synth_grid
 from dataset import build_dataset
 from utils.degrade import Degradation
-from eval.verification import CallBackVerification
+from eval.verification_callback import verification_for_run
 from losses import margin_loss_from_config
 from partial_fc import PartialFC
 from utils import checkpoint as ckpt
@@ -163,8 +163,8 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
         train_step = make_train_step(cfg, env, model, backbone, pfc, generator, optimizer, scheduler, scaler,
                                      autocast, style_rng)
         run.start(step, f"{num_classes} classes, {dataset.num_images} images")
-        verify = CallBackVerification(cfg.val_targets, cfg.rec, batch_size=cfg.val_batch_size,
-                                      summary_writer=run.writer) if env.is_main and cfg.val_targets else None
+        # val_targets opened and checked now, before the first step; results go to the run's log (console, train.log)
+        verify = verification_for_run(cfg.val_targets, cfg.rec, cfg.val_batch_size, env, run.writer, run.log)
 
         def run_verification(at_step: int) -> dict:
             # rank 0 verifies; an error there stops every rank (agreed in place of a barrier), not a timeout

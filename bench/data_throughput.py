@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rec", type=Path, default=None, help="folder with train.rec/train.idx (default: toy data)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="largest DataLoader worker count")
     ap.add_argument("--images", type=int, default=4000, help="images per measurement")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="passes of the single-process measurement (best reported)")
     args = ap.parse_args(argv)
     if args.rec is None:
         from utils.toyface import ensure_toy_data

@@ -38,11 +38,11 @@ def _time(fn, repeat: int) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pairs", type=int, default=15_658_489)
-    ap.add_argument("--genuine", type=int, default=19_557)
-    ap.add_argument("--images", type=int, default=469_375)
-    ap.add_argument("--templates", type=int, default=23_124)
-    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--pairs", type=int, default=15_658_489, help="number of 1:1 pairs (IJB-C: 15,658,489)")
+    ap.add_argument("--genuine", type=int, default=19_557, help="genuine pairs among them")
+    ap.add_argument("--images", type=int, default=469_375, help="images embedded (IJB-C: 469,375)")
+    ap.add_argument("--templates", type=int, default=23_124, help="templates (IJB-C: 23,124)")
+    ap.add_argument("--dim", type=int, default=512, help="embedding size")
     ap.add_argument("--repeat", type=int, default=1, help="report the best of this many runs")
     args = ap.parse_args(argv)
     rng = np.random.default_rng(0)

@@ -20,7 +20,7 @@ if __name__ == "__main__" and not __package__:  # run as a path: import the repo
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from utils.cli import ArgumentParser, run_command
+from utils.cli import ArgumentParser, resolve_device, run_command
 
 
 def _sync(device: torch.device) -> None:
@@ -46,16 +46,16 @@ def _gmacs(fn: Callable[[], None], batch: int) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
+    ap.add_argument("--batch-size", type=int, default=4, help="images per forward")
+    ap.add_argument("--reps", type=int, default=3, help="timed repetitions (mean time reported)")
     ap.add_argument("--amp", action="store_true", help="autocast (float16 on CUDA, bfloat16 on CPU)")
     args = ap.parse_args(argv)
 
     from backbones import get_model
     from cfsm import Generator
 
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     b = args.batch_size

@@ -67,19 +67,23 @@ def build_step(network: str, batch_size: int, device: torch.device, amp: str, ch
 
 def main(argv: list[str] | None = None) -> dict:
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--network", default="r50")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--amp", default="none", choices=["none", "fp16", "bf16"])
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--rs-ratio", type=float, default=0.75)
-    p.add_argument("--k", type=int, default=1)
-    p.add_argument("--gen-dim", type=int, default=64)
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--top", type=int, default=15)
-    p.add_argument("--trace", default=None, help="write a Chrome trace (chrome://tracing, Perfetto) here")
+    p.add_argument("--network", default="r50", help="backbones.get_model name")
+    p.add_argument("--batch-size", type=int, default=128, help="images per step")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto (CUDA when available, else CPU), cpu or cuda")
+    p.add_argument("--amp", default="none", choices=["none", "fp16", "bf16"],
+                   help="autocast precision: none, fp16 or bf16")
+    p.add_argument("--channels-last", action="store_true",
+                   help="run backbone and generator in channels_last memory format")
+    p.add_argument("--rs-ratio", type=float, default=0.75, help="share of clean images per batch (train.py's rs_ratio)")
+    p.add_argument("--k", type=int, default=1, help="attack steps (train.py's k)")
+    p.add_argument("--gen-dim", type=int, default=64, help="generator base width (released: 64)")
+    p.add_argument("--num-classes", type=int, default=1000, help="Partial FC classes")
+    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps")
+    p.add_argument("--steps", type=int, default=3, help="profiled steps")
+    p.add_argument("--top", type=int, default=15, help="rows of the operator table")
+    p.add_argument("--trace", default=None,
+                   help="write a Chrome trace (chrome://tracing, Perfetto) here (default: none)")
     args = p.parse_args(argv)
 
     use_cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"

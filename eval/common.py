@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from utils.cli import positive_int, resolve_device  # resolve_device re-exported: one meaning of --device
+
 IMAGE_SIZE = 112
 
 # ArcFace 112x112 template (left eye, right eye, nose tip, left / right mouth corner), x already shifted by +8.
@@ -158,21 +160,6 @@ def load_backbone(
     return model.to(device).eval()
 
 
-def resolve_device(name: str | None = None) -> torch.device:
-    """``name`` or, when None/"auto", CUDA if available else CPU."""
-    if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:  # torch's own text lists 20 device types and names no option
-        raise EvalInputError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EvalInputError(f"--device {name!r}: CUDA is not available on this machine; use --device cpu or auto")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise EvalInputError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Embedding
 # ----------------------------------------------------------------------------------------------------------------
@@ -267,22 +254,6 @@ def flip_fuse(orig: np.ndarray, flipped: np.ndarray | None) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------------
 # CLI helpers
 # ----------------------------------------------------------------------------------------------------------------
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (argparse names the option and the value when this raises)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def check_output_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
     """``path`` as a folder that exists or can be created, checked before any work (a file of that name found
     after hours of embedding would lose the results)."""
@@ -296,19 +267,24 @@ def check_output_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
     return folder
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """Arguments shared by the benchmark CLIs: model file, network, device, batching, channel order."""
+def add_model_args(parser: argparse.ArgumentParser, image_workers: bool = True) -> None:
+    """Arguments shared by the benchmark CLIs: model file, network, device, batching, channel order, AMP, progress.
+
+    ``image_workers=False`` for commands whose images are already in memory (``.bin`` sets): no ``--workers``."""
+    from backbones import BACKBONE_NAMES
+    from utils.cli import add_bgr_arg, add_device_arg, add_workers_arg
+
     parser.add_argument("--model", required=True, help="plain state dict (torch.save(backbone.state_dict()))")
-    parser.add_argument("--network", default="r50", help="backbones.get_model name, e.g. r50, r100, mbf")
+    parser.add_argument("--network", default="r50", choices=BACKBONE_NAMES, metavar="NETWORK",
+                        help=f"backbone architecture: {', '.join(BACKBONE_NAMES)}")
     parser.add_argument("--embedding-size", type=int, default=None,
                         help="default: read from the model file (last BatchNorm size)")
-    parser.add_argument("--device", default="auto", help="cuda, cuda:1, cpu (default: cuda if available)")
-    parser.add_argument("--batch-size", type=positive_int, default=128)
-    parser.add_argument("--workers", type=non_negative_int, default=min(8, os.cpu_count() or 1),
-                        help="DataLoader worker processes reading and aligning images (0 = in process)")
-    parser.add_argument("--bgr", action="store_true",
-                        help="feed BGR (AdaFace-family models); default RGB (CFSM / arcface_torch models)")
-    parser.add_argument("--no-amp", action="store_true", help="disable float16 autocast on CUDA")
+    add_device_arg(parser)
+    parser.add_argument("--batch-size", type=positive_int, default=128, help="images per forward (x2 with the mirror)")
+    if image_workers:
+        add_workers_arg(parser, min(8, os.cpu_count() or 1), "reading and aligning images")
+    add_bgr_arg(parser)
+    parser.add_argument("--no-amp", action="store_true", help="disable float16 autocast on CUDA (default: on with CUDA)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
 

@@ -310,7 +310,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = ArgumentParser(description="IJB-B/C 1:1 verification and 1:N identification")
     add_model_args(ap)
     ap.add_argument("--root", required=True, help="IJB_release folder (containing IJBB/ or IJBC/)")
-    ap.add_argument("--target", default="IJBC", choices=["IJBB", "IJBC"], type=str.upper)
+    ap.add_argument("--target", default="IJBC", choices=["IJBB", "IJBC"], type=str.upper,
+                    help="benchmark: IJBB or IJBC")
     ap.add_argument("--out", default="results", help="output folder")
     ap.add_argument("--no-flip", action="store_true", help="F0: use the original image only")
     ap.add_argument("--no-norm-score", action="store_true", help="N0: L2-normalise each image feature")

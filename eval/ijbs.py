@@ -182,12 +182,13 @@ def template_matrix(
 def main(argv: list[str] | None = None) -> dict:
     ap = ArgumentParser(description="IJB-S V2S / V2B / V2V identification")
     add_model_args(ap)
-    ap.add_argument("--protocol-dir", required=True)
-    ap.add_argument("--frames-dir", required=True)
-    ap.add_argument("--frame-list", default=None)
-    ap.add_argument("--protocols", default="V2S,V2B,V2V")
+    ap.add_argument("--protocol-dir", required=True, help="folder of the IJB-S protocol csv files")
+    ap.add_argument("--frames-dir", required=True, help="folder of the aligned 112x112 frames")
+    ap.add_argument("--frame-list", default=None,
+                    help="csv with a path column of the frames to keep (default: every frame)")
+    ap.add_argument("--protocols", default="V2S,V2B,V2V", help="comma-separated protocols to run")
     ap.add_argument("--flip", action="store_true", help="add the mirror (NOT the reference protocol)")
-    ap.add_argument("--out", default="results")
+    ap.add_argument("--out", default="results", help="output folder")
     args = ap.parse_args(argv)
     t0 = time.time()
     out_dir = check_output_folder(args.out)

@@ -1,4 +1,5 @@
-"""eval.verification: flip fusion, xnorm, accuracy on a model with a known answer, the training callback."""
+"""eval.verification (flip fusion, xnorm, accuracy on a model with a known answer) and the training callback
+(eval.verification_callback: val_targets checked before the first step, by all ranks together; results logged)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,8 +10,10 @@ import torch
 from torch import nn
 
 from eval import verification
-from eval.verification import CallBackVerification, embed_images, evaluate_verification
+from eval.verification import embed_images, evaluate_verification
+from eval.verification_callback import CallBackVerification, open_verification_sets, verification_for_run
 from utils.binfile import write_bin
+from utils.config import ConfigError
 
 
 class HalfMeans(nn.Module):
@@ -96,7 +99,7 @@ def test_callback_verification(tmp_path: Path) -> None:
     _write_toy_bin(tmp_path / "toy_a.bin", 20, 1)
     _write_toy_bin(tmp_path / "toy_b.bin", 20, 2)
     writer = Writer()
-    cb = CallBackVerification(["toy_a", "toy_b"], tmp_path, batch_size=16, summary_writer=writer)
+    cb = CallBackVerification(open_verification_sets(["toy_a", "toy_b"], tmp_path), batch_size=16, summary_writer=writer)
     model = Colour()
     model.train()
     res = cb(100, model)
@@ -118,13 +121,94 @@ def test_callback_with_real_backbone_runs(tmp_path: Path) -> None:
 
     _write_toy_bin(tmp_path / "v.bin", 10, 3)
     model = get_model("r_tiny", num_features=64)
-    cb = CallBackVerification(["v"], str(tmp_path), batch_size=8)
+    cb = CallBackVerification(open_verification_sets(["v"], str(tmp_path)), batch_size=8)
     res = cb(1, model)
     assert 0.0 <= res["v"] <= 1.0
     assert cb.last["v"]["xnorm"] > 0
     assert model.training
 
 
-def test_callback_missing_file_names_it(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"lfw\.bin"):
-        CallBackVerification(["lfw"], tmp_path)
+def test_missing_val_target_names_key_file_and_fix(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=rf"val_targets' names 'lfw', but {tmp_path}/lfw\.bin does not exist; put the"):
+        open_verification_sets(["lfw"], tmp_path)
+
+
+def test_val_target_with_too_few_pairs_for_10_folds_is_refused(tmp_path: Path) -> None:
+    _write_toy_bin(tmp_path / "small.bin", 6, 1)
+    with pytest.raises(ConfigError, match=r"small\.bin holds 6 pairs, 10-fold verification needs at least 10"):
+        open_verification_sets(["small"], tmp_path)
+    assert set(open_verification_sets(["small"], tmp_path, nfolds=3)) == {"small"}
+
+
+def test_unreadable_val_target_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "junk.bin").write_bytes(b"not a pickle at all")
+    with pytest.raises(ConfigError, match=r"'junk'.*junk\.bin.*remove 'junk' from val_targets"):
+        open_verification_sets(["junk"], tmp_path)
+
+
+def test_results_reach_the_run_log_with_dated_timestamps(tmp_path: Path) -> None:
+    import re
+
+    from utils.logging import setup_logger
+
+    _write_toy_bin(tmp_path / "toy_a.bin", 12, 1)
+    log = setup_logger(0, tmp_path / "run")
+    cb = CallBackVerification(open_verification_sets(["toy_a"], tmp_path), batch_size=8, logger=log)
+    cb(7, Colour())
+    for handler in log.handlers:
+        handler.flush()
+    text = (tmp_path / "run" / "train.log").read_text()
+    assert re.search(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} \[rank 0\] \[toy_a\]\[7\] Accuracy-Flip: 1\.00000", text,
+                     re.M), text
+
+
+def test_single_process_run_gets_the_callback_or_the_error(tmp_path: Path) -> None:
+    from utils.distributed import DistEnv
+
+    env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend=None)
+    _write_toy_bin(tmp_path / "ok.bin", 12, 1)
+    assert verification_for_run([], tmp_path, 8, env) is None
+    assert set(verification_for_run(["ok"], tmp_path, 8, env).sets) == {"ok"}
+    with pytest.raises(ConfigError, match="missing"):
+        verification_for_run(["ok", "missing"], tmp_path, 8, env)
+
+
+def _pre_check_worker(rank: int, folder: str, out: str) -> None:
+    import datetime
+    import os
+    import time
+
+    import torch.distributed as dist
+
+    from utils.distributed import DistEnv
+
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out, 'pg')}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    env = DistEnv(rank=rank, local_rank=rank, world_size=2, device=torch.device("cpu"), backend="gloo")
+    # each rank sees its own folder (per-node disks): rank 0, the one that verifies, has the bad file
+    start = time.perf_counter()
+    try:
+        verification_for_run(["v"], os.path.join(folder, f"rank{rank}"), 8, env)
+        outcome = "no error"
+    except ConfigError as exc:
+        outcome = str(exc)
+    Path(out, f"rank{rank}.txt").write_text(f"{time.perf_counter() - start:.1f}\n{outcome}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_bad_val_target_on_rank_0_stops_every_rank_at_once(tmp_path: Path) -> None:
+    """2 gloo ranks whose inputs differ: only rank 0 lacks enough pairs; both stop in the check, none waits."""
+    import torch.multiprocessing as mp
+
+    (tmp_path / "rank0").mkdir()
+    (tmp_path / "rank1").mkdir()
+    _write_toy_bin(tmp_path / "rank0" / "v.bin", 4, 1)  # too few pairs
+    _write_toy_bin(tmp_path / "rank1" / "v.bin", 12, 1)
+    mp.spawn(_pre_check_worker, args=(str(tmp_path), str(tmp_path)), nprocs=2, join=True)
+    results = [(tmp_path / f"rank{r}.txt").read_text().split("\n", 1) for r in range(2)]
+    assert "holds 4 pairs" in results[0][1]
+    assert "rank 0 could not open the verification sets" in results[1][1]
+    assert all(float(seconds) < 30 for seconds, _ in results)  # agreed at once, not a process-group timeout
+
+

@@ -34,13 +34,15 @@ def compare(backbone: torch.nn.Module, path_a: str, path_b: str, flip: bool = Tr
 
 def main(argv: list[str] | None = None) -> float:
     ap = ArgumentParser(description="cosine similarity of two aligned face images")
-    ap.add_argument("image_a")
-    ap.add_argument("image_b")
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--network", default="r50")
-    ap.add_argument("--embedding-size", type=int, default=None)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--no-flip", action="store_true")
+    ap.add_argument("image_a", help="first face image (an aligned 112x112 crop)")
+    ap.add_argument("image_b", help="second face image (an aligned 112x112 crop)")
+    ap.add_argument("--model", required=True,
+                    help="plain state dict of the backbone (torch.save(backbone.state_dict()))")
+    ap.add_argument("--network", default="r50", help="backbones.get_model name, e.g. r50, r100, mbf")
+    ap.add_argument("--embedding-size", type=int, default=None,
+                    help="default: read from the model file (last BatchNorm size)")
+    ap.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
+    ap.add_argument("--no-flip", action="store_true", help="original image only (default: add the mirror's embedding)")
     ap.add_argument("--bgr", action="store_true", help="feed BGR (AdaFace-family models)")
     args = ap.parse_args(argv)
     device = resolve_device(args.device)

@@ -103,7 +103,8 @@ def compare_files(generators: dict[str, str]):
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__)
     p.add_argument("generators", nargs="+", help="NAME=PATH (or PATH: named by its folder) of generator files")
-    p.add_argument("--out", default=None, help="folder for similarity.json and similarity.png")
+    p.add_argument("--out", default=None,
+                   help="folder for similarity.json and similarity.png (default: print only, write nothing)")
     return p.parse_args(argv)
 
 

@@ -16,13 +16,14 @@ DEFAULT_OUT = Path(__file__).resolve().parents[1] / "data" / "toy"
 
 def main(argv: list[str] | None = None) -> int:
     ap = ArgumentParser(description=__doc__)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     ap.add_argument("--num-identities", type=int, default=None, help="training identities (default 300)")
     ap.add_argument("--images-per-identity", type=int, default=None, help="training images per identity (default 24)")
-    ap.add_argument("--num-eval-identities", type=int, default=None, help="held-out identities for the .bin pairs")
+    ap.add_argument("--num-eval-identities", type=int, default=None,
+                    help="held-out identities for the .bin pairs (default 200)")
     ap.add_argument("--num-pairs", type=int, default=None, help="pairs per .bin (even; default 600)")
     ap.add_argument("--num-target-faces", type=int, default=None, help="unlabelled target faces (default 2000)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the rendering")
     ap.add_argument("--workers", type=int, default=None, help="rendering processes (default: CPU count)")
     args = ap.parse_args(argv)
     # counts of 0 wrote an empty dataset and --workers -1 hung; --out naming a file failed after rendering began

@@ -59,13 +59,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("generator", help="CFSM generator file (released format: dict with 'G_state_dict')")
     p.add_argument("--faces", required=True, help="toy/RecordIO folder, .rec file, image folder or .txt list")
     p.add_argument("--out", required=True, help="output folder for style_grid_<i>.png")
-    p.add_argument("--num-faces", type=int, default=1)
-    p.add_argument("--coefficients", type=float, nargs="+", default=[-3, -2, -1, 0, 1, 2, 3])
+    p.add_argument("--num-faces", type=int, default=1, help="faces taken from --faces, one grid each")
+    p.add_argument("--coefficients", type=float, nargs="+", default=[-3, -2, -1, 0, 1, 2, 3],
+                   help="values of each single style coefficient (grid columns)")
     p.add_argument("--magnitudes", type=float, nargs="+", default=[0, 1, 2, 3, 4, 5, 6],
                    help="|o| of the random-style row")
     p.add_argument("--seed", type=int, default=0, help="seed of the random-style directions")
-    p.add_argument("--tensorboard", default=None, help="also write the grids to this TensorBoard log folder")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--tensorboard", default=None,
+                   help="also write the grids to this TensorBoard log folder (default: none)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
     return p.parse_args(argv)
 
 

@@ -20,7 +20,7 @@ if __name__ == "__main__" and not __package__:  # run as a path: import the repo
 
 import torch
 
-from utils.cli import ArgumentParser, run_command
+from utils.cli import ArgumentParser, resolve_device, run_command
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,12 +33,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--target-faces", required=True, help="real target-domain faces (folder or .txt list)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--num-faces", type=int, default=32, help="clean faces measured (>= 32 recommended)")
-    p.add_argument("--num-target-faces", type=int, default=32)
+    p.add_argument("--num-target-faces", type=int, default=32, help="real target faces measured")
     p.add_argument("--directions", type=int, default=3, help="random unit directions per face and |o|")
     p.add_argument("--distance-range", type=float, nargs=4, default=(0.0, 6.0, 0.05, 0.65),
                    metavar=("LA", "UA", "LM", "UM"), help="stage 1's id_distance_range (defines d*)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--seed", type=int, default=0, help="seed of the directions and face choice")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
     return p.parse_args(argv)
 
 
@@ -51,7 +51,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.num_faces < 2:
         raise SystemExit(f"--num-faces must be >= 2, got {args.num_faces}")
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     generator = load_generator(args.generator).to(device).eval()
     id_net = load_backbone(args.id_model, args.id_network, args.id_embedding_size, device)
     faces = load_faces(args.faces, args.num_faces, args.seed)

@@ -27,10 +27,11 @@ TARGETS = ("toy_clean", "toy_target")
 
 def main(argv=None) -> dict:
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--out", required=True)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--out", required=True, help="output folder (runs already there are reused)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the baseline / CFSM run pairs")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for both recognition runs")
-    p.add_argument("--generator", default=None, help="use this generator instead of training one")
+    p.add_argument("--generator", default=None,
+                   help="use this generator instead of training one (default: train one with stage 1)")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
     shared_gen = Path(args.generator).resolve() if args.generator else None

@@ -83,10 +83,12 @@ def add_workers_arg(parser: argparse.ArgumentParser, default: int, what: str = "
                         help=f"DataLoader worker processes {what} (0 = in the main process)")
 
 
-def add_out_arg(parser: argparse.ArgumentParser, what: str, default: str | None = None) -> None:
-    """`--out`: always a folder (created when missing)."""
-    parser.add_argument("--out", type=expanded_path, default=default, required=default is None,
-                        help=f"output folder for {what} (created when missing)")
+def add_out_arg(parser: argparse.ArgumentParser, what: str, default: str | None = None,
+                optional: bool = False) -> None:
+    """`--out`: always a folder (created when missing). Required unless `default` is given or `optional`."""
+    note = " (default: nothing written)" if optional and default is None else ""
+    parser.add_argument("--out", type=expanded_path, default=default, required=default is None and not optional,
+                        help=f"output folder for {what} (created when missing){note}")
 
 
 def add_bgr_arg(parser: argparse.ArgumentParser) -> None:
@@ -94,7 +96,16 @@ def add_bgr_arg(parser: argparse.ArgumentParser) -> None:
                         help="feed the model BGR images (AdaFace-family models); default RGB (CFSM / arcface_torch)")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse names the option and the value when this raises)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")

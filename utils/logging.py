@@ -13,7 +13,7 @@ def setup_logger(rank: int, output: str | Path | None, name: str = "train") -> l
     logger.handlers.clear()
     logger.propagate = False
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S")
+    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")  # runs last days
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(fmt)
     logger.addHandler(console)
