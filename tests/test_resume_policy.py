@@ -93,6 +93,24 @@ def test_nan_buffers_stop_the_run_without_model_file(mini_toy, tmp_path):
     assert not (out / "model.pt").exists() and not (out / "summary.json").exists()
 
 
+def test_stop_message_names_only_a_finite_checkpoint(mini_toy, tmp_path):
+    """Every checkpoint of this run holds NaN BatchNorm buffers: the non-finite stop used to name the newest one
+    as the "last good checkpoint"; it names none now, and those checkpoints are marked non-finite."""
+    from backbones import get_model
+
+    state = get_model("r_tiny", num_features=32).state_dict()
+    name = next(k for k in state if k.endswith("running_var"))
+    state[name] = torch.full_like(state[name], float("nan"))
+    torch.save(state, tmp_path / "nan_bn.pt")
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match=r"consecutive non-finite steps.*last good checkpoint: none"):
+        train.main(tiny_args(mini_toy, out, "lr=1e30", "clip_grad_norm=0.0", "max_nonfinite_steps=2",
+                             "max_steps=20", "save_every=1", "val_targets=[]",
+                             f"pretrained_backbone_model={tmp_path / 'nan_bn.pt'}"))
+    markers = rs.complete_checkpoints(out)
+    assert markers and all(meta["finite"] is False for _, _, meta in markers)
+
+
 # ---- the config stored in every checkpoint ----
 
 def test_changed_state_keys_are_refused_with_every_change_listed(tmp_path):
