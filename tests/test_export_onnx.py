@@ -31,21 +31,52 @@ def _model(path: Path, network: str = "r_tiny", num_features: int = 64) -> Path:
 @pytest.mark.parametrize("network", ["r_tiny", "mbf_tiny"])
 def test_export_onnx_parity(tmp_path: Path, network: str, capsys: pytest.CaptureFixture) -> None:
     model = _model(tmp_path / "m.pt", network)
-    diff = export_onnx.main(["--model", str(model), "--network", network, "--out", str(tmp_path / "m.onnx")])
-    assert diff <= 1e-4
-    assert "max abs diff" in capsys.readouterr().out
+    parity = export_onnx.main(["--model", str(model), "--network", network, "--out", str(tmp_path / "onnx")])
+    assert parity["relative_error"] <= 1e-4 and parity["min_cosine"] > 0.99999
+    assert "relative error" in capsys.readouterr().out
     import onnx
 
-    dim0 = onnx.load(str(tmp_path / "m.onnx")).graph.input[0].type.tensor_type.shape.dim[0]
+    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == ["m.onnx"]  # --out is a folder
+    dim0 = onnx.load(str(tmp_path / "onnx" / "m.onnx")).graph.input[0].type.tensor_type.shape.dim[0]
     assert dim0.dim_param == "batch"  # dynamic batch axis
 
 
-def test_export_onnx_fails_above_tolerance(tmp_path: Path) -> None:
+def test_large_embeddings_are_judged_relative_to_their_scale(tmp_path: Path) -> None:
+    """A correct export of a model whose raw embeddings are ~1e5 long has abs differences far above 1e-4."""
+    model = _model(tmp_path / "m.pt")
+    state = torch.load(model, weights_only=True)
+    state["features.weight"] = state["features.weight"] * 1e5  # the embedding BatchNorm's scale
+    torch.save(state, model)
+    parity = export_onnx.main(["--model", str(model), "--network", "r_tiny", "--out", str(tmp_path)])
+    assert parity["max_abs_diff"] > 1e-4 and parity["relative_error"] <= 1e-4
+    assert (tmp_path / "m.onnx").is_file()
+
+
+def test_failed_check_exits_1_and_leaves_no_file(tmp_path: Path) -> None:
     model = _model(tmp_path / "m.pt")
     with pytest.raises(SystemExit) as e:
-        export_onnx.main(["--model", str(model), "--network", "r_tiny", "--out", str(tmp_path / "m.onnx"),
-                          "--atol", "-1"])  # no difference can pass a negative tolerance
+        export_onnx.main(["--model", str(model), "--network", "r_tiny", "--out", str(tmp_path / "onnx"),
+                          "--tolerance", "-1"])  # no difference can pass a negative tolerance
     assert e.value.code == 1
+    assert list((tmp_path / "onnx").iterdir()) == []
+
+
+def test_bgr_model_is_exported_with_an_rgb_interface(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from eval.common import load_backbone
+
+    model = _model(tmp_path / "m.pt")
+    export_onnx.main(["--model", str(model), "--network", "r_tiny", "--out", str(tmp_path), "--bgr", "--name",
+                      "bgr.onnx"])
+    x = torch.rand(2, 3, 112, 112) * 2 - 1
+    got = ort.InferenceSession(str(tmp_path / "bgr.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x.numpy()})[0]
+    backbone = load_backbone(model, "r_tiny")
+    with torch.no_grad():
+        want_bgr, plain = backbone(x.flip(1)).numpy(), backbone(x).numpy()
+    assert np.abs(got - want_bgr).max() < 1e-4 * np.linalg.norm(want_bgr, axis=1).max()
+    assert np.abs(got - plain).max() > 1e-3  # the channel order matters for this input
 
 
 def test_compare_faces(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

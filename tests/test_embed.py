@@ -1,0 +1,89 @@
+"""tools.embed: embeddings of a folder or list of aligned faces (.npy + list file), flip fusion, normalisation."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from eval.common import EvalInputError
+from tools import embed
+
+
+@pytest.fixture()
+def faces(tmp_path: Path) -> list[Path]:
+    from utils.toyface import identity_params, render_face
+
+    folder = tmp_path / "faces" / "sub"
+    folder.mkdir(parents=True)
+    paths = []
+    for i in range(5):
+        img, _ = render_face(identity_params(i, 0), np.random.default_rng(i))  # RGB 112x112
+        path = folder / f"{i:02d}.png"  # lossless: the test compares exact pixels
+        cv2.imwrite(str(path), img[:, :, ::-1])
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture()
+def model_file(tmp_path: Path) -> Path:
+    from backbones import get_model
+
+    torch.manual_seed(0)
+    path = tmp_path / "m.pt"
+    torch.save(get_model("r_tiny", num_features=32).state_dict(), path)
+    return path
+
+
+def _expected(model_file: Path, paths: list[Path], flip: bool) -> np.ndarray:
+    from eval.common import load_backbone
+    from eval.verification import embed_images
+
+    images = np.stack([cv2.imread(str(p))[:, :, ::-1].transpose(2, 0, 1) for p in paths])  # RGB uint8
+    return embed_images(load_backbone(model_file, "r_tiny"), np.ascontiguousarray(images), flip=flip)
+
+
+def _run(*args: str) -> Path:
+    return embed.main([*args, "--network", "r_tiny", "--device", "cpu", "--workers", "0", "--no-progress"])
+
+
+def test_folder_embeddings_match_the_flip_fused_model_output(tmp_path: Path, faces, model_file) -> None:
+    out = _run(str(tmp_path / "faces"), "--model", str(model_file), "--out", str(tmp_path / "emb"))
+    emb = np.load(out / "embeddings.npy")
+    listed = (out / "images.txt").read_text().splitlines()
+    assert listed == [str(p) for p in faces]  # recursive, sorted; row i = line i
+    assert emb.shape == (5, 32) and emb.dtype == np.float32
+    np.testing.assert_allclose(emb, _expected(model_file, faces, flip=True), rtol=1e-4, atol=1e-5)
+
+
+def test_no_flip_and_normalize(tmp_path: Path, faces, model_file) -> None:
+    out = _run(str(tmp_path / "faces"), "--model", str(model_file), "--out", str(tmp_path / "emb"), "--no-flip",
+               "--normalize")
+    emb = np.load(out / "embeddings.npy")
+    raw = _expected(model_file, faces, flip=False)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(emb, raw / np.linalg.norm(raw, axis=1, keepdims=True), rtol=1e-4, atol=1e-5)
+
+
+def test_list_file_keeps_its_order_and_relative_paths(tmp_path: Path, faces, model_file) -> None:
+    listing = tmp_path / "faces" / "list.txt"
+    listing.write_text("sub/03.png\n\n" + f"{faces[1]}\n")
+    out = _run(str(listing), "--model", str(model_file), "--out", str(tmp_path / "emb"))
+    assert (out / "images.txt").read_text().splitlines() == [str(faces[3]), str(faces[1])]
+    np.testing.assert_allclose(np.load(out / "embeddings.npy"), _expected(model_file, [faces[3], faces[1]], True),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_bad_inputs_name_the_file(tmp_path: Path, faces, model_file) -> None:
+    listing = tmp_path / "list.txt"
+    listing.write_text("faces/sub/00.png\nfaces/sub/nope.png\n")
+    with pytest.raises(EvalInputError, match=r"1 of 2 files do not exist \(line 2: .*nope\.png\)"):
+        _run(str(listing), "--model", str(model_file), "--out", str(tmp_path / "emb"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EvalInputError, match="holds no"):
+        _run(str(tmp_path / "empty"), "--model", str(model_file), "--out", str(tmp_path / "emb"))
+    cv2.imwrite(str(faces[0].parent / "big.png"), np.zeros((120, 120, 3), np.uint8))
+    with pytest.raises(EvalInputError, match=r"big\.png is 120x120, expected an aligned 112x112 face"):
+        _run(str(tmp_path / "faces"), "--model", str(model_file), "--out", str(tmp_path / "emb"))

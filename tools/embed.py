@@ -1,0 +1,84 @@
+"""Embeddings of aligned faces: the step before any custom evaluation.
+
+    python -m tools.embed IMAGES --model model.pt --network r50 --out DIR [--no-flip] [--normalize] [--bgr]
+
+IMAGES is a folder (searched recursively for .jpg/.jpeg/.png/.bmp/.webp, in sorted order) or a .txt list with one
+image path per line (relative paths are relative to the list's folder). The images must be aligned 112x112 faces
+(``tools/pack_rec.py`` and the eval CLIs use the same crop); any other size is an error naming the file.
+
+Writes ``DIR/embeddings.npy`` (float32 [N, D]; row i is the i-th line of ``DIR/images.txt``). By default each row is
+the flip-fused raw embedding ``emb(x) + emb(mirror(x))`` as in the evaluation tools; ``--no-flip`` keeps ``emb(x)``
+and ``--normalize`` L2-normalises the rows (compare them with a dot product).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:  # run as a path: import the repo's packages, not this folder's
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import numpy as np
+
+from eval.common import EvalInputError, FaceImages, add_model_args, check_output_folder, embed_dataset, \
+    flip_fuse, model_from_args
+from eval.metrics import l2_normalize
+from utils.cli import ArgumentParser, add_out_arg, expanded_path, run_command
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def list_images(source: str | os.PathLike) -> list[Path]:
+    """The images of a folder (recursive, sorted) or of a .txt list (one path per line; blank lines skipped)."""
+    source = Path(source)
+    if source.is_dir():
+        paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not paths:
+            raise EvalInputError(f"IMAGES folder {source} holds no {'/'.join(IMAGE_SUFFIXES)} files; "
+                                 f"give a folder of aligned faces or a .txt list of image paths")
+        return paths
+    if source.is_file() and source.suffix.lower() == ".txt":
+        paths, missing = [], []
+        for number, line in enumerate(source.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            path = Path(os.path.expanduser(line.strip()))
+            path = path if path.is_absolute() else source.parent / path
+            paths.append(path)
+            if not path.is_file():
+                missing.append(f"line {number}: {path}")
+        if missing:
+            raise EvalInputError(f"IMAGES list {source}: {len(missing)} of {len(paths)} files do not exist "
+                                 f"({'; '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}); fix the paths")
+        if not paths:
+            raise EvalInputError(f"IMAGES list {source} is empty; put one image path per line")
+        return paths
+    raise EvalInputError(f"IMAGES {source} is neither a folder nor a .txt list of image paths")
+
+
+def main(argv: list[str] | None = None) -> Path:
+    ap = ArgumentParser(description=__doc__)
+    ap.add_argument("images", type=expanded_path, help="folder of aligned 112x112 faces, or a .txt list of paths")
+    add_model_args(ap)
+    add_out_arg(ap, "embeddings.npy and images.txt")
+    ap.add_argument("--no-flip", action="store_true", help="original image only (default: add the mirror's embedding)")
+    ap.add_argument("--normalize", action="store_true", help="L2-normalise each embedding (default: raw)")
+    args = ap.parse_args(argv)
+    out = check_output_folder(args.out)  # before any work
+    paths = list_images(args.images)
+    backbone, device = model_from_args(args)
+    orig, flipped = embed_dataset(backbone, FaceImages(paths, None, bgr=args.bgr), batch_size=args.batch_size,
+                                  workers=min(args.workers, len(paths)), device=device, flip=not args.no_flip,
+                                  amp=not args.no_amp, progress=not args.no_progress, desc="embed")
+    embeddings = flip_fuse(orig, flipped)
+    if args.normalize:
+        embeddings = l2_normalize(embeddings)
+    np.save(out / "embeddings.npy", embeddings.astype(np.float32))
+    (out / "images.txt").write_text("".join(f"{p}\n" for p in paths))
+    print(f"wrote {out / 'embeddings.npy'} ({embeddings.shape[0]} x {embeddings.shape[1]}) and {out / 'images.txt'}")
+    return out
+
+
+if __name__ == "__main__":
+    run_command(main)
