@@ -78,6 +78,22 @@ def test_train_resume_refuses_payload(mini_toy: Path, tmp_path: Path, marker: Pa
     assert not marker.exists()
 
 
+def test_auto_resume_skips_a_tampered_newest_checkpoint(mini_toy: Path, tmp_path: Path, marker: Path) -> None:
+    """resume="auto": a newest rank file that cannot be loaded safely is refused (the command never runs) and the
+    run continues from the older intact checkpoint, with a warning naming the refused folder."""
+    out = tmp_path / "out"
+    train.main(tiny_args(mini_toy, out, "max_steps=2", "save_every=1", "keep_checkpoints=5", "val_targets=[]"))
+    newest = step_dir(out, 2)
+    _crafted(rank_file(newest, 0), marker, "run")
+    meta = json.loads((newest / COMPLETE).read_text())
+    meta["sizes"]["0"] = rank_file(newest, 0).stat().st_size  # same size as recorded: found only by loading
+    (newest / COMPLETE).write_text(json.dumps(meta))
+    summary = train.main(tiny_args(mini_toy, out, "max_steps=3", "val_targets=[]"))
+    assert summary["steps"] == 3 and not marker.exists()
+    log = (out / "train.log").read_text()
+    assert f"{newest} could not be loaded on every rank" in log and "step_00000001 at step 1" in log
+
+
 def test_eval_model_loader_refuses_payload(tmp_path: Path, marker: Path) -> None:
     path = _crafted(tmp_path / "evil_model.pt", marker, "state_dict")
     with pytest.raises(CheckpointError, match=r"evil_model\.pt.*weights_only=True"):
