@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 import uuid
 import zlib
 from collections import namedtuple
@@ -326,32 +327,45 @@ def _read_cache(cache: Path, fingerprint: tuple[int, int, int]) -> tuple[np.ndar
                 return None
             magic, n, key_base, size, mtime_ns, head_crc, payload_crc, nbytes = _CACHE_HEAD.unpack(head)
             dense = key_base != _NO_KEY_BASE
-            if magic != _CACHE_MAGIC or (size, mtime_ns, head_crc) != fingerprint or nbytes != 8 * n * (1 if dense else 2):
+            if (magic != _CACHE_MAGIC or (size, mtime_ns, head_crc) != fingerprint
+                    or nbytes != 8 * n * (1 if dense else 2) or os.fstat(f.fileno()).st_size != len(head) + nbytes):
                 return None
-            payload = np.empty(nbytes // 8, dtype=np.int64)
-            if f.readinto(memoryview(payload).cast("B")) != nbytes or f.read(1):
+            # Offsets and keys in two arrays of their own, so that dropping the keys (dense or re-sorted layouts)
+            # frees them; the checksum runs over both as written.
+            offsets = np.empty(n, dtype=np.int64)
+            keys = None if dense else np.empty(n, dtype=np.int64)
+            crc = 0
+            for part in (offsets, keys):
+                if part is None:
+                    continue
+                view = memoryview(part).cast("B")
+                if f.readinto(view) != view.nbytes:
+                    return None
+                crc = zlib.crc32(view, crc)
+            if f.read(1):
                 return None
     except OSError:
         return None
-    if zlib.crc32(memoryview(payload).cast("B")) != payload_crc:
+    if crc != payload_crc:
         return None  # corrupt: never trusted
-    if dense:
-        return None, payload, key_base
-    return payload[n:], payload[:n], key_base
+    return keys, offsets, key_base
 
 
 def _write_cache(cache: Path, fingerprint: tuple[int, int, int], keys: np.ndarray | None, offsets: np.ndarray,
                  key_base: int) -> None:
     """Write the cache atomically (temporary file in the same folder, then rename); failures are ignored."""
-    payload = offsets if keys is None else np.concatenate([offsets, keys])
-    view = memoryview(np.ascontiguousarray(payload, dtype="<i8")).cast("B")
+    parts = [memoryview(np.ascontiguousarray(a, dtype="<i8")).cast("B") for a in (offsets, keys) if a is not None]
+    crc = 0
+    for view in parts:
+        crc = zlib.crc32(view, crc)
     head = _CACHE_HEAD.pack(_CACHE_MAGIC, offsets.size, key_base if keys is None else _NO_KEY_BASE, *fingerprint,
-                            zlib.crc32(view), view.nbytes)
+                            crc, sum(v.nbytes for v in parts))
     tmp = cache.with_name(f".{cache.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "wb") as f:
             f.write(head)
-            f.write(view)
+            for view in parts:
+                f.write(view)
         os.replace(tmp, cache)
     except OSError:  # read-only dataset folder, disk full, ...: the cache is an optimisation only
         try:
@@ -369,6 +383,7 @@ def load_idx(idx_path: str | os.PathLike, cache: bool = True, cache_min_records:
     checksum is intact; anything else is re-parsed from the ``.idx`` (and the cache rewritten).
     """
     idx_path = Path(idx_path)
+    cache = cache and sys.byteorder == "little"  # the cache holds little-endian int64
     cache_file = cache_path_for(idx_path)
     fingerprint = _idx_fingerprint(idx_path) if cache else None
     if cache and cache_file.is_file():
