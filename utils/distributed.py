@@ -174,14 +174,6 @@ def agreed_batches(batches: Iterable[T], env: DistEnv) -> Iterator[T]:
         yield item
 
 
-def broadcast_object(env: DistEnv, obj):
-    if not env.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def cleanup(env: DistEnv) -> None:
     if env.distributed and dist.is_initialized():
         dist.destroy_process_group()
