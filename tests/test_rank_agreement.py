@@ -25,22 +25,26 @@ Dangerous, fixed, and exercised here with 2 real gloo processes whose inputs dif
    every rank raises. Exercised through `utils.distributed.agreed_call` with 2 gloo ranks.
 
 Safe as they are (why):
-5. Non-finite guard counter / stop (utils.optim.NonFiniteGuard): fed the agreed flag, so every rank counts and
-   raises at the same step; the "last good checkpoint" lookup reads the disk but issues no collective.
+5. Non-finite guard counter / stop (utils.run.Run.check_finite, utils.optim.NonFiniteGuard): fed the agreed flag,
+   so every rank counts and raises at the same step; its "last finite checkpoint" lookup reads marker files only
+   (no collective), so ranks with different disks may name different folders but cannot hang.
 6. GradScaler: scale and growth tracker stay equal on all ranks: `scaler.step` runs only when all ranks agreed the
    gradients are finite (so no rank's unscale_ found inf), and the skip path sets the same explicit scale.
 7. CFSM mix split, k loop, gain forward: n_synth depends on batch_size and rs_ratio only (equal on all ranks, the
-   sampler drops the last partial batch); k is a config value. Partial FC negative sampling: one all-gather per
-   step on every rank; the draw itself is local.
-8. Checkpointing (utils.checkpoint.save_run_checkpoint): by step count (equal on all ranks); every rank writes then
-   meets at a barrier; only rank 0 marks / prunes, between two barriers. A rank whose write fails raises before the
-   barrier; torchrun then tears the group down (the others see a closed connection, not a silent result).
-9. Early stop / max_steps / end of run: `last_step` comes from config and `batches_per_epoch`, which FaceSampler
-   computes identically on every rank (floor(len / world) // batch_size, drop_last).
-10. Logging, TensorBoard, image grids, summary: rank 0 only, no collectives inside.
-11. Stage 1 skips: with fp16 the GradScaler decides from gradients that DDP already all-reduced (identical on all
-   ranks); without fp16 the skip is agreed with `all_ranks_ok`. Its networks have no running statistics that a
-   forward writes (AdaIN's running_* buffers are never read or written), so a skip leaves nothing to restore.
+   sampler drops the last partial batch); k is a config value; the gain forward runs whenever k >= 1. Partial FC
+   negative sampling: one all-gather per step on every rank; the draw itself is local.
+8. Checkpointing (utils.run_state.save_run_checkpoint, by step count, equal on all ranks): each rank's write
+   outcome is all-gathered before anyone raises, so a full disk on one rank fails every rank; only marker writers
+   mark / prune, after that gather. The final save first checks finiteness on all ranks together
+   (run_state.require_finite). Tested with the checkpoint code (tests/test_checkpoint.py).
+9. Early stop / max_steps / end of run: the stop step comes from the config and `batches_per_epoch`, which
+   FaceSampler computes identically on every rank (floor(len / world) // batch_size, drop_last); Run.step_batches
+   returns at the stop step before reading another batch, on every rank.
+10. Logging, TensorBoard, image grids, attack statistics' window, summary: rank 0 only, no collectives inside.
+11. Stage 1 (train_generator.py): with fp16 the GradScaler decides from gradients that DDP already all-reduced
+   (identical on all ranks); without fp16 each skip is agreed with `all_ranks_ok`. Its networks have no running
+   statistics that a forward writes (AdaIN's running_* buffers exist for loading only; the identity network is
+   frozen in eval mode), so a skip leaves nothing to restore. Its batches go through Run.step_batches (item 3).
 """
 from __future__ import annotations
 
@@ -283,3 +287,30 @@ def test_data_error_uneven_shards_and_verification_stop_every_rank(tmp_path):
     assert r0["verification"]["error"] == "_BadRecord"
     assert r1["verification"]["error"] == "PeerRankError" and "rank 0 failed during verification" in \
         r1["verification"]["message"]
+
+
+def test_step_state_restores_buffers_and_extra_state_bitwise():
+    """Single process: a NaN forward through BatchNorm, AdaFace and Partial FC sampling, then restore()."""
+    from losses import AdaFace
+    from utils.step_state import StepState
+
+    torch.manual_seed(0)
+    backbone = get_model("r_tiny", num_features=16).train()
+    pfc = PartialFC(AdaFace(m=0.4, h=0.333, s=16.0, t_alpha=0.5), 16, 24, sample_rate=0.5, rank=0, world_size=1)
+    state = StepState(backbone, pfc)
+    with pytest.raises(RuntimeError, match="before capture"):
+        state.restore()
+    labels = torch.arange(4)
+    pfc(backbone(torch.rand(4, 3, 112, 112)), labels)  # a normal step first: the snapshot is not the initial state
+    before = {k: v.clone() for k, v in {**backbone.state_dict(), **pfc.margin_softmax.state_dict()}.items()}
+    counter = pfc.sample_step
+    state.capture()
+    images = torch.rand(4, 3, 112, 112)
+    images[0] = float("nan")
+    pfc(backbone(images), labels)  # draws negatives and writes NaN into BN stats and the AdaFace EMA
+    assert pfc.sample_step == counter + 1 and torch.isnan(pfc.margin_softmax.batch_mean).all()
+    pfc.margin_softmax.batch_std = torch.full((1,), float("nan"))  # a module that reassigns a buffer is covered
+    state.restore()
+    after = {**backbone.state_dict(), **pfc.margin_softmax.state_dict()}
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    assert pfc.sample_step == counter and state.num_buffers == len(list(backbone.buffers())) + 3
