@@ -236,11 +236,12 @@ def test_index_is_numpy_without_per_record_objects(tmp_path):
         r.offset(n)
 
 
-@pytest.mark.parametrize("layout", ["header_last", "sparse_keys", "shuffled"])
+@pytest.mark.parametrize("layout", ["header_last", "sparse_keys", "shuffled", "shuffled_sparse"])
 def test_index_lookup_in_any_key_order(tmp_path, layout):
     rng = np.random.default_rng(1)
     keys = {"header_last": np.r_[np.arange(1, 500), 0], "sparse_keys": np.arange(0, 1500, 3),
-            "shuffled": rng.permutation(np.arange(-5, 495))}[layout]
+            "shuffled": rng.permutation(np.arange(-5, 495)),
+            "shuffled_sparse": rng.permutation(np.arange(0, 1500, 3))}[layout]
     rec, idx = _big_idx(tmp_path, keys.size, keys)
     for cache in (False, True):
         r = IndexedRecordReader(rec, idx, index_cache=cache, cache_min_records=1)
@@ -271,6 +272,9 @@ def test_repeated_key_names_line_in_any_order(tmp_path, monkeypatch):
     rec, idx = _big_idx(tmp_path, 50, [*range(30), 5, *range(30, 49)])
     monkeypatch.setattr(recordio, "_IDX_CHUNK", 128)
     with pytest.raises(RecordIOError, match=r"big\.idx: key 5 appears twice \(line 31\)"):
+        IndexedRecordReader(rec, idx)
+    rec, idx = _big_idx(tmp_path, 4, [3, 1, 1, 0])  # spans exactly 4 values, but 2 is missing and 1 repeats
+    with pytest.raises(RecordIOError, match=r"big\.idx: key 1 appears twice \(line 3\)"):
         IndexedRecordReader(rec, idx)
 
 

@@ -106,13 +106,15 @@ class IdxIndex:
 
     Arrays are shared copy-on-write with forked DataLoader workers; reading them never touches per-record refcounts,
     so workers do not grow. The common InsightFace layout (keys ``k0, k0+1, ...`` in file order) keeps only the offsets
-    and looks a key up by subtraction; other layouts keep the keys and a sorted view for ``searchsorted``.
+    and looks a key up by subtraction; a contiguous key range in another order (face2rec2 writes the header last)
+    adds an int32 key -> position table; other layouts keep the keys sorted for ``searchsorted``.
     """
 
     def __init__(self, idx_path: Path, keys: np.ndarray | None, offsets: np.ndarray, key_base: int | None) -> None:
         self.idx_path = idx_path
         self.offsets = offsets  # file order
         self.key_base = key_base  # dense layout: keys == key_base + arange(n), no key array kept
+        self._pos_of_key: np.ndarray | None = None  # contiguous keys in another order: position of key_base + i
         self._sorted_keys: np.ndarray | None = None  # other layouts: keys ascending ...
         self._sorted_pos: np.ndarray | None = None  # ... and their file positions (None when file order is sorted)
         if keys is None:
@@ -120,6 +122,13 @@ class IdxIndex:
         if bool(np.all(keys[1:] > keys[:-1])):
             self._sorted_keys = keys  # already ascending and unique: the file order is the lookup order
             return
+        lo, n = int(keys.min()), keys.size
+        if int(keys.max()) - lo == n - 1 and n < (1 << 31):
+            table = np.full(n, -1, dtype=np.int32)
+            table[keys - lo] = np.arange(n, dtype=np.int32)
+            if int(table.min()) >= 0:  # n keys filled n slots: no key repeats
+                self.key_base, self._pos_of_key = lo, table
+                return
         order = np.argsort(keys, kind="stable")
         sorted_keys = keys[order]
         repeats = np.flatnonzero(sorted_keys[1:] == sorted_keys[:-1])
@@ -138,7 +147,10 @@ class IdxIndex:
     @property
     def keys(self) -> np.ndarray:
         """Keys in file order (a read-only int64 array)."""
-        if self.key_base is not None:
+        if self._pos_of_key is not None:
+            out = np.empty(self.offsets.size, dtype=np.int64)
+            out[self._pos_of_key] = np.arange(self.key_base, self.key_base + self.offsets.size, dtype=np.int64)
+        elif self.key_base is not None:
             out = np.arange(self.key_base, self.key_base + self.offsets.size, dtype=np.int64)
         elif self._sorted_pos is None:
             out = self._sorted_keys.view()
@@ -166,7 +178,9 @@ class IdxIndex:
             return -1
         if self.key_base is not None:
             i = k - self.key_base
-            return i if 0 <= i < self.offsets.size else -1
+            if not 0 <= i < self.offsets.size:
+                return -1
+            return i if self._pos_of_key is None else int(self._pos_of_key[i])
         sk = self._sorted_keys
         i = int(np.searchsorted(sk, k))
         if i >= sk.size or int(sk[i]) != k:
