@@ -352,13 +352,19 @@ class FaceSampler(Sampler):
         return iter(zip(mine.tolist(), flip_of.tolist()))
 
 
-def _worker_init(worker_id: int) -> None:
+def _worker_init(worker_id: int, opencv_threads: int | None = None) -> None:
+    """The one DataLoader worker-init (training, stage 1, evaluation): seeds python/numpy from torch's worker seed.
+
+    `opencv_threads` (spawned workers only, e.g. `functools.partial(_worker_init, opencv_threads=1)`) caps OpenCV's
+    pool so N workers do not each start one per core."""
     # torch seeds each worker as base_seed + worker_id (base_seed from the loader's seeded generator); derive
     # python/numpy RNGs from it so random flips of plain-int indices are reproducible too.
     seed = torch.initial_seed() % (2**32)
     random.seed(seed)
     np.random.seed(seed)
-    # No cv2.setNumThreads here: in a forked child it deadlocks when the parent already used OpenCV's thread pool.
+    # Never cv2.setNumThreads in a forked child: it deadlocks when the parent already used OpenCV's thread pool.
+    if opencv_threads is not None:
+        cv2.setNumThreads(opencv_threads)
 
 
 def get_dataloader(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from functools import partial
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dataset import _worker_init
 from utils.cli import positive_int, resolve_device  # resolve_device re-exported: one meaning of --device
 
 IMAGE_SIZE = 112
@@ -163,10 +165,6 @@ def load_backbone(
 # ----------------------------------------------------------------------------------------------------------------
 # Embedding
 # ----------------------------------------------------------------------------------------------------------------
-def _worker_init(_: int) -> None:
-    cv2.setNumThreads(1)  # each DataLoader worker decodes / warps one image at a time; avoid oversubscription
-
-
 @torch.no_grad()
 def embed_batches(
     backbone: nn.Module,
@@ -236,7 +234,8 @@ def embed_dataset(
         shuffle=False,
         num_workers=workers,
         pin_memory=device.type == "cuda",
-        worker_init_fn=_worker_init if workers > 0 else None,
+        # the project's one worker-init; one OpenCV thread each (spawned workers, see below)
+        worker_init_fn=partial(_worker_init, opencv_threads=1) if workers > 0 else None,
         # Workers are spawned, not forked: a forked child inherits OpenCV's thread pool in a broken state once the
         # parent has run a parallel cv2 call, and then hangs in imread / warpAffine (seen on this machine).
         multiprocessing_context="spawn" if workers > 0 else None,
