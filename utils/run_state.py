@@ -317,7 +317,8 @@ def resume(output: str | os.PathLike, policy: bool | str, ranks: Ranks, kind: st
         return None
     intact, damaged = [], {}
     for step, directory, meta in reversed(complete_checkpoints(output)):
-        problem = _own_file_status(directory, meta, ranks.rank)
+        foreign = int(meta.get("world_size", -1)) != ranks.world_size or meta.get("kind") != kind
+        problem = None if foreign else _own_file_status(directory, meta, ranks.rank)  # foreign: refused by name below
         if problem is None:
             intact.append(step)
         else:
