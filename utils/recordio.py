@@ -268,13 +268,16 @@ def _refuse_non_ascii(idx_path: Path, buf: np.ndarray, first_line: int, at_file_
     )
 
 
-def _parse_idx(idx_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read ``key\\toffset`` lines into int64 arrays (file order), in bounded chunks of whole lines.
+def _parse_idx(idx_path: Path) -> tuple[np.ndarray | None, np.ndarray, int | None]:
+    """Read ``key\\toffset`` lines in bounded chunks of whole lines: ``(keys, offsets, key_base)``, file order.
 
-    The results are written straight into two arrays sized from the first chunk's line density (pages past the
-    end are never touched, so never resident): no list of per-chunk parts whose freed memory the allocator keeps.
+    While the keys run ``k0, k0+1, ...`` (the InsightFace layout) they are not stored at all: ``keys`` is None and
+    ``key_base`` is ``k0``; otherwise ``keys`` is an int64 array and ``key_base`` None. Results go straight into
+    arrays sized from the first chunk's line density (pages past the end are never touched, so never resident).
     """
-    keys_out = offs_out = np.empty(0, np.int64)
+    keys_out: np.ndarray | None = None  # None while the keys are consecutive
+    offs_out = np.empty(0, np.int64)
+    key_base: int | None = None
     n = 0
     line_base = 1
     at_file_start = True
@@ -294,19 +297,31 @@ def _parse_idx(idx_path: Path) -> tuple[np.ndarray, np.ndarray]:
             fast = parsed is not None
             if parsed is None:
                 parsed = _parse_chunk_exact(idx_path, chunk[:-1], line_base)
-            count = parsed[0].size
-            if n + count > keys_out.size:
+            keys, count = parsed[0], parsed[0].size
+            if n + count > offs_out.size:
                 # First chunk: lines per byte so far x file size, +5 %; later (longer lines than guessed): x1.5.
-                guess = int(file_size * count / max(len(chunk), 1) * 1.05) + 16 if n == 0 else int(keys_out.size * 1.5)
+                guess = int(file_size * count / max(len(chunk), 1) * 1.05) + 16 if n == 0 else int(offs_out.size * 1.5)
                 capacity = max(guess, n + count)
-                keys_out = _grown(keys_out, n, capacity)
                 offs_out = _grown(offs_out, n, capacity)
-            keys_out[n:n + count] = parsed[0]
+                if keys_out is not None:
+                    keys_out = _grown(keys_out, n, capacity)
+            if count and n == 0 and keys_out is None:
+                key_base = int(keys[0])
+            if keys_out is None and count and not (
+                int(keys[0]) == key_base + n and int(keys[-1]) == key_base + n + count - 1
+                and bool(np.all(keys[1:] > keys[:-1]))
+            ):
+                keys_out = np.empty(offs_out.size, dtype=np.int64)  # not consecutive: store keys from here on
+                keys_out[:n] = np.arange(key_base, key_base + n, dtype=np.int64)
+            if keys_out is not None:
+                keys_out[n:n + count] = keys
             offs_out[n:n + count] = parsed[1]
             n += count
             line_base += parsed[0].size if fast else int(np.count_nonzero(buf == 10))
             at_file_start = False
-    return keys_out[:n], offs_out[:n]
+    if keys_out is None and n:
+        return None, offs_out[:n], key_base
+    return (np.empty(0, np.int64) if keys_out is None else keys_out[:n]), offs_out[:n], None
 
 
 def _grown(array: np.ndarray, used: int, capacity: int) -> np.ndarray:
@@ -405,11 +420,9 @@ def load_idx(idx_path: str | os.PathLike, cache: bool = True, cache_min_records:
         if hit is not None:
             keys, offsets, key_base = hit
             return IdxIndex(idx_path, keys, offsets, None if keys is not None else key_base)
-    keys, offsets = _parse_idx(idx_path)
-    # strictly increasing integers spanning exactly n values are consecutive (no n-element difference array)
-    dense = keys.size > 0 and int(keys[-1]) - int(keys[0]) == keys.size - 1 and bool(np.all(keys[1:] > keys[:-1]))
-    key_base = int(keys[0]) if dense else None
-    index = IdxIndex(idx_path, None if dense else keys, offsets, key_base)  # raises on repeated keys
+    keys, offsets, key_base = _parse_idx(idx_path)
+    dense = keys is None
+    index = IdxIndex(idx_path, keys, offsets, key_base)  # raises on repeated keys
     if cache and offsets.size >= cache_min_records and _idx_fingerprint(idx_path) == fingerprint:
         _write_cache(cache_file, fingerprint, None if dense else keys, offsets, key_base if dense else _NO_KEY_BASE)
     return index
