@@ -82,7 +82,8 @@ if pid == 0:  # a forked DataLoader worker: look keys up, report its own private
 os.close(w)
 growth = json.loads(os.read(r, 64))
 os.waitpid(pid, 0)
-print(json.dumps({"open_s": round(open_s, 3), "open_cpu_s": round(open_cpu_s, 3), "rss_mb": round(after - base, 1), "peak_mb": round(peak - base, 1),
+print(json.dumps({"open_s": round(open_s, 3), "open_cpu_s": round(open_cpu_s, 3), "rss_mb": round(after - base, 1),
+                  "peak_mb": round(peak - base, 1),
                   "worker_growth_mb": round(growth, 1)}))
 """
 

@@ -167,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped {reason}")
     if result.skipped:
         print(f"skipped {len(result.skipped)} bad image(s)")
-    print(f"wrote {args.out_dir / 'train.rec'}: set num_classes = {result.num_classes} and num_image = {result.num_images} "
-          f"in your config")
+    print(f"wrote {args.out_dir / 'train.rec'}: set num_classes = {result.num_classes} and "
+          f"num_image = {result.num_images} in your config")
     return 0
 
 

@@ -96,7 +96,9 @@ _MAX_FAST_DIGITS = 18  # longer numbers (or signs, spaces, blank lines) take the
 CACHE_SUFFIX = ".npcache"  # the binary cache is "<idx file name>.npcache" in the .idx's folder
 CACHE_MIN_RECORDS = 1_000_000  # smaller indexes parse in well under a second: no cache file is written for them
 _CACHE_MAGIC = b"CFSMIDX1"
-_CACHE_HEAD = struct.Struct("<8sQqQQIIQ")  # magic, n, key_base (-1<<63: keys stored), idx size, mtime_ns, head/tail crc, payload crc, payload bytes
+# magic, records, key_base (_NO_KEY_BASE: keys stored), .idx size, .idx mtime_ns, .idx head/tail crc32,
+# payload crc32, payload bytes; the payload is the offsets, then the keys when stored (little-endian int64)
+_CACHE_HEAD = struct.Struct("<8sQqQQIIQ")
 _NO_KEY_BASE = -(1 << 63)
 _UTF8_BOM = b"\xef\xbb\xbf"
 
@@ -440,7 +442,8 @@ class IndexedRecordReader:
     def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None,
                  index_cache: bool = True, cache_min_records: int = CACHE_MIN_RECORDS) -> None:
         self.rec_path = Path(os.path.expanduser(rec_path))
-        self.idx_path = Path(os.path.expanduser(idx_path)) if idx_path is not None else self.rec_path.with_suffix(".idx")
+        self.idx_path = (Path(os.path.expanduser(idx_path)) if idx_path is not None
+                         else self.rec_path.with_suffix(".idx"))
         for p in (self.rec_path, self.idx_path):
             if not p.is_file():
                 raise FileNotFoundError(f"RecordIO file not found: {p}")
