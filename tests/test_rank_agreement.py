@@ -36,7 +36,7 @@ Safe as they are (why):
 8. Checkpointing (utils.run_state.save_run_checkpoint, by step count, equal on all ranks): each rank's write
    outcome is all-gathered before anyone raises, so a full disk on one rank fails every rank; only marker writers
    mark / prune, after that gather. The final save first checks finiteness on all ranks together
-   (run_state.require_finite). Tested with the checkpoint code (tests/test_checkpoint.py).
+   (run_state.require_finite). Tested with 2 gloo ranks in tests/test_resume_policy.py (two_nodes).
 9. Early stop / max_steps / end of run: the stop step comes from the config and `batches_per_epoch`, which
    FaceSampler computes identically on every rank (floor(len / world) // batch_size, drop_last); Run.step_batches
    returns at the stop step before reading another batch, on every rank.
