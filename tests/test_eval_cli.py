@@ -152,6 +152,40 @@ def test_ijb_landmark_order_does_not_matter_and_flags(ijb_root: Path, tmp_path: 
     assert d0["settings"]["fusion"] == "none"
 
 
+def _hand_pair_scores(root: Path, flip: bool, norm_score: bool, detector_score: bool) -> np.ndarray:
+    """IJB pair scores recomputed with plain loops: image feature (raw + mirror, or raw; L2 per image for N0;
+    times the detector score for D1) -> mean per media -> sum over a template's medias -> L2 -> cosine."""
+    from eval.common import FaceImages, embed_dataset, load_backbone
+
+    meta = ijb.load_meta(root, "IJBC")
+    model = load_backbone(root.parent / "model.pt", "r_tiny")
+    orig, flipped = embed_dataset(model, FaceImages(ijb.image_paths(meta), meta.landmarks), batch_size=16, flip=flip)
+    feats = orig + flipped if flip else orig
+    if not norm_score:
+        feats = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    if detector_score:
+        feats = feats * meta.faceness[:, None]
+    templates: dict[int, np.ndarray] = {}
+    for t in np.unique(meta.templates):
+        medias = {}
+        for i in np.flatnonzero(meta.templates == t):
+            medias.setdefault(int(meta.medias[i]), []).append(feats[i])
+        v = sum(np.mean(m, axis=0) for m in medias.values())
+        templates[int(t)] = v / np.linalg.norm(v)
+    return np.array([templates[int(a)] @ templates[int(b)] for a, b in zip(meta.t1, meta.t2)])
+
+
+@pytest.mark.parametrize("flags", [(), ("--no-flip", "--no-norm-score", "--no-detector-score"), ("--no-norm-score",)])
+def test_ijb_fusion_flags_change_scores_as_documented(ijb_root: Path, tmp_path: Path, flags: tuple[str, ...]) -> None:
+    _run_ijb(ijb_root, tmp_path, "--no-1n", "--save-scores", *flags)
+    scores = np.load(tmp_path / "IJBC_model_scores.npy")
+    expected = _hand_pair_scores(ijb_root, "--no-flip" not in flags, "--no-norm-score" not in flags,
+                                 "--no-detector-score" not in flags)
+    assert np.allclose(scores, expected, atol=1e-5)
+    if flags:  # each setting really changes the scores (the detector scores differ between images)
+        assert not np.allclose(scores, _hand_pair_scores(ijb_root, True, True, True), atol=1e-3)
+
+
 def test_fuse_image_features_flags() -> None:
     o = np.array([[3.0, 4.0]])
     f = np.array([[1.0, 0.0]])
