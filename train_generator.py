@@ -32,7 +32,7 @@ from dataset import _worker_init as seed_worker, build_dataset
 from utils import checkpoint as ckpt
 from utils.cli import run_command
 from utils.config import ConfigError, load_config, parse_launch_args
-from utils.distributed import DistEnv, all_ranks_ok, cleanup, init_distributed
+from utils.distributed import DistEnv, agreed_call, all_ranks_ok, cleanup, init_distributed
 from utils.optim import OptimizerSpec, mixed_precision
 from utils.run import Run
 from utils.run_state import Resumed, load_optimizer_keeping_config, rank_file
@@ -48,9 +48,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = parse_launch_args(argv, __doc__, "configs/cfsm_toy")
     cfg = load_config(args.config, args.overrides)
     validate_stage1(cfg)
-    check_stage1_files(cfg)  # every input file, before any process group: a bad one stops each rank at start
     env = init_distributed(cfg.device, cfg.dist_timeout_s, args.local_rank)
     try:
+        # every input file, before the output folder and any other collective; agreed, because each node reads its
+        # own disk: a rank with a missing or bad file raises it, the others stop with it instead of waiting
+        agreed_call(env, lambda: check_stage1_files(cfg), "the stage-1 input file check")
         return train(cfg, env)
     finally:
         cleanup(env)

@@ -315,8 +315,9 @@ def resume(output: str | os.PathLike, policy: bool | str, ranks: Ranks, kind: st
     log = log or _log
     if not policy:
         return None
-    intact, damaged = [], {}
+    intact, damaged, metas = [], {}, {}
     for step, directory, meta in reversed(complete_checkpoints(output)):
+        metas[step] = meta
         foreign = int(meta.get("world_size", -1)) != ranks.world_size or meta.get("kind") != kind
         problem = None if foreign else _own_file_status(directory, meta, ranks.rank)  # foreign: refused by name below
         if problem is None:
@@ -336,7 +337,11 @@ def resume(output: str | os.PathLike, policy: bool | str, ranks: Ranks, kind: st
             if newer > step:
                 log.warning(f"checkpoint {step_dir(output, newer)} is damaged ({problem}): falling back to {directory}")
         damaged = {s: p for s, p in damaged.items() if s < step}
-        meta = json.loads((directory / COMPLETE).read_text())
+        elsewhere = [s for s in intact if s > step and s not in common]
+        if elsewhere:
+            log.warning(f"step(s) {elsewhere} are intact here but not on every rank: resuming from {directory}")
+        intact = [s for s in intact if s < step]
+        meta = metas[step]
         error, changes = None, []
         try:
             changes = _check_meta(directory, meta, ranks.world_size, kind, config, log)
