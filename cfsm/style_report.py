@@ -17,7 +17,6 @@ is met. Nothing here reads files or needs a process group; the stage-1 trainer a
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Callable, Sequence
@@ -25,6 +24,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from utils.checkpoint import write_json
 
 __all__ = ["style_report", "write_style_report", "report_from_datasets", "evenly_spaced", "spearman", "sharpness", "REPORT_MAGNITUDES", "GOALS", "report_scalars"]
 
@@ -196,7 +197,7 @@ def write_style_report(generator, id_net, faces: torch.Tensor, target_faces: tor
     out = Path(out)
     report = style_report(generator, id_net, faces, target_faces, distance_range, directions=directions, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "style_report.json").write_text(json.dumps(report, indent=1))
+    write_json(report, out / "style_report.json")
     param = next(iter(generator.parameters()), None)
     device = param.device if param is not None else faces.device
     samples = training_samples_grid(generator, faces.to(device), target_faces.to(device),

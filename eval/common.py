@@ -14,7 +14,6 @@ hard-codes 1024 = 2 x 512 columns).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from functools import partial
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 from dataset import _worker_init
+from utils.checkpoint import write_json as _write_json
 from utils.cli import positive_int, resolve_device  # resolve_device re-exported: one meaning of --device
 
 IMAGE_SIZE = 112
@@ -293,9 +293,9 @@ def model_from_args(args: argparse.Namespace) -> tuple[nn.Module, torch.device]:
 
 
 def write_json(path: str | os.PathLike, obj: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """Results file of the eval CLIs through the project's one JSON writer (utils.checkpoint.write_json)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    _write_json(obj, path)
 
 
 def iter_chunks(n: int, size: int) -> Iterator[tuple[int, int]]:

@@ -37,8 +37,8 @@ import csv
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 import sys
+from pathlib import Path
 
 if __name__ == "__main__" and not __package__:  # run as a path: import the repo's packages, not this folder's
     sys.path[0] = str(Path(__file__).resolve().parents[1])

@@ -35,8 +35,8 @@ from __future__ import annotations
 import csv
 import re
 import time
-from pathlib import Path
 import sys
+from pathlib import Path
 
 if __name__ == "__main__" and not __package__:  # run as a path: import the repo's packages, not this folder's
     sys.path[0] = str(Path(__file__).resolve().parents[1])

@@ -23,8 +23,8 @@ error (resizing would silently change the feature).
 from __future__ import annotations
 
 import time
-from pathlib import Path
 import sys
+from pathlib import Path
 
 if __name__ == "__main__" and not __package__:  # run as a path: import the repo's packages, not this folder's
     sys.path[0] = str(Path(__file__).resolve().parents[1])

@@ -478,4 +478,4 @@ def test_empty_bin_names_the_file(tmp_path: Path) -> None:
     path.write_bytes(pickle.dumps(([], []), protocol=4))  # a valid pickle with no pair: used to embed 0 images
     with pytest.raises(BinFileError, match=rf"{path}: holds no pairs"):
         verification.main(["--model", str(_save_model(tmp_path / "m.pt")), "--network", "r_tiny", "--bin", str(path),
-                           *COMMON])
+                           "--device", "cpu", "--no-progress"])  # .bin images are in memory: no --workers

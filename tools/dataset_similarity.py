@@ -15,15 +15,15 @@ angles say nothing about the datasets (this tool warns when the bases look indep
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 import sys
+from pathlib import Path
 
 if __name__ == "__main__" and not __package__:  # run as a path: import the repo's packages, not this folder's
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import numpy as np
 
+from utils.checkpoint import write_json
 from utils.cli import ArgumentParser, run_command
 
 
@@ -132,7 +132,7 @@ def main(argv=None) -> dict:
     if args.out:
         folder = Path(args.out)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "similarity.json").write_text(json.dumps(out, indent=1))
+        write_json(out, folder / "similarity.json")
         write_heatmap(result, folder / "similarity.png")
         print(f"wrote {folder / 'similarity.json'} and {folder / 'similarity.png'}")
     return out

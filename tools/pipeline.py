@@ -27,6 +27,7 @@ if __name__ == "__main__" and not __package__:  # run as a path: import the repo
 
 from tqdm import tqdm
 
+from utils.checkpoint import write_json
 from utils.cli import ArgumentParser, run_command
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,7 +156,7 @@ def main(argv=None) -> dict:
         bar.update(1)
 
     style = generator_style_report(out, data, cfg["network"], cfg["embedding_size"])
-    (out / "results.json").write_text(json.dumps({**results, "generator_style_report": style}, indent=1))
+    write_json({**results, "generator_style_report": style}, out / "results.json")
     bar_chart(results, out / "results.png")
     lines = ["", f"{'method':<10}" + "".join(f"{t:>12}" for t in TARGETS)]
     lines += [f"{m:<10}" + "".join(f"{100 * r[t]:>11.2f}%" for t in TARGETS) for m, r in results.items()]

@@ -21,14 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 import sys
+from pathlib import Path
 
 if __name__ == "__main__" and not __package__:  # run as a path: import the repo's packages, not this folder's
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import numpy as np
 
+from utils.checkpoint import write_json
 from utils.cli import ArgumentParser, run_command
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,7 +160,7 @@ def main(argv=None) -> dict:
     report = {**result.as_dict(), "files": generators, "verdict": verdict, "timings": timings,
               "displacement_from_shared_origin": report_moves,
               "settings": vars(args), "wall_s": round(time.time() - t0, 1)}
-    (out / "study.json").write_text(json.dumps(report, indent=1))
+    write_json(report, out / "study.json")
     write_heatmap(result, out / "similarity.png")
     print(json.dumps(verdict, indent=1))
     return report

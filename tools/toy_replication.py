@@ -19,6 +19,7 @@ if __name__ == "__main__" and not __package__:  # run as a path: import the repo
 
 import numpy as np
 
+from utils.checkpoint import write_json
 from utils.cli import ArgumentParser, run_command
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +59,7 @@ def main(argv=None) -> dict:
     for target in TARGETS:
         summary["cfsm_minus_baseline"][target] = [per_seed[s]["cfsm"][target] - per_seed[s]["baseline"][target]
                                                   for s in args.seeds]
-    (out / "replication.json").write_text(json.dumps(summary, indent=1))
+    write_json(summary, out / "replication.json")
     print(f"\n{'method':<10}" + "".join(f"{t:>22}" for t in TARGETS))
     for method in ("baseline", "cfsm"):
         print(f"{method:<10}" + "".join(f"{100 * summary['mean'][method][t]:>14.2f} +- {100 * summary['std'][method][t]:.2f}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -94,6 +95,11 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
     """Text written with the same guarantees as atomic_save (summaries, COMPLETE markers)."""
     _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> None:
+    """The project's one JSON writer (summaries, results, reports): indented, other values as str, atomic."""
+    _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1, default=str) + "\n").encode()))
 
 
 def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
