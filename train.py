@@ -183,7 +183,7 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
             run.log_progress(step, epoch, {"loss": stats["loss"], "lr": optimizer.param_groups[0]["lr"],
                                            "grad_norm": stats["grad_norm"],
                                            "grad_scale": scaler.get_scale() if cfg.fp16 else 1.0})
-            if run.writer is not None and cfg.frequent and (step % cfg.frequent == 0 or step == stop_step):
+            if run.writer is not None and run.log_due(step):
                 for name, value in attack_stats.window().items():
                     run.writer.add_scalar(f"cfsm/{name}", value, step)
             mix = stats["mix"]

@@ -93,7 +93,8 @@ def validate_stage1(cfg: EasyDict) -> None:
         raise ConfigError(str(exc)) from None
 
 
-def build_optimizer(spec: OptimizerSpec, params, cfg: EasyDict) -> torch.optim.Optimizer:
+def optimizer_from_spec(spec: OptimizerSpec, params, cfg: EasyDict) -> torch.optim.Optimizer:
+    """As utils.optim.build_optimizer for a registered name: the spec's config keys become its keywords."""
     kwargs = {kw: tuple(cfg[key]) if isinstance(cfg[key], list) else cfg[key] for key, kw in spec.config_keys.items()}
     return spec.build(list(params), **kwargs)
 
@@ -191,8 +192,8 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
         target_loader = DataLoader(target, batch_sampler=target_sampler, num_workers=cfg.num_workers,
                                    pin_memory=env.device.type == "cuda", worker_init_fn=seed_worker,
                                    persistent_workers=cfg.num_workers > 0)
-        opt_g = build_optimizer(GENERATOR_OPTIMIZER, G.parameters(), cfg)
-        opt_d = build_optimizer(GENERATOR_OPTIMIZER, D.parameters(), cfg)
+        opt_g = optimizer_from_spec(GENERATOR_OPTIMIZER, G.parameters(), cfg)
+        opt_d = optimizer_from_spec(GENERATOR_OPTIMIZER, D.parameters(), cfg)
         _, scaler, autocast = mixed_precision(cfg.fp16, cfg.bf16, env.device.type)
         run.rngs["style"] = style_rng = torch.Generator().manual_seed(cfg.seed * 1000 + env.rank)  # any device
 

@@ -204,11 +204,15 @@ class Run:
                       f"{plan.total_steps} steps ({plan.batches_per_epoch} batches/epoch), stopping at "
                       f"{plan.stop_step}")
 
+    def log_due(self, step: int) -> bool:
+        """Rank 0, every `frequent` steps and at the stop step."""
+        return self.env.is_main and bool(self.cfg.frequent) and (step % self.cfg.frequent == 0
+                                                                 or step == self.plan.stop_step)
+
     def log_progress(self, step: int, epoch: int, values: Mapping[str, torch.Tensor | float]) -> None:
         """Every `frequent` steps and at the stop step (rank 0): one console line and TensorBoard scalars.
         Tensors are read (a device sync) only here."""
-        if not (self.env.is_main and self.cfg.frequent
-                and (step % self.cfg.frequent == 0 or step == self.plan.stop_step)):
+        if not self.log_due(step):
             return
         speed, eta = self.meter.window(step)
         numbers = {name: float(v) for name, v in values.items()}
