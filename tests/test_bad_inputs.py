@@ -726,3 +726,55 @@ def test_header_listing_fewer_images_warns_with_both_counts(mini_toy: Path, tmp_
     d = _rewrite_record(ctx, 0, _header(91, 107))  # 90 of the 96 images; keys 91..106 are read as identities
     with pytest.warns(UserWarning, match=r"lists 90 images \(keys 1\.\.90\) but .*train\.idx holds 96 image records"):
         assert MXFaceDataset(d).num_images == 90
+
+
+# ---- stage 1 with 2 real gloo ranks whose inputs differ --------------------------------------------------------
+
+def _stage1_rank(rank: int, port: int, argvs: list[list[str]], out_dir: str) -> None:
+    """One rank of a 2-rank stage-1 launch (what torchrun sets up), reporting how train_generator.main ended."""
+    import os
+    import time
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import train_generator
+
+    start = time.time()
+    try:
+        train_generator.main(argvs[rank])
+        outcome = {"error": None}
+    except Exception as exc:  # noqa: BLE001 - reported to the test process
+        outcome = {"error": type(exc).__name__, "message": str(exc)}
+    outcome["seconds"] = time.time() - start
+    torch.save(outcome, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+@pytest.mark.slow
+def test_stage1_bad_target_on_one_rank_stops_both_ranks(mini_toy: Path, tiny_generator_file: Path,
+                                                        tmp_path: Path) -> None:
+    """Each node reads its own disk: rank 1's copy of the target folder has an undecodable image, rank 0's is fine.
+    Rank 1 reports the file, rank 0 stops with it at once (not after dist_timeout_s), and no output folder exists."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    ctx = Ctx(toy=Path(mini_toy), generator=tiny_generator_file, tmp=tmp_path)
+    bad_targets = _targets(ctx, {4: b"\x00" * 10})
+    common = dict(rec=ctx.toy, generate_toy_data=False, id_model=_backbone_file(ctx, "r_tiny", 32),
+                  id_network="r_tiny", id_embedding_size=32, gen_dim=4, gen_latent_dim=16, gen_style_dim=4,
+                  batch_size=2, max_steps=1, num_workers=0, tensorboard=False, image_every=0, device="cpu",
+                  dist_timeout_s=300, output=tmp_path / "stage1_run")
+    argvs = [["configs/cfsm_toy"] + [f"{k}={v}" for k, v in {**common, "target": target}.items()]
+             for target in (ctx.toy / "target_faces", bad_targets)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_stage1_rank, args=(port, argvs, str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    assert rank1["error"] == "ValueError" and "1 of 20 target images cannot be decoded" in rank1["message"], rank1
+    assert str(bad_targets) in rank1["message"]
+    assert rank0["error"] == "PeerRankError" and "rank 1 failed during the stage-1 input file check" in \
+        rank0["message"], rank0
+    assert rank0["seconds"] < 300  # agreed at once; without the agreement rank 0 waits out dist_timeout_s
+    assert not (tmp_path / "stage1_run").exists()
