@@ -21,7 +21,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+if __name__ == "__main__" and not __package__:  # run as a path: import the repo's packages, not this folder's
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import numpy as np
+
+from utils.cli import ArgumentParser, run_command
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = ("toy_clean", "toy_target")
@@ -56,13 +61,13 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--out", required=True, help="output folder (runs already finished there are reused)")
     p.add_argument("--generator", required=True, help="stage-1 generator file used by the CFSM methods")
     p.add_argument("--data", default=str(REPO / "data" / "toy"), help="toy data folder")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds; each method runs once per seed")
     p.add_argument("--steps", type=int, default=0, help="optimizer steps of every run (0 = the toy config's)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods to run")
     p.add_argument("--style-report", default=None, help="style_report.json of the generator (default: the "
                    "style_report in the summary.json next to the generator, when present)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides for every run")
@@ -133,4 +138,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)
