@@ -157,3 +157,12 @@ def test_device_auto_and_unavailable_cuda(monkeypatch):
         cli.resolve_device("cuda")
     with pytest.raises(cli.UsageError, match="--device 'gpu0' is not a device"):
         cli.resolve_device("gpu0")
+
+
+def test_tilde_is_expanded_in_every_path_argument(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    parser = cli.ArgumentParser(prog="x")
+    parser.add_argument("--root", default=None, help="a folder (default: none)")
+    parser.add_argument("--bin", action="append", help="files")
+    args = parser.parse_args(["--root", "~/data", "--bin", "~/a.bin", "--bin", "b.bin"])
+    assert args.root == f"{tmp_path}/data" and args.bin == [f"{tmp_path}/a.bin", "b.bin"]

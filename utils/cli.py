@@ -1,6 +1,7 @@
 """Conventions every command shares: the argument parser, the shared flags, and how a user's mistake is reported.
 
-* `ArgumentParser`: `--help` shows every argument with its default; a bad command line prints one line and exits 2.
+* `ArgumentParser`: `--help` shows every argument with its default; a bad command line prints one line and exits 2;
+  `~` is expanded in every argument value that starts with it.
 * Shared flags mean the same everywhere: `--device` (auto = CUDA when available), `--workers` (DataLoader worker
   processes), `--out` (a folder), `--bgr` (feed BGR, for AdaFace-family models).
 * `run_command(main)`: a user's mistake (a missing or malformed file, a bad config key or value) prints
@@ -63,9 +64,26 @@ class ArgumentParser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
 
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
+        """As argparse; then `~` is expanded in every value that starts with it (all path arguments alike)."""
+        parsed, rest = super().parse_known_args(args, namespace)
+        for name, value in vars(parsed).items():
+            setattr(parsed, name, _expand_home(value))
+        return parsed, rest
+
     def error(self, message: str) -> None:  # type: ignore[override]
         print(f"error: {message}; see `{self.prog} --help`", file=sys.stderr)
         raise SystemExit(USAGE_ERROR_EXIT)
+
+
+def _expand_home(value: Any) -> Any:
+    if isinstance(value, str) and value.startswith("~"):
+        return os.path.expanduser(value)
+    if isinstance(value, Path) and str(value).startswith("~"):
+        return value.expanduser()
+    if isinstance(value, list):
+        return [_expand_home(v) for v in value]
+    return value
 
 
 def expanded_path(text: str) -> Path:
