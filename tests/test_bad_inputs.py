@@ -450,6 +450,21 @@ def _similarity(ctx: Ctx, *args: str) -> None:
     dataset_similarity.main(list(args))
 
 
+def _export(ctx: Ctx, *args: str, model: Path | None = None) -> None:
+    from tools import export_onnx
+
+    export_onnx.main(["--model", str(model or _backbone_file(ctx, "r_tiny", 32)), "--network", "r_tiny", "--out",
+                      str(ctx.tmp / "onnx"), *args])
+    raise AssertionError("export_onnx accepted the input")  # a row must raise (main returns on success)
+
+
+def _embed(ctx: Ctx, *args: str, images: Path | None = None) -> None:
+    from tools import embed
+
+    embed.main([str(images or ctx.toy / "target_faces"), "--model", str(_backbone_file(ctx, "r_tiny", 32)),
+                "--network", "r_tiny", "--device", "cpu", "--workers", "0", "--out", str(ctx.tmp / "emb"), *args])
+
+
 def _toy(ctx: Ctx, *args: str) -> None:
     from tools import make_toy_data
 
@@ -590,6 +605,26 @@ ROWS += [
                                                           str(_a_file(c))),
         EvalInputError, lambda c: ["--out", str(c.tmp / "not_a_folder.txt"), "is a file"],
         "tools.dataset_similarity --out"),
+    # ---- tools.export_onnx (refused before anything is exported) ----
+    Row("export_model_missing", lambda c: _export(c, model=c.tmp / "m.pt"), CheckpointError,
+        lambda c: [str(c.tmp / "m.pt"), "not found"], "tools.export_onnx --model"),
+    Row("export_network_unknown", lambda c: _export(c, "--network", "r51"), SystemExit,
+        lambda c: ["--network", "'r51'"], "tools.export_onnx --network"),
+    Row("export_embedding_size_wrong", lambda c: _export(c, "--embedding-size", "64"), CheckpointError,
+        lambda c: [str(c.tmp / "r_tiny_32.pt"), "embedding size"], "tools.export_onnx --embedding-size"),
+    Row("export_out_is_a_file", lambda c: _export(c, "--out", str(_a_file(c))), EvalInputError,
+        lambda c: ["--out", str(c.tmp / "not_a_folder.txt"), "is a file"], "tools.export_onnx --out"),
+    Row("export_name_with_folder", lambda c: _export(c, "--name", "sub/model.onnx"), SystemExit,
+        lambda c: ["--name", "'sub/model.onnx'", "without folders"], "tools.export_onnx --name"),
+    Row("export_opset_too_low", lambda c: _export(c, "--opset", "0"), SystemExit,
+        lambda c: ["--opset", "got 0"], "tools.export_onnx --opset"),
+    Row("export_tolerance_negative", lambda c: _export(c, "--tolerance", "-1"), SystemExit,
+        lambda c: ["--tolerance", "must be > 0", "-1"], "tools.export_onnx --tolerance"),
+    # ---- tools.embed (model arguments: eval.common.add_model_args, covered by the "eval" rows) ----
+    Row("embed_images_missing", lambda c: _embed(c, images=Path(MISSING)), EvalInputError,
+        lambda c: [MISSING, "neither a folder nor a .txt list"], "tools.embed images"),
+    Row("embed_out_is_a_file", lambda c: _embed(c, "--out", str(_a_file(c))), EvalInputError,
+        lambda c: ["--out", str(c.tmp / "not_a_folder.txt"), "is a file"], "tools.embed --out"),
     # ---- tools.make_toy_data (all refused before anything is rendered) ----
     Row("toy_out_is_a_file", lambda c: _toy(c, "--out", str(_a_file(c))), SystemExit,
         lambda c: ["--out", str(c.tmp / "not_a_folder.txt"), "is a file"], "tools.make_toy_data --out"),
@@ -611,8 +646,10 @@ ROWS += [
 
 # Commands whose every non-flag input must have a row above ("eval" rows cover eval.common.add_model_args once).
 CLI_MODULES = ("eval.ijb", "eval.tinyface", "eval.ijbs", "eval.verification", "tools.compare_faces",
-               "tools.style_grid", "tools.dataset_similarity", "tools.make_toy_data")
+               "tools.style_grid", "tools.dataset_similarity", "tools.make_toy_data", "tools.export_onnx",
+               "tools.embed")
 SHARED_MODEL_ARGS = ("--model", "--network", "--embedding-size", "--device", "--batch-size", "--workers")
+MODEL_ARG_MODULES = ("eval.ijb", "eval.tinyface", "eval.ijbs", "eval.verification", "tools.embed")  # add_model_args
 NOT_YET_COVERED: set[str] = set()  # "<command> <input>" pairs waiting for a row (none)
 
 
@@ -644,7 +681,7 @@ def test_every_cli_input_has_a_row(module: str) -> None:
     inputs = _parser_inputs(module)
     assert len(inputs) >= 2, inputs  # the parser was found
     missing = [i for i in inputs if f"{module} {i}" not in covered
-               and not (module.startswith("eval.") and i in SHARED_MODEL_ARGS and f"eval {i}" in covered)]
+               and not (module in MODEL_ARG_MODULES and i in SHARED_MODEL_ARGS and f"eval {i}" in covered)]
     assert not missing, f"{module}: no bad-input row for {missing}"
 
 

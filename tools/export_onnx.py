@@ -103,6 +103,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument("--tolerance", type=float, default=1e-4,
                     help="largest allowed max abs difference / embedding L2 norm (per row)")
     args = ap.parse_args(argv)
+    # checked before the export runs: torch's own errors name no option, a bad --tolerance failed only at the end
+    if args.opset < 7:
+        ap.error(f"argument --opset: ONNX opset versions start at 7 (torch exports 7 and up), got {args.opset}")
+    if not args.tolerance > 0:
+        ap.error(f"argument --tolerance: must be > 0 (a relative error), got {args.tolerance}")
+    if args.name is not None and (not args.name or Path(args.name).name != args.name):
+        ap.error(f"argument --name: a file name inside --out, without folders, got {args.name!r}")
     out_dir = check_output_folder(args.out)
     path = out_dir / (args.name or f"{args.model.stem}.onnx")
     backbone = load_backbone(args.model, args.network, args.embedding_size, "cpu")
