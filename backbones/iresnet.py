@@ -14,6 +14,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+# the fp16 flag follows the project's one mixed-precision policy: float16 on CUDA, bfloat16 on CPU
+from utils.optim import low_precision_dtype as autocast_dtype
+
 __all__ = ["IBasicBlock", "IResNet", "IRESNET_LAYERS", "autocast_dtype"]
 
 # Blocks per stage of the released depths (backbones.BACKBONES builds r18 ... r200 from it).
@@ -26,12 +29,6 @@ IRESNET_LAYERS: dict[int, tuple[int, int, int, int]] = {
 }
 
 _BN_EPS = 1e-5
-
-
-def autocast_dtype(device_type: str) -> torch.dtype:
-    """Low-precision dtype used by the `fp16` flag: float16 on CUDA; bfloat16 elsewhere (CPU float16 convs are
-    slow or missing, and bfloat16 needs no loss scaling)."""
-    return torch.float16 if device_type == "cuda" else torch.bfloat16
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:

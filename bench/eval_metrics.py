@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 import platform
-import time
 import sys
+import time
 from pathlib import Path
 
 if __name__ == "__main__" and not __package__:  # run as a path: import the repo's packages, not this folder's

@@ -9,10 +9,10 @@ attack). Weights are random: timings and MACs do not depend on them. Prints one 
 from __future__ import annotations
 
 import json
-import time
-from typing import Callable
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 if __name__ == "__main__" and not __package__:  # run as a path: import the repo's packages, not this folder's
     sys.path[0] = str(Path(__file__).resolve().parents[1])
@@ -21,6 +21,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from utils.cli import ArgumentParser, resolve_device, run_command
+from utils.optim import low_precision_dtype
 
 
 def _sync(device: torch.device) -> None:
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     b = args.batch_size
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    amp_dtype = low_precision_dtype(device.type)  # the training policy (utils.optim)
     x = torch.rand(b, 3, 112, 112, device=device) * 2 - 1
 
     def autocast():

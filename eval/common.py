@@ -26,7 +26,8 @@ from torch import nn
 
 from dataset import _worker_init
 from utils.checkpoint import write_json as _write_json
-from utils.cli import positive_int, resolve_device  # resolve_device re-exported: one meaning of --device
+from utils.cli import positive_int, resolve_device
+from utils.optim import low_precision_dtype  # resolve_device re-exported: one meaning of --device
 
 IMAGE_SIZE = 112
 
@@ -194,7 +195,7 @@ def embed_batches(
         b = x.shape[0]
         if flip:
             x = torch.cat([x, torch.flip(x, dims=[3])], dim=0)
-        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+        with torch.autocast(device_type=device.type, dtype=low_precision_dtype(device.type), enabled=use_amp):
             emb = backbone(x)
         if isinstance(emb, (tuple, list)):  # models returning (embedding, norm) -- use the embedding
             emb = emb[0]

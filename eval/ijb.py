@@ -34,10 +34,10 @@ Any embedding size works (buffers use the model's real size). An unreadable imag
 from __future__ import annotations
 
 import csv
+import sys
 import time
 import warnings
 from dataclasses import dataclass
-import sys
 from pathlib import Path
 
 if __name__ == "__main__" and not __package__:  # run as a path: import the repo's packages, not this folder's

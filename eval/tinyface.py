@@ -22,8 +22,8 @@ error (resizing would silently change the feature).
 """
 from __future__ import annotations
 
-import time
 import sys
+import time
 from pathlib import Path
 
 if __name__ == "__main__" and not __package__:  # run as a path: import the repo's packages, not this folder's

@@ -52,11 +52,16 @@ def test_large_embeddings_are_judged_relative_to_their_scale(tmp_path: Path) -> 
     assert (tmp_path / "m.onnx").is_file()
 
 
-def test_failed_check_exits_1_and_leaves_no_file(tmp_path: Path) -> None:
+def test_failed_check_exits_1_and_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = _model(tmp_path / "m.pt")
+    real_check = export_onnx.check_onnx
+
+    def broken_export(backbone, path):  # the real check on the written file, then a parity no tolerance accepts
+        return {**real_check(backbone, path), "relative_error": 0.5}
+
+    monkeypatch.setattr(export_onnx, "check_onnx", broken_export)
     with pytest.raises(SystemExit) as e:
-        export_onnx.main(["--model", str(model), "--network", "r_tiny", "--out", str(tmp_path / "onnx"),
-                          "--tolerance", "-1"])  # no difference can pass a negative tolerance
+        export_onnx.main(["--model", str(model), "--network", "r_tiny", "--out", str(tmp_path / "onnx")])
     assert e.value.code == 1
     assert list((tmp_path / "onnx").iterdir()) == []
 

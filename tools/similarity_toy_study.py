@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 import sys
+import time
 from pathlib import Path
 
 if __name__ == "__main__" and not __package__:  # run as a path: import the repo's packages, not this folder's

@@ -11,9 +11,9 @@ recursively) or a .txt list of image paths.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Sequence
-import sys
 
 if __name__ == "__main__" and not __package__:  # run as a path: import the repo's packages, not this folder's
     sys.path[0] = str(Path(__file__).resolve().parents[1])
