@@ -640,8 +640,8 @@ ROWS += [
         lambda c: ["--num-target-faces", "got 0"], "tools.make_toy_data --num-target-faces"),
     Row("toy_seed_not_an_integer", lambda c: _toy(c, "--seed", "x"), SystemExit, lambda c: ["--seed", "'x'"],
         "tools.make_toy_data --seed"),
-    Row("toy_workers_zero", lambda c: _toy(c, "--workers", "0"), SystemExit, lambda c: ["--workers", "got 0"],
-        "tools.make_toy_data --workers"),
+    Row("toy_workers_negative", lambda c: _toy(c, "--workers", "-1"), SystemExit, lambda c: ["--workers", "got -1"],
+        "tools.make_toy_data --workers"),  # 0 = render in this process, as --workers means for every command
 ]
 
 # Commands whose every non-flag input must have a row above ("eval" rows cover eval.common.add_model_args once).

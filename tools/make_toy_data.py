@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 if __name__ == "__main__" and not __package__:  # run as a path: import the repo's packages, not this folder's
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from utils.cli import ArgumentParser, run_command
+from utils.cli import ArgumentParser, add_workers_arg, run_command
 from utils.toyface import ensure_toy_data  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "data" / "toy"
@@ -24,13 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-pairs", type=int, default=None, help="pairs per .bin (even; default 600)")
     ap.add_argument("--num-target-faces", type=int, default=None, help="unlabelled target faces (default 2000)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the rendering")
-    ap.add_argument("--workers", type=int, default=None, help="rendering processes (default: CPU count)")
+    add_workers_arg(ap, min(os.cpu_count() or 1, 8), "rendering faces")
     args = ap.parse_args(argv)
     # counts of 0 wrote an empty dataset and --workers -1 hung; --out naming a file failed after rendering began
     for flag, value, low in (("--num-identities", args.num_identities, 2), ("--images-per-identity",
                              args.images_per_identity, 2), ("--num-eval-identities", args.num_eval_identities, 2),
-                             ("--num-pairs", args.num_pairs, 2), ("--num-target-faces", args.num_target_faces, 1),
-                             ("--workers", args.workers, 1)):
+                             ("--num-pairs", args.num_pairs, 2), ("--num-target-faces", args.num_target_faces, 1)):
         if value is not None and value < low:
             ap.error(f"argument {flag}: must be >= {low}, got {value}")
     if args.out.exists() and not args.out.is_dir():
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         num_eval_identities=args.num_eval_identities,
         num_pairs=args.num_pairs,
         num_target_faces=args.num_target_faces,
-        workers=args.workers,
+        workers=max(1, args.workers),  # 1 renders in this process
         verbose=True,
     )
     meta = json.loads((root / "toy_meta.json").read_text())

@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from dataset import DataError, scan_image_folder  # noqa: E402
-from utils.cli import ArgumentParser, UsageError, expanded_path, non_negative_int, run_command  # noqa: E402
+from utils.cli import ArgumentParser, UsageError, add_workers_arg, expanded_path, run_command  # noqa: E402
 from utils.recordio import cache_path_for, write_face_rec  # noqa: E402
 
 IMAGE_SIZE = (112, 112)
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = ArgumentParser(description=__doc__)
     ap.add_argument("image_folder", type=expanded_path, help="one sub-folder of aligned 112x112 faces per identity")
     ap.add_argument("out_dir", type=expanded_path, help="folder that receives train.rec, train.idx and property")
-    ap.add_argument("--workers", type=non_negative_int, default=0, help="encoding processes (default: CPU count)")
+    add_workers_arg(ap, os.cpu_count() or 1, "encoding images")
     ap.add_argument("--quality", type=int, default=95, help="JPEG quality for re-encoded (non-JPEG) images")
     ap.add_argument("--overwrite", action="store_true", help="replace a pack already in OUT_DIR")
     ap.add_argument("--skip-bad", action="store_true",
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.quality <= 100:
         ap.error(f"--quality must be in 0..100, got {args.quality}")
     try:
-        result = pack_folder(args.image_folder, args.out_dir, args.workers, args.quality,
+        result = pack_folder(args.image_folder, args.out_dir, max(1, args.workers), args.quality,
                              overwrite=args.overwrite, skip_bad=args.skip_bad)
     except FileExistsError as e:  # a user's choice to make, not a bug: one line, exit 2
         raise UsageError(str(e)) from None

@@ -98,7 +98,7 @@ def add_device_arg(parser: argparse.ArgumentParser) -> None:
 
 def add_workers_arg(parser: argparse.ArgumentParser, default: int, what: str = "reading images") -> None:
     parser.add_argument("--workers", type=non_negative_int, default=default,
-                        help=f"DataLoader worker processes {what} (0 = in the main process)")
+                        help=f"worker processes {what} (0 = in the main process)")
 
 
 def add_out_arg(parser: argparse.ArgumentParser, what: str, default: str | None = None,
