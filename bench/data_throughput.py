@@ -1,6 +1,6 @@
 """Data pipeline throughput: read + decode + flip + normalise images/s from a ``.rec``.
 
-    python bench/data_throughput.py [--rec DIR] [--workers N] [--images N] [--repeats R]
+    python bench/data_throughput.py [--rec DIR] [--max-workers N] [--images N] [--repeats R]
 
 Default data: the toy benchmark (``data/toy``, generated if missing). Measures (1) one process, no workers, best of
 ``--repeats`` passes -> ``images_per_sec_per_core``; (2) a DataLoader with 1..N workers (batch 128). The last line of
@@ -60,7 +60,8 @@ def with_workers(ds: MXFaceDataset, workers: int, n: int, batch_size: int = 128)
 def main(argv: list[str] | None = None) -> int:
     ap = ArgumentParser(description=__doc__)
     ap.add_argument("--rec", type=Path, default=None, help="folder with train.rec/train.idx (default: toy data)")
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="largest DataLoader worker count")
+    ap.add_argument("--max-workers", type=int, default=os.cpu_count() or 1,
+                    help="largest DataLoader worker count measured (1, 2 and this)")
     ap.add_argument("--images", type=int, default=4000, help="images per measurement")
     ap.add_argument("--repeats", type=int, default=3, help="passes of the single-process measurement (best reported)")
     args = ap.parse_args(argv)
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     single = single_process(ds, args.images, args.repeats)
     print(f"one process: {single:,.0f} img/s", flush=True)
     scaling = {}
-    for w in sorted({1, args.workers} | ({2} if args.workers >= 2 else set())):
+    for w in sorted({1, args.max_workers} | ({2} if args.max_workers >= 2 else set())):
         scaling[w] = with_workers(ds, w, args.images)
         print(f"DataLoader {w} worker(s): {scaling[w]:,.0f} img/s", flush=True)
     print(json.dumps({

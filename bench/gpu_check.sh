@@ -178,7 +178,7 @@ if (( HAS_CUDA )); then
     run step_cost_bf16 90 "$PY" -m bench.step_cost --network r50 --batch-size 128 --amp bf16 --channels-last --reps 10
     # batch 64: at the module default of 4 a GPU measures launch latency, not per-image cost
     run modules 60 "$PY" -m bench.modules --device cuda --amp --batch-size 64 --reps 10
-    run data_throughput 60 "$PY" bench/data_throughput.py --rec "$TOY" --workers 8 --images 2000 --repeats 2
+    run data_throughput 60 "$PY" bench/data_throughput.py --rec "$TOY" --max-workers 8 --images 2000 --repeats 2
     TRACE_ARGS=()
     [[ "${GPU_CHECK_TRACE:-0}" == 1 ]] && TRACE_ARGS=(--trace "$LOG_DIR/cfsm_step_trace.json")
     run profile_cfsm_step 90 "$PY" -m bench.profile_step --network r50 --batch-size 128 --amp fp16 \
@@ -190,7 +190,7 @@ else
     run step_cost_cpu 120 "$PY" -m bench.step_cost --network r_tiny --batch-size 8 --reps 2 --gen-dim 16 \
         --device cpu --threads 1
     run modules_cpu 120 "$PY" -m bench.modules --device cpu --batch-size 2 --reps 1
-    run data_throughput_cpu 60 "$PY" bench/data_throughput.py --rec "$TOY" --workers 1 --images 64 --repeats 1
+    run data_throughput_cpu 60 "$PY" bench/data_throughput.py --rec "$TOY" --max-workers 1 --images 64 --repeats 1
     run profile_cfsm_step_cpu 60 "$PY" -m bench.profile_step --network r_tiny --batch-size 8 --gen-dim 16 \
         --device cpu --warmup 1 --steps 2 --top 15
 fi

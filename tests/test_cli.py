@@ -80,6 +80,8 @@ def test_shared_flags_mean_the_same_everywhere(path, monkeypatch):
         assert actions["--bgr"].nargs == 0 and actions["--bgr"].default is False
     if "--out" in actions:
         assert "folder" in (actions["--out"].help or ""), f"{path}: --out is a folder"
+    if "--workers" in actions:
+        assert "0 = in the main process" in actions["--workers"].help, f"{path}: --workers 0 = in the main process"
 
 
 @pytest.mark.slow
