@@ -465,6 +465,15 @@ def _embed(ctx: Ctx, *args: str, images: Path | None = None) -> None:
                 "--network", "r_tiny", "--device", "cpu", "--workers", "0", "--out", str(ctx.tmp / "emb"), *args])
 
 
+def _pipeline(ctx: Ctx, *args: str) -> None:
+    from tools import pipeline
+
+    try:
+        pipeline.main(["--out", str(ctx.tmp / "pipeline"), "--data", str(ctx.toy), *args])
+    finally:  # refused before the first stage: no stage log was written
+        assert not (ctx.tmp / "pipeline" / "logs").exists()
+
+
 def _toy(ctx: Ctx, *args: str) -> None:
     from tools import make_toy_data
 
@@ -625,6 +634,15 @@ ROWS += [
         lambda c: [MISSING, "neither a folder nor a .txt list"], "tools.embed images"),
     Row("embed_out_is_a_file", lambda c: _embed(c, "--out", str(_a_file(c))), EvalInputError,
         lambda c: ["--out", str(c.tmp / "not_a_folder.txt"), "is a file"], "tools.embed --out"),
+    # ---- tools.pipeline (checked before its first stage starts) ----
+    Row("pipeline_set_without_equals", lambda c: _pipeline(c, "--set", "lr0.05"), ConfigError,
+        lambda c: ["'lr0.05'", "key=value"], "tools.pipeline --set"),
+    Row("pipeline_generator_set_unknown_key", lambda c: _pipeline(c, "--generator-set", "gen_lrr=1e-3"),
+        ConfigError, lambda c: ["'gen_lrr'", "gen_lr"], "tools.pipeline --generator-set"),
+    Row("pipeline_negative_steps", lambda c: _pipeline(c, "--steps", "-1"), SystemExit,
+        lambda c: ["--steps", "-1"], "tools.pipeline --steps"),
+    Row("pipeline_negative_generator_steps", lambda c: _pipeline(c, "--generator-steps", "-2"), SystemExit,
+        lambda c: ["--generator-steps", "-2"], "tools.pipeline --generator-steps"),
     # ---- tools.make_toy_data (all refused before anything is rendered) ----
     Row("toy_out_is_a_file", lambda c: _toy(c, "--out", str(_a_file(c))), SystemExit,
         lambda c: ["--out", str(c.tmp / "not_a_folder.txt"), "is a file"], "tools.make_toy_data --out"),

@@ -28,7 +28,7 @@ if __name__ == "__main__" and not __package__:  # run as a path: import the repo
 from tqdm import tqdm
 
 from utils.checkpoint import write_json
-from utils.cli import ArgumentParser, run_command
+from utils.cli import ArgumentParser, non_negative_int, run_command
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = ("toy_clean", "toy_target")
@@ -109,8 +109,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__)
     p.add_argument("--out", required=True, help="output folder (stages already there are skipped)")
     p.add_argument("--data", default=str(REPO / "data" / "toy"), help="toy data folder (generated when missing)")
-    p.add_argument("--steps", type=int, default=0, help="optimizer steps of baseline and CFSM runs (0 = config)")
-    p.add_argument("--generator-steps", type=int, default=0, help="stage-1 steps (0 = config)")
+    p.add_argument("--steps", type=non_negative_int, default=0, help="optimizer steps of baseline and CFSM runs (0 = config)")
+    p.add_argument("--generator-steps", type=non_negative_int, default=0, help="stage-1 steps (0 = config)")
     p.add_argument("--seed", type=int, default=2048, help="seed of both recognition runs")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra overrides for both recognition runs (e.g. num_epoch=3)")
@@ -141,6 +141,13 @@ def main(argv=None) -> dict:
          [py, "-m", "tools.style_grid", str(gen_file), "--faces", str(data), "--num-faces", "1",
           "--out", str(out / "style_grid")]),
     ]
+    # every training stage's config and overrides, checked before the first stage runs: a typo in --set or
+    # --generator-set would otherwise stop the pipeline minutes later, inside a stage's subprocess
+    from utils.config import load_config
+
+    for _, _, cmd in stages:
+        if cmd[1] in ("train.py", "train_generator.py"):
+            load_config(str(REPO / cmd[2]), cmd[3:])
     t0 = time.time()
     with tqdm(total=len(stages) + 1, unit="stage", dynamic_ncols=True) as bar:
         for name, done_marker, cmd in stages:
