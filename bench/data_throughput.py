@@ -1,6 +1,6 @@
 """Data pipeline throughput: read + decode + flip + normalise images/s from a ``.rec``.
 
-    python bench/data_throughput.py [--rec DIR] [--max-workers N] [--images N] [--repeats R]
+    python -m bench.data_throughput [--rec DIR] [--max-workers N] [--images N] [--repeats R]
 
 Default data: the toy benchmark (``data/toy``, generated if missing). Measures (1) one process, no workers, best of
 ``--repeats`` passes -> ``images_per_sec_per_core``; (2) a DataLoader with 1..N workers (batch 128). The last line of

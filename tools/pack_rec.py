@@ -1,6 +1,6 @@
 """Pack an image folder (one sub-folder per identity) into InsightFace ``train.rec``/``train.idx``/``property``.
 
-    python tools/pack_rec.py IMAGE_FOLDER OUT_DIR [--workers N] [--quality 95] [--overwrite] [--skip-bad]
+    python -m tools.pack_rec IMAGE_FOLDER OUT_DIR [--workers N] [--quality 95] [--overwrite] [--skip-bad]
 
 Labels follow the sorted sub-folder order. Images must be aligned 112x112 crops. JPEG files are stored as they are
 (no generation loss) after a decode check; other formats are re-encoded as JPEG. Decoding/encoding runs in a
