@@ -185,7 +185,7 @@ def test_load_generator_infers_dimensions(tmp_path):
 
 
 def test_load_generator_errors(tmp_path, gen):
-    with pytest.raises(FileNotFoundError, match=r"nope\.pth.*cfsm\.train.*README"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.pth.*train_generator\.py.*README"):
         load_generator(tmp_path / "nope.pth")
     torch.save({"state_dict": {}, "epoch": 3}, tmp_path / "other.pth")
     with pytest.raises(KeyError, match=r"G_state_dict.*'epoch', 'state_dict'"):
