@@ -465,6 +465,15 @@ def _embed(ctx: Ctx, *args: str, images: Path | None = None) -> None:
                 "--network", "r_tiny", "--device", "cpu", "--workers", "0", "--out", str(ctx.tmp / "emb"), *args])
 
 
+def _report(ctx: Ctx, *args: str, generator: Path | None = None) -> None:
+    from tools import style_report
+
+    style_report.main([str(generator or ctx.generator), "--faces", str(ctx.toy), "--id-model",
+                       str(_backbone_file(ctx, "r_tiny", 32)), "--id-network", "r_tiny", "--target-faces",
+                       str(ctx.toy / "target_faces"), "--out", str(ctx.tmp / "report"), "--num-faces", "2",
+                       "--num-target-faces", "2", "--directions", "1", "--device", "cpu", *args])
+
+
 def _pipeline(ctx: Ctx, *args: str) -> None:
     from tools import pipeline
 
@@ -634,6 +643,34 @@ ROWS += [
         lambda c: [MISSING, "neither a folder nor a .txt list"], "tools.embed images"),
     Row("embed_out_is_a_file", lambda c: _embed(c, "--out", str(_a_file(c))), EvalInputError,
         lambda c: ["--out", str(c.tmp / "not_a_folder.txt"), "is a file"], "tools.embed --out"),
+    # ---- tools.style_report ----
+    Row("report_not_a_generator", lambda c: _report(c, generator=_backbone_file(c, "r_tiny", 32)), KeyError,
+        lambda c: [str(c.tmp / "r_tiny_32.pt"), "G_state_dict"], "tools.style_report generator"),
+    Row("report_faces_missing", lambda c: _report(c, "--faces", MISSING), FileNotFoundError,
+        lambda c: ["--faces", MISSING], "tools.style_report --faces"),
+    Row("report_id_model_missing", lambda c: _report(c, "--id-model", str(c.tmp / "id.pt")), CheckpointError,
+        lambda c: [str(c.tmp / "id.pt"), "not found"], "tools.style_report --id-model"),
+    Row("report_id_network_other", lambda c: _report(c, "--id-network", "mbf_tiny"), CheckpointError,
+        lambda c: [str(c.tmp / "r_tiny_32.pt"), "first mismatching key"], "tools.style_report --id-network"),
+    Row("report_id_embedding_size_wrong", lambda c: _report(c, "--id-embedding-size", "64"), CheckpointError,
+        lambda c: [str(c.tmp / "r_tiny_32.pt"), "embedding size"], "tools.style_report --id-embedding-size"),
+    Row("report_target_faces_missing", lambda c: _report(c, "--target-faces", MISSING), FileNotFoundError,
+        lambda c: ["--target-faces", MISSING], "tools.style_report --target-faces"),
+    Row("report_out_is_a_file", lambda c: _report(c, "--out", str(_a_file(c))), EvalInputError,
+        lambda c: ["--out", str(c.tmp / "not_a_folder.txt"), "is a file"], "tools.style_report --out"),
+    Row("report_one_face", lambda c: _report(c, "--num-faces", "1"), SystemExit,
+        lambda c: ["--num-faces", "got 1"], "tools.style_report --num-faces"),
+    Row("report_no_target_faces", lambda c: _report(c, "--num-target-faces", "0"), UsageError,
+        lambda c: ["--num-target-faces", "got 0"], "tools.style_report --num-target-faces"),
+    Row("report_no_directions", lambda c: _report(c, "--directions", "0"), UsageError,
+        lambda c: ["--directions", "got 0"], "tools.style_report --directions"),
+    Row("report_distance_range_degenerate", lambda c: _report(c, "--distance-range", "2", "2", "0.1", "0.5"),
+        UsageError, lambda c: ["--distance-range", "[2.0, 2.0, 0.1, 0.5]", "LA and UA must differ"],
+        "tools.style_report --distance-range"),
+    Row("report_seed_not_an_integer", lambda c: _report(c, "--seed", "x"), SystemExit,
+        lambda c: ["--seed", "'x'"], "tools.style_report --seed"),
+    Row("report_device_not_a_device", lambda c: _report(c, "--device", "gpu"), UsageError,
+        lambda c: ["--device 'gpu'"], "tools.style_report --device"),
     # ---- tools.pipeline (checked before its first stage starts) ----
     Row("pipeline_set_without_equals", lambda c: _pipeline(c, "--set", "lr0.05"), ConfigError,
         lambda c: ["'lr0.05'", "key=value"], "tools.pipeline --set"),
@@ -665,7 +702,7 @@ ROWS += [
 # Commands whose every non-flag input must have a row above ("eval" rows cover eval.common.add_model_args once).
 CLI_MODULES = ("eval.ijb", "eval.tinyface", "eval.ijbs", "eval.verification", "tools.compare_faces",
                "tools.style_grid", "tools.dataset_similarity", "tools.make_toy_data", "tools.export_onnx",
-               "tools.embed")
+               "tools.embed", "tools.style_report")
 SHARED_MODEL_ARGS = ("--model", "--network", "--embedding-size", "--device", "--batch-size", "--workers")
 MODEL_ARG_MODULES = ("eval.ijb", "eval.tinyface", "eval.ijbs", "eval.verification", "tools.embed")  # add_model_args
 NOT_YET_COVERED: set[str] = set()  # "<command> <input>" pairs waiting for a row (none)

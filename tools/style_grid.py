@@ -24,13 +24,15 @@ import torch
 from utils.cli import ArgumentParser, run_command
 
 
-def load_faces(faces: str | Path, num_faces: int, seed: int = 0) -> torch.Tensor:
-    """``num_faces`` faces as a [-1, 1] [N,3,112,112] batch, picked evenly (deterministic) from ``faces``."""
+def load_faces(faces: str | Path, num_faces: int, seed: int = 0, flag: str = "--faces",
+               count_flag: str = "--num-faces") -> torch.Tensor:
+    """``num_faces`` faces as a [-1, 1] [N,3,112,112] batch, picked evenly (deterministic) from ``faces``; errors
+    name the command's options ``flag`` / ``count_flag``."""
     from cfsm.target_data import TargetFaceDataset
 
     path = Path(faces)
     if num_faces < 1:
-        raise ValueError(f"--num-faces must be >= 1, got {num_faces}")
+        raise ValueError(f"{count_flag} must be >= 1, got {num_faces}")
     if path.is_file() and path.suffix == ".rec":
         path = path.parent
     if path.is_dir() and (path / "train.rec").is_file():
@@ -40,7 +42,7 @@ def load_faces(faces: str | Path, num_faces: int, seed: int = 0) -> torch.Tensor
         # spread over the file: neighbouring records are usually the same identity
         picks = np.linspace(0, ds.num_images - 1, num_faces).round().astype(int)
         return torch.stack([ds[(int(i), False)][0] for i in picks])
-    ds = TargetFaceDataset(path, key="--faces")
+    ds = TargetFaceDataset(path, key=flag)
     picks = np.linspace(0, len(ds) - 1, num_faces).round().astype(int)
     return torch.stack([ds[(int(i), False)] for i in picks])
 

@@ -20,7 +20,7 @@ if __name__ == "__main__" and not __package__:  # run as a path: import the repo
 
 import torch
 
-from utils.cli import ArgumentParser, resolve_device, run_command
+from utils.cli import ArgumentParser, UsageError, resolve_device, run_command
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,14 +48,25 @@ def main(argv=None) -> dict:
     from eval.common import load_backbone
     from tools.style_grid import load_faces
 
+    from eval.common import check_output_folder
+
     args = parse_args(argv)
     if args.num_faces < 2:
         raise SystemExit(f"--num-faces must be >= 2, got {args.num_faces}")
+    # checked before any model is loaded or face measured
+    if args.num_target_faces < 1:
+        raise UsageError(f"--num-target-faces must be >= 1, got {args.num_target_faces}")
+    if args.directions < 1:
+        raise UsageError(f"--directions must be >= 1, got {args.directions}")
+    if args.distance_range[0] == args.distance_range[1]:
+        raise UsageError(f"--distance-range {list(args.distance_range)}: LA and UA must differ (d* divides by UA - LA)")
+    check_output_folder(args.out)
     device = resolve_device(args.device)
     generator = load_generator(args.generator).to(device).eval()
     id_net = load_backbone(args.id_model, args.id_network, args.id_embedding_size, device)
     faces = load_faces(args.faces, args.num_faces, args.seed)
-    target_faces = load_faces(args.target_faces, args.num_target_faces, args.seed)
+    target_faces = load_faces(args.target_faces, args.num_target_faces, args.seed, "--target-faces",
+                              "--num-target-faces")
     report = write_style_report(generator, id_net, faces, target_faces, Path(args.out), tuple(args.distance_range),
                         args.directions, args.seed)
     print(f"style report: {Path(args.out) / 'style_report.png'}", file=sys.stderr)
