@@ -28,7 +28,7 @@ from cfsm import Generator
 from losses import margin_loss_from_config
 from partial_fc import PartialFC
 from train import make_train_step
-from utils.cli import ArgumentParser, run_command
+from utils.cli import ArgumentParser, resolve_device, run_command
 from utils.config import base_config
 from utils.distributed import DistEnv
 from utils.optim import PolyScheduler, build_optimizer, mixed_precision
@@ -65,12 +65,11 @@ def build_step(network: str, batch_size: int, device: torch.device, amp: str, ch
     return step
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = ArgumentParser(description=__doc__)
+def add_step_args(p: ArgumentParser, batch_size: int) -> None:
+    """The arguments of `build_step`, shared by this profiler and bench/step_cost.py."""
     p.add_argument("--network", default="r50", help="backbones.get_model name")
-    p.add_argument("--batch-size", type=int, default=128, help="images per step")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="auto (CUDA when available, else CPU), cpu or cuda")
+    p.add_argument("--batch-size", type=int, default=batch_size, help="images per step")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
     p.add_argument("--amp", default="none", choices=["none", "fp16", "bf16"],
                    help="autocast precision: none, fp16 or bf16")
     p.add_argument("--channels-last", action="store_true",
@@ -79,6 +78,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--k", type=int, default=1, help="attack steps (train.py's k)")
     p.add_argument("--gen-dim", type=int, default=64, help="generator base width (released: 64)")
     p.add_argument("--num-classes", type=int, default=1000, help="Partial FC classes")
+
+
+def step_from_args(args) -> tuple[torch.device, Callable[..., float]]:
+    """(device, build_step(...)) from the arguments of `add_step_args`; cuDNN autotuning on CUDA."""
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return device, build_step(args.network, args.batch_size, device, args.amp, args.channels_last, args.rs_ratio,
+                              args.k, args.gen_dim, args.num_classes)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = ArgumentParser(description=__doc__)
+    add_step_args(p, batch_size=128)
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps")
     p.add_argument("--steps", type=int, default=3, help="profiled steps")
     p.add_argument("--top", type=int, default=15, help="rows of the operator table")
@@ -86,12 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="write a Chrome trace (chrome://tracing, Perfetto) here (default: none)")
     args = p.parse_args(argv)
 
-    use_cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
-    device = torch.device("cuda" if use_cuda else "cpu")
-    if use_cuda:
-        torch.backends.cudnn.benchmark = True
-    step = build_step(args.network, args.batch_size, device, args.amp, args.channels_last, args.rs_ratio, args.k,
-                      args.gen_dim, args.num_classes)
+    device, step = step_from_args(args)
+    use_cuda = device.type == "cuda"
 
     def sync() -> None:
         if use_cuda:

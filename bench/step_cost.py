@@ -21,38 +21,22 @@ if __name__ == "__main__" and not __package__:  # run as a path: import the repo
 
 import torch
 
-from bench.profile_step import build_step
+from bench.profile_step import add_step_args, step_from_args
 from cfsm.attack import split_counts
 from utils.cli import ArgumentParser, run_command
 
 
 def main(argv=None) -> dict:
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--network", default="r50", help="backbones.get_model name")
-    p.add_argument("--batch-size", type=int, default=8, help="images per step")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="auto (CUDA when available, else CPU), cpu or cuda")
-    p.add_argument("--amp", default="none", choices=["none", "fp16", "bf16"],
-                   help="autocast precision: none, fp16 or bf16")
+    add_step_args(p, batch_size=8)
     p.add_argument("--reps", type=int, default=5, help="timed steps per variant (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps")
-    p.add_argument("--rs-ratio", type=float, default=0.75, help="share of clean images per batch (train.py's rs_ratio)")
-    p.add_argument("--k", type=int, default=1, help="attack steps (train.py's k)")
-    p.add_argument("--gen-dim", type=int, default=64, help="generator base width (released: 64)")
-    p.add_argument("--num-classes", type=int, default=1000, help="Partial FC classes")
-    p.add_argument("--channels-last", action="store_true",
-                   help="run backbone and generator in channels_last memory format")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     args = p.parse_args(argv)
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          args.device if args.device != "auto" else "cpu")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    train_step = build_step(args.network, args.batch_size, device, args.amp, args.channels_last, args.rs_ratio,
-                            args.k, args.gen_dim, args.num_classes)
+    device, train_step = step_from_args(args)
 
     def step(cfsm: bool) -> float:
         if device.type == "cuda":

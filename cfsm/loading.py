@@ -8,6 +8,8 @@ from collections.abc import Mapping
 
 import torch
 
+from utils.checkpoint import state_dict_mismatch  # the strict-load check the backbones use too
+
 from .networks import Generator
 
 __all__ = ["load_generator", "generator_from_state_dict", "infer_generator_config", "identify_backbone",
@@ -60,16 +62,10 @@ def generator_from_state_dict(sd: Mapping[str, torch.Tensor], source: str = "<st
     """
     cfg = infer_generator_config(sd, source)
     gen = Generator(**cfg)
-    own = gen.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    if missing or unexpected:
-        raise KeyError(f"{source}: generator state dict does not match Generator({cfg}): "
-                       f"missing keys {missing[:10]}, unexpected keys {unexpected[:10]}")
-    for k, t in own.items():
-        if tuple(sd[k].shape) != tuple(t.shape):
-            raise ValueError(f"{source}: key {k!r} has shape {list(sd[k].shape)} in the file but "
-                             f"{list(t.shape)} in Generator({cfg})")
+    problem = state_dict_mismatch({k: v.shape for k, v in gen.state_dict().items()}, sd)
+    if problem is not None:  # KeyError for a key-set mismatch, ValueError for a shape mismatch (as documented)
+        error = KeyError if problem.startswith("first mismatching key") else ValueError
+        raise error(f"{source}: generator state dict does not match Generator({cfg}): {problem}")
     gen.load_state_dict(dict(sd), strict=True)
     if freeze:
         gen.requires_grad_(False)
@@ -111,19 +107,6 @@ def load_generator(path: str | os.PathLike, map_location: str | torch.device = "
 
 # ---- stage-1 input files ------------------------------------------------------------------------------------------
 
-def _state_mismatch(expected: Mapping[str, torch.Size], state: Mapping[str, torch.Tensor]) -> str | None:
-    """What differs between a model's key -> shape table and a state dict, or None when they match."""
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        first = missing[0] if missing else unexpected[0]
-        return f"first mismatching key '{first}' ({len(missing)} missing, {len(unexpected)} unexpected keys)"
-    for key, shape in expected.items():
-        if tuple(state[key].shape) != tuple(shape):
-            return f"key '{key}' has shape {list(state[key].shape)} in the file, the model expects {list(shape)}"
-    return None
-
-
 def _backbone_shapes(network: str, embedding_size: int) -> dict[str, torch.Size]:
     """Key -> shape of a backbone's state dict, built on the meta device (no memory, no init cost)."""
     from backbones import get_model
@@ -143,7 +126,7 @@ def identify_backbone(state: Mapping[str, torch.Tensor]) -> tuple[str, int] | No
     if not sizes:
         return None
     for name in BACKBONE_NAMES:
-        if _state_mismatch(_backbone_shapes(name, sizes[-1]), state) is None:
+        if state_dict_mismatch(_backbone_shapes(name, sizes[-1]), state) is None:
             return name, sizes[-1]
     return None
 
@@ -159,7 +142,7 @@ def _identity_state(path: str | os.PathLike, network: str, embedding_size: int,
         raise CheckpointError(f"config key 'id_network' = {network!r}: not a backbone; choices: "
                               f"{', '.join(BACKBONE_NAMES)}")
     state = load_state_dict_file(path)
-    problem = _state_mismatch(_backbone_shapes(network, embedding_size), state)
+    problem = state_dict_mismatch(_backbone_shapes(network, embedding_size), state)
     if problem is not None:
         found = identify_backbone(state)
         fix = (f"the file holds a {found[0]} with {found[1]}-d embeddings: set id_network={found[0]} "
@@ -214,7 +197,7 @@ def _generator_state(path: str | os.PathLike, gen_config: Mapping[str, int],
         raise CheckpointError(f"config key '{key}' = {path} holds a generator of another shape: "
                               f"{', '.join(differ)}. Set these keys to the file's values or drop {key}")
     with torch.device("meta"):
-        problem = _state_mismatch({k: v.shape for k, v in Generator(**gen_config).state_dict().items()}, state)
+        problem = state_dict_mismatch({k: v.shape for k, v in Generator(**gen_config).state_dict().items()}, state)
     if problem is not None:
         raise CheckpointError(f"config key '{key}' = {path} does not fit Generator({own}): {problem}")
     return dict(obj), state

@@ -71,7 +71,7 @@ def test_killed_writer_leaves_previous_checkpoint_intact(tmp_path):
 def test_strict_load_names_first_mismatching_key(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
     other = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 4))
-    with pytest.raises(ckpt.CheckpointError, match=r"1\.weight.*\(4, 3\).*\(1, 3\)"):
+    with pytest.raises(ckpt.CheckpointError, match=r"1\.weight.*\[4, 3\].*\[1, 3\]"):
         ckpt.load_state_dict_strict(model, other.state_dict(), "other.pt")
     with pytest.raises(ckpt.CheckpointError, match="first mismatching key '2.weight'"):
         ckpt.load_state_dict_strict(model, {**model.state_dict(), "2.weight": torch.zeros(1)}, "x.pt")

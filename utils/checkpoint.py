@@ -8,7 +8,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -129,18 +129,25 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return obj
 
 
-def load_state_dict_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load with a message that names the first mismatching key (architecture mismatch)."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
+def state_dict_mismatch(expected: Mapping[str, Sequence[int]], state: Mapping[str, torch.Tensor]) -> str | None:
+    """What differs between a model's key -> shape table and a state dict (the first mismatching key, or the first
+    key whose shape differs), or None when they match. The one strict-load check: backbones, identity networks and
+    generators all go through it."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
         first = missing[0] if missing else unexpected[0]
-        raise CheckpointError(
-            f"{source} does not match the model ({type(module).__name__}): first mismatching key '{first}' "
-            f"({len(missing)} missing, {len(unexpected)} unexpected keys). Is it another architecture?")
-    for key, tensor in own.items():
-        if tuple(state[key].shape) != tuple(tensor.shape):
-            raise CheckpointError(f"{source}: key '{key}' has shape {tuple(state[key].shape)}, the model expects "
-                                  f"{tuple(tensor.shape)}. Is it another architecture or embedding size?")
+        return f"first mismatching key '{first}' ({len(missing)} missing, {len(unexpected)} unexpected keys)"
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != tuple(shape):
+            return f"key '{key}' has shape {list(state[key].shape)} in the file, the model expects {list(shape)}"
+    return None
+
+
+def load_state_dict_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load with a message that names the first mismatching key (architecture mismatch)."""
+    problem = state_dict_mismatch({k: v.shape for k, v in module.state_dict().items()}, state)
+    if problem is not None:
+        raise CheckpointError(f"{source} does not match the model ({type(module).__name__}): {problem}. "
+                              f"Is it another architecture or embedding size?")
     module.load_state_dict(state, strict=True)
