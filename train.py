@@ -23,18 +23,18 @@ from cfsm import load_generator
 from cfsm.attack import AttackStats, adversarial_mix, frozen_stats, split_counts
 from cfsm.visualize import clean_vs_synth_grid
 from dataset import build_dataset
-from utils.degrade import Degradation
 from eval.verification_callback import verification_for_run
 from losses import margin_loss_from_config
 from partial_fc import PartialFC
 from utils import checkpoint as ckpt
 from utils.cli import run_command
 from utils.config import ConfigError, load_config, parse_launch_args
+from utils.degrade import Degradation
 from utils.distributed import DistEnv, agree_any, agreed_call, all_ranks_ok, cleanup, init_distributed
 from utils.optim import PolyScheduler, build_optimizer, mixed_precision
 from utils.run import Run
-from utils.step_state import StepState
 from utils.run_state import Resumed, load_optimizer_keeping_config, load_scheduler_keeping_config
+from utils.step_state import StepState
 
 Batch = Sequence[tuple[torch.Tensor, torch.Tensor]]  # the gradient_acc (images, labels) micro-batches of one step
 
