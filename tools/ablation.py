@@ -26,6 +26,7 @@ if __name__ == "__main__" and not __package__:  # run as a path: import the repo
 
 import numpy as np
 
+from utils.checkpoint import write_json
 from utils.cli import ArgumentParser, run_command
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,7 +123,7 @@ def main(argv=None) -> dict:
         table["style_report"] = {k: style_report[k] for k in (
             "id_distance_o0", "id_distance_by_magnitude", "magnitude_spearman", "recon_l1", "direction_effect",
             "direction_distinctness", "sharpness", "goals_met") if k in style_report}
-    (out / "ablation.json").write_text(json.dumps(table, indent=1))
+    write_json(table, out / "ablation.json")  # atomic: a stopped run never leaves half a table
     lines = [f"{'method':<12}" + "".join(f"{t:>18}" for t in TARGETS) + f"{'attack gain':>18}"]
     for method, row in table["methods"].items():
         gain = row["attack_gain"]

@@ -7,7 +7,6 @@ loop over `Run.step_batches`.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -236,7 +235,7 @@ class Run:
             summary = {"config": dict(self.cfg), "steps": step, "epochs": self.plan.epochs_done(step),
                        **results(), "samples_per_sec": self.meter.mean(step),
                        "wall_s": time.time() - self.start_time}
-            ckpt.atomic_write_text(json.dumps(summary, indent=1, default=str), self.output / "summary.json")
+            ckpt.write_json(summary, self.output / "summary.json")
             if self.writer is not None:
                 self.writer.close()
         barrier(self.env)

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 import torch
 
-from utils.checkpoint import CheckpointError, atomic_save, atomic_write_text, safe_load
+from utils.checkpoint import CheckpointError, atomic_save, safe_load, write_json
 
 COMPLETE = "COMPLETE"
 LOCK_NAME = ".lock"
@@ -98,7 +98,7 @@ def rank_file(directory: Path, rank: int) -> Path:
 
 
 def mark_complete(directory: Path, meta: dict) -> None:
-    atomic_write_text(json.dumps(meta, indent=1, default=str), directory / COMPLETE)
+    write_json(meta, directory / COMPLETE)
 
 
 def complete_checkpoints(output: str | os.PathLike) -> list[tuple[int, Path, dict]]:
