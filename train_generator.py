@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from cfsm import Generator, MultiDiscriminator
 from cfsm.loading import check_stage1_files, init_generator_from_file, load_identity_network
 from cfsm.stage1 import STYLE_SAMPLINGS, check_lambda_schedule, identity_loss, is_synthesis_step, lambda_id_at, \
-    lsgan_loss, sample_style, split_outputs, target_distance
+    lsgan_loss, mode_seeking_loss, sample_style, split_outputs, target_distance
 from cfsm.style_report import report_from_datasets, report_scalars
 from cfsm.target_data import TargetBatchSampler, TargetFaceDataset
 from cfsm.visualize import save_png, training_samples_grid
@@ -78,6 +78,9 @@ def validate_stage1(cfg: EasyDict) -> None:
          f"({cfg.gen_latent_dim}): the basis U spans a subspace of the latent space")
     need(cfg.gen_lr > 0, "gen_lr", "must be > 0")
     need(isinstance(cfg.lambda_rec, (int, float)) and cfg.lambda_rec >= 0, "lambda_rec", "must be a number >= 0")
+    need(isinstance(cfg.lambda_diversity, (int, float)) and cfg.lambda_diversity >= 0, "lambda_diversity",
+         "must be a number >= 0 (0 = no mode-seeking term)")
+    need(cfg.gen_input_skip in Generator.INPUT_SKIPS, "gen_input_skip", f"must be one of {Generator.INPUT_SKIPS}")
     need(cfg.style_sampling in STYLE_SAMPLINGS, "style_sampling", f"must be one of {STYLE_SAMPLINGS}")
     need(isinstance(cfg.dis_dim, int) and cfg.dis_dim > 0, "dis_dim", "must be a positive integer")
     need(isinstance(cfg.style_report_faces, int) and cfg.style_report_faces >= 0, "style_report_faces",
@@ -119,6 +122,10 @@ def make_train_step(cfg: EasyDict, env: DistEnv, G: torch.nn.Module, D: torch.nn
         sources = sources.to(env.device, non_blocking=True)
         targets = targets.to(env.device, non_blocking=True)
         synthesis = is_synthesis_step(step)
+        pairs = synthesis and cfg.lambda_diversity > 0 and sources.shape[0] >= 2
+        if pairs:  # mode seeking: the second half = the first half's faces, each with a second style
+            half = sources.shape[0] // 2
+            sources = torch.cat([sources[:half], sources[:half], sources[2 * half:]])
         if synthesis:
             style = sample_style(sources.shape[0], G.style_dim, style_rng, cfg.style_sampling,
                                  distance_range[1]).to(env.device)
@@ -151,6 +158,10 @@ def make_train_step(cfg: EasyDict, env: DistEnv, G: torch.nn.Module, D: torch.nn
             loss_id = identity_loss(emb_src, emb_fake, target_distance(style, distance_range))
             loss_g = loss_gan + lambda_id * loss_id + regu.float()
             losses = {"g_gan": loss_gan.detach(), "id": loss_id.detach()}
+            if pairs:
+                loss_div = mode_seeking_loss(fake[:half], fake[half:2 * half], style[:half], style[half:2 * half])
+                loss_g = loss_g + cfg.lambda_diversity * loss_div
+                losses["div"] = loss_div.detach()
         else:
             loss_rec = (fake.float() - sources.float()).abs().mean()
             loss_g = cfg.lambda_rec * loss_rec + regu.float()
@@ -177,7 +188,7 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
         id_net = load_identity_network(cfg.id_model, cfg.id_network, cfg.id_embedding_size, env.device)
         G = Generator(dim=cfg.gen_dim, n_residual=cfg.gen_n_residual, n_downsample=cfg.gen_n_downsample,
                       latent_dim=cfg.gen_latent_dim, style_dim=cfg.gen_style_dim,
-                      input_color_skip=cfg.gen_input_color_skip)
+                      input_skip=cfg.gen_input_skip)
         D = MultiDiscriminator(dim=cfg.dis_dim)
         if cfg.init_generator:
             with_d = init_generator_from_file(cfg.init_generator, G, D)

@@ -19,7 +19,7 @@ __all__ = ["load_generator", "generator_from_state_dict", "infer_generator_confi
 # Generator constructor argument -> the stage-1 config key that sets it (the others are fixed by the trainer)
 GENERATOR_CONFIG_KEYS = {"dim": "gen_dim", "n_downsample": "gen_n_downsample", "n_residual": "gen_n_residual",
                          "latent_dim": "gen_latent_dim", "style_dim": "gen_style_dim",
-                         "input_color_skip": "gen_input_color_skip"}
+                         "input_skip": "gen_input_skip"}
 
 _HOW_TO_GET = ("Train one with stage 1 (`python train_generator.py configs/cfsm_<name>`), or download a released "
                "generator (e.g. WiderFace70K.pth, IJB-S.pth) listed in the CFSM repository README "
@@ -50,7 +50,8 @@ def infer_generator_config(sd: Mapping[str, torch.Tensor], source: str = "<state
         latent_dim=int(u.shape[1]),
         style_dim=int(u.shape[0]),
         mlp_dim=int(sd["decoder.mlp.model.0.weight"].shape[0]),
-        input_color_skip="input_color_skip_marker" in sd,  # stage-1 option; released generators lack the marker
+        # stage-1 option; released generators lack the markers
+        input_skip=next((mode for mode in Generator.INPUT_SKIPS[1:] if f"input_{mode}_skip_marker" in sd), "none"),
     )
 
 

@@ -225,39 +225,71 @@ class Generator(nn.Module):
     `n_residual` is the decoder's block count; the encoder uses `n_residual_encoder` (3, as the released model,
     whose encoder ignores n_residual).
 
-    `input_color_skip` (off in the released models): the content encoder's InstanceNorm makes G blind to each
-    image's mean colour (G(a x + b, o) = G(x, o) for any per-channel shift b and scale a > 0), and CFSM has no style
-    encoder to carry it, so G(x, 0) cannot reconstruct x when mean colours vary (toy faces: L1 >= 0.24 whatever the
-    training). With the skip, `encode` appends x's per-channel mean as 3 constant channels to the content code and
-    `decode` adds atanh(mean) before the final tanh: the network learns the image around its own mean colour, and
-    styles still shift colours freely. No parameters: the state dict gains only the marker buffer
-    `input_color_skip`, by which `cfsm.load_generator` recognises such a generator (released files lack it).
+    `input_skip` (``"none"`` in the released models; a stage-1 option, see README "Toy results"):
+    * ``"color"``: the content encoder's InstanceNorm makes G blind to each image's mean colour
+      (G(a x + b, o) = G(x, o) for any per-channel shift b and scale a > 0) and CFSM has no style encoder to carry
+      it, so G(x, 0) cannot reconstruct x when mean colours vary (toy faces: L1 >= 0.24 whatever the training).
+      `encode` appends x's per-channel mean as constant channels to the content code, `decode` adds atanh(mean)
+      before the final tanh.
+    * ``"image"`` / ``"half"`` / ``"lowpass"``: the same for the input itself at full resolution / average-pooled 2x /
+      pooled to the content grid (2^n_downsample): `encode` appends it, pixel-unshuffled onto the content code's
+      grid (lossless), and `decode` adds atanh(it, bilinearly upsampled) before the final tanh, so the decoder
+      learns a residual on the input. G(x, 0) = x is then close at hand instead of having to be rebuilt from the
+      content code, and styles still change colour, blur and noise freely (pre-tanh, any output is reachable).
+      The pooling sets the default sharpness: toy faces through "image" keep their detail (styles must learn to
+      remove it), through "lowpass" lose more than the toy target style does, "half" sits at the target's.
+    No parameters in any mode: the state dict gains only the marker buffer `input_<mode>_skip_marker`, by which
+    `cfsm.load_generator` recognises the option (released files lack it and load unchanged).
     """
+
+    INPUT_SKIPS = ("none", "color", "image", "half", "lowpass")
 
     def __init__(self, in_channels: int = 3, dim: int = 64, n_residual: int = 3, n_downsample: int = 2,
                  latent_dim: int = 128, style_dim: int = 10, mlp_dim: int = 256, n_residual_encoder: int = 3,
-                 input_color_skip: bool = False) -> None:
+                 input_skip: str = "none") -> None:
         super().__init__()
+        if input_skip not in self.INPUT_SKIPS:
+            raise ValueError(f"Generator input_skip must be one of {self.INPUT_SKIPS}, got {input_skip!r}")
         self.style_dim, self.latent_dim = style_dim, latent_dim
-        self.in_channels, self.input_color_skip = in_channels, bool(input_color_skip)
+        self.in_channels, self.input_skip, self.n_downsample = in_channels, input_skip, n_downsample
         self.config = dict(in_channels=in_channels, dim=dim, n_residual=n_residual, n_downsample=n_downsample,
                            latent_dim=latent_dim, style_dim=style_dim, mlp_dim=mlp_dim,
                            n_residual_encoder=n_residual_encoder)
-        if self.input_color_skip:  # only then: released state dicts keep their exact key set
-            self.config["input_color_skip"] = True
-            self.register_buffer("input_color_skip_marker", torch.ones(()))
+        if input_skip != "none":  # only then: released state dicts keep their exact key set
+            self.config["input_skip"] = input_skip
+            self.register_buffer(f"input_{input_skip}_skip_marker", torch.ones(()))
         self.encoder = ContentEncoder(in_channels, dim, n_residual_encoder, n_downsample)
         self.decoder = Decoder(in_channels, self.encoder.out_channels, n_residual, n_downsample, latent_dim, mlp_dim)
         self.pca = SubspaceLayer(dim=latent_dim, n_basis=style_dim)
 
+    @property
+    def input_color_skip(self) -> bool:
+        return self.input_skip == "color"
+
+    def _skip_pool(self) -> int:
+        """Average-pooling factor of the image skip: 1 = full resolution, 2**n_downsample = the content grid."""
+        return {"image": 1, "half": 2, "lowpass": 2 ** self.n_downsample}[self.input_skip]
+
+    def _skip_channels(self) -> int:
+        if self.input_skip == "none":
+            return 0
+        if self.input_skip == "color":
+            return self.in_channels
+        return self.in_channels * (2 ** self.n_downsample // self._skip_pool()) ** 2
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Content code [B, dim·2^n_downsample (+ in_channels with input_color_skip), H/2^n, W/2^n]; independent of
+        """Content code [B, dim·2^n_downsample (+ the skip channels of `input_skip`), H/2^n, W/2^n]; independent of
         the style code."""
         content = self.encoder(x)
-        if not self.input_color_skip:
+        if self.input_skip == "none":
             return content
-        mean = x.float().mean(dim=(2, 3), keepdim=True).to(content.dtype)
-        return torch.cat([content, mean.expand(-1, -1, *content.shape[2:])], dim=1)
+        if self.input_skip == "color":
+            skip = x.float().mean(dim=(2, 3), keepdim=True).expand(-1, -1, *content.shape[2:])
+        else:
+            pool = self._skip_pool()
+            small = F.avg_pool2d(x.float(), pool) if pool > 1 else x.float()
+            skip = F.pixel_unshuffle(small, 2 ** self.n_downsample // pool)
+        return torch.cat([content, skip.to(content.dtype)], dim=1)
 
     def style_to_latent(self, o: torch.Tensor) -> torch.Tensor:
         if o.dim() != 2 or o.shape[1] != self.style_dim:
@@ -266,11 +298,19 @@ class Generator(nn.Module):
 
     def decode(self, content: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """Image [B, C, H, W] in [-1, 1] from a content code and a style code o."""
-        if not self.input_color_skip:
+        if self.input_skip == "none":
             return self.decoder(content, self.style_to_latent(o))
-        c = self.in_channels
-        mean = content[:, -c:, :1, :1].float().clamp(-0.999, 0.999)
-        return self.decoder(content[:, :-c], self.style_to_latent(o), pre_tanh_offset=torch.atanh(mean))
+        c = self._skip_channels()
+        skip = content[:, -c:].float()
+        if self.input_skip == "color":
+            offset = torch.atanh(skip[:, :, :1, :1].clamp(-0.999, 0.999))
+        else:  # pixels at +-1 clamped harder: the decoder can still move them both ways with a modest residual
+            pool = self._skip_pool()
+            image = F.pixel_shuffle(skip, 2 ** self.n_downsample // pool)
+            if pool > 1:
+                image = F.interpolate(image, scale_factor=pool, mode="bilinear", align_corners=False)
+            offset = torch.atanh(image.clamp(-0.99, 0.99))
+        return self.decoder(content[:, :-c], self.style_to_latent(o), pre_tanh_offset=offset)
 
     def regularizer(self) -> torch.Tensor:
         return self.pca.orthogonality()

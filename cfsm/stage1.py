@@ -2,6 +2,7 @@
 
 * synthesis iteration: ``L_G = LSGAN(D(G(x, o)) -> 1) + lambda_id * mean((1 - cos(f(x), f(G(x, o))) - d*)^2) + regu``
   with ``d* = lm + (|o| - la) (um - lm) / (ua - la)``;
+  (+ ``lambda_diversity * mode_seeking_loss`` when set: half the batch is the other half's faces with other styles);
 * reconstruction iteration (o = 0): ``L_G = mean|x - G(x, 0)| + regu``;
 * discriminator (every iteration): ``LSGAN(D(target) -> 1) + LSGAN(D(G(.).detach()) -> 0)``.
 """
@@ -12,7 +13,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["lambda_id_at", "check_lambda_schedule", "target_distance", "identity_loss", "lsgan_loss",
+__all__ = ["mode_seeking_loss", "lambda_id_at", "check_lambda_schedule", "target_distance", "identity_loss", "lsgan_loss",
            "split_outputs", "is_synthesis_step", "sample_style", "STYLE_SAMPLINGS"]
 
 STYLE_SAMPLINGS = ("gaussian", "uniform_magnitude")
@@ -55,6 +56,16 @@ def identity_loss(emb_source: torch.Tensor, emb_synth: torch.Tensor, target: tor
     """mean((1 - cos(f(x), f(G(x, o))) - d*)^2) in fp32 (embeddings need not be normalised)."""
     cos = F.cosine_similarity(emb_source.float(), emb_synth.float(), dim=1)
     return ((1.0 - cos) - target.float()).pow(2).mean()
+
+
+def mode_seeking_loss(fake_a: torch.Tensor, fake_b: torch.Tensor, style_a: torch.Tensor, style_b: torch.Tensor,
+                      eps: float = 1e-5) -> torch.Tensor:
+    """1 / (mean|G(x, a) - G(x, b)| / mean|a - b| + eps): small when two styles of the same faces differ as much
+    as their codes do (mode seeking, Mao et al., CVPR 2019). Without it an LSGAN generator drifts every style
+    towards one average target look and the basis directions stop being distinct variations."""
+    image_change = (fake_a.float() - fake_b.float()).abs().mean()
+    style_change = (style_a.float() - style_b.float()).abs().mean()
+    return 1.0 / (image_change / style_change.clamp_min(eps) + eps)
 
 
 def split_outputs(outputs) -> list[torch.Tensor]:

@@ -93,13 +93,14 @@ config.gen_n_downsample = 2              # generator down/up-sampling stages
 config.gen_n_residual = 3                # residual blocks in the generator decoder
 config.gen_latent_dim = 128              # latent size of the style subspace z = o @ U + mu
 config.gen_style_dim = 10                # style coefficient dimension (basis count)
-config.gen_input_color_skip = False      # hand the input's mean colour past the encoder's InstanceNorm (networks.py)
+config.gen_input_skip = "none"           # none (released) | color | image: input handed past the encoder (cfsm/networks.py)
 config.init_generator = None             # start stage 1 from this generator file (shared origin => comparable bases)
 config.gen_lr = 1e-4                     # Adam lr of generator and discriminator
 config.gen_betas = (0.5, 0.999)          # Adam betas
 config.lambda_id_schedule = [(0, 8.0), (5, 5.0), (8, 2.0)]  # (start_epoch, lambda_id) steps of the identity loss
 config.id_distance_range = (0.0, 6.0, 0.05, 0.65)  # (la, ua, lm, um): target distance d* grows with |o|
 config.lambda_rec = 1.0                  # weight of the L1 reconstruction at o = 0 (odd iterations)
+config.lambda_diversity = 0.0            # weight of a mode-seeking term on synthesis iterations (0 = off, as CFSM)
 config.style_sampling = "gaussian"       # synthesis styles: gaussian (o ~ N(0, I)) | uniform_magnitude (|o| ~ U(0, ua))
 config.dis_dim = 64                      # discriminator first-layer width (released discriminators: 64)
 config.style_report_faces = 32           # source faces of the end-of-run style report (cfsm/style_report.py; 0 = skip)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cfsm.stage1 import check_lambda_schedule, identity_loss, is_synthesis_step, lambda_id_at, lsgan_loss, \
-    target_distance
+    mode_seeking_loss, target_distance
 from cfsm.target_data import TargetBatchSampler, TargetFaceDataset, list_target_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,6 +41,19 @@ def test_target_distance_and_losses():
     assert lsgan_loss(outs, 1.0).item() == pytest.approx(1.0)
     assert lsgan_loss(outs, 0.0).item() == pytest.approx(1.0)
     assert [is_synthesis_step(s) for s in range(4)] == [True, False, True, False]
+
+
+def test_mode_seeking_loss_rewards_styles_that_change_the_image():
+    a, b = torch.zeros(2, 3, 4, 4), torch.full((2, 3, 4, 4), 0.5)
+    sa, sb = torch.zeros(2, 10), torch.ones(2, 10)
+    # image change 0.5 per unit of style change 1 -> 1 / 0.5
+    assert mode_seeking_loss(a, b, sa, sb).item() == pytest.approx(2.0, rel=1e-3)
+    # a collapsed generator (same image for both styles) is penalised heavily; a bigger change costs less
+    assert mode_seeking_loss(a, a, sa, sb).item() > 1e4
+    assert mode_seeking_loss(a, 2 * b, sa, sb) < mode_seeking_loss(a, b, sa, sb)
+    fa = a.clone().requires_grad_(True)
+    mode_seeking_loss(fa, b, sa, sb).backward()
+    assert (fa.grad > 0).all()  # lowering the loss pushes G(x, a) away from G(x, b)
 
 
 def test_target_sampler_no_repeats_across_ranks_and_resumable():
@@ -178,6 +191,13 @@ def test_steps_checkpoint_and_exact_resume(tiny):
 def test_bf16_steps_finite(tiny):
     summary = _run(_overrides(tiny, tiny["root"] / "bf16", max_steps=2, bf16=True))
     assert summary["finite"] and summary["steps"] == 2
+
+
+def test_mode_seeking_term_pairs_faces_with_two_styles(tiny):
+    summary = _run(_overrides(tiny, tiny["root"] / "div", max_steps=2, lambda_diversity=0.5))
+    assert summary["finite"] and summary["losses"]["div"] > 0  # the synthesis step (step 0) used the pairs
+    plain = _run(_overrides(tiny, tiny["root"] / "nodiv", max_steps=2, lambda_diversity=0.0))
+    assert "div" not in plain["losses"]
 
 
 def test_clear_errors(tiny, tmp_path):

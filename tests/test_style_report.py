@@ -117,7 +117,7 @@ def test_stage1_writes_the_report_and_checks_recipe_keys(tmp_path):
                 id_network="r_tiny", id_embedding_size=32, gen_dim=4, gen_latent_dim=16, gen_style_dim=3,
                 batch_size=4, max_steps=2, num_workers=0, tensorboard=False, image_every=0, save_every=0,
                 frequent=1, output=tmp_path / "out", seed=3, dis_dim=8, lambda_rec=10.0,
-                style_sampling="uniform_magnitude", style_report_faces=3, gen_input_color_skip=True)
+                style_sampling="uniform_magnitude", style_report_faces=3, gen_input_skip="image")
 
     def run(**extra):
         return train_generator.main(["configs/cfsm_toy"] + [f"{k}={v}" for k, v in {**keys, **extra}.items()])
@@ -131,8 +131,8 @@ def test_stage1_writes_the_report_and_checks_recipe_keys(tmp_path):
     d_state = torch.load(tmp_path / "out" / "generator.pth", weights_only=True)["D_state_dict"]
     assert d_state["models.disc_0.0.weight"].shape[0] == 8
     from cfsm import load_generator
-    assert load_generator(tmp_path / "out" / "generator.pth").input_color_skip
-    for key, bad in (("style_sampling", "laplace"), ("lambda_rec", -1.0), ("dis_dim", 0), ("style_report_faces", -2)):
+    assert load_generator(tmp_path / "out" / "generator.pth").input_skip == "image"
+    for key, bad in (("gen_input_skip", "pixels"), ("style_sampling", "laplace"), ("lambda_rec", -1.0), ("dis_dim", 0), ("style_report_faces", -2)):
         with pytest.raises(ConfigError, match=key):
             run(**{key: bad}, output=tmp_path / "bad")
 
@@ -145,7 +145,7 @@ def test_input_color_skip_restores_what_instance_norm_hides(tmp_path):
     shifted = 0.7 * x + torch.tensor([0.2, -0.1, 0.05])[None, :, None, None]
     o = torch.zeros(4, 3)
     released = Generator(dim=8, n_residual=1, latent_dim=16, style_dim=3).eval()
-    skip = Generator(dim=8, n_residual=1, latent_dim=16, style_dim=3, input_color_skip=True).eval()
+    skip = Generator(dim=8, n_residual=1, latent_dim=16, style_dim=3, input_skip="color").eval()
     skip.load_state_dict(released.state_dict(), strict=False)  # same weights; only the marker differs
     with torch.no_grad():
         # the defect: the released architecture cannot see a per-channel shift / global scale of its input
@@ -156,6 +156,36 @@ def test_input_color_skip_restores_what_instance_norm_hides(tmp_path):
     torch.save({"G_state_dict": skip.state_dict()}, tmp_path / "skip.pth")
     torch.save({"G_state_dict": released.state_dict()}, tmp_path / "released.pth")
     loaded = load_generator(tmp_path / "skip.pth")
-    assert loaded.input_color_skip and not load_generator(tmp_path / "released.pth").input_color_skip
+    assert loaded.input_skip == "color" and load_generator(tmp_path / "released.pth").input_skip == "none"
     with torch.no_grad():
         assert torch.allclose(loaded.decode(loaded.encode(x), o), a, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode,pool", [("image", 1), ("half", 2), ("lowpass", 4)])
+def test_input_image_skip_makes_the_decoder_a_residual_on_the_input(tmp_path, mode, pool):
+    from cfsm import load_generator
+
+    torch.manual_seed(0)
+    x = _faces(3).clamp(-0.98, 0.98)
+    o = torch.zeros(3, 3)
+    gen = Generator(dim=8, n_residual=1, latent_dim=16, style_dim=3, input_skip=mode).eval()
+    last = gen.decoder.model[-2]  # the 7x7 conv before tanh: zeroed, the decoder's residual is 0
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.zero_()
+        content = gen.encode(x)
+        # the (pooled) input travels in the content code, pixel-unshuffled onto its grid, and comes back
+        assert content.shape[1] == gen.encoder.out_channels + 3 * (4 // pool) ** 2 and content.shape[2:] == (28, 28)
+        expect = x if pool == 1 else F.interpolate(F.avg_pool2d(x, pool), scale_factor=pool, mode="bilinear",
+                                                   align_corners=False)
+        assert torch.allclose(gen.decode(content, o), expect, atol=1e-5)
+        assert torch.allclose(gen.decode(content, torch.randn(3, 3)), expect, atol=1e-5)  # style acts via residual
+    released = Generator(dim=8, n_residual=1, latent_dim=16, style_dim=3)
+    assert set(gen.state_dict()) - set(released.state_dict()) == {f"input_{mode}_skip_marker"}
+    torch.save({"G_state_dict": gen.state_dict()}, tmp_path / "skip.pth")
+    loaded = load_generator(tmp_path / "skip.pth")
+    assert loaded.input_skip == mode
+    with torch.no_grad():
+        assert torch.allclose(loaded(x, o)[1], expect, atol=1e-5)
+    with pytest.raises(ValueError, match="input_skip"):
+        Generator(dim=8, input_skip="pixels")
