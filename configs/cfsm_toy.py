@@ -6,10 +6,12 @@ Source = the toy training .rec (generated on first use), target = its unlabelled
 the toy baseline (r_tiny, 128-d). A narrow generator (gen_dim 16) and a step budget (max_steps) instead of epochs:
 one toy epoch at batch 8 is 900 steps, far beyond a few CPU minutes.
 
-The toy recipe (issue 12; measured by `tools/style_report.py`, README "Toy results"): the input-colour skip (the
-released architecture cannot reconstruct toy faces at o = 0, see cfsm/networks.py), reconstruction weighted 10x,
-styles sampled with |o| ~ U(0, 6) so the identity term has to make distance grow with |o|, a discriminator of width
-16 (the released width 64 is ten times the toy generator), lr 1e-3.
+The toy recipe (issue 12; measured by `tools/style_report.py`, README "Toy results"): the input handed past the
+encoder at half resolution (`gen_input_skip="half"`: the released architecture cannot reconstruct toy faces at o = 0
+in a few hundred steps, and half resolution starts the decoder at the target style's sharpness), reconstruction
+weighted 10x, styles sampled with |o| ~ U(0, 6) so the identity term (weight 15) has to make distance grow with |o|,
+a mode-seeking term so that the basis directions stay distinct variations, a discriminator of width 16 (the released
+width 64 is ten times the toy generator), lr 1e-3.
 """
 from pathlib import Path
 

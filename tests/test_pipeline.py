@@ -8,7 +8,7 @@ import pytest
 from tools import pipeline
 
 # Mean 10-fold accuracy over toy_clean and toy_target on 200 held-out pairs (40 new identities). Untrained r_tiny
-# (seeds 0, 1, 2) scored 0.61-0.66; after the toy configs' 5 epochs (30 steps here) baseline and CFSM both scored
+# (seeds 0, 1, 2) scored 0.61-0.66; after 5 epochs (30 steps here, set below) baseline and CFSM both scored
 # 0.73 (toy_clean 0.785 / 0.73). The pipeline's own 20-pair sets are too small to separate the two (5 % per pair).
 TRAINED_MEAN_MIN = 0.70
 
@@ -27,7 +27,7 @@ def _evaluate(model: Path, data: Path) -> dict[str, float]:
 def test_pipeline_stages_wired_and_resumable(mini_toy, tmp_path, capsys):
     run = tmp_path / "run"
     args = ["--out", str(run), "--data", str(mini_toy), "--generator-steps", "2",
-            "--set", "network=r_tiny", "batch_size=16", "num_workers=0", "val_targets=[]",
+            "--set", "network=r_tiny", "batch_size=16", "num_epoch=5", "num_workers=0", "val_targets=[]",
             "--generator-set", "batch_size=4", "num_workers=0", "style_report_faces=3"]
     results = pipeline.main(args)
     assert json.loads((run / "results.json").read_text()) == results

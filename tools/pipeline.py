@@ -170,9 +170,9 @@ def main(argv=None) -> dict:
     lines.append(f"\nresults: {out / 'results.json'}, chart: {out / 'results.png'}, "
                  f"style grid: {out / 'style_grid'}; {time.time() - t0:.0f} s")
     met = [name for name, goal in style["goals"].items() if goal["met"]]
-    lines.append(f"generator style report: {len(met)}/{len(style['goals'])} goals met (recon_l1 {style['recon_l1']:.3f}, "
-                 f"id distance at o=0 {style['id_distance_o0']:.3f}, Spearman {style['magnitude_spearman']:.2f}, "
-                 f"direction effect {style['direction_effect']:.3f})")
+    lines.append(f"generator style report: {len(met)}/{len(style['goals'])} goals met ("
+                 + ", ".join(f"{name} {goal['value']:.3f}{'' if goal['met'] else ' (not met)'}"
+                             for name, goal in style["goals"].items()) + ")")
     print("\n".join(lines), flush=True)
     return {**results, "generator_style_report": style}
 
