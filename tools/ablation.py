@@ -97,7 +97,10 @@ def main(argv=None) -> dict:
                 if args.steps:
                     cmd.append(f"max_steps={args.steps}")
                 print("$", " ".join(cmd), flush=True)
-                subprocess.run(cmd, cwd=REPO, check=True)
+                code = subprocess.run(cmd, cwd=REPO).returncode
+                if code != 0:  # the run printed its own error above; name the run and where its log is
+                    raise SystemExit(f"ablation run {method} seed {seed} failed (exit {code}); log: {run / 'train.log'}"
+                                     f"; finished runs in {out} are reused when you start the command again")
             summary = json.loads((run / "summary.json").read_text())
             cfg = summary["config"]
             accuracy = evaluate(run / "model.pt", cfg["network"], cfg["embedding_size"], data)
