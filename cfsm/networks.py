@@ -262,10 +262,6 @@ class Generator(nn.Module):
         self.decoder = Decoder(in_channels, self.encoder.out_channels, n_residual, n_downsample, latent_dim, mlp_dim)
         self.pca = SubspaceLayer(dim=latent_dim, n_basis=style_dim)
 
-    @property
-    def input_color_skip(self) -> bool:
-        return self.input_skip == "color"
-
     def _skip_pool(self) -> int:
         """Average-pooling factor of the image skip: 1 = full resolution, 2**n_downsample = the content grid."""
         return {"image": 1, "half": 2, "lowpass": 2 ** self.n_downsample}[self.input_skip]

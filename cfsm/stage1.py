@@ -13,8 +13,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["mode_seeking_loss", "lambda_id_at", "check_lambda_schedule", "target_distance", "identity_loss", "lsgan_loss",
-           "split_outputs", "is_synthesis_step", "sample_style", "STYLE_SAMPLINGS"]
+__all__ = ["lambda_id_at", "check_lambda_schedule", "target_distance", "identity_loss", "lsgan_loss",
+           "mode_seeking_loss", "split_outputs", "is_synthesis_step", "sample_style", "STYLE_SAMPLINGS"]
 
 STYLE_SAMPLINGS = ("gaussian", "uniform_magnitude")
 
