@@ -266,7 +266,8 @@ def build_dataset(
         return SyntheticDataset(num_classes, num_image)
     root = Path(os.path.expanduser(str(rec)))
     if not root.exists():
-        raise FileNotFoundError(f"dataset not found: {root}")
+        raise FileNotFoundError(f"dataset not found: {root}: set rec= to the folder holding train.rec/train.idx, or to "
+                                f"an image folder")
     if root.is_file():
         raise DataError(
             f"rec={str(rec)!r} is a file; rec is the folder holding train.rec and train.idx (or an image folder): "

@@ -116,7 +116,13 @@ def make_train_step(cfg: EasyDict, env: DistEnv, model: torch.nn.Module, backbon
 def train(cfg: EasyDict, env: DistEnv) -> dict | None:
     """Run stage 2 with a loaded config on an initialised process environment; rank 0 returns the summary."""
     with Run(cfg, env, kind="recognition", log_name="train", tensorboard_prefix="train") as run:
-        # ---- inputs first: every missing or wrong file stops us before any work ----
+        if run.finished is not None:  # this command already ran to its end: touch nothing
+            return run.finished
+        # ---- inputs first: every missing or wrong file stops us before any work (and before the folder exists) ----
+        synthesis = split_counts(cfg.batch_size, cfg.rs_ratio)[1] > 0
+        run.require_inputs({"rec": None if cfg.rec == "synthetic" else cfg.rec,
+                            "pretrained_synthesis_model": cfg.pretrained_synthesis_model if synthesis else None,
+                            "pretrained_backbone_model": cfg.pretrained_backbone_model or None})
         dataset = build_dataset(cfg.rec, augment=True, num_classes=cfg.num_classes, num_image=cfg.num_image)
         dataset.degradation = Degradation.from_config(cfg, seed=cfg.seed)  # None when every degrade_*_prob is 0
         num_classes = dataset.num_classes
@@ -124,7 +130,7 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
             raise ConfigError(f"num_classes={num_classes} ({cfg.rec}) is smaller than the world size "
                               f"{env.world_size}: every rank must hold at least one class centre")
         generator = None
-        if split_counts(cfg.batch_size, cfg.rs_ratio)[1] > 0:
+        if synthesis:
             generator = load_generator(cfg.pretrained_synthesis_model).to(env.device)  # frozen, eval, never DDP
         backbone = get_model(cfg.network, num_features=cfg.embedding_size, dropout=cfg.dropout,
                              use_checkpoint=cfg.use_checkpoint).to(env.device)
@@ -198,12 +204,12 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
 
         run.final_save(step, state(), {"backbone": backbone.state_dict(), "partial_fc": pfc.state_dict()})
         val = run_verification(step) if cfg.val_targets else val
-        final_loss = float(stats["loss"]) if stats is not None else float("nan")
+        final_loss = float(stats["loss"]) if stats is not None else None  # None: no step in this invocation
 
         def results() -> dict:
             ckpt.atomic_save(backbone.state_dict(), run.output / "model.pt")  # plain state dict: InsightFace tools
-            run.log.info(f"done: {step} steps, final loss {final_loss:.4f}, val {val}, model "
-                         f"{run.output / 'model.pt'}")
+            shown = "n/a" if final_loss is None else f"{final_loss:.4f}"
+            run.log.info(f"done: {step} steps, final loss {shown}, val {val}, model {run.output / 'model.pt'}")
             return {"final_loss": final_loss, "val": val, **attack_stats.means()}
 
         return run.finish(step, results)

@@ -182,7 +182,11 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
     """Run stage 1 to completion (or `max_steps`); returns the summary on rank 0."""
     with Run(cfg, env, kind="cfsm_stage1", log_name="cfsm_train", tensorboard_prefix="stage1",
              save_each_epoch=True) as run:
-        # ---- inputs first: every missing or wrong file stops us before any work ----
+        if run.finished is not None:  # this command already ran to its end: touch nothing
+            return run.finished
+        # ---- inputs first: every missing or wrong file stops us before any work (and before the folder exists) ----
+        run.require_inputs({"rec": None if cfg.rec == "synthetic" else cfg.rec, "target": cfg.target or None,
+                            "id_model": cfg.id_model or None, "init_generator": cfg.init_generator or None})
         source = build_dataset(cfg.rec, augment=True, num_classes=cfg.num_classes, num_image=cfg.num_image)
         target = TargetFaceDataset(cfg.target)
         id_net = load_identity_network(cfg.id_model, cfg.id_network, cfg.id_embedding_size, env.device)

@@ -19,7 +19,6 @@ config.warmup_epoch = 1
 config.sample_rate = 0.3
 config.num_workers = 4
 config.val_targets = ["lfw", "cfp_fp", "agedb_30"]
-config.save_every = 2000
 config.pretrained_synthesis_model = "./pretrained_CFSM/WiderFace70K.pth"
 config.rs_ratio = 0.75
 config.epsilon = 0.314

@@ -16,4 +16,3 @@ config.num_epoch = 20
 config.warmup_epoch = 2
 config.num_workers = 4
 config.val_targets = ["lfw", "cfp_fp", "agedb_30"]
-config.save_every = 2000

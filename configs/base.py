@@ -69,7 +69,7 @@ config.degrade_jpeg_quality = (10, 60)   # (min, max) JPEG quality
 config.output = None                     # run folder; None = work_dirs/<config name>
 config.seed = 2048                       # seeds data order, flips, styles, init
 config.max_steps = 0                     # 0 = full schedule; > 0 stops after that many optimizer steps
-config.save_every = 0                    # checkpoint every N optimizer steps (0 = only at the end)
+config.save_every = 2000                 # checkpoint every N optimizer steps (0 = only at the end)
 config.keep_checkpoints = 2              # complete checkpoints kept in output/checkpoints
 config.resume = "auto"                   # False | True (must exist) | "auto" (resume when a complete checkpoint exists)
 config.pretrained_backbone_model = None  # initialise the backbone from an InsightFace state dict (fine-tuning)

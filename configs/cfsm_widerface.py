@@ -26,6 +26,5 @@ config.lambda_id_schedule = [(0, 8.0), (5, 5.0), (8, 2.0)]
 config.id_distance_range = (0.0, 6.0, 0.05, 0.65)
 config.fp16 = True
 config.num_workers = 4
-config.save_every = 2000
 config.frequent = 50
 config.image_every = 1000

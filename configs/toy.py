@@ -21,3 +21,4 @@ config.val_batch_size = 128
 config.verbose = 112                     # verification once per epoch (and at the end)
 config.frequent = 20
 config.image_every = 100
+config.save_every = 50                   # a Ctrl-C loses at most 50 steps; the same command resumes

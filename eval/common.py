@@ -156,10 +156,17 @@ def load_backbone(
     from backbones import get_model
     from utils.checkpoint import load_state_dict_file, load_state_dict_strict
 
+    from utils.run_state import first_nonfinite
+
     state = load_state_dict_file(model_path)
+    bad = first_nonfinite(state)
+    if bad is not None:
+        raise EvalInputError(f"{model_path}: weight '{bad}' holds NaN/Inf: a non-finite model cannot be evaluated "
+                             f"(its scores would be meaningless); use the run's last finite checkpoint")
     size = embedding_size or infer_embedding_size(state) or 512
     model = get_model(network, num_features=size)
     load_state_dict_strict(model, state, source=str(model_path))
+    model.source_file = str(model_path)  # named when its embeddings turn out non-finite (embed_batches)
     return model.to(device).eval()
 
 
@@ -213,7 +220,17 @@ def embed_batches(
     bar.close()
     if pos != total or orig is None:
         raise EvalInputError(f"embedded {pos} images, expected {total}")
+    require_finite_embeddings(orig if flipped is None else np.concatenate([orig, flipped]),
+                              getattr(backbone, "source_file", "the model"))
     return orig, flipped
+
+
+def require_finite_embeddings(embeddings: np.ndarray, source: str) -> None:
+    """Refuse NaN/Inf embeddings: every metric would turn them into a meaningless (often perfect) score."""
+    bad = ~np.isfinite(embeddings).all(axis=1)
+    if bad.any():
+        raise EvalInputError(f"{source}: {int(bad.sum())} of {len(bad)} embeddings hold NaN/Inf (weights that "
+                             f"overflow or are not finite): refusing to score them; use a finite model")
 
 
 def embed_dataset(

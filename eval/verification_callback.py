@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from eval.common import EvalInputError
 from eval.verification import evaluate_verification
 from utils.binfile import BinFileError, load_bin
 from utils.config import ConfigError
@@ -71,7 +72,12 @@ class CallBackVerification:
     def __call__(self, step: int, backbone: nn.Module) -> dict[str, float]:
         results: dict[str, float] = {}
         for name, (images, issame) in self.sets.items():
-            r = evaluate_verification(backbone, images, issame, batch_size=self.batch_size, nfolds=self.nfolds)
+            try:
+                r = evaluate_verification(backbone, images, issame, batch_size=self.batch_size, nfolds=self.nfolds)
+            except EvalInputError as exc:  # non-finite embeddings: no score (NaN would read as 50 %); training goes on
+                self.log.warning(f"[{name}][{step}] not scored: {exc}")
+                results[name] = float("nan")  # null in summary.json
+                continue
             self.highest[name] = max(self.highest[name], r["accuracy"])
             self.last[name] = r
             results[name] = r["accuracy"]

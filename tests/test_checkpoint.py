@@ -1,6 +1,7 @@
 """Checkpoint file I/O: atomic writes (umask, full disk), safe loading, strict loading errors.
 (The run layout, RNG capture and resume policy: tests/test_resume_policy.py.)"""
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -115,3 +116,16 @@ def test_written_files_honour_the_umask(tmp_path, umask, mode):
         os.umask(old)
     for name in ("model.pt", "summary.json"):
         assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
+
+
+def test_every_json_file_is_valid_json_non_finite_numbers_become_null(tmp_path):
+    from utils.checkpoint import write_json
+
+    path = tmp_path / "summary.json"
+    write_json({"final_loss": float("nan"), "val": {"a": float("inf")}, "pair": (1.0, float("-inf"))}, path)
+
+    def refuse(token):
+        raise AssertionError(f"invalid JSON token {token}")
+
+    assert json.loads(path.read_text(), parse_constant=refuse) == {"final_loss": None, "val": {"a": None},
+                                                                    "pair": [1.0, None]}

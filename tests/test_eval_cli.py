@@ -479,3 +479,55 @@ def test_empty_bin_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(BinFileError, match=rf"{path}: holds no pairs"):
         verification.main(["--model", str(_save_model(tmp_path / "m.pt")), "--network", "r_tiny", "--bin", str(path),
                            "--device", "cpu", "--no-progress"])  # .bin images are in memory: no --workers
+
+
+# ---- a non-finite model never scores (NaN compares false: ranks read 100 %, accuracies 50 +- 50) ----
+
+@pytest.fixture(scope="module")
+def broken_models(tmp_path_factory) -> dict[str, Path]:
+    """r_tiny state dicts: one NaN weight ('nan'); finite weights whose forward overflows to Inf/NaN ('overflow')."""
+    from backbones import get_model
+
+    root = tmp_path_factory.mktemp("broken")
+    state = get_model("r_tiny", num_features=64).state_dict()
+    nan = {k: v.clone() for k, v in state.items()}
+    nan["fc.weight"][0, 0] = float("nan")
+    huge = {k: v.clone() for k, v in state.items()}
+    huge["conv1.weight"].fill_(3.0e38)
+    torch.save(nan, root / "nan.pt")
+    torch.save(huge, root / "overflow.pt")
+    return {"nan": root / "nan.pt", "overflow": root / "overflow.pt"}
+
+
+@pytest.mark.parametrize("kind, expected", [("nan", r"nan.pt: weight 'fc.weight' holds NaN/Inf"),
+                                            ("overflow", r"overflow.pt: \d+ of \d+ embeddings hold NaN/Inf")])
+def test_every_evaluation_and_tool_refuses_a_non_finite_model(tinyface_root: Path, ijbs_root: Path, mini_toy: Path,
+                                                             broken_models, tmp_path: Path, kind: str,
+                                                             expected: str) -> None:
+    from eval import verification
+    from tools import compare_faces, embed, export_onnx
+
+    model = str(broken_models[kind])
+    face = sorted((tinyface_root).rglob("*.jpg"))[0]
+    calls = {
+        "tinyface": lambda: tinyface.main(["--model", model, "--network", "r_tiny", "--root", str(tinyface_root),
+                                           "--out", str(tmp_path / "t"), *COMMON]),
+        "ijbs": lambda: ijbs.main(["--model", model, "--network", "r_tiny", "--protocol-dir",
+                                   str(ijbs_root / "protocols"), "--frames-dir", str(ijbs_root / "frames"),
+                                   "--frame-list", str(ijbs_root / "kept.csv"), "--out", str(tmp_path / "s"),
+                                   *COMMON]),
+        "verification": lambda: verification.main(["--model", model, "--network", "r_tiny", "--bin",
+                                                   str(mini_toy / "toy_clean.bin"), "--device", "cpu",
+                                                   "--batch-size", "16", "--no-progress"]),
+        "embed": lambda: embed.main([str(face.parent), "--model", model, "--network", "r_tiny", "--out",
+                                     str(tmp_path / "e"), *COMMON]),
+        "compare_faces": lambda: compare_faces.main([str(face), str(face), "--model", model, "--network", "r_tiny",
+                                                     "--device", "cpu"]),
+        "export_onnx": lambda: export_onnx.main(["--model", model, "--network", "r_tiny", "--out",
+                                                 str(tmp_path / "o")]),
+    }
+    for name, call in calls.items():
+        with pytest.raises(EvalInputError, match=expected if name != "export_onnx" or kind == "nan"
+                           else r"overflow.pt: the model gives non-finite outputs"):
+            call()
+    assert not list((tmp_path / "o").glob("*.onnx")) if (tmp_path / "o").exists() else True

@@ -25,7 +25,7 @@ Dangerous, fixed, and exercised here with 2 real gloo processes whose inputs dif
    every rank raises. Exercised through `utils.distributed.agreed_call` with 2 gloo ranks.
 
 Safe as they are (why):
-5. Non-finite guard counter / stop (utils.run.Run.check_finite, utils.optim.NonFiniteGuard): fed the agreed flag,
+5. Non-finite guard counter / stop (utils.run.Run.check_finite and final_save): fed the agreed flag,
    so every rank counts and raises at the same step; its "last finite checkpoint" lookup reads marker files only
    (no collective), so ranks with different disks may name different folders but cannot hang.
 6. GradScaler: scale and growth tracker stay equal on all ranks: `scaler.step` runs only when all ranks agreed the
@@ -45,6 +45,12 @@ Safe as they are (why):
    (identical on all ranks); without fp16 each skip is agreed with `all_ranks_ok`. Its networks have no running
    statistics that a forward writes (AdaIN's running_* buffers exist for loading only; the identity network is
    frozen in eval mode), so a skip leaves nothing to restore. Its batches go through Run.step_batches (item 3).
+12. The folder rules (utils.run.Run): "already complete" (rank 0's summary decides, gathered), "another run in this
+   folder" and "missing inputs" (every rank's view gathered, any rank's finding stops all) are decided from
+   all-gathered facts, so ranks whose disks differ take the same branch. Tested with 2 gloo ranks whose folders
+   differ in tests/test_run.py (test_two_ranks_whose_folders_differ_agree_on_the_folder_rules). Damaged steps
+   found while resuming: the resume step is agreed first; only then each node's marker writer moves newer steps
+   aside (file operations, no collective).
 """
 from __future__ import annotations
 

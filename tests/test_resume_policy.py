@@ -178,7 +178,7 @@ def test_longer_num_epoch_trains_the_added_steps(mini_toy, tmp_path):
     assert summary["steps"] == 12
     weights = [k for k in first if "running_" not in k and "num_batches" not in k]  # buffers move at lr 0 too
     assert any(not torch.equal(first[k], second[k]) for k in weights)
-    assert "config key 'num_epoch' changed 1 -> 2: the new value applies from step 6" in \
+    assert "resume from step 6: config changed, the new values apply from here on: num_epoch 1 -> 2" in \
         (out / "train.log").read_text()
 
 
@@ -191,14 +191,22 @@ def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
     newest.write_bytes(newest.read_bytes()[:100])  # truncated (size differs from COMPLETE)
     middle = rs.rank_file(rs.step_dir(tmp_path, 20), 0)
     middle.write_bytes(b"\0" * middle.stat().st_size)  # same size, unreadable: found only by loading
+    marker = rs.step_dir(tmp_path, 20) / rs.COMPLETE
+    meta = json.loads(marker.read_text())
+    del meta["sha256"]  # a marker of an older version: sizes only
+    marker.write_text(json.dumps(meta))
     with caplog.at_level(logging.WARNING):
         resumed = rs.resume(tmp_path, "auto", SINGLE, "test", {})
     assert resumed.step == 10 and float(resumed.state["w"][0]) == 10
     assert "step_00000030 is damaged (rank_0.pt has 100 bytes" in caplog.text
     assert "step_00000020 could not be loaded" in caplog.text
+    # the damaged steps are moved aside: kept for inspection, never resumed, never counted by pruning
+    assert sorted(d.name for d in rs.checkpoint_root(tmp_path).iterdir()) == [
+        "step_00000010", "step_00000020.damaged", "step_00000030.damaged"]
     rs.rank_file(rs.step_dir(tmp_path, 10), 0).unlink()
-    with pytest.raises(CheckpointError, match="step_00000020.*rank_0.pt"):
-        rs.resume(tmp_path, True, SINGLE, "test", {})
+    for policy in (True, "auto"):  # never a silent restart at step 0 next to another run's checkpoints
+        with pytest.raises(CheckpointError, match="none is complete and intact.*step 10: rank_0.pt is missing"):
+            rs.resume(tmp_path, policy, SINGLE, "test", {})
 
 
 def test_train_resumes_from_the_newest_intact_checkpoint(mini_toy, tmp_path):
@@ -381,7 +389,7 @@ def test_two_nodes_agree_on_the_resume_step(two_nodes):
     assert [r["agreed_step"] for r in results] == [{"ok": [20, 20.0]}] * 2
     assert [r["fallback"] for r in results] == [{"ok": [10, 10.0]}] * 2
     assert "step_00000030 is damaged (rank_1.pt has 50 bytes" in outputs[1]
-    assert "step_00000020 could not be loaded on every rank" in outputs[0]
+    assert "step_00000020 is damaged (rank_1.pt does not match the SHA-256" in outputs[1]
     assert "step(s) [30] are intact here but not on every rank" in outputs[0]
 
 
@@ -401,3 +409,44 @@ def test_two_nodes_refuse_together(two_nodes):
         assert "is in use by another run" in r["lock"]["error"]
         assert "batch_size: 8 -> 16" in r["config"]["error"]
     assert "node0/locked is in use by another run (pid" in results[0]["lock"]["error"]  # rank 0 names the holder
+
+
+# ---- the run folder never lies: pruning, unreadable markers, drift rules ----
+
+def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
+    for step in (10, 20, 30):
+        save(tmp_path, step, keep=2)
+    save(tmp_path, 5, keep=2)  # e.g. a run that went back: the newest numbers must not push out what it wrote
+    assert [s for s, _, _ in rs.complete_checkpoints(tmp_path)] == [5, 20, 30]
+
+
+def test_unreadable_markers_warn_fall_back_and_do_not_count_towards_keep(tmp_path, caplog):
+    for step in (10, 20, 30):
+        save(tmp_path, step, value=step)
+    (rs.step_dir(tmp_path, 30) / rs.COMPLETE).write_text("[1, 2]")
+    (rs.step_dir(tmp_path, 20) / rs.COMPLETE).write_text('{"step": 2')
+    with caplog.at_level(logging.WARNING):
+        resumed = rs.resume(tmp_path, "auto", SINGLE, "test", {})
+    assert resumed.step == 10
+    assert "COMPLETE holds a list, not a JSON object): falling back to" in caplog.text
+    assert "COMPLETE is not readable JSON (JSONDecodeError)): falling back to" in caplog.text
+    save(tmp_path, 40, value=40, keep=2)  # the damaged newer steps were set aside: step 10 is still kept
+    assert [s for s, _, _ in rs.complete_checkpoints(tmp_path)] == [10, 40]
+
+
+def test_every_config_key_has_exactly_one_resume_rule_in_each_stage():
+    from utils.config import base_config
+
+    keys = set(base_config()) | {"config_name", "world_size", "num_classes", "num_image"}
+    for kind, policy in rs.CONFIG_POLICY.items():
+        groups = [set(policy.refuse), set(policy.apply), set(policy.free)]
+        assert keys - set.union(*groups) == set(), kind
+        assert all(not (a & b) for i, a in enumerate(groups) for b in groups[i + 1:]), kind
+
+
+def test_stage1_refusals_name_the_stage1_way_forward(tmp_path):
+    with pytest.raises(CheckpointError, match=r"gen_dim: 64 -> 32\).*init_generator=.*rank_0.pt"):
+        rs.check_config({"gen_dim": 64, "seed": 1}, {"gen_dim": 32, "seed": 1}, tmp_path, "cfsm_stage1")
+    changes = rs.check_config({"lambda_rec": 1.0, "frequent": 10}, {"lambda_rec": 10.0, "frequent": 1}, tmp_path,
+                              "cfsm_stage1")
+    assert changes == [("lambda_rec", 1.0, 10.0)]  # applied and listed; monitoring keys change freely

@@ -1,6 +1,7 @@
 """utils/run.py, the run scaffold both trainers share: step counts, batch grouping, resume positions, the guard."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -88,7 +89,7 @@ def test_guard_warns_then_stops_naming_step_loss_and_checkpoint(tmp_path, caplog
             with pytest.raises(RuntimeError, match=r"2 consecutive non-finite steps .* at step 4, loss nan; "
                                                    r"last good checkpoint: none"):
                 run.check_finite(4, False, {"loss D": float("nan"), "loss G": 1.0})
-    assert "step 1: non-finite loss D nan, loss G 1.5: update skipped (1 in a row)" in caplog.text
+    assert "step 1: non-finite loss D nan, loss G 1.5: update skipped (1 in a row, 1 in all)" in caplog.text
 
 
 @pytest.mark.parametrize("command", [["train_generator.py"], ["-m", "train_generator"]])
@@ -110,3 +111,211 @@ def test_benchmarks_time_the_training_step_itself():
     step = profile_step.build_step("r_tiny", 4, torch.device("cpu"), "none", False, rs_ratio=0.5, k=1, gen_dim=4,
                                    num_classes=8)
     assert all(torch.isfinite(torch.tensor(step(cfsm))) for cfsm in (True, False))
+
+
+# ---- the run folder never lies (a damaged, mixed, re-run or all-skipped run never ends "done" with exit 0) ----
+
+def _tiny(rec, out, *extra):
+    from tests.test_train import tiny_args
+
+    return tiny_args(rec, out, *extra)
+
+
+def _files(folder: Path) -> dict:
+    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_checkpoint_damaged_at_unchanged_size_falls_back_to_the_newest_intact_step(mini_toy, tmp_path):
+    import train
+
+    out = tmp_path / "run"
+    train.main(_tiny(mini_toy, out, "max_steps=4", "save_every=2"))
+    newest = out / "checkpoints" / "step_00000004" / "rank_0.pt"
+    data = bytearray(newest.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4] = bytes(255 - b for b in data[middle:middle + 4])  # 4 bytes flipped, size unchanged
+    newest.write_bytes(bytes(data))
+    summary = train.main(_tiny(mini_toy, out, "max_steps=6", "save_every=2"))
+    log = (out / "train.log").read_text()
+    assert "step_00000004 is damaged (rank_0.pt does not match the SHA-256" in log
+    assert f"resumed from {out / 'checkpoints' / 'step_00000002'} at step 2" in log
+    assert summary["steps"] == 6 and (out / "checkpoints" / "step_00000004.damaged").is_dir()
+
+
+def test_a_new_run_never_starts_in_a_folder_that_holds_another(mini_toy, tmp_path):
+    import train
+
+    out = tmp_path / "run"
+    train.main(_tiny(mini_toy, out, "max_steps=6", "save_every=3"))
+    before = _files(out)
+    with pytest.raises(ConfigError, match=r"already holds a run \(rank 0: 2 checkpoint folder\(s\) up to "
+                                          r"step_00000006, summary.json, model.pt\); resume=False would mix"):
+        train.main(_tiny(mini_toy, out, "resume=False", "max_steps=2", "save_every=1"))
+    assert _files(out) == before
+    (out / "checkpoints").rename(tmp_path / "elsewhere")  # results without checkpoints: step 0 would mix too
+    with pytest.raises(ConfigError, match=r"already holds a run \(rank 0: summary.json, model.pt\); starting at "
+                                          r"step 0 would mix"):
+        train.main(_tiny(mini_toy, out, "max_steps=2"))
+
+
+def test_rerunning_a_finished_command_touches_nothing_and_a_lowered_stop_is_refused(mini_toy, tmp_path):
+    import train
+    from utils.checkpoint import CheckpointError
+
+    out = tmp_path / "run"
+    args = _tiny(mini_toy, out, "max_steps=3")
+    train.main(args)
+    before = _files(out)
+    again = train.main(args)
+    assert _files(out) == before  # train.log, summary.json, model.pt, checkpoints, TensorBoard: untouched
+    assert again == json.loads((out / "summary.json").read_text()) and again["steps"] == 3
+    with pytest.raises(CheckpointError, match=r"is at step 3, past this run's stop step 2 \(max_steps=2"):
+        train.main(_tiny(mini_toy, out, "max_steps=2"))
+    assert "error: checkpoint" in (out / "train.log").read_text()  # a failure after the folder opened is logged
+
+
+def test_a_run_whose_updates_were_mostly_skipped_fails_without_a_model(mini_toy, tmp_path):
+    from backbones import get_model
+
+    model = get_model("r_tiny", num_features=32)
+    state = model.state_dict()
+    state["conv1.weight"] = torch.full_like(state["conv1.weight"], 3.0e38)  # finite, overflows every forward
+    weights = tmp_path / "huge.pt"
+    torch.save(state, weights)
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "train.py", *_tiny(mini_toy, out, "max_steps=3",
+                                                             f"pretrained_backbone_model={weights}")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: 3 of 3 updates were skipped as non-finite")
+    assert "Traceback" not in proc.stderr and not (out / "model.pt").exists()
+    assert "update skipped (3 in a row, 3 in all)" in (out / "train.log").read_text()
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_one_line_naming_the_step_checkpoint_and_command(mini_toy, tmp_path):
+    import signal
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train.py", *_tiny(mini_toy, out, "save_every=2", "max_steps=1000",
+                                                               "num_epoch=200")],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if "step 5/" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    log = (out / "train.log").read_text()
+    assert "interrupted at step" in log and "newest checkpoint: " + str(out / "checkpoints" / "step_0000000") in log
+    assert "continue with the same command (it resumes from there): python train.py configs/toy" in log
+
+
+def test_a_failed_start_names_every_missing_input_and_leaves_no_folder(tmp_path):
+    import train
+
+    out = tmp_path / "out"
+    with pytest.raises(FileNotFoundError, match=r"missing input\(s\): pretrained_synthesis_model='.*nogen.pth', "
+                                                r"rec='.*nodata': no such file or folder.*rec: the folder holding"):
+        train.main(["configs/toy", f"rec={tmp_path / 'nodata'}", "generate_toy_data=False", f"output={out}",
+                    "rs_ratio=0.5", f"pretrained_synthesis_model={tmp_path / 'nogen.pth'}"])
+    assert not out.exists()
+
+
+def test_toy_configs_never_write_into_a_users_data_folder(tmp_path):
+    import train
+    from utils.toyface import ToyDataError
+
+    pack = tmp_path / "mypack"
+    pack.mkdir()
+    (pack / "train.rec").write_bytes(b"the user's data")
+    with pytest.raises(ToyDataError, match=r"holds files that are not a toy data set \(train.rec; no toy_meta.json\)"
+                                           r".*generate_toy_data=False"):
+        train.main(["configs/toy", f"rec={pack}", f"output={tmp_path / 'out'}"])
+    assert [p.name for p in pack.iterdir()] == ["train.rec"] and not (tmp_path / "out").exists()
+
+
+def test_resume_drift_refuses_the_seed_and_lists_applied_keys_in_one_line(mini_toy, tmp_path):
+    import train
+    from utils.checkpoint import CheckpointError
+
+    out = tmp_path / "run"
+    train.main(_tiny(mini_toy, out, "max_steps=2"))
+    with pytest.raises(CheckpointError, match=r"seed: 2048 -> 7\)"):
+        train.main(_tiny(mini_toy, out, "max_steps=3", "seed=7"))
+    train.main(_tiny(mini_toy, out, "max_steps=3", "s=16.0", "clip_grad_norm=1.0", "dropout=0.1",
+                     "degrade_blur_prob=0.5"))
+    lines = [l for l in (out / "train.log").read_text().splitlines() if "apply from here on" in l]
+    assert len(lines) == 1 and lines[0].endswith(
+        "resume from step 2: config changed, the new values apply from here on: dropout 0.0 -> 0.1, s 32.0 -> 16.0, "
+        "clip_grad_norm 5.0 -> 1.0, degrade_blur_prob 0.0 -> 0.5")
+
+
+RUN_WORKER = """
+import json, sys
+import torch, torch.distributed as dist
+from utils.config import base_config
+from utils.distributed import DistEnv
+from utils.run import Run
+
+rank, root = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", rank=rank, world_size=2)
+env = DistEnv(rank, 0, 2, torch.device("cpu"), "gloo")  # local rank 0 on both: a folder (disk) per node
+results = {}
+
+def cfg_for(name, **keys):
+    cfg = base_config()
+    cfg.update(config_name="t", output=f"{root}/{name}/node{rank}", **keys)
+    return cfg
+
+def scenario(name, fn):
+    try:
+        results[name] = {"ok": fn()}
+    except Exception as exc:
+        results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+
+def start(cfg):
+    with Run(cfg, env, kind="recognition", log_name=f"t{rank}", tensorboard_prefix="t") as run:
+        return None if run.finished is None else run.finished["steps"]
+
+scenario("mixing", lambda: start(cfg_for("mixing", resume=False)))
+done = cfg_for("finished")
+if rank == 0:  # only node 0 holds the finished run's summary
+    import os
+    os.makedirs(done.output, exist_ok=True)
+    with open(f"{done.output}/summary.json", "w") as f:
+        json.dump({"config": {**done, "output": "moved"}, "steps": 7}, f)
+scenario("finished", lambda: start(done))
+
+def inputs():
+    with Run(cfg_for("inputs"), env, kind="recognition", log_name=f"t{rank}", tensorboard_prefix="t") as run:
+        run.require_inputs({"pretrained_backbone_model": f"{root}/weights{rank}.pt"})  # only weights0.pt exists
+scenario("inputs", inputs)
+with open(f"{root}/{rank}.json", "w") as f:
+    json.dump(results, f)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks_whose_folders_differ_agree_on_the_folder_rules(tmp_path):
+    """A branch one rank's disk decides (another run there, a finished summary, a missing input) is taken by both."""
+    from tests.test_train import free_port
+
+    (tmp_path / "mixing" / "node1" / "checkpoints" / "step_00000003").mkdir(parents=True)  # node 1 only
+    (tmp_path / "weights0.pt").write_bytes(b"rank 0's disk only")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", RUN_WORKER, str(r), str(tmp_path)], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    results = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    for r in results:
+        assert "already holds a run (rank 1: 1 checkpoint folder(s) up to step_00000003)" in r["mixing"]["error"]
+        assert r["finished"] == {"ok": 7}
+        assert f"missing input(s): pretrained_backbone_model='{tmp_path}/weights1.pt' (rank 1):" in r["inputs"]["error"]
+    assert not (tmp_path / "mixing" / "node0").exists()  # refused before anything was written

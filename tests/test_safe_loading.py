@@ -15,7 +15,7 @@ from cfsm import load_generator
 from eval.common import load_backbone
 from tests.test_train import tiny_args
 from utils.checkpoint import CheckpointError
-from utils.run_state import COMPLETE, rank_file, step_dir
+from utils.run_state import COMPLETE, file_sha256, rank_file, step_dir
 
 
 class _Payload:
@@ -86,7 +86,8 @@ def test_auto_resume_skips_a_tampered_newest_checkpoint(mini_toy: Path, tmp_path
     newest = step_dir(out, 2)
     _crafted(rank_file(newest, 0), marker, "run")
     meta = json.loads((newest / COMPLETE).read_text())
-    meta["sizes"]["0"] = rank_file(newest, 0).stat().st_size  # same size as recorded: found only by loading
+    meta["sizes"]["0"] = rank_file(newest, 0).stat().st_size  # size and checksum as recorded: found only by loading
+    meta["sha256"]["0"] = file_sha256(rank_file(newest, 0))
     (newest / COMPLETE).write_text(json.dumps(meta))
     summary = train.main(tiny_args(mini_toy, out, "max_steps=3", "val_targets=[]"))
     assert summary["steps"] == 3 and not marker.exists()

@@ -82,3 +82,24 @@ def test_generation_is_deterministic(tmp_path):
     b = ensure_toy_data(tmp_path / "b", workers=2, **{**SMALL, "num_identities": 6})
     for name in ("train.rec", "train.idx", "toy_clean.bin", "toy_target.bin"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_toy_data_is_never_written_into_a_folder_of_other_files(tmp_path):
+    from utils.toyface import PARTIAL_MARKER, ToyDataError
+
+    for name in ("train.rec", "alice"):  # a pack of the user's, an image folder
+        user = tmp_path / name / "data"
+        user.mkdir(parents=True)
+        (user / name).write_bytes(b"the user's")
+        with pytest.raises(ToyDataError, match=rf"rec='{user}' holds files that are not a toy data set \({name}; "
+                                               rf"no toy_meta.json\).*generate_toy_data=False"):
+            ensure_toy_data(user, num_identities=2, images_per_identity=1, num_eval_identities=2, num_pairs=2,
+                            num_target_faces=1, workers=1)
+        assert [p.name for p in user.iterdir()] == [name]
+    half = tmp_path / "half"  # a move cut short: its marker says the files are the toy's own
+    half.mkdir()
+    (half / PARTIAL_MARKER).touch()
+    (half / "train.rec").write_bytes(b"half")
+    ensure_toy_data(half, num_identities=2, images_per_identity=1, num_eval_identities=2, num_pairs=2,
+                    num_target_faces=1, workers=1)
+    assert (half / "toy_meta.json").is_file() and not (half / PARTIAL_MARKER).exists()

@@ -67,6 +67,8 @@ def check_onnx(
     import onnx
     import onnxruntime as ort
 
+    from eval.common import EvalInputError
+
     onnx.checker.check_model(onnx.load(str(path)))
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     gen = torch.Generator().manual_seed(seed)
@@ -77,6 +79,10 @@ def check_onnx(
         with torch.no_grad():
             ref = backbone(x).double().numpy()
         got = sess.run(None, {"input": x.numpy()})[0].astype(np.float64)
+        if not (np.isfinite(ref).all() and np.isfinite(got).all()):  # NaN would pass every `<=` test below
+            raise EvalInputError(f"{getattr(backbone, 'source_file', path)}: the model gives non-finite outputs (PyTorch finite: "
+                                 f"{bool(np.isfinite(ref).all())}, ONNX finite: {bool(np.isfinite(got).all())}): "
+                                 f"not a usable model; nothing is kept")
         if got.shape != ref.shape:
             raise RuntimeError(f"{path}: ONNX output shape {got.shape} != PyTorch {ref.shape} for batch {b}")
         norm = np.maximum(np.linalg.norm(ref, axis=1), 1e-12)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -97,9 +98,23 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> None:
     _atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def json_safe(obj: Any) -> Any:
+    """`obj` with every NaN/Infinity float replaced by None (JSON has no such numbers; Python would write invalid
+    `NaN` tokens) and tuples as lists."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_json(obj: Any, path: str | os.PathLike) -> None:
-    """The project's one JSON writer (summaries, results, reports): indented, other values as str, atomic."""
-    _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1, default=str) + "\n").encode()))
+    """The project's one JSON writer (summaries, results, reports): indented, other values as str, non-finite
+    numbers as null (always valid JSON), atomic."""
+    text = json.dumps(json_safe(obj), indent=1, default=str, allow_nan=False)
+    _atomic_write(path, lambda f: f.write((text + "\n").encode()))
 
 
 def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:

@@ -5,7 +5,8 @@
 * Shared flags mean the same everywhere: `--device` (auto = CUDA when available), `--workers` (DataLoader worker
   processes), `--out` (a folder), `--bgr` (feed BGR, for AdaFace-family models).
 * `run_command(main)`: a user's mistake (a missing or malformed file, a bad config key or value) prints
-  `error: <what>, <which file/key>, <how to fix>` on one line and exits 2. The traceback is printed only when the
+  `error: <what>, <which file/key>, <how to fix>` on one line and exits 2; a run that failed (non-finite state,
+  too many skipped updates) prints one `error:` line and exits 1; Ctrl-C exits 130 after one line. The traceback is printed only when the
   environment variable CFSM_TRACEBACK=1 is set. Anything else (a bug) keeps its traceback.
 
 Every entry point starts with the same two lines so that it also runs as a script path (`python tools/x.py`), where
@@ -35,7 +36,12 @@ _USER_ERRORS: tuple[tuple[str, str], ...] = (
     ("utils.degrade", "DegradeConfigError"),
     ("dataset", "DataError"),
     ("eval.common", "EvalInputError"),
+    ("utils.toyface", "ToyDataError"),
 )
+# the run itself failed (non-finite state, too many skipped updates): one line too, but exit 1
+_RUN_FAILURES: tuple[tuple[str, str], ...] = (("utils.run_state", "RunFailedError"),)
+RUN_FAILED_EXIT = 1
+INTERRUPTED_EXIT = 130  # as a shell reports a process ended by SIGINT
 _USER_OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
@@ -145,15 +151,17 @@ def resolve_device(name: str | None = "auto") -> "torch.device":  # noqa: F821 -
     return device
 
 
-def is_user_error(exc: BaseException) -> bool:
-    """True for the errors that report a wrong input (their messages name the file / key and the fix)."""
-    if isinstance(exc, _USER_OS_ERRORS + (UsageError,)):
-        return True
-    for module_name, class_name in _USER_ERRORS:
+def _is_one_of(exc: BaseException, classes: tuple[tuple[str, str], ...]) -> bool:
+    for module_name, class_name in classes:
         cls = getattr(sys.modules.get(module_name), class_name, None)
         if cls is not None and isinstance(exc, cls):
             return True
     return False
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """True for the errors that report a wrong input (their messages name the file / key and the fix)."""
+    return isinstance(exc, _USER_OS_ERRORS + (UsageError,)) or _is_one_of(exc, _USER_ERRORS)
 
 
 def one_line(exc: BaseException) -> str:
@@ -167,12 +175,19 @@ def run_command(main: Callable[..., Any], argv: list[str] | None = None) -> None
     """Run an entry point's `main(argv)`; a user's mistake becomes one `error: ...` line and exit status 2.
 
     An int returned by `main` is the exit status; any other return value means success."""
+    traceback_wanted = os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
     try:
         result = main(argv)
+    except KeyboardInterrupt:
+        if traceback_wanted:
+            raise
+        print("interrupted", file=sys.stderr)  # a trainer has logged the step reached and how to continue
+        raise SystemExit(INTERRUPTED_EXIT) from None
     except Exception as exc:  # noqa: BLE001 - classified below; anything not a user error is re-raised untouched
-        if not is_user_error(exc) or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+        failed = _is_one_of(exc, _RUN_FAILURES)
+        if not (failed or is_user_error(exc)) or traceback_wanted:
             raise
         print(one_line(exc), file=sys.stderr)
-        raise SystemExit(USAGE_ERROR_EXIT) from None
+        raise SystemExit(RUN_FAILED_EXIT if failed else USAGE_ERROR_EXIT) from None
     if isinstance(result, int) and not isinstance(result, bool):
         raise SystemExit(result)

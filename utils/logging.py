@@ -2,13 +2,18 @@
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import sys
 import time
 from pathlib import Path
 
 
-def setup_logger(rank: int, output: str | Path | None, name: str = "train") -> logging.Logger:
-    """Rank 0 logs INFO to console and `output/<name>.log`; other ranks only warnings (prefixed with the rank)."""
+def setup_logger(rank: int, output: str | Path | None, name: str = "train", defer_file: bool = False
+                 ) -> logging.Logger:
+    """Rank 0 logs INFO to console and `output/<name>.log`; other ranks only warnings (prefixed with the rank).
+
+    `defer_file`: create no folder or file yet; records are kept in memory until `open_log_file` writes them (a run
+    that fails its input checks leaves nothing on disk)."""
     logger = logging.getLogger(name)
     logger.handlers.clear()
     logger.propagate = False
@@ -17,21 +22,45 @@ def setup_logger(rank: int, output: str | Path | None, name: str = "train") -> l
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(fmt)
     logger.addHandler(console)
-    if rank == 0 and output is not None:
-        Path(output).mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(Path(output) / f"{name}.log")
-        fh.setFormatter(fmt)
-        logger.addHandler(fh)
+    if rank == 0 and defer_file:
+        logger.addHandler(logging.handlers.MemoryHandler(capacity=1 << 20, flushLevel=logging.CRITICAL + 1))
+    elif rank == 0 and output is not None:
+        _add_file_handler(logger, output, name)
     return logger
 
 
-def summary_writer(output: str | Path, enabled: bool = True):
-    """A TensorBoard SummaryWriter in `output/tensorboard` (None when disabled)."""
+def _add_file_handler(logger: logging.Logger, output: str | Path, name: str) -> logging.FileHandler:
+    Path(output).mkdir(parents=True, exist_ok=True)
+    fh = logging.FileHandler(Path(output) / f"{name}.log")
+    fh.setFormatter(logger.handlers[0].formatter)
+    logger.addHandler(fh)
+    return fh
+
+
+def open_log_file(logger: logging.Logger, output: str | Path, name: str) -> logging.FileHandler | None:
+    """Attach `output/<name>.log` (appending) to a logger made by `setup_logger`, writing the records kept in memory
+    first; None on ranks that keep no log file."""
+    buffers = [h for h in logger.handlers if isinstance(h, logging.handlers.MemoryHandler)]
+    if not buffers:
+        return None
+    for buffer in buffers:
+        logger.removeHandler(buffer)
+    fh = _add_file_handler(logger, output, name)
+    for buffer in buffers:
+        buffer.setTarget(fh)
+        buffer.flush()
+        buffer.close()
+    return fh
+
+
+def summary_writer(output: str | Path, enabled: bool = True, purge_step: int | None = None):
+    """A TensorBoard SummaryWriter in `output/tensorboard` (None when disabled). `purge_step`: the step a resumed run
+    continues from; TensorBoard hides the earlier attempt's events from that step on, so one curve stays one run."""
     if not enabled:
         return None
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(log_dir=str(Path(output) / "tensorboard"))
+    return SummaryWriter(log_dir=str(Path(output) / "tensorboard"), purge_step=purge_step)
 
 
 class SpeedMeter:

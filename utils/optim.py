@@ -56,24 +56,6 @@ class PolyScheduler(torch.optim.lr_scheduler.LRScheduler):
         return [base * f for base in self.base_lrs]
 
 
-class NonFiniteGuard:
-    """Counts consecutive skipped (non-finite) steps; after `limit` of them the run stops with a message."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.count = 0
-
-    def update(self, finite: bool, step: int, loss: float, last_checkpoint: str) -> None:
-        if finite:
-            self.count = 0
-            return
-        self.count += 1
-        if self.count >= self.limit:
-            raise RuntimeError(
-                f"{self.count} consecutive non-finite steps (max_nonfinite_steps={self.limit}) at step {step}, "
-                f"loss {loss:.4g}; last good checkpoint: {last_checkpoint}. Lower lr, check the data, or disable fp16.")
-
-
 def low_precision_dtype(device_type: str) -> torch.dtype:
     """The project's one mixed-precision policy for "fp16": float16 on CUDA (with loss scaling), bfloat16 elsewhere
     (CPU float16 kernels are slow or missing, and bfloat16 needs no scaler). Training, the backbones' `fp16` flag,

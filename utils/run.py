@@ -7,7 +7,10 @@ loop over `Run.step_batches`.
 """
 from __future__ import annotations
 
+import json
 import math
+import shlex
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +23,23 @@ from utils import checkpoint as ckpt
 from utils import run_state
 from utils.config import ConfigError
 from utils.distributed import DistEnv, agreed_batches, all_ranks_ok, barrier
-from utils.logging import SpeedMeter, format_eta, setup_logger, summary_writer
-from utils.optim import NonFiniteGuard
+from utils.logging import SpeedMeter, format_eta, open_log_file, setup_logger, summary_writer
+from utils.run_state import RunFailedError
+
+
+class MissingInputError(FileNotFoundError):
+    """Input files named by config keys do not exist; the message lists every one of them."""
+
+
+INPUT_HINTS = {  # what a missing input key should point at (the trainers' input files)
+    "rec": "the folder holding train.rec/train.idx, or an image folder",
+    "pretrained_synthesis_model": "a CFSM generator file; train one with stage 1: python train_generator.py "
+                                  "configs/cfsm_toy (or a released one)",
+    "pretrained_backbone_model": "an InsightFace backbone state dict or a model.pt",
+    "target": "a folder of target-domain faces or a .txt list of their paths",
+    "id_model": "the identity network's weights (InsightFace backbone.pth or a train.py model.pt)",
+    "init_generator": "a generator file (stage 1's generator.pth or a released one)",
+}
 
 
 @dataclass(frozen=True)
@@ -53,39 +71,96 @@ def plan_steps(batches_per_epoch: int, micro_per_step: int, num_epoch: int, warm
 
 
 class Run:
-    """One training run on one rank, used as `with Run(...) as run:`. It opens the output folder (and holds its
-    lock until the block ends), the logger, seeds this rank and creates the toy data when asked, so every later
-    step can log and fail with its file named."""
+    """One training run on one rank, used as `with Run(...) as run:`.
+
+    The folder rules: nothing is written to `output` until `resume` opens it (a run that fails its input checks
+    leaves no folder behind); a re-run of a finished command finds `finished` set and touches nothing; a new run
+    (resume=False, or nothing to resume) never starts in a folder that holds another run's checkpoints or results;
+    an error or Ctrl-C is written to the log as one line naming the step and the newest checkpoint."""
 
     def __init__(self, cfg: EasyDict, env: DistEnv, kind: str, log_name: str, tensorboard_prefix: str,
                  save_each_epoch: bool = False):
         self.cfg, self.env, self.kind = cfg, env, kind
         self.start_time = time.time()
         self.output = Path(cfg.output or Path("work_dirs") / cfg.config_name)
-        self.log = setup_logger(env.rank, self.output, name=log_name)
+        self.log_name = log_name
+        self.log = setup_logger(env.rank, self.output, name=log_name, defer_file=True)
         self.ranks = run_state.Ranks.from_env(env)
-        self.lock = run_state.lock_output(self.output, self.ranks)  # a second job in this folder stops here
+        self.lock: run_state.OutputLock | None = None  # taken when the folder is opened (`resume`)
+        self.log_file = None
         self.tensorboard_prefix = tensorboard_prefix
         self.save_each_epoch = save_each_epoch
-        torch.manual_seed(cfg.seed + env.rank)
-        if cfg.generate_toy_data:
-            from utils.toyface import ensure_toy_data
-
-            ensure_toy_data(cfg.rec)  # safe when several ranks call it at once
         # per-rank generators saved in every checkpoint next to the global RNGs (a trainer adds its own)
         self.rngs: dict[str, torch.Generator] = {}
         self.plan: StepPlan | None = None
         self.writer = None
         self.meter: SpeedMeter | None = None
         self.saved_step = -1
-        self.guard = NonFiniteGuard(cfg.max_nonfinite_steps)
+        self.start_step = self.step = 0
+        self.skipped = self.skipped_in_a_row = 0  # non-finite updates skipped, over the whole run (resumes too)
         self.config = run_state.run_config(cfg, world_size=env.world_size)  # stored in every checkpoint
+        # rank 0's folder decides (with a folder per node only it holds the summary)
+        self.finished = self.ranks.gather(run_state.finished_summary(self.output, cfg) if env.is_main else None)[0]
+        if self.finished is not None:
+            self.log.info(f"already complete at step {self.finished['steps']} ({self.output}): nothing to do; "
+                          f"raise max_steps / num_epoch to train on, or set another output")
+            return
+        if cfg.resume is False:
+            self.refuse_other_run("resume=False")
+        torch.manual_seed(cfg.seed + env.rank)
+        if cfg.generate_toy_data:
+            from utils.toyface import ensure_toy_data
+
+            ensure_toy_data(cfg.rec)  # safe when several ranks call it at once; refuses a folder of other data
 
     def __enter__(self) -> "Run":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.lock.release()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is KeyboardInterrupt and self.env.is_main:
+                newest = run_state.latest_complete(self.output) if self.lock is not None else None
+                self.log.warning(
+                    f"interrupted at step {self.step}; newest checkpoint: {newest[1] if newest else 'none'}; "
+                    f"continue with the same command ({'it resumes from there' if newest else 'it starts over'}): "
+                    f"{shlex.join(['python', *sys.argv])}")
+            elif exc is not None and self.log_file is not None:
+                from utils.cli import one_line
+
+                # the console shows the error already (utils.cli); the log file gets the same line
+                self.log_file.handle(self.log.makeRecord(self.log.name, 40, "", 0, one_line(exc), None, None))
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def refuse_other_run(self, why: str) -> None:
+        """All ranks raise when any rank's folder holds another run's checkpoints or results."""
+        held = self.ranks.gather(run_state.run_files(self.output))
+        listing = "; ".join(f"rank {r}: {', '.join(files)}" for r, files in enumerate(held) if files)
+        if listing:
+            raise ConfigError(
+                f"output folder {self.output} already holds a run ({listing}); {why} would mix a new run into it. "
+                f"Continue that run with resume=auto, set output= to a new folder, or move {self.output} aside")
+
+    def require_inputs(self, paths: Mapping[str, str | None]) -> None:
+        """Every config key -> path given (None: not needed) must exist on every rank; one error lists them all."""
+        import os
+
+        missing = [f"{key}={value!r}" for key, value in paths.items()
+                   if value is not None and not Path(os.path.expanduser(str(value))).exists()]
+        every = self.ranks.gather(missing)
+        listing = sorted({f"{item}{f' (rank {r})' if self.env.world_size > 1 else ''}"
+                          for r, items in enumerate(every) for item in items})
+        if listing:
+            hints = "; ".join(f"{key}: {INPUT_HINTS[key]}" for key in sorted({i.split("=")[0] for i in listing})
+                              if key in INPUT_HINTS)
+            raise MissingInputError(f"missing input(s): {', '.join(listing)}: no such file or folder. Set each key "
+                                    f"to an existing path (KEY=PATH after the config on the command line): {hints}")
+
+    def open_folder(self) -> None:
+        """Create the output folder, take its lock (a second job stops here) and start the log file."""
+        self.lock = run_state.lock_output(self.output, self.ranks)
+        self.log_file = open_log_file(self.log, self.output, self.log_name)
 
     # ---- data and step counts ----
 
@@ -139,13 +214,23 @@ class Run:
         """The step to start from: 0, or a checkpoint's step after `load(resumed)` restored the trainer's part of
         it (`resumed.state` is this rank's file; the RNG part is restored here). `derived`: values the run read
         from its data (num_classes, ...), stored with the config and compared on resume."""
+        self.open_folder()
         self.config = run_state.run_config(self.cfg, world_size=self.env.world_size, **derived)
         resumed = run_state.resume(self.output, self.cfg.resume, self.ranks, self.kind, self.config, self.log)
         if resumed is None:
+            self.refuse_other_run("starting at step 0")
             return 0
+        step = resumed.step
+        if step > self.plan.stop_step:
+            raise ckpt.CheckpointError(
+                f"checkpoint {resumed.directory} is at step {step}, past this run's stop step {self.plan.stop_step} "
+                f"(max_steps={self.cfg.max_steps}, num_epoch={self.cfg.num_epoch}): raise them to continue that "
+                f"run, or set output= to a new folder")
         load(resumed)
         run_state.restore_rng_state(resumed.state["rng"], self.rngs)
-        step = resumed.step
+        counters = resumed.state.get("run_counters", {})
+        self.skipped, self.skipped_in_a_row = int(counters.get("skipped", 0)), int(counters.get("in_a_row", 0))
+        self.start_step = self.step = self.saved_step = step  # that checkpoint is this step's: not written again
         epoch, batch = divmod(step * self.plan.micro_per_step, self.plan.batches_per_epoch)
         self.log.info(f"resumed from {resumed.directory} at step {step} (epoch {epoch}, batch {batch})")
         return step
@@ -160,15 +245,23 @@ class Run:
 
     def save(self, step: int, state: dict) -> None:
         """Every rank writes `state` plus its step and RNG state; the step is marked complete once all did."""
-        state = {**state, "rng": run_state.capture_rng_state(self.rngs), "step": step}
+        counters = {"skipped": self.skipped, "in_a_row": self.skipped_in_a_row}
+        state = {**state, "rng": run_state.capture_rng_state(self.rngs), "step": step, "run_counters": counters}
         run_state.save_run_checkpoint(self.output, step, state, self.ranks, self.cfg.keep_checkpoints, self.kind,
                                       self.config, {"config_name": self.cfg.config_name,
-                                                    "epoch": self.plan.epoch_of(step)})
+                                                    "epoch": self.plan.epoch_of(step), "skipped_steps": self.skipped})
         self.saved_step = step
 
     def final_save(self, step: int, state: dict, finite_check: Mapping[str, Any]) -> None:
-        """The end of the loop: all ranks refuse together when `finite_check` (final weights and buffers) holds
-        NaN/Inf, before anything is written as a success; else the final checkpoint (unless just saved)."""
+        """The end of the loop: all ranks refuse together when most updates were skipped or `finite_check` (final
+        weights and buffers) holds NaN/Inf, before anything is written as a success; else the final checkpoint
+        (unless just saved). The skip counts are agreed already: every rank raises alike."""
+        if step > 0 and 2 * self.skipped > step:
+            raise RunFailedError(
+                f"{self.skipped} of {step} updates were skipped as non-finite: the model is not trained, so no final "
+                f"checkpoint or model file was written. Last finite checkpoint: "
+                f"{run_state.last_finite_checkpoint(self.output) or 'none'}. Lower lr, check the data or the "
+                f"pretrained weights, or disable fp16")
         run_state.require_finite(finite_check, step, self.ranks, self.output)
         if self.saved_step != step:
             self.save(step, state)
@@ -182,22 +275,29 @@ class Run:
     def check_finite(self, step: int, finite: bool, values: Mapping[str, torch.Tensor | float]) -> None:
         """Count a skipped step (already agreed by all ranks); stop after `max_nonfinite_steps` in a row, naming
         the step, the first non-finite of `values` and the newest finite checkpoint."""
-        if not finite:
-            shown = ", ".join(f"{name} {float(v):.4g}" for name, v in values.items())
-            self.log.warning(f"step {step}: non-finite {shown}: update skipped ({self.guard.count + 1} in a row)")
+        self.step = step
+        if finite:
+            self.skipped_in_a_row = 0
+            return
+        self.skipped += 1
+        self.skipped_in_a_row += 1
+        shown = ", ".join(f"{name} {float(v):.4g}" for name, v in values.items())
+        self.log.warning(f"step {step}: non-finite {shown}: update skipped ({self.skipped_in_a_row} in a row, "
+                         f"{self.skipped} in all)")
+        if self.skipped_in_a_row >= self.cfg.max_nonfinite_steps:
             numbers = [float(v) for v in values.values()]
-            shown_loss = next((v for v in numbers if not math.isfinite(v)), numbers[0])  # the culprit, if a loss
-            newest = run_state.last_finite_checkpoint(self.output)
-            self.guard.update(False, step, shown_loss, str(newest or "none"))
-        else:
-            self.guard.update(True, step, 0.0, "")
+            loss = next((v for v in numbers if not math.isfinite(v)), numbers[0])  # the culprit, if a loss
+            raise RunFailedError(
+                f"{self.skipped_in_a_row} consecutive non-finite steps (max_nonfinite_steps="
+                f"{self.cfg.max_nonfinite_steps}) at step {step}, loss {loss:.4g}; last good checkpoint: "
+                f"{run_state.last_finite_checkpoint(self.output) or 'none'}. Lower lr, check the data, or disable fp16.")
 
     # ---- monitoring ----
 
     def start(self, step: int, description: str) -> None:
         """Open TensorBoard (rank 0) and the speed meter, and log what this run will do."""
         cfg, env, plan = self.cfg, self.env, self.plan
-        self.writer = summary_writer(self.output, cfg.tensorboard) if env.is_main else None
+        self.writer = summary_writer(self.output, cfg.tensorboard, purge_step=step) if env.is_main else None
         self.meter = SpeedMeter(cfg.batch_size * env.world_size * plan.micro_per_step, plan.stop_step, step)
         self.log.info(f"{cfg.config_name}: {description}, world size {env.world_size}, device {env.device}, "
                       f"{plan.total_steps} steps ({plan.batches_per_epoch} batches/epoch), stopping at "
@@ -232,10 +332,21 @@ class Run:
         stage-specific entries) and `summary.json`. Every rank waits for rank 0; rank 0 returns the summary."""
         summary = None
         if self.env.is_main:
+            trained = step > self.start_step
             summary = {"config": dict(self.cfg), "steps": step, "epochs": self.plan.epochs_done(step),
-                       **results(), "samples_per_sec": self.meter.mean(step),
+                       **results(), "skipped_steps": self.skipped,
+                       "samples_per_sec": self.meter.mean(step) if trained else None,
                        "wall_s": time.time() - self.start_time}
-            ckpt.write_json(summary, self.output / "summary.json")
+            path = self.output / run_state.SUMMARY
+            if not trained and path.is_file():  # finishing a run whose last step was saved: keep its figures
+                try:
+                    before = json.loads(path.read_text())
+                except ValueError:
+                    before = {}
+                summary.update({k: before[k] for k, v in summary.items() if v is None and k in before})
+            ckpt.write_json(summary, path)
+            self.log.info(f"finished at step {step}: {self.skipped} of {step} updates skipped as non-finite; "
+                          f"summary {path}")
             if self.writer is not None:
                 self.writer.close()
         barrier(self.env)

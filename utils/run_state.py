@@ -11,16 +11,19 @@ Rules (they hold with one shared output folder and with one folder per node):
 
 - Every rank writes its own file; after all ranks report (size, finite) the marker is written by every rank whose
   local rank is 0 (one per node; on shared storage they write the same content atomically), and that rank prunes.
-- A rank counts a step as intact when COMPLETE parses and its own file has the size COMPLETE recorded. Ranks
-  all-gather their lists and resume from the newest step intact on every rank; a load failure on any rank makes
-  all ranks fall back to the next older step together.
-- Pruning keeps the newest `keep_checkpoints` complete steps and, in addition, the newest finite one.
+- A rank counts a step as intact when COMPLETE parses (a JSON object) and its own file has the size and SHA-256
+  COMPLETE recorded. Ranks all-gather their lists and resume from the newest step intact on every rank; a load
+  failure on any rank makes all ranks fall back to the next older step together. Steps newer than the one resumed
+  (damaged somewhere) are moved aside to `step_N.damaged` (kept for inspection, never resumed, never counted).
+- Checkpoints that exist but none usable: an error, never a silent restart at step 0 in the same folder.
+- Pruning keeps the newest `keep_checkpoints` complete steps, the step just written and the newest finite one.
 - The run config is stored in COMPLETE; on resume keys that give the saved state its meaning must match (an error
   lists every change), schedule keys take the new value from the resumed step on (logged), others do not matter.
 """
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import math
@@ -44,8 +47,17 @@ LOCK_NAME = ".lock"
 _log = logging.getLogger(__name__)
 
 
-class NonFiniteStateError(RuntimeError):
+class RunFailedError(RuntimeError):
+    """The run ended without a model worth keeping (non-finite state, too many skipped updates); the message says
+    why and names the newest usable checkpoint. Commands print it as one `error:` line and exit 1."""
+
+
+class NonFiniteStateError(RunFailedError):
     """Weights or buffers hold NaN/Inf at the end of a run: nothing is written as a success."""
+
+
+class OutputBusyError(CheckpointError):
+    """Another live job holds the output folder's lock."""
 
 
 # ---- the ranks, as the few collectives this module needs (a test passes plain functions) ----
@@ -101,22 +113,48 @@ def mark_complete(directory: Path, meta: dict) -> None:
     write_json(meta, directory / COMPLETE)
 
 
-def complete_checkpoints(output: str | os.PathLike) -> list[tuple[int, Path, dict]]:
-    """(step, dir, meta) of every checkpoint with a readable COMPLETE marker, oldest first."""
+def scan_checkpoints(output: str | os.PathLike) -> list[tuple[int, Path, dict | None, str | None]]:
+    """(step, dir, meta or None, what is wrong) of every `step_N` folder holding a COMPLETE marker, oldest first.
+    A marker that is not a JSON object (truncated, hand-edited, a list) gives meta None and the problem."""
     root = checkpoint_root(output)
     found = []
     if root.is_dir():
         for d in root.glob("step_*"):
             marker = d / COMPLETE
+            try:
+                step = int(d.name[len("step_"):])
+            except ValueError:
+                continue  # step_N.damaged and other leftovers
             if not marker.is_file():
                 continue
+            meta, problem = None, None
             try:
                 meta = json.loads(marker.read_text())
-                step = int(d.name.split("_")[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            found.append((step, d, meta))
+            except (OSError, ValueError) as exc:
+                problem = f"{marker} is not readable JSON ({type(exc).__name__})"
+            if meta is not None and not isinstance(meta, dict):
+                meta, problem = None, f"{marker} holds a {type(meta).__name__}, not a JSON object"
+            found.append((step, d, meta, problem))
     return sorted(found, key=lambda t: t[0])
+
+
+def complete_checkpoints(output: str | os.PathLike) -> list[tuple[int, Path, dict]]:
+    """(step, dir, meta) of every checkpoint with a readable COMPLETE marker, oldest first."""
+    return [(step, d, meta) for step, d, meta, _ in scan_checkpoints(output) if meta is not None]
+
+
+def set_aside(directory: Path) -> Path | None:
+    """Rename a damaged step folder to `<name>.damaged` (kept for inspection; never resumed or counted)."""
+    target = directory.with_name(directory.name + ".damaged")
+    n = 1
+    while target.exists():
+        n += 1
+        target = directory.with_name(f"{directory.name}.damaged{n}")
+    try:
+        os.replace(directory, target)
+    except OSError:  # another node's marker writer moved it first (shared storage)
+        return None
+    return target
 
 
 def latest_complete(output: str | os.PathLike) -> tuple[int, Path, dict] | None:
@@ -130,24 +168,25 @@ def last_finite_checkpoint(output: str | os.PathLike) -> Path | None:
     return finite[-1] if finite else None
 
 
-def prune(output: str | os.PathLike, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints plus the newest finite one; delete older ones and incomplete
-    leftovers older than the oldest kept."""
+def prune(output: str | os.PathLike, keep: int, written: int | None = None) -> None:
+    """Keep the newest `keep` complete checkpoints, the step just `written` and the newest finite one; delete older
+    ones and incomplete leftovers older than the oldest kept."""
     found = complete_checkpoints(output)
     if not found:
         return
     kept = {d for _, d, _ in found[-max(keep, 1):]}
+    kept |= {d for s, d, _ in found if s == written}  # never the checkpoint this run has just written
     finite = [d for _, d, meta in found if meta.get("finite") is True]
     if finite:
         kept.add(finite[-1])  # NaN checkpoints never push out the last one worth resuming from
     for _, d, _ in found:
         if d not in kept:
             shutil.rmtree(d, ignore_errors=True)
-    oldest_kept = min(int(d.name.split("_")[1]) for d in kept)
+    oldest_kept = min(int(d.name[len("step_"):]) for d in kept)
     for d in checkpoint_root(output).glob("step_*"):
         try:
-            step = int(d.name.split("_")[1])
-        except (ValueError, IndexError):
+            step = int(d.name[len("step_"):])
+        except ValueError:
             continue
         if not (d / COMPLETE).exists() and step < oldest_kept:
             shutil.rmtree(d, ignore_errors=True)
@@ -195,19 +234,47 @@ def require_finite(states: Mapping[str, Any], step: int, ranks: Ranks, output: s
 
 @dataclass(frozen=True)
 class ConfigPolicy:
-    refuse: tuple[str, ...]  # give the saved state its meaning: a change is an error
-    apply: tuple[str, ...]   # schedule / optimizer hyper-parameters: the new value applies from the resumed step
+    """How a changed config key is treated on resume; every key of configs/base.py is in one of the three."""
+    refuse: tuple[str, ...]  # give the saved state its meaning (or the data order): a change is an error
+    apply: tuple[str, ...]   # change the training from the resumed step on: applied, listed in one warning line
+    free: tuple[str, ...]    # where and how the run is watched, or keys the other stage reads: no word
+    init_key: str            # the key that starts a new run from a checkpoint's weights (named in refusals)
 
+
+_RUN_CONTROL = ("output", "config_name", "resume", "device", "dist_timeout_s", "num_workers", "max_steps",
+                "save_every", "keep_checkpoints", "max_nonfinite_steps", "frequent", "verbose", "image_every",
+                "tensorboard", "generate_toy_data", "val_targets", "val_batch_size")
+_DEGRADE = ("degrade_resize_prob", "degrade_resize_range", "degrade_blur_prob", "degrade_blur_sigma",
+            "degrade_color_prob", "degrade_color_strength", "degrade_noise_prob", "degrade_noise_std",
+            "degrade_jpeg_prob", "degrade_jpeg_quality")
+_STAGE1_ONLY = ("target", "id_network", "id_model", "id_embedding_size", "gen_dim", "gen_n_downsample",
+                "gen_n_residual", "gen_latent_dim", "gen_style_dim", "gen_input_skip", "init_generator", "gen_lr",
+                "gen_betas", "lambda_id_schedule", "id_distance_range", "lambda_rec", "lambda_diversity",
+                "style_sampling", "dis_dim", "style_report_faces")
+_STAGE2_ONLY = ("network", "embedding_size", "dropout", "use_checkpoint", "channels_last", "loss", "s", "m",
+                "margin_list", "adaface_h", "adaface_t_alpha", "sample_rate", "optimizer", "lr", "momentum",
+                "weight_decay", "gradient_acc", "warmup_epoch", "lr_power", "clip_grad_norm",
+                "pretrained_synthesis_model", "rs_ratio", "epsilon", "alpha", "k", "pretrained_backbone_model",
+                *_DEGRADE)
 
 CONFIG_POLICY: dict[str, ConfigPolicy] = {
     "recognition": ConfigPolicy(
         refuse=("network", "embedding_size", "loss", "optimizer", "batch_size", "gradient_acc", "world_size",
-                "sample_rate", "num_classes", "num_image", "fp16"),
-        apply=("lr", "num_epoch", "warmup_epoch", "lr_power", "momentum", "weight_decay")),
+                "sample_rate", "num_classes", "num_image", "fp16", "seed"),
+        apply=("lr", "num_epoch", "warmup_epoch", "lr_power", "momentum", "weight_decay", "s", "m", "margin_list",
+               "adaface_h", "adaface_t_alpha", "clip_grad_norm", "dropout", "use_checkpoint", "channels_last",
+               "bf16", "rec", "pretrained_synthesis_model", "rs_ratio", "epsilon", "alpha", "k", *_DEGRADE),
+        free=(*_RUN_CONTROL, "pretrained_backbone_model", *_STAGE1_ONLY),
+        init_key="pretrained_backbone_model"),
     "cfsm_stage1": ConfigPolicy(
-        refuse=("gen_dim", "gen_n_downsample", "gen_n_residual", "gen_latent_dim", "gen_style_dim", "id_network",
-                "id_embedding_size", "batch_size", "world_size", "num_classes", "num_image", "fp16"),
-        apply=("gen_lr", "gen_betas", "num_epoch")),
+        refuse=("gen_dim", "gen_n_downsample", "gen_n_residual", "gen_latent_dim", "gen_style_dim", "gen_input_skip",
+                "dis_dim", "id_network", "id_embedding_size", "batch_size", "world_size", "num_classes", "num_image",
+                "fp16", "seed"),
+        apply=("gen_lr", "gen_betas", "num_epoch", "lambda_id_schedule", "id_distance_range", "lambda_rec",
+               "lambda_diversity", "style_sampling", "id_model", "target", "rec", "bf16"),
+        free=(*_RUN_CONTROL, "init_generator", "style_report_faces",
+              *_STAGE2_ONLY),
+        init_key="init_generator"),
 }
 
 
@@ -223,21 +290,54 @@ def run_config(cfg: Mapping[str, Any], **derived: Any) -> dict:
 
 def check_config(saved: Mapping[str, Any], current: Mapping[str, Any], directory: Path,
                  kind: str) -> list[tuple[str, Any, Any]]:
-    """Raise for changed keys that give the state its meaning; return the (key, old, new) schedule changes."""
-    policy = CONFIG_POLICY.get(kind, ConfigPolicy((), ()))
+    """Raise for changed keys that give the state its meaning; return the (key, old, new) changes that apply
+    from the resumed step (listed by the caller in one warning). A key no policy names counts as applied."""
+    policy = CONFIG_POLICY.get(kind, ConfigPolicy((), (), (), "pretrained_backbone_model"))
     current = _plain(dict(current))
-
-    def changed(keys: tuple[str, ...]) -> list[tuple[str, Any, Any]]:
-        return [(k, saved.get(k), current.get(k)) for k in keys if k in saved and saved.get(k) != current.get(k)]
-
-    refused = changed(policy.refuse)
+    changed = [(k, saved[k], current[k]) for k in current  # in config order
+               if k in saved and saved[k] != current[k] and k not in policy.free]
+    refused = [c for c in changed if c[0] in policy.refuse]
     if refused:
         listing = ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in refused)
         raise CheckpointError(
             f"cannot resume from {directory}: the config changed keys its saved state depends on ({listing}). "
             f"Restore those values to resume, or start a fresh `output` folder with "
-            f"pretrained_backbone_model={rank_file(directory, 0)} (or resume=False in a new folder)")
-    return changed(policy.apply)
+            f"{policy.init_key}={rank_file(directory, 0)} (or resume=False in a new folder)")
+    return changed
+
+
+# ---- what an output folder already holds ----
+
+SUMMARY = "summary.json"
+MODEL_FILES = ("model.pt", "generator.pth")  # the stages' final model files
+_RERUN_FREE = ("output", "resume", "device", "dist_timeout_s", "num_workers", "frequent", "tensorboard",
+               "keep_checkpoints", "save_every", "image_every", "generate_toy_data")  # a re-run may change these
+
+
+def run_files(output: str | os.PathLike) -> list[str]:
+    """What of a run `output` holds: checkpoints (damaged ones too), the summary, the model files; [] for none."""
+    output = Path(output)
+    found = []
+    steps = sorted(d.name for d in checkpoint_root(output).glob("step_*")) if checkpoint_root(output).is_dir() else []
+    if steps:
+        found.append(f"{len(steps)} checkpoint folder(s) up to {steps[-1]}")
+    found += [name for name in (SUMMARY, *MODEL_FILES) if (output / name).exists()]
+    return found
+
+
+def finished_summary(output: str | os.PathLike, cfg: Mapping[str, Any]) -> dict | None:
+    """The summary of a run that already finished in `output` with this config (keys a re-run may change aside),
+    else None: re-running a finished command is then a no-op."""
+    path = Path(output) / SUMMARY
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or not isinstance(summary.get("config"), dict) or "steps" not in summary:
+        return None
+    saved = {k: v for k, v in summary["config"].items() if k not in _RERUN_FREE}
+    current = {k: v for k, v in _plain(dict(cfg)).items() if k not in _RERUN_FREE}
+    return summary if saved == current else None
 
 
 # ---- save ----
@@ -251,15 +351,15 @@ def save_run_checkpoint(output: str | os.PathLike, step: int, state: dict, ranks
     stays the newest complete one. `kind` names the run type; resume only accepts the same kind."""
     directory = step_dir(output, step)
     error: BaseException | None = None
-    size = -1
+    size, digest = -1, ""
     bad = first_nonfinite(state)
     try:
         path = rank_file(directory, ranks.rank)
         atomic_save(state, path)
-        size = path.stat().st_size
+        size, digest = path.stat().st_size, file_sha256(path)
     except Exception as exc:  # reported to every rank below before anyone raises
         error = exc
-    reports = ranks.gather({"ok": error is None, "size": size, "nonfinite": bad})
+    reports = ranks.gather({"ok": error is None, "size": size, "sha256": digest, "nonfinite": bad})
     failed = [r for r, rep in enumerate(reports) if not rep["ok"]]
     if failed:
         if error is not None:
@@ -274,8 +374,9 @@ def save_run_checkpoint(output: str | os.PathLike, step: int, state: dict, ranks
                 "finite": all(rep["nonfinite"] is None for rep in reports),
                 "nonfinite": {str(r): rep["nonfinite"] for r, rep in enumerate(reports) if rep["nonfinite"]},
                 "sizes": {str(r): rep["size"] for r, rep in enumerate(reports)},
+                "sha256": {str(r): rep["sha256"] for r, rep in enumerate(reports)},
                 "config": _plain(dict(config))})
-            prune(output, keep)
+            prune(output, keep, written=step)
         except Exception as exc:
             marker_error = exc
     if not ranks.agree(marker_error is None):
@@ -296,40 +397,58 @@ class Resumed:
     changes: list     # (key, old, new) schedule keys whose new value applies from `step` on
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's content (recorded per rank file in COMPLETE, checked on resume)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def _own_file_status(directory: Path, meta: dict, rank: int) -> str | None:
-    """None when this rank's file is present with the size COMPLETE recorded, else what is wrong."""
+    """None when this rank's file is present with the size and SHA-256 COMPLETE recorded, else what is wrong.
+    (Markers of older versions record sizes only; then the size is all that is checked.)"""
     path = rank_file(directory, rank)
     if not path.is_file():
         return f"{path.name} is missing"
-    expected = (meta.get("sizes") or {}).get(str(rank))
+    sizes, digests = meta.get("sizes"), meta.get("sha256")
+    if not isinstance(sizes if sizes is not None else {}, dict) or not isinstance(digests or {}, dict):
+        return f"{directory / COMPLETE} has no per-rank sizes/checksums"
+    expected = (sizes or {}).get(str(rank))
     actual = path.stat().st_size
     if expected is not None and int(expected) != actual:
         return f"{path.name} has {actual} bytes, COMPLETE recorded {expected}"
+    digest = (digests or {}).get(str(rank))
+    if digest and file_sha256(path) != digest:
+        return f"{path.name} does not match the SHA-256 COMPLETE recorded (its content changed after writing)"
     return None
 
 
 def resume(output: str | os.PathLike, policy: bool | str, ranks: Ranks, kind: str, config: Mapping[str, Any],
            log: logging.Logger | None = None) -> Resumed | None:
     """Find, check and load the checkpoint to resume from under `policy` (False | True | "auto"), on all ranks
-    together; None when there is nothing to resume. Collective: every rank calls it."""
+    together; None when there is nothing to resume. Collective: every rank calls it.
+
+    Checkpoints that exist but of which none is usable are an error: restarting at step 0 in their folder would
+    mix two runs. Steps newer than the one resumed are moved aside (`set_aside`) by each node's marker writer."""
     log = log or _log
     if not policy:
         return None
+    scanned = scan_checkpoints(output)
     intact, damaged, metas = [], {}, {}
-    for step, directory, meta in reversed(complete_checkpoints(output)):
-        metas[step] = meta
-        foreign = int(meta.get("world_size", -1)) != ranks.world_size or meta.get("kind") != kind
-        problem = None if foreign else _own_file_status(directory, meta, ranks.rank)  # foreign: refused by name below
+    for step, directory, meta, problem in reversed(scanned):
+        if meta is not None:
+            metas[step] = meta
+            foreign = int(meta.get("world_size", -1)) != ranks.world_size or meta.get("kind") != kind
+            problem = None if foreign else _own_file_status(directory, meta, ranks.rank)  # foreign: refused below
         if problem is None:
             intact.append(step)
         else:
             damaged[step] = problem
-    every_rank = ranks.gather(intact)
-    common = sorted(set.intersection(*(set(s) for s in every_rank)), reverse=True)
+    every_rank = ranks.gather({"intact": intact, "found": bool(scanned), "damaged": damaged})
+    common = sorted(set.intersection(*(set(r["intact"]) for r in every_rank)), reverse=True)
     root = checkpoint_root(output)
-    if not common and any(every_rank):
+    if not common and any(r["intact"] for r in every_rank):
         log.warning(f"{root}: no checkpoint step is complete and intact on every rank (per rank: "
-                    f"{[sorted(s)[-3:] for s in every_rank]}, damaged here: {damaged or 'none'})")
+                    f"{[sorted(r['intact'])[-3:] for r in every_rank]}, damaged here: {damaged or 'none'})")
     last_error: BaseException | None = None
     for step in common:
         directory = step_dir(output, step)
@@ -357,20 +476,29 @@ def resume(output: str | os.PathLike, policy: bool | str, ranks: Ranks, kind: st
             log.warning(f"checkpoint {directory} could not be loaded on every rank"
                         f"{f' ({last_error})' if state is None else ''}: falling back to an older one")
             continue
-        for key, old, new in changes:
-            log.warning(f"resume: config key '{key}' changed {old!r} -> {new!r}: the new value applies from "
-                        f"step {step} on")
+        if changes:
+            log.warning(f"resume from step {step}: config changed, the new values apply from here on: "
+                        + ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes))
         if meta.get("finite") is False:
             log.warning(f"resuming from {directory}, whose state is not finite ({meta.get('nonfinite')}); last "
                         f"finite checkpoint: {last_finite_checkpoint(output) or 'none'}")
+        if ranks.writes_markers:
+            for newer, newer_dir, _, _ in scanned:
+                if newer > step and newer_dir.exists():
+                    moved = set_aside(newer_dir)
+                    if moved is not None:
+                        log.warning(f"checkpoint {newer_dir} is not usable on every rank: moved aside to {moved}")
         return Resumed(step, directory, state, meta, changes)
+    if any(r["found"] for r in every_rank):
+        problems = {s: p for r in every_rank for s, p in r["damaged"].items()}
+        detail = "; ".join(f"step {s}: {p}" for s, p in sorted(problems.items())) or str(last_error or "")
+        raise CheckpointError(
+            f"{root} holds checkpoints but none is complete and intact on every rank ({detail}). Starting over at "
+            f"step 0 there would mix two runs: restore the damaged files, or move {root} aside (or set output= to "
+            f"a new folder) to start afresh")
     if policy is True:
-        if last_error is not None:
-            raise last_error
-        raise CheckpointError(f"resume=True but {root} holds no complete checkpoint intact on every rank"
-                              f"{f' (damaged here: {damaged})' if damaged else ''}")
-    if any(every_rank):
-        log.warning(f"{root}: no usable checkpoint; starting from step 0")
+        raise CheckpointError(f"resume=True but {root} holds no complete checkpoint: use resume=auto to start a "
+                              f"new run")
     return None
 
 
@@ -474,7 +602,7 @@ def lock_output(output: str | os.PathLike, ranks: Ranks = Ranks(), wait_s: float
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
                           f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
     if not ranks.agree(ranks.rank != 0 or fd is not None):
-        raise RuntimeError(f"output folder {output} is in use by another run ({holder or 'see its ' + LOCK_NAME}): "
+        raise OutputBusyError(f"output folder {output} is in use by another run ({holder or 'see its ' + LOCK_NAME}): "
                            f"two jobs in one folder would interleave checkpoints. Wait for it, stop it, or set "
                            f"another `output`")
     lock = OutputLock(fd, output.resolve() / LOCK_NAME)

@@ -366,6 +366,13 @@ def _locked(lock_path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+class ToyDataError(ValueError):
+    """The toy data folder holds something else, or toy data made with other settings; the message names it."""
+
+
+PARTIAL_MARKER = ".toy_partial"  # present while a toy set is being moved into its folder
+
+
 def ensure_toy_data(
     root: str | os.PathLike,
     num_identities: int | None = None,
@@ -383,7 +390,8 @@ def ensure_toy_data(
     and ``toy_target.bin`` (``num_pairs`` pairs, half genuine, over ``num_eval_identities`` held-out identities; same
     pairs in both styles), ``target_faces/*.jpg`` (``num_target_faces`` unlabelled target-style faces of further
     held-out identities) and ``toy_meta.json``. ``None`` arguments mean "the defaults, or whatever exists"; explicit
-    values that disagree with existing data raise ``ValueError``. Concurrent callers (e.g. two ranks) are serialised
+    values that disagree with existing data raise ``ToyDataError``, and so does a folder that holds anything but a
+    (possibly half-moved) toy set: the user's own data is never overwritten. Concurrent callers (e.g. two ranks) are serialised
     with a file lock; files are produced in a temp dir and moved in, the meta file last.
     """
     root = Path(os.path.expanduser(root))
@@ -402,11 +410,19 @@ def ensure_toy_data(
             if meta.get("seed") != seed and any(v is not None for v in asked.values()):
                 wrong["seed"] = (seed, meta.get("seed"))
             if wrong:
-                raise ValueError(
+                raise ToyDataError(
                     f"{root}: existing toy data differs from the request (asked, found): {wrong}; "
                     f"delete {root} or use another directory"
                 )
             return root
+        partial = root / PARTIAL_MARKER
+        held = sorted(p.name for p in root.iterdir() if p.name != PARTIAL_MARKER) if root.is_dir() else []
+        if held and not partial.exists():
+            shown = ", ".join(held[:4]) + (f", ... ({len(held)} entries)" if len(held) > 4 else "")
+            raise ToyDataError(
+                f"rec={str(root)!r} holds files that are not a toy data set ({shown}; no {meta_path.name}): "
+                f"generate_toy_data=True writes only into a missing or empty folder. To train on this data set "
+                f"generate_toy_data=False; for toy data point rec= at a new folder")
         cfg = {k: (v if v is not None else _DEFAULTS[k]) for k, v in asked.items()}
         if cfg["num_pairs"] % 2 or cfg["num_eval_identities"] < 2:
             raise ValueError(f"ensure_toy_data: num_pairs must be even and num_eval_identities >= 2, got {cfg}")
@@ -419,6 +435,7 @@ def ensure_toy_data(
             meta["generation_seconds"] = round(time.perf_counter() - t0, 2)
             meta["workers"] = workers
             root.mkdir(parents=True, exist_ok=True)
+            partial.touch()  # a move cut short leaves this marker: the next call may overwrite what it finds
             for item in tmp.iterdir():
                 dest = root / item.name
                 if dest.is_dir():
@@ -427,6 +444,7 @@ def ensure_toy_data(
             tmp_meta = root / ".toy_meta.json.tmp"
             tmp_meta.write_text(json.dumps(meta, indent=1))
             os.replace(tmp_meta, meta_path)  # marks completion
+            partial.unlink()
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         if verbose:
