@@ -450,3 +450,16 @@ def test_stage1_refusals_name_the_stage1_way_forward(tmp_path):
     changes = rs.check_config({"lambda_rec": 1.0, "frequent": 10}, {"lambda_rec": 10.0, "frequent": 1}, tmp_path,
                               "cfsm_stage1")
     assert changes == [("lambda_rec", 1.0, 10.0)]  # applied and listed; monitoring keys change freely
+
+
+def test_a_stale_lock_is_taken_over_at_once_and_a_busy_folder_is_a_user_error(tmp_path):
+    from utils.cli import is_user_error
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / rs.LOCK_NAME).write_text("pid 999999 on a-host-that-died since 2026-01-01 00:00:00\n")  # no flock held
+    start = time.time()
+    lock = rs.lock_output(out)
+    assert time.time() - start < 1 and f"pid {os.getpid()}" in (out / rs.LOCK_NAME).read_text()
+    assert is_user_error(rs.OutputBusyError("busy"))  # a second job: one `error:` line, exit 2
+    lock.release()

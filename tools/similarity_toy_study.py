@@ -29,7 +29,7 @@ if __name__ == "__main__" and not __package__:  # run as a path: import the repo
 
 import numpy as np
 
-from utils.checkpoint import write_json
+from utils.checkpoint import json_safe, write_json
 from utils.cli import ArgumentParser, run_command
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,7 +162,7 @@ def main(argv=None) -> dict:
               "settings": vars(args), "wall_s": round(time.time() - t0, 1)}
     write_json(report, out / "study.json")
     write_heatmap(result, out / "similarity.png")
-    print(json.dumps(verdict, indent=1))
+    print(json.dumps(json_safe(verdict), indent=1, allow_nan=False))
     return report
 
 

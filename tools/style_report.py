@@ -20,6 +20,7 @@ if __name__ == "__main__" and not __package__:  # run as a path: import the repo
 
 import torch
 
+from utils.checkpoint import json_safe
 from utils.cli import ArgumentParser, UsageError, resolve_device, run_command
 
 
@@ -70,7 +71,7 @@ def main(argv=None) -> dict:
     report = write_style_report(generator, id_net, faces, target_faces, Path(args.out), tuple(args.distance_range),
                         args.directions, args.seed)
     print(f"style report: {Path(args.out) / 'style_report.png'}", file=sys.stderr)
-    print(json.dumps(report), flush=True)
+    print(json.dumps(json_safe(report), allow_nan=False), flush=True)  # valid JSON: NaN as null
     return report
 
 
