@@ -370,3 +370,55 @@ def csv_row(item: AlignedFace, file: str = "") -> list[str]:
     """One line of the faces CSV (``CSV_COLUMNS``): where the face is in its photo, in photo pixels."""
     numbers = [*item.face.box.tolist(), *item.face.landmarks.reshape(-1).tolist()]
     return [str(item.source), str(item.index), file, f"{item.face.score:.6f}", *(f"{v:.2f}" for v in numbers)]
+
+
+def align_photos(detector: FaceDetector, paths: Sequence[str | os.PathLike], which: str | int = "largest",
+                 progress: bool = True, refine: bool = True) -> tuple[list[AlignedFace], list[tuple[Path, str]]]:
+    """:func:`align_photo` over many photos with a progress bar. A photo that cannot be read or shows no (such)
+    face is skipped with one ``warning: ...`` line on stderr; returns ``(faces, [(photo, reason), ...])``."""
+    import sys
+
+    from tqdm import tqdm
+
+    items: list[AlignedFace] = []
+    skipped: list[tuple[Path, str]] = []
+    for path in tqdm(paths, desc="detect+align", unit="photo", disable=not progress, dynamic_ncols=True):
+        try:
+            items.extend(align_photo(detector, path, which, refine=refine))
+        except EvalInputError as e:  # NoFaceError included; the message names the photo
+            skipped.append((Path(path), str(e)))
+            tqdm.write(f"warning: {e}", file=sys.stderr)
+    return items, skipped
+
+
+def require_faces(items: Sequence[AlignedFace], skipped: Sequence[tuple[Path, str]], total: int) -> None:
+    """NoFaceError when not one face came out of ``total`` photos (the first reason is quoted)."""
+    if not items:
+        first = f" (first: {skipped[0][1]})" if skipped else ""
+        raise NoFaceError(f"no face aligned from any of the {total} photo{'s' if total != 1 else ''}{first}")
+
+
+def crops_tensor(items: Sequence[AlignedFace], bgr: bool = False) -> "torch.Tensor":  # noqa: F821
+    """The aligned crops as uint8 [N, 3, 112, 112] in the model's channel order (RGB unless ``bgr``)."""
+    import torch
+
+    stack = np.stack([item.crop for item in items])
+    if bgr:
+        stack = stack[..., ::-1]
+    return torch.from_numpy(np.ascontiguousarray(stack.transpose(0, 3, 1, 2)))
+
+
+def write_faces_csv(path: str | os.PathLike, items: Sequence[AlignedFace], files: Sequence[str] | None = None) -> None:
+    """``CSV_COLUMNS`` per face: photo, face index, the crop's file (if written), score, box and landmarks."""
+    import csv
+
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(CSV_COLUMNS)
+        for k, item in enumerate(items):
+            writer.writerow(csv_row(item, files[k] if files is not None else ""))
+
+
+def write_skipped(path: str | os.PathLike, skipped: Sequence[tuple[Path, str]]) -> None:
+    """One ``photo<TAB>reason`` line per skipped photo (an empty file when none was skipped)."""
+    Path(path).write_text("".join(f"{p}\t{reason}\n" for p, reason in skipped))
