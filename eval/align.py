@@ -294,11 +294,19 @@ def parse_face_choice(text: str) -> str | int:
     return index
 
 
+def min_face_size(text: str) -> int:
+    """argparse type of ``--min-face-size``: an integer >= 12 (P-Net's window; smaller faces cannot be found)."""
+    value = int(text)
+    if value < 12:
+        raise argparse.ArgumentTypeError(f"must be >= 12 (the detector's 12 px window), got {value}")
+    return value
+
+
 def add_align_args(parser: argparse.ArgumentParser, default_face: str = "largest") -> None:
     """``--face`` and ``--min-face-size``: which detected faces to keep, and the smallest face searched for."""
     parser.add_argument("--face", type=parse_face_choice, default=default_face, metavar="WHICH",
                         help=f"faces to keep per photo: {FACE_CHOICES}; faces are numbered by box area")
-    parser.add_argument("--min-face-size", type=int, default=20, metavar="PX",
+    parser.add_argument("--min-face-size", type=min_face_size, default=20, metavar="PX",
                         help="smallest face (box side, photo pixels) the detector looks for; larger = faster")
 
 

@@ -59,22 +59,34 @@ def compare_photos(backbone: torch.nn.Module, path_a: str, path_b: str, which: s
     return _cosine(orig, flipped)
 
 
+def load_threshold_set(bin_path: Path, far: float) -> tuple[torch.Tensor, np.ndarray]:
+    """A ``.bin`` set's images and labels, checked to have enough impostor pairs to measure ``far``."""
+    from utils.binfile import load_bin
+
+    images, issame = load_bin(bin_path)
+    impostors = int(np.count_nonzero(~issame))
+    if impostors == 0 or impostors == issame.size:
+        raise UsageError(f"--bin {bin_path}: needs both genuine and impostor pairs to set a threshold, "
+                         f"has {issame.size - impostors} genuine and {impostors} impostor pairs")
+    if far < 1.0 / impostors:
+        raise UsageError(f"--far {far:g} is below 1/{impostors}, the smallest FAR the {impostors} impostor pairs of "
+                         f"{bin_path} can measure; use --far >= {1.0 / impostors:.2g} or a larger set")
+    return images, issame
+
+
 def threshold_from_bin(backbone: torch.nn.Module, bin_path: Path, far: float, device: torch.device,
-                       flip: bool = True, bgr: bool = False, batch_size: int = 64) -> tuple[float, str]:
+                       flip: bool = True, bgr: bool = False, batch_size: int = 64,
+                       loaded: tuple[torch.Tensor, np.ndarray] | None = None) -> tuple[float, str]:
     """Cosine threshold at ``far`` on a ``.bin`` set's pairs, embedded like the compared faces; and its source."""
     from eval.metrics import l2_normalize, threshold_at_far
     from eval.verification import embed_images
-    from utils.binfile import load_bin
 
-    images, issame = load_bin(bin_path)  # RGB, like our models; --bgr flips the channels
+    images, issame = loaded or load_threshold_set(bin_path, far)  # RGB, like our models; --bgr flips the channels
     if bgr:
         images = images.flip(1)
     emb = l2_normalize(embed_images(backbone, images, batch_size=batch_size, device=device, flip=flip))
     scores = np.sum(emb[0::2] * emb[1::2], axis=1)
-    try:
-        found = threshold_at_far(scores, issame, far)
-    except ValueError as e:
-        raise UsageError(f"--far {far:g} on --bin {bin_path}: {e}; use a larger --far or a larger set") from None
+    found = threshold_at_far(scores, issame, far)
     source = (f"FAR {far:g} on {bin_path} (measured FAR {found['far']:.2e} over {found['impostors']} impostor pairs, "
               f"TAR {100 * found['tar']:.2f}% over {found['genuines']} genuine pairs)")
     return found["threshold"], source
@@ -121,6 +133,7 @@ def main(argv: list[str] | None = None) -> float:
         raise UsageError(f"--bin {args.bin} does not exist; give a verification .bin set such as lfw.bin")
     device = resolve_device(args.device)
     backbone = load_backbone(args.model, args.network, args.embedding_size, device)
+    threshold_set = load_threshold_set(args.bin, args.far) if args.bin is not None else None  # checked up front
     if args.align:
         cos = compare_photos(backbone, str(args.image_a), str(args.image_b), args.face, args.min_face_size,
                              flip=not args.no_flip, bgr=args.bgr, device=device)
@@ -128,9 +141,9 @@ def main(argv: list[str] | None = None) -> float:
         cos = compare(backbone, str(args.image_a), str(args.image_b), flip=not args.no_flip, bgr=args.bgr,
                       device=device)
     print(f"{cos:.6f}")
-    if args.bin is not None:
+    if threshold_set is not None:
         threshold, source = threshold_from_bin(backbone, args.bin, args.far, device, flip=not args.no_flip,
-                                               bgr=args.bgr)
+                                               bgr=args.bgr, loaded=threshold_set)
     elif args.threshold is not None:
         threshold, source = args.threshold, "given by --threshold"
     else:
