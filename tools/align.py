@@ -22,7 +22,7 @@ if __name__ == "__main__" and not __package__:  # run as a path: import the repo
 
 import cv2
 
-from eval.align import FaceDetector, add_align_args, align_photos, require_faces, write_faces_csv, write_skipped
+from eval.align import add_align_args, detector_from_args, align_photos, require_faces, write_faces_csv, write_skipped
 from eval.common import EvalInputError, check_output_folder
 from tools.embed import PHOTO_SUFFIXES, list_images
 from utils.cli import ArgumentParser, add_out_arg, expanded_path, run_command
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = check_output_folder(args.out)  # before any work
     photos = list_photos(args.photos)
-    detector = FaceDetector(min_face_size=args.min_face_size)
+    detector = detector_from_args(args)
     items, skipped = align_photos(detector, [p for p, _ in photos], args.face, progress=not args.no_progress)
     write_skipped(out / "skipped.txt", skipped)
     require_faces(items, skipped, len(photos))

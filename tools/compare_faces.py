@@ -46,13 +46,13 @@ def compare(backbone: torch.nn.Module, path_a: str, path_b: str, flip: bool = Tr
 
 
 def compare_photos(backbone: torch.nn.Module, path_a: str, path_b: str, which: str | int = "largest",
-                   min_face_size: int = 20, flip: bool = True, bgr: bool = False,
+                   detector: "FaceDetector | None" = None, flip: bool = True, bgr: bool = False,  # noqa: F821
                    device: torch.device | None = None) -> float:
     """Cosine similarity of the chosen face of each of two raw photos (NoFaceError names a photo without one)."""
     from eval.align import FaceDetector, align_photo, crops_tensor
 
     device = device or torch.device("cpu")
-    detector = FaceDetector(min_face_size=min_face_size)
+    detector = detector or FaceDetector()
     items = [align_photo(detector, path, "largest" if which == "all" else which)[0] for path in (path_a, path_b)]
     backbone.eval()
     orig, flipped = embed_batches(backbone, [crops_tensor(items, bgr=bgr)], 2, device, flip=flip)
@@ -102,7 +102,7 @@ def _probability(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> float:
-    from eval.align import add_align_args
+    from eval.align import add_align_args, detector_from_args
 
     ap = ArgumentParser(description=__doc__)
     ap.add_argument("image_a", type=expanded_path, help="first face: an aligned 112x112 crop (a photo with --align)")
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> float:
     backbone = load_backbone(args.model, args.network, args.embedding_size, device)
     threshold_set = load_threshold_set(args.bin, args.far) if args.bin is not None else None  # checked up front
     if args.align:
-        cos = compare_photos(backbone, str(args.image_a), str(args.image_b), args.face, args.min_face_size,
+        cos = compare_photos(backbone, str(args.image_a), str(args.image_b), args.face, detector_from_args(args),
                              flip=not args.no_flip, bgr=args.bgr, device=device)
     else:
         cos = compare(backbone, str(args.image_a), str(args.image_b), flip=not args.no_flip, bgr=args.bgr,

@@ -25,7 +25,7 @@ if __name__ == "__main__" and not __package__:  # run as a path: import the repo
 
 import numpy as np
 
-from eval.align import FaceDetector, add_align_args, align_photos, crops_tensor, require_faces, write_faces_csv
+from eval.align import add_align_args, detector_from_args, align_photos, crops_tensor, require_faces, write_faces_csv
 from eval.common import EvalInputError, FaceImages, add_model_args, check_output_folder, embed_batches, \
     embed_dataset, flip_fuse, iter_chunks, model_from_args
 from eval.metrics import l2_normalize
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> Path:
     paths = list_images(args.images, PHOTO_SUFFIXES if args.align else IMAGE_SUFFIXES)
     backbone, device = model_from_args(args)
     if args.align:
-        detector = FaceDetector(min_face_size=args.min_face_size)
+        detector = detector_from_args(args)
         items, skipped = align_photos(detector, paths, args.face, progress=not args.no_progress)
         require_faces(items, skipped, len(paths))
         write_faces_csv(out / "faces.csv", items)
