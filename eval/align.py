@@ -15,7 +15,8 @@ The cascade's defaults are the published ones: smallest face 20 px, pyramid fact
 0.6 / 0.7 / 0.7, non-maximum suppression at IoU 0.5 (per scale), 0.7, 0.7 and 0.7 over the smaller box (last).
 
 Alignment is ``eval.common.align_face`` -- the one similarity transform to the ArcFace template that the IJB and
-TinyFace readers use. ``docs/alignment.md`` has the measured accuracy.
+TinyFace readers use -- after one refinement pass (:func:`refine_landmarks`: the detector looks again at the face
+warped upright to the template's scale). ``docs/alignment.md`` has the choice of detector and the measured accuracy.
 """
 from __future__ import annotations
 

@@ -26,6 +26,7 @@ if __name__ == "__main__" and not __package__:  # run as a path: import the repo
 import numpy as np
 import torch
 
+from eval.align import FaceDetector, add_align_args, align_photo, crops_tensor, detector_from_args
 from eval.common import FaceImages, embed_batches, embed_dataset, flip_fuse, load_backbone, resolve_device
 from utils.cli import ArgumentParser, UsageError, expanded_path, run_command
 
@@ -46,11 +47,9 @@ def compare(backbone: torch.nn.Module, path_a: str, path_b: str, flip: bool = Tr
 
 
 def compare_photos(backbone: torch.nn.Module, path_a: str, path_b: str, which: str | int = "largest",
-                   detector: "FaceDetector | None" = None, flip: bool = True, bgr: bool = False,  # noqa: F821
+                   detector: FaceDetector | None = None, flip: bool = True, bgr: bool = False,
                    device: torch.device | None = None) -> float:
     """Cosine similarity of the chosen face of each of two raw photos (NoFaceError names a photo without one)."""
-    from eval.align import FaceDetector, align_photo, crops_tensor
-
     device = device or torch.device("cpu")
     detector = detector or FaceDetector()
     items = [align_photo(detector, path, "largest" if which == "all" else which)[0] for path in (path_a, path_b)]
@@ -102,8 +101,6 @@ def _probability(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> float:
-    from eval.align import add_align_args, detector_from_args
-
     ap = ArgumentParser(description=__doc__)
     ap.add_argument("image_a", type=expanded_path, help="first face: an aligned 112x112 crop (a photo with --align)")
     ap.add_argument("image_b", type=expanded_path, help="second face: an aligned 112x112 crop (a photo with --align)")
