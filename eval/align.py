@@ -113,7 +113,7 @@ def read_photo(path: str | os.PathLike) -> np.ndarray:
             image.load()
             upright = ImageOps.exif_transpose(image)
             return to_rgb_uint8(upright)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
         raise EvalInputError(f"photo {path} cannot be decoded ({' '.join(str(e).split()) or type(e).__name__}); "
                              f"give a JPEG, PNG, BMP, TIFF or WebP image") from None
 
