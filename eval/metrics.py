@@ -7,6 +7,7 @@ be tested and benchmarked without a model. Every function reproduces one rule of
 * :func:`verification_accuracy` -- 10-fold ``.bin`` accuracy of insightface ``verification.py`` (``calculate_roc``).
 * :func:`template_features` -- IJB-B/C template pooling of ``eval_ijbc.py`` (media mean, template sum, L2).
 * :func:`tar_at_far` -- TAR@FAR "nearest ROC point" rule of ``eval_ijbc.py`` (not an interpolation).
+* :func:`threshold_at_far` -- the score threshold that keeps the FAR at or below a target (``tools.compare_faces``).
 * :func:`identification_ranks` -- closed-set CMC (IJB 1:N, TinyFace ``DIR_FAR`` with FARs=[1.0], IJB-S).
 * :func:`tpir_at_fpir` -- open-set TPIR@FPIR of the PFE/AdaFace IJB-S helper, for one gallery.
 
@@ -255,6 +256,30 @@ def tar_at_far(
     """
     fpr, tpr, _ = roc(scores, labels)
     return tar_at_far_from_roc(fpr, tpr, fars)
+
+
+def threshold_at_far(scores: np.ndarray, labels: np.ndarray, far: float) -> dict[str, float]:
+    """The decision threshold of a verifier that accepts "same" iff ``score >= threshold`` and falsely accepts at
+    most a fraction ``far`` of the impostor pairs, with the highest TAR among such thresholds: the smallest score
+    above the ``floor(far * impostors) + 1``-th highest impostor score (ties counted whole). Unlike
+    :func:`tar_at_far`'s nearest ROC point it never lies above the asked FAR. Returns ``{"threshold", "far", "tar",
+    "impostors", "genuines"}`` (``far``/``tar`` measured at the threshold, fractions). ValueError when ``far`` is
+    below ``1 / impostors``, the smallest FAR the pairs can measure, or there are no genuine / impostor pairs."""
+    s, y = _check_binary(scores, labels)
+    s = s.astype(np.float64)
+    neg, pos = np.sort(s[~y])[::-1], s[y]
+    if not 0.0 < far <= 1.0:
+        raise ValueError(f"far must be in (0, 1], got {far}")
+    if far < 1.0 / neg.size:
+        raise ValueError(f"FAR {far:g} is below 1/{neg.size}, the smallest FAR {neg.size} impostor pairs can measure")
+    allowed = int(np.floor(far * neg.size + 1e-9))  # false accepts allowed (1e-9: 0.001 * 3000 is 2.9999999...)
+    if allowed >= neg.size:
+        threshold = float(s.min())  # every impostor may pass: accept everything
+    else:
+        above = s[s > neg[allowed]]
+        threshold = float(above.min()) if above.size else float(np.nextafter(neg[allowed], np.inf))
+    return {"threshold": threshold, "far": float(np.mean(neg >= threshold)), "tar": float(np.mean(pos >= threshold)),
+            "impostors": int(neg.size), "genuines": int(pos.size)}
 
 
 # ----------------------------------------------------------------------------------------------------------------

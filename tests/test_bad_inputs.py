@@ -23,6 +23,7 @@ from backbones import get_model
 from cfsm import load_generator
 from dataset import DataError, ImageFolderDataset, MXFaceDataset, build_dataset
 from eval import ijb
+from eval.align import NoFaceError
 from eval.common import EvalInputError
 from losses import ArcFace
 from partial_fc import PartialFC
@@ -465,6 +466,12 @@ def _embed(ctx: Ctx, *args: str, images: Path | None = None) -> None:
                 "--network", "r_tiny", "--device", "cpu", "--workers", "0", "--out", str(ctx.tmp / "emb"), *args])
 
 
+def _align(ctx: Ctx, *args: str, photos: Path | None = None) -> None:
+    from tools import align
+
+    align.main([str(photos or _image(ctx, "grey.png")), "--out", str(ctx.tmp / "aligned"), "--no-progress", *args])
+
+
 def _report(ctx: Ctx, *args: str, generator: Path | None = None) -> None:
     from tools import style_report
 
@@ -592,6 +599,35 @@ ROWS += [
         lambda c: [str(c.tmp / "r_tiny_32.pt"), "embedding size"], "tools.compare_faces --embedding-size"),
     Row("compare_device_not_a_device", lambda c: _compare_model(c, "--device", "gpu"), UsageError,
         lambda c: ["--device 'gpu'"], "tools.compare_faces --device"),
+    Row("compare_align_no_face", lambda c: _compare_model(c, "--align"), NoFaceError,
+        lambda c: [f"photo {c.tmp / 'a.jpg'}: no face found"], "tools.compare_faces --align"),
+    Row("compare_face_all", lambda c: _compare_model(c, "--align", "--face", "all"), UsageError,
+        lambda c: ["--face all", "one face per photo"], "tools.compare_faces --face"),
+    Row("compare_min_face_size_too_small", lambda c: _compare_model(c, "--align", "--min-face-size", "8"),
+        SystemExit, lambda c: ["--min-face-size", "must be >= 12", "got 8"], "tools.compare_faces --min-face-size"),
+    Row("compare_min_score_not_a_probability", lambda c: _compare_model(c, "--align", "--min-score", "1.5"),
+        SystemExit, lambda c: ["--min-score", "[0, 1)", "got 1.5"], "tools.compare_faces --min-score"),
+    Row("compare_threshold_not_a_number", lambda c: _compare_model(c, "--threshold", "high"), SystemExit,
+        lambda c: ["--threshold", "'high'"], "tools.compare_faces --threshold"),
+    Row("compare_bin_missing", lambda c: _compare_model(c, "--bin", MISSING + "/lfw.bin"), UsageError,
+        lambda c: [f"--bin {MISSING}/lfw.bin does not exist"], "tools.compare_faces --bin"),
+    Row("compare_far_out_of_range", lambda c: _compare_model(c, "--far", "0"), SystemExit,
+        lambda c: ["--far", "must be in (0, 1]", "got 0"], "tools.compare_faces --far"),
+    # ---- tools.align ----
+    Row("align_photo_missing", lambda c: _align(c, photos=Path(MISSING) / "me.jpg"), EvalInputError,
+        lambda c: [f"{MISSING}/me.jpg", "does not exist"], "tools.align photos"),
+    Row("align_no_face", lambda c: _align(c), NoFaceError,
+        lambda c: ["no face aligned from any of the 1 photo", f"photo {c.tmp / 'grey.png'}: no face found"]),
+    Row("align_photo_undecodable", lambda c: _align(c, photos=_image(c, "cut.jpg", data=b"\xff\xd8 garbage")),
+        NoFaceError, lambda c: [f"photo {c.tmp / 'cut.jpg'} cannot be decoded"]),
+    Row("align_out_is_a_file", lambda c: _align(c, "--out", str(_a_file(c))), EvalInputError,
+        lambda c: ["--out", str(c.tmp / "not_a_folder.txt"), "is a file"], "tools.align --out"),
+    Row("align_face_unknown", lambda c: _align(c, "--face", "biggest"), SystemExit,
+        lambda c: ["--face", "largest, all or a face index", "'biggest'"], "tools.align --face"),
+    Row("align_min_face_size_too_small", lambda c: _align(c, "--min-face-size", "4"), SystemExit,
+        lambda c: ["--min-face-size", "must be >= 12", "got 4"], "tools.align --min-face-size"),
+    Row("align_min_score_not_a_probability", lambda c: _align(c, "--min-score", "-0.1"), SystemExit,
+        lambda c: ["--min-score", "[0, 1)", "got -0.1"], "tools.align --min-score"),
     # ---- tools.style_grid ----
     Row("style_grid_not_a_generator", lambda c: _style_grid(c, generator=_backbone_file(c, "r_tiny", 32)),
         KeyError, lambda c: [str(c.tmp / "r_tiny_32.pt"), "G_state_dict"], "tools.style_grid generator"),
@@ -640,7 +676,16 @@ ROWS += [
         lambda c: ["--tolerance", "must be > 0", "-1"], "tools.export_onnx --tolerance"),
     # ---- tools.embed (model arguments: eval.common.add_model_args, covered by the "eval" rows) ----
     Row("embed_images_missing", lambda c: _embed(c, images=Path(MISSING)), EvalInputError,
-        lambda c: [MISSING, "neither a folder nor a .txt list"], "tools.embed images"),
+        lambda c: [MISSING, "does not exist", "a folder, a .txt list of image paths or a"], "tools.embed images"),
+    Row("embed_align_no_face", lambda c: _embed(c, "--align", images=_image(c, "grey.png")), NoFaceError,
+        lambda c: ["no face aligned from any of the 1 photo", f"photo {c.tmp / 'grey.png'}: no face found"],
+        "tools.embed --align"),
+    Row("embed_face_negative", lambda c: _embed(c, "--align", "--face", "-1"), SystemExit,
+        lambda c: ["--face", "largest, all or a face index", "got -1"], "tools.embed --face"),
+    Row("embed_min_face_size_not_a_number", lambda c: _embed(c, "--align", "--min-face-size", "big"), SystemExit,
+        lambda c: ["--min-face-size", "'big'"], "tools.embed --min-face-size"),
+    Row("embed_min_score_not_a_probability", lambda c: _embed(c, "--align", "--min-score", "2"), SystemExit,
+        lambda c: ["--min-score", "[0, 1)", "got 2"], "tools.embed --min-score"),
     Row("embed_out_is_a_file", lambda c: _embed(c, "--out", str(_a_file(c))), EvalInputError,
         lambda c: ["--out", str(c.tmp / "not_a_folder.txt"), "is a file"], "tools.embed --out"),
     # ---- tools.style_report ----
@@ -702,7 +747,7 @@ ROWS += [
 # Commands whose every non-flag input must have a row above ("eval" rows cover eval.common.add_model_args once).
 CLI_MODULES = ("eval.ijb", "eval.tinyface", "eval.ijbs", "eval.verification", "tools.compare_faces",
                "tools.style_grid", "tools.dataset_similarity", "tools.make_toy_data", "tools.export_onnx",
-               "tools.embed", "tools.style_report")
+               "tools.embed", "tools.style_report", "tools.align")
 SHARED_MODEL_ARGS = ("--model", "--network", "--embedding-size", "--device", "--batch-size", "--workers")
 MODEL_ARG_MODULES = ("eval.ijb", "eval.tinyface", "eval.ijbs", "eval.verification", "tools.embed")  # add_model_args
 NOT_YET_COVERED: set[str] = set()  # "<command> <input>" pairs waiting for a row (none)

@@ -87,3 +87,36 @@ def test_bad_inputs_name_the_file(tmp_path: Path, faces, model_file) -> None:
     cv2.imwrite(str(faces[0].parent / "big.png"), np.zeros((120, 120, 3), np.uint8))
     with pytest.raises(EvalInputError, match=r"big\.png is 120x120, expected an aligned 112x112 face"):
         _run(str(tmp_path / "faces"), "--model", str(model_file), "--out", str(tmp_path / "emb"))
+
+
+def test_align_embeds_the_faces_of_raw_photos(tmp_path: Path, model_file) -> None:
+    """--align: one row per face (photos without a face skipped with a warning), faces.csv lines up with the rows,
+    and each row equals the embedding of the crop tools.align writes for that photo (the same alignment)."""
+    from PIL import Image
+    from skimage import data
+
+    from tools import align
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(data.astronaut()).save(photos / "a.png")
+    Image.fromarray(np.ascontiguousarray(data.astronaut()[:, ::-1])).convert("L").save(photos / "b_grey.png")
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(photos / "c_blank.png")
+    out = _run(str(photos), "--align", "--model", str(model_file), "--out", str(tmp_path / "emb"))
+    emb = np.load(out / "embeddings.npy")
+    assert emb.shape == (2, 32)
+    assert (out / "images.txt").read_text().splitlines() == [str(photos / "a.png"), str(photos / "b_grey.png")]
+    rows = (out / "faces.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[1].startswith(f"{photos / 'a.png'},0,,")
+    align.main([str(photos), "--out", str(tmp_path / "crops"), "--no-progress"])
+    crops = [tmp_path / "crops" / "a_face0.png", tmp_path / "crops" / "b_grey_face0.png"]
+    np.testing.assert_allclose(emb, _expected(model_file, crops, flip=True), rtol=1e-4, atol=1e-5)
+
+
+def test_align_without_any_face_is_an_error(tmp_path: Path, model_file) -> None:
+    from eval.align import NoFaceError
+
+    cv2.imwrite(str(tmp_path / "blank.png"), np.zeros((80, 80, 3), np.uint8))
+    with pytest.raises(NoFaceError, match=r"no face aligned from any of the 1 photo \(first: photo .*blank\.png: "
+                                          r"no face found"):
+        _run(str(tmp_path / "blank.png"), "--align", "--model", str(model_file), "--out", str(tmp_path / "emb"))

@@ -206,6 +206,35 @@ def test_tar_at_far_unrounded_and_bad_input() -> None:
     assert three[0.0] == 50.0  # 1 of 2 genuine before the first false accept: exactly 50, no rounding
 
 
+def test_threshold_at_far_hand_case() -> None:
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2])
+    labels = np.array([1, 1, 0, 1, 0, 0, 0, 0])
+    got = metrics.threshold_at_far(scores, labels, 0.2)  # 1 of 5 impostors may pass: the 0.7 one
+    assert got == {"threshold": 0.6, "far": 0.2, "tar": 1.0, "impostors": 5, "genuines": 3}
+    assert metrics.threshold_at_far(scores, labels, 0.39)["threshold"] == 0.6  # still 1 false accept allowed
+    assert metrics.threshold_at_far(scores, labels, 0.4)["threshold"] == 0.5  # 2: the 0.7 and 0.5 impostors
+    assert metrics.threshold_at_far(scores, labels, 1.0)["threshold"] == 0.2
+    with pytest.raises(ValueError, match="below 1/5"):
+        metrics.threshold_at_far(scores, labels, 0.1)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_threshold_at_far_is_the_best_threshold_within_the_far(seed: int) -> None:
+    """Against brute force over every candidate threshold, with ties (scores rounded to 2 decimals)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.random(300) < 0.3
+    scores = np.round(rng.normal(labels * 1.0, 0.7), 2)
+    far = float(rng.choice([0.01, 0.05, 0.2]))
+    got = metrics.threshold_at_far(scores, labels, far)
+    neg, pos = scores[~labels], scores[labels]
+    candidates = np.concatenate([np.unique(scores), [np.inf]])
+    ok = [t for t in candidates if np.mean(neg >= t) <= far]
+    best_tar = max(np.mean(pos >= t) for t in ok)
+    best = min(t for t in ok if np.mean(pos >= t) == best_tar)
+    assert np.mean(neg >= got["threshold"]) <= far and got["tar"] == best_tar
+    assert got["threshold"] <= best + 1e-12 or best_tar == 0.0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # identification_ranks / tpir_at_fpir (probe_feats = score rows, gallery = identity: sim == the rows)
 # ---------------------------------------------------------------------------------------------------------------
