@@ -202,7 +202,7 @@ class ConfigPolicy:
 CONFIG_POLICY: dict[str, ConfigPolicy] = {
     "recognition": ConfigPolicy(
         refuse=("network", "embedding_size", "loss", "optimizer", "batch_size", "gradient_acc", "world_size",
-                "sample_rate", "num_classes", "num_image", "fp16"),
+                "sample_rate", "num_classes", "num_image", "fp16", "weight_decay_exclude"),
         apply=("lr", "num_epoch", "warmup_epoch", "lr_power", "momentum", "weight_decay")),
     "cfsm_stage1": ConfigPolicy(
         refuse=("gen_dim", "gen_n_downsample", "gen_n_residual", "gen_latent_dim", "gen_style_dim", "id_network",
