@@ -119,7 +119,8 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch, stride=patch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[-2:]) != (self.img_size, self.img_size):
+        # (under ONNX/TorchScript tracing the sizes are tensors; the traced graph has the fixed size anyway)
+        if not torch.jit.is_tracing() and tuple(x.shape[-2:]) != (self.img_size, self.img_size):
             raise ValueError(f"ViT: input is {tuple(x.shape[-2:])} pixels, the model takes "
                              f"{self.img_size}×{self.img_size}")
         # flatten in logical (C, H, W) order, which also holds for channels_last tensors
