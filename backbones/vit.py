@@ -31,6 +31,12 @@ _LN_EPS = 1e-5   # nn.LayerNorm default, as arcface_torch
 _BN_EPS = 2e-5   # the feature head's BatchNorms
 
 
+def _float32_region(device_type: str):
+    """Autocast switched off (a no-op context on devices without autocast, e.g. meta for shape/MAC counting)."""
+    return torch.autocast(device_type=device_type, enabled=False) if torch.amp.is_autocast_available(
+        device_type) else nullcontext()
+
+
 def drop_path_rates(max_rate: float, depth: int) -> list[float]:
     """Per-block drop-path probabilities rising linearly from 0 to `max_rate`, computed in float32 like arcface_torch
     (so that train-mode random draws match it bit for bit). Always on the CPU: also works under a meta device."""
@@ -86,7 +92,7 @@ class Attention(nn.Module):
         # [3, B, heads, tokens, head_dim]
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         # float16 logits overflow/underflow in the softmax; arcface_torch keeps this part in float32 under AMP
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with _float32_region(x.device.type):
             q, k, v = qkv[0].float(), qkv[1].float(), qkv[2].float()
             weights = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
             x = (weights @ v).transpose(1, 2).reshape(b, n, c)
@@ -210,14 +216,15 @@ class VisionTransformer(nn.Module):
         """Images [B, 3, 112, 112] → normalised tokens flattened to [B, num_patches·embed_dim] (float32)."""
         dev = x.device.type
         masking = self.training and self.mask_ratio > 0
-        with torch.autocast(device_type=dev, enabled=False):
+        with _float32_region(dev):
             x = self.patch_embed(x.float()) + self.pos_embed
             if masking:
                 x, restore = self._mask(x)
-        with torch.autocast(device_type=dev, dtype=autocast_dtype(dev)) if self.fp16 else nullcontext():
+        low = self.fp16 and torch.amp.is_autocast_available(dev)
+        with torch.autocast(device_type=dev, dtype=autocast_dtype(dev)) if low else nullcontext():
             for block in self.blocks:
                 x = self._run_block(block, x)
-        with torch.autocast(device_type=dev, enabled=False):
+        with _float32_region(dev):
             x = self.norm(x.float())
             if masking:
                 b, kept, d = x.shape
@@ -227,7 +234,7 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.forward_features(x)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with _float32_region(x.device.type):
             return self.feature(x)
 
 
