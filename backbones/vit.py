@@ -178,6 +178,10 @@ class VisionTransformer(nn.Module):
             nn.BatchNorm1d(num_features, eps=_BN_EPS),
         )
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # Without masking the token is never used: frozen, so that DDP without find_unused_parameters (train.py)
+        # does not wait for its gradient. It stays in the state dict; training is unchanged (it would get no
+        # gradient, hence no optimizer update, anyway).
+        self.mask_token.requires_grad_(mask_ratio > 0)
         self._init_weights()
 
     def _init_weights(self) -> None:

@@ -66,7 +66,8 @@ def test_layout_equals_arcface_torch(name: str) -> None:
     listed = {e[0] for e in want["entries"]}
     assert [e for e in got if e[0] in listed] == want["entries"]
     assert sum(p.numel() for p in model.parameters()) == want["parameter_count"]
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == want["trainable_parameter_count"]
+    frozen = model.embed_dim if model.mask_ratio == 0 else 0  # mask_token, unused without masking (see the class)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == want["trainable_parameter_count"] - frozen
     assert (model.embed_dim, len(model.blocks), model.num_patches) == (want["embed_dim"], want["depth"], 144)
     assert [b.drop_path.p for b in model.blocks] == want["drop_path"]  # float32 linspace, bit for bit
     kept = int(model.num_patches * (1 - model.mask_ratio)) if model.mask_ratio > 0 else model.num_patches
@@ -187,3 +188,33 @@ def test_vit_toy_train_step() -> None:
     assert out.shape == (4, 64) and out.dtype == torch.float32
     out.square().mean().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def _ddp_worker(rank: int, init_file: str, mask_ratio: float) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = DistributedDataParallel(get_model("vit_toy", mask_ratio=mask_ratio, use_checkpoint=True),
+                                        find_unused_parameters=False)  # as train.py wraps backbones
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        for step in range(3):  # DDP reports a parameter without gradient at the step after it
+            opt.zero_grad()
+            model(torch.rand(2, 3, 112, 112) * 2 - 1).square().mean().backward()
+            opt.step()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mask_ratio", [0.0, 0.1])
+def test_ddp_training_with_and_without_masking(tmp_path, mask_ratio: float) -> None:
+    """Without masking (vit_t_dp005_mask0, vit_h) mask_token takes no part in training; it is frozen there, so DDP
+    without find_unused_parameters (train.py) trains; with masking it is trained."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "pg"), mask_ratio), nprocs=2, join=True)
+    assert get_model("vit_toy", mask_ratio=mask_ratio).mask_token.requires_grad == (mask_ratio > 0)
