@@ -218,3 +218,14 @@ def test_ddp_training_with_and_without_masking(tmp_path, mask_ratio: float) -> N
 
     mp.spawn(_ddp_worker, args=(str(tmp_path / "pg"), mask_ratio), nprocs=2, join=True)
     assert get_model("vit_toy", mask_ratio=mask_ratio).mask_token.requires_grad == (mask_ratio > 0)
+
+
+def test_gmacs_equal_arcface_torch_readme() -> None:
+    """bench.modules counts forward MACs on the meta device; rounded they are the GFLOPs arcface_torch's README
+    lists for its ViTs (ViT-T 1.5, ViT-S 5.7, ViT-B 11.4, ViT-L 25.3)."""
+    from bench.modules import vit_gmacs
+
+    g = vit_gmacs()
+    assert set(g) == set(ARCFACE_VITS) | {"vit_toy"}
+    assert [round(g[n], 1) for n in ("vit_t", "vit_s", "vit_b", "vit_l_dp005_mask_005")] == [1.5, 5.7, 11.4, 25.3]
+    assert g["vit_t"] == g["vit_t_dp005_mask0"] and g["vit_h"] > 80
