@@ -224,3 +224,6 @@ def test_toy_vit_trains_with_adamw_and_decay_exclusions(mini_toy, tmp_path):
     assert all(float(s["step"]) == 3 for s in saved["state"].values())  # every parameter took the 3 AdamW steps
     assert len(saved["state"]) == sum(len(g["params"]) for g in groups)
     assert len(groups[1]["params"]) == len(model.no_weight_decay_names())
+    with pytest.raises(CheckpointError, match="weight_decay_exclude: True -> False"):  # the groups would differ
+        train.main(tiny_args(mini_toy, out, "network=vit_toy", "max_steps=4", "resume=True", "optimizer=adamw",
+                             "weight_decay_exclude=False", "fp16=True"))
