@@ -163,8 +163,8 @@ class VisionTransformer(nn.Module):
         self.mask_ratio = mask_ratio
         self.fp16 = fp16
         self.use_checkpoint = use_checkpoint
-        # Attribute creation order defines the state-dict order: own parameters first (pos_embed, mask_token),
-        # then patch_embed, blocks, norm, feature, as in the released files.
+        # State-dict order, as in the released files: own parameters first in creation order (pos_embed, then
+        # mask_token), then the submodules in creation order (patch_embed, blocks, norm, feature).
         self.patch_embed = PatchEmbed(img_size, patch_size, embed_dim)
         self.num_patches = self.patch_embed.grid ** 2
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, embed_dim))
@@ -242,8 +242,9 @@ class VisionTransformer(nn.Module):
             return self.feature(x)
 
 
-# The registered networks, as arcface_torch's get_model builds them (8 heads, MLP ratio 4, patch 9 throughout). mask_ratio: arcface_torch calls its masking function without the configured ratio, so
-# every network with a non-zero ratio (0.1 or 0.05) in fact masks 10% of the tokens; we reproduce what it does.
+# The registered networks, as arcface_torch's get_model builds them (8 heads, MLP ratio 4, patch 9 throughout).
+# mask_ratio: arcface_torch calls its masking function without the configured ratio, so every network with a
+# non-zero ratio (0.1 or 0.05) in fact masks 10% of the tokens; we reproduce what it does.
 VIT_CONFIGS: dict[str, dict] = {
     "vit_t": dict(embed_dim=256, depth=12, drop_path_rate=0.1, mask_ratio=0.1),
     "vit_t_dp005_mask0": dict(embed_dim=256, depth=12, drop_path_rate=0.05, mask_ratio=0.0),
