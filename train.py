@@ -31,7 +31,7 @@ from utils.cli import run_command
 from utils.config import ConfigError, load_config, parse_launch_args
 from utils.degrade import Degradation
 from utils.distributed import DistEnv, agree_any, agreed_call, all_ranks_ok, cleanup, init_distributed
-from utils.optim import PolyScheduler, build_optimizer, mixed_precision
+from utils.optim import PolyScheduler, build_optimizer, decay_param_groups, mixed_precision
 from utils.run import Run
 from utils.run_state import Resumed, load_optimizer_keeping_config, load_scheduler_keeping_config
 from utils.step_state import StepState
@@ -146,8 +146,8 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
                         ddp_grad_compensation=env.distributed).to(env.device)  # undo DDP's 1/W: as the reference
 
         loader = run.loader(dataset, micro_per_step=cfg.gradient_acc)
-        optimizer = build_optimizer(cfg.optimizer, [{"params": backbone.parameters()},
-                                                    {"params": pfc.parameters()}], cfg)
+        optimizer = build_optimizer(cfg.optimizer, decay_param_groups(backbone, cfg.weight_decay_exclude)
+                                    + [{"params": pfc.parameters()}], cfg)
         scheduler = PolyScheduler(optimizer, run.plan.total_steps, run.plan.warmup_steps, cfg.lr_power)
         _, scaler, autocast = mixed_precision(cfg.fp16, cfg.bf16, env.device.type)
         run.rngs["style"] = style_rng = torch.Generator().manual_seed(cfg.seed * 1000 + env.rank)  # any device

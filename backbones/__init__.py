@@ -1,7 +1,9 @@
 """Face-recognition backbones and the `get_model` factory.
 
-Released architectures (checkpoint-compatible with InsightFace / CFSM files): r18 r34 r50 r100 r200 mbf.
-Toy nets for CPU training (same classes, fewer channels/blocks): r_tiny, mbf_tiny.
+Released architectures (checkpoint-compatible with InsightFace / CFSM files): r18 r34 r50 r100 r200 mbf, and
+arcface_torch's ViTs vit_t vit_t_dp005_mask0 vit_s vit_s_dp005_mask_0 vit_b vit_b_dp005_mask_005
+vit_l_dp005_mask_005 vit_h.
+Toy nets for CPU training (same classes, fewer channels/blocks): r_tiny, mbf_tiny, vit_toy.
 """
 from __future__ import annotations
 
@@ -12,9 +14,10 @@ from torch import nn
 
 from .iresnet import IRESNET_LAYERS, IResNet
 from .mobilefacenet import MobileFaceNet
+from .vit import VIT_CONFIGS, VisionTransformer
 
 __all__ = ["get_model", "backbone_from_config", "BACKBONES", "BACKBONE_NAMES", "BACKBONE_CONFIG_KEYS", "BackboneSpec",
-           "IResNet", "MobileFaceNet"]
+           "IResNet", "MobileFaceNet", "VisionTransformer"]
 
 # Config keys a backbone may read (config key -> get_model keyword). Each registered network declares the subset it
 # honours; config validation refuses a non-default value of a key the chosen network would ignore.
@@ -52,6 +55,16 @@ def _mbf(blocks=(1, 4, 6, 2), channels=128) -> BackboneSpec:
     return BackboneSpec(build, ("embedding_size",))
 
 
+def _vit(name: str) -> BackboneSpec:
+    def build(num_features: int, dropout: float, fp16: bool, use_checkpoint: bool = False, **kw: Any) -> nn.Module:
+        if dropout:
+            raise ValueError(f"{name} has no dropout layer (arcface_torch's ViT ignores it); got dropout={dropout}")
+        return VisionTransformer(num_features=num_features, fp16=fp16, use_checkpoint=use_checkpoint,
+                                 **{**VIT_CONFIGS[name], **kw})
+
+    return BackboneSpec(build, ("embedding_size", "use_checkpoint"))
+
+
 # The registry behind config keys `network` / `id_network`: a new architecture is one entry plus its tests.
 BACKBONES: dict[str, BackboneSpec] = {
     "r18": _iresnet(IRESNET_LAYERS[18]),
@@ -60,9 +73,11 @@ BACKBONES: dict[str, BackboneSpec] = {
     "r100": _iresnet(IRESNET_LAYERS[100]),
     "r200": _iresnet(IRESNET_LAYERS[200]),
     "mbf": _mbf(),
+    **{name: _vit(name) for name in VIT_CONFIGS if name != "vit_toy"},
     # toy nets: same code path, a fraction of the width/depth, for 2-core CPU training
     "r_tiny": _iresnet((1, 1, 1, 1), widths=(16, 32, 64, 128), stem_stride=2),
     "mbf_tiny": _mbf(blocks=(1, 1, 2, 1), channels=32),
+    "vit_toy": _vit("vit_toy"),
 }
 
 BACKBONE_NAMES: tuple[str, ...] = tuple(BACKBONES)
@@ -72,7 +87,8 @@ def get_model(name: str, num_features: int = 512, dropout: float = 0.0, fp16: bo
     """Build backbone `name` (one of BACKBONE_NAMES). Input [B,3,112,112] in [-1,1] → embeddings [B,num_features].
 
     Extra keywords go to the class: IResNet accepts `use_checkpoint`, `widths`, `input_size`, `stem_stride`;
-    MobileFaceNet accepts `blocks`, `channels`, `input_size`.
+    MobileFaceNet accepts `blocks`, `channels`, `input_size`; the ViTs accept the VisionTransformer arguments
+    (`mask_ratio`, `drop_path_rate`, ...), overriding the registered values.
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone name {name!r}; choices: {', '.join(BACKBONE_NAMES)}")

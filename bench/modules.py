@@ -1,10 +1,13 @@
 """Per-image cost of the main modules: forward and forward+backward time, plus forward GMACs.
 
-    python -m bench.modules [--device cpu|cuda] [--batch-size 4] [--reps 3] [--amp]
+    python -m bench.modules [--device cpu|cuda] [--batch-size 4] [--reps 3] [--amp] [--networks r50,mbf,vit_t]
 
-Modules: r50 and mbf backbones (train mode, backward to the parameters), the CFSM generator's encoder (backward to
-the parameters, as in stage 1) and decoder (frozen parameters, backward to the style code o, as in the stage-2
-attack). Weights are random: timings and MACs do not depend on them. Prints one JSON object (last line).
+Modules: the `--networks` backbones (train mode, backward to the parameters), the CFSM generator's encoder (backward
+to the parameters, as in stage 1) and decoder (frozen parameters, backward to the style code o, as in the stage-2
+attack). Weights are random: timings and MACs do not depend on them. Backbone GMACs are those of an eval-mode
+(inference) forward: a training ViT with patch masking runs its blocks on fewer tokens. `vit_gmacs` gives the GMACs
+of every registered ViT, counted on the meta device (shapes only: no memory, no time, any size). Prints one JSON
+object (last line).
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ if __name__ == "__main__" and not __package__:  # run as a path: import the repo
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from utils.cli import ArgumentParser, resolve_device, run_command
+from utils.cli import ArgumentParser, UsageError, resolve_device, run_command
 from utils.optim import low_precision_dtype
 
 
@@ -45,15 +48,37 @@ def _gmacs(fn: Callable[[], None], batch: int) -> float:
     return counter.get_total_flops() / 2 / batch / 1e9  # one multiply-add = 2 flops
 
 
+def vit_gmacs() -> dict[str, float]:
+    """Eval-mode forward GMACs per 112×112 image of every registered ViT, counted on the meta device."""
+    from backbones import BACKBONE_NAMES, VisionTransformer, get_model
+
+    out = {}
+    for name in BACKBONE_NAMES:
+        with torch.device("meta"):
+            model = get_model(name)
+        if isinstance(model, VisionTransformer):
+            x = torch.empty(1, 3, 112, 112, device="meta")
+            out[name] = round(_gmacs(lambda: model.eval()(x), 1), 3)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
     ap.add_argument("--batch-size", type=int, default=4, help="images per forward")
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions (mean time reported)")
     ap.add_argument("--amp", action="store_true", help="autocast (float16 on CUDA, bfloat16 on CPU)")
+    ap.add_argument("--networks", default="r50,mbf,vit_t",
+                    help="comma-separated backbones to time (names of backbones.BACKBONE_NAMES)")
     args = ap.parse_args(argv)
 
-    from backbones import get_model
+    from backbones import BACKBONE_NAMES, get_model
+
+    networks = [n for n in args.networks.split(",") if n]
+    unknown = [n for n in networks if n not in BACKBONE_NAMES]
+    if unknown:
+        raise UsageError(f"--networks: unknown backbone {', '.join(unknown)}; choices: {', '.join(BACKBONE_NAMES)}")
+
     from cfsm import Generator
 
     device = resolve_device(args.device)
@@ -68,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     results: dict[str, dict] = {}
 
-    for name in ("r50", "mbf"):
+    for name in networks:
         model = get_model(name).to(device).train()
 
         def fwd(model=model):
@@ -81,7 +106,10 @@ def main(argv: list[str] | None = None) -> dict:
                 out = model(x)
             out.float().square().mean().backward()
 
-        results[name] = {"gmacs_fwd": _gmacs(fwd, b), "fwd_ms_per_img": _time(fwd, device, args.reps) / b * 1e3,
+        model.eval()  # MACs of inference: a training ViT masks patches
+        gmacs = _gmacs(fwd, b)
+        model.train()
+        results[name] = {"gmacs_fwd": gmacs, "fwd_ms_per_img": _time(fwd, device, args.reps) / b * 1e3,
                          "fwd_bwd_ms_per_img": _time(fwd_bwd, device, args.reps) / b * 1e3}
         del model
 
@@ -126,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
                 v[k] = round(v[k], 3)
     report = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
               else "cpu", "threads": torch.get_num_threads(), "batch_size": b, "reps": args.reps, "amp": args.amp,
-              "torch": torch.__version__, "modules": results}
+              "torch": torch.__version__, "modules": results, "vit_gmacs": vit_gmacs()}
     print(json.dumps(report))
     return report
 

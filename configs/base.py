@@ -36,6 +36,7 @@ config.optimizer = "sgd"                 # sgd | adamw
 config.lr = 0.1                          # base learning rate (for the global batch of the config)
 config.momentum = 0.9                    # SGD momentum
 config.weight_decay = 5e-4               # weight decay
+config.weight_decay_exclude = False      # True: no decay on backbone biases, norms, ViT pos_embed (arcface_torch decays all)
 config.batch_size = 128                  # images per rank per step
 config.gradient_acc = 1                  # micro-batches accumulated per optimizer step
 config.num_epoch = 20                    # epochs of the full schedule

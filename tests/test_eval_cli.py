@@ -481,6 +481,7 @@ def test_empty_bin_names_the_file(tmp_path: Path) -> None:
                            "--device", "cpu", "--no-progress"])  # .bin images are in memory: no --workers
 
 
+<<<<<<< HEAD
 # ---- a non-finite model never scores (NaN compares false: ranks read 100 %, accuracies 50 +- 50) ----
 
 @pytest.fixture(scope="module")
@@ -531,3 +532,21 @@ def test_every_evaluation_and_tool_refuses_a_non_finite_model(tinyface_root: Pat
                            else r"overflow.pt: the model gives non-finite outputs"):
             call()
     assert not list((tmp_path / "o").glob("*.onnx")) if (tmp_path / "o").exists() else True
+=======
+@pytest.mark.parametrize("command", ["ijb", "tinyface"])
+def test_vit_network_is_accepted(ijb_root: Path, tinyface_root: Path, tmp_path: Path, command: str) -> None:
+    """The ViTs are registry names, so every eval command takes them (here the toy ViT; a vit_t file would load the
+    same way): exact copies of each probe in the gallery give rank-1 = 1.0 with any weights."""
+    model = _save_model(tmp_path / "vit.pt", "vit_toy")
+    if command == "ijb":
+        res = ijb.main(["--model", str(model), "--network", "vit_toy", "--root", str(ijb_root), "--target", "IJBC",
+                        "--out", str(tmp_path), *COMMON])
+        assert res["embedding_size"] == 64 and res["identification"]["ranks"]["1"] == 1.0
+    else:
+        res = tinyface.main(["--model", str(model), "--network", "vit_toy", "--root", str(tinyface_root), "--out",
+                             str(tmp_path), *COMMON])
+        assert res["ranks"]["1"] == 1.0
+    with pytest.raises(CheckpointError, match="vit.pt does not match"):
+        tinyface.main(["--model", str(model), "--network", "vit_t", "--root", str(tinyface_root), "--out",
+                       str(tmp_path), *COMMON])
+>>>>>>> issue19

@@ -28,7 +28,7 @@ def _model(path: Path, network: str = "r_tiny", num_features: int = 64) -> Path:
     return path
 
 
-@pytest.mark.parametrize("network", ["r_tiny", "mbf_tiny"])
+@pytest.mark.parametrize("network", ["r_tiny", "mbf_tiny", "vit_toy"])
 def test_export_onnx_parity(tmp_path: Path, network: str, capsys: pytest.CaptureFixture) -> None:
     model = _model(tmp_path / "m.pt", network)
     parity = export_onnx.main(["--model", str(model), "--network", network, "--out", str(tmp_path / "onnx")])

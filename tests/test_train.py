@@ -205,3 +205,25 @@ def test_attack_diagnostics_in_tensorboard_and_summary(mini_toy, tmp_path, tiny_
         assert [e.step for e in events.Scalars(tag)] == [1, 2, 3]
     means = sum(e.value for e in events.Scalars("cfsm/style_norm")) / 3
     assert means == pytest.approx(saved["style_norm_mean"], rel=1e-5)
+
+
+def test_toy_vit_trains_with_adamw_and_decay_exclusions(mini_toy, tmp_path):
+    """The toy ViT through train.py with the ViT recipe's pieces: AdamW, weight decay with the exclusions (a
+    weight_decay 0 group of biases, norms, pos_embed, mask_token; Partial FC last), checkpointing, bf16 on CPU."""
+    out = tmp_path / "vit"
+    summary = train.main(tiny_args(mini_toy, out, "network=vit_toy", "max_steps=3", "save_every=3", "lr=1e-3",
+                                   "optimizer=adamw", "weight_decay=0.1", "weight_decay_exclude=True",
+                                   "use_checkpoint=True", "fp16=True"))
+    assert summary["steps"] == 3 and torch.isfinite(torch.tensor(summary["final_loss"]))
+    model = get_model("vit_toy", num_features=32)
+    state = torch.load(out / "model.pt", weights_only=True)
+    model.load_state_dict(state, strict=True)
+    saved = torch.load(next((out / "checkpoints").glob("step_*/rank_0.pt")), weights_only=True)["optimizer"]
+    groups = saved["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0, 0.1]
+    assert all(float(s["step"]) == 3 for s in saved["state"].values())  # every parameter took the 3 AdamW steps
+    assert len(saved["state"]) == sum(len(g["params"]) for g in groups)
+    assert len(groups[1]["params"]) == len(model.no_weight_decay_names())
+    with pytest.raises(CheckpointError, match="weight_decay_exclude: True -> False"):  # the groups would differ
+        train.main(tiny_args(mini_toy, out, "network=vit_toy", "max_steps=4", "resume=True", "optimizer=adamw",
+                             "weight_decay_exclude=False", "fp16=True"))

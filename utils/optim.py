@@ -32,6 +32,20 @@ def build_optimizer(name: str, param_groups: Iterable[dict], config: Mapping[str
     return spec.build(list(param_groups), **{kw: config[key] for key, kw in spec.config_keys.items()})
 
 
+def decay_param_groups(module: torch.nn.Module, exclude: bool) -> list[dict]:
+    """`module`'s parameters as optimizer groups. exclude=False: one group, everything decayed (arcface_torch).
+    exclude=True: a second group with weight_decay 0 holding the biases and norm scales (every parameter of at most
+    one dimension) plus the names `module.no_weight_decay_names()` lists, if it has that method (the ViTs:
+    pos_embed, mask_token). Frozen parameters stay where they are; an empty group is left out."""
+    params = list(module.named_parameters())
+    if not exclude:
+        return [{"params": [p for _, p in params]}]
+    listed = getattr(module, "no_weight_decay_names", lambda: set())()
+    skip = [p for n, p in params if p.ndim <= 1 or n in listed]
+    keep = [p for n, p in params if not (p.ndim <= 1 or n in listed)]
+    return [g for g in ({"params": keep}, {"params": skip, "weight_decay": 0.0}) if g["params"]]
+
+
 class PolyScheduler(torch.optim.lr_scheduler.LRScheduler):
     """lr = base * step / warmup during warm-up, then base * (1 - progress) ** power; one step per optimizer step."""
 

@@ -255,12 +255,12 @@ _STAGE2_ONLY = ("network", "embedding_size", "dropout", "use_checkpoint", "chann
                 "margin_list", "adaface_h", "adaface_t_alpha", "sample_rate", "optimizer", "lr", "momentum",
                 "weight_decay", "gradient_acc", "warmup_epoch", "lr_power", "clip_grad_norm",
                 "pretrained_synthesis_model", "rs_ratio", "epsilon", "alpha", "k", "pretrained_backbone_model",
-                *_DEGRADE)
+                "weight_decay_exclude", *_DEGRADE)
 
 CONFIG_POLICY: dict[str, ConfigPolicy] = {
     "recognition": ConfigPolicy(
         refuse=("network", "embedding_size", "loss", "optimizer", "batch_size", "gradient_acc", "world_size",
-                "sample_rate", "num_classes", "num_image", "fp16", "seed"),
+                "sample_rate", "num_classes", "num_image", "fp16", "seed", "weight_decay_exclude"),
         apply=("lr", "num_epoch", "warmup_epoch", "lr_power", "momentum", "weight_decay", "s", "m", "margin_list",
                "adaface_h", "adaface_t_alpha", "clip_grad_norm", "dropout", "use_checkpoint", "channels_last",
                "bf16", "rec", "pretrained_synthesis_model", "rs_ratio", "epsilon", "alpha", "k", *_DEGRADE),
