@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 import torch
 
+from utils import reshard
 from utils.checkpoint import CheckpointError, atomic_save, safe_load, write_json
 
 COMPLETE = "COMPLETE"
@@ -201,7 +202,8 @@ class ConfigPolicy:
 
 CONFIG_POLICY: dict[str, ConfigPolicy] = {
     "recognition": ConfigPolicy(
-        refuse=("network", "embedding_size", "loss", "optimizer", "batch_size", "gradient_acc", "world_size",
+        # world_size may change: the state is re-sharded on resume (utils/reshard.py, utils/elastic.py)
+        refuse=("network", "embedding_size", "loss", "optimizer", "batch_size", "gradient_acc",
                 "sample_rate", "num_classes", "num_image", "fp16"),
         apply=("lr", "num_epoch", "warmup_epoch", "lr_power", "momentum", "weight_decay")),
     "cfsm_stage1": ConfigPolicy(
@@ -318,8 +320,7 @@ def resume(output: str | os.PathLike, policy: bool | str, ranks: Ranks, kind: st
     intact, damaged, metas = [], {}, {}
     for step, directory, meta in reversed(complete_checkpoints(output)):
         metas[step] = meta
-        foreign = int(meta.get("world_size", -1)) != ranks.world_size or meta.get("kind") != kind
-        problem = None if foreign else _own_file_status(directory, meta, ranks.rank)  # foreign: refused by name below
+        problem = _files_status(directory, meta, ranks, kind)
         if problem is None:
             intact.append(step)
         else:
@@ -345,12 +346,13 @@ def resume(output: str | os.PathLike, policy: bool | str, ranks: Ranks, kind: st
         error, changes = None, []
         try:
             changes = _check_meta(directory, meta, ranks.world_size, kind, config, log)
+            _require_resharded_files(directory, meta, ranks)
         except CheckpointError as exc:
             error = exc
         if not ranks.agree(error is None):  # the same markers give the same verdict; agree anyway, never hang
             raise error or CheckpointError(f"another rank refused {directory} (see its error)")
         try:
-            state = safe_load(rank_file(directory, ranks.rank))
+            state = _load_rank_state(directory, meta, ranks)
         except CheckpointError as exc:
             state, last_error = None, exc
         if not ranks.agree(state is not None):
@@ -376,18 +378,49 @@ def resume(output: str | os.PathLike, policy: bool | str, ranks: Ranks, kind: st
 
 def _check_meta(directory: Path, meta: dict, world_size: int, kind: str, config: Mapping[str, Any],
                 log: logging.Logger) -> list[tuple[str, Any, Any]]:
-    if int(meta.get("world_size", -1)) != world_size:
-        raise CheckpointError(
-            f"checkpoint {directory} was written by {meta.get('world_size')} ranks but this run has {world_size}: "
-            f"shards, optimizer states and data order are per rank. Resume with the same world size, or start a "
-            f"new output folder initialised from {rank_file(directory, 0)} (pretrained_backbone_model)")
     if meta.get("kind") != kind:
         raise CheckpointError(f"checkpoint {directory} is a {meta.get('kind')!r} checkpoint, not {kind!r}: "
                               f"use another `output` folder or resume=False")
+    if int(meta.get("world_size", -1)) != world_size and kind not in reshard.RESHARD_KINDS:
+        raise CheckpointError(
+            f"checkpoint {directory} was written by {meta.get('world_size')} ranks but this run has {world_size}: "
+            f"a {kind!r} run resumes with the same world size only. Resume with {meta.get('world_size')} ranks, or "
+            f"start a new output folder initialised from {rank_file(directory, 0)}")
     if "config" not in meta:
         log.warning(f"checkpoint {directory} records no config (written by an older version): not compared")
         return []
     return check_config(meta["config"], config, directory, kind)
+
+
+# ---- a checkpoint of another world size (re-sharded on load: utils/reshard.py) ----
+
+def _resharded(meta: dict, ranks: Ranks, kind: str) -> bool:
+    return (meta.get("kind") == kind and kind in reshard.RESHARD_KINDS
+            and int(meta.get("world_size", -1)) != ranks.world_size)
+
+
+def _files_status(directory: Path, meta: dict, ranks: Ranks, kind: str) -> str | None:
+    """None when the files this rank loads are intact, else what is wrong. A foreign checkpoint (another kind, or
+    a world size its kind cannot change) and missing old rank files count as intact here: refused by name later."""
+    if _resharded(meta, ranks, kind):
+        return reshard.check_rank_files(directory, meta, ranks.rank, ranks.world_size)[2]
+    foreign = int(meta.get("world_size", -1)) != ranks.world_size or meta.get("kind") != kind
+    return None if foreign else _own_file_status(directory, meta, ranks.rank)
+
+
+def _require_resharded_files(directory: Path, meta: dict, ranks: Ranks) -> None:
+    """Every old rank file this rank needs must be visible (shared storage); else the way forward, by name."""
+    if _resharded(meta, ranks, meta.get("kind")):
+        missing = reshard.check_rank_files(directory, meta, ranks.rank, ranks.world_size)[1]
+        if missing:
+            raise CheckpointError(missing)
+
+
+def _load_rank_state(directory: Path, meta: dict, ranks: Ranks) -> dict:
+    """This rank's file, or, for a checkpoint of another world size, this rank's re-sharded state."""
+    if _resharded(meta, ranks, meta.get("kind")):
+        return reshard.load_resharded(directory, meta, ranks.rank, ranks.world_size)
+    return safe_load(rank_file(directory, ranks.rank))
 
 
 def load_optimizer_keeping_config(optimizer: torch.optim.Optimizer, saved: dict,
