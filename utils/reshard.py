@@ -172,7 +172,7 @@ def reshard_states(states: Mapping[int, dict], old_world: int, new_world: int, n
                 sharded = isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows_of[need[0]] \
                     and tuple(value.shape[1:]) == tuple(base["partial_fc"][WEIGHT].shape[1:])
                 entry[key] = _cut(states, pieces, lambda r, st, k=key: st["optimizer"]["state"].get(pid[r], {}).get(k),
-                                  rows_of) if sharded else value
+                                  rows_of) if sharded else value.clone() if isinstance(value, torch.Tensor) else value
             opt_state[slot] = entry
         new["optimizer"] = {**opt, "state": opt_state}
         if carried_rng is not None and carried_rng["world_size"] == new_world:
