@@ -258,3 +258,61 @@ def test_class_count_change_and_other_kinds_still_refuse(tmp_path):
     marker.write_text(marker.read_text().replace('"recognition"', '"cfsm_stage1"'))
     with pytest.raises(CheckpointError, match=r"written by 2 ranks but this run has 1.*same world size only"):
         run_state.resume(tmp_path, True, ranks_of(1, 0), "cfsm_stage1", {"num_classes": C, "world_size": 1})
+
+
+# ---- tools/reshard.py ----
+
+def test_tool_round_trip_through_one_file_is_bitwise(tmp_path, capsys):
+    from tools import reshard as tool
+
+    states, _, opt_full = rank_states(3, "adamw")
+    src = write_folder(tmp_path / "run", states, 3, config={"batch_size": 4, "num_image": 100})
+    one = tool.main([str(src), "--world-size", "1", "--out", str(tmp_path / "one"), "--num-classes", str(C)])
+    assert "3 ranks, 11 classes, step 5" in capsys.readouterr().out
+    merged = torch.load(one / "rank_0.pt", weights_only=True)
+    assert torch.equal(merged["partial_fc"]["weight"], opt_full["weight"])  # the full classifier
+    marker = __import__("json").loads((one / "COMPLETE").read_text())
+    assert marker["world_size"] == 1 and marker["config"]["world_size"] == 1 and marker["resharded_from"]["world_size"] == 3
+    assert marker["sizes"] == {"0": (one / "rank_0.pt").stat().st_size}
+    back = tool.main([str(one), "--world-size", "3", "--out", str(tmp_path / "back")])
+    for r in range(3):
+        nested_equal(torch.load(back / f"rank_{r}.pt", weights_only=True), states[r], f"rank {r}")
+
+
+def test_tool_bad_inputs_are_one_line_errors(tmp_path):
+    from tools import reshard as tool
+    from utils.cli import UsageError
+
+    states, _, _ = rank_states(2)
+    src = write_folder(tmp_path / "run", states, 2)
+    with pytest.raises(UsageError, match=r"11 class centres but --num-classes 12: the data does not match"):
+        tool.main([str(src), "--world-size", "1", "--out", str(tmp_path / "o1"), "--num-classes", "12"])
+    atomic_save({**states[1], "step": 9}, run_state.rank_file(src, 1))
+    with pytest.raises(UsageError, match=r"ranks of different steps \(.*rank_0\.pt step 5, .*rank_1\.pt step 9\)"):
+        tool.main([str(src), "--world-size", "1", "--out", str(tmp_path / "o2")])
+    with pytest.raises(UsageError, match=r"COMPLETE does not exist"):
+        tool.main([str(tmp_path), "--world-size", "1", "--out", str(tmp_path / "o3")])
+
+
+@pytest.mark.parametrize("as_path", [False, True])
+def test_tool_runs_as_module_and_as_path(tmp_path, as_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    states, _, _ = rank_states(2)
+    src = write_folder(tmp_path / "run", states, 2)
+    entry = [str(repo / "tools" / "reshard.py")] if as_path else ["-m", "tools.reshard"]
+    if as_path:  # a good run
+        proc = subprocess.run([sys.executable, *entry, str(src), "--world-size", "3", "--out", str(tmp_path / "o")],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["COMPLETE", "rank_0.pt", "rank_1.pt",
+                                                                      "rank_2.pt"]
+    else:  # a missing rank file: one error line naming it, exit 2
+        run_state.rank_file(src, 1).unlink()
+        proc = subprocess.run([sys.executable, *entry, str(src), "--world-size", "1", "--out", str(tmp_path / "o")],
+                              cwd=repo, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert proc.stderr.startswith("error: ") and "rank_1.pt missing of the 2 rank files" in proc.stderr
