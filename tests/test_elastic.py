@@ -84,3 +84,80 @@ def test_saved_course_from_a_record_or_from_an_older_marker():
     meta = {"world_size": 2, "config": {"batch_size": 8, "gradient_acc": 1, "num_image": 96}}
     assert saved_course({"step": 8}, meta) == {"epoch": 1, "consumed": 32, "world_size": 2, "batch_size": 8}
     assert saved_course({"step": 8}, {"world_size": 2}) is None
+
+
+# ---- end to end: train.py checkpointed on one world size, continued on another ----
+
+def loss_lines(log_file) -> dict[int, str]:
+    """{step: 'loss L lr R'} from rank 0's train.log progress lines."""
+    import re
+
+    found = {}
+    for line in log_file.read_text().splitlines():
+        m = re.search(r" step (\d+)/\d+ epoch \d+ (loss \S+ lr \S+)", line)
+        if m:
+            found[int(m.group(1))] = m.group(2)
+    return found
+
+
+def run_train(world: int, mini_toy, out, *extra) -> None:
+    """train.py on `world` gloo ranks (torchrun) or in this process (1 rank)."""
+    import os
+    import subprocess
+    import sys
+
+    import train
+    from tests.test_train import REPO, free_port, tiny_args
+
+    args = tiny_args(mini_toy, out, "val_targets=[]", *extra)
+    if world == 1:
+        train.main(args)
+        return
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
+                           f"--master_port={free_port()}", "train.py", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("old, new, stop_old", [(2, 1, 2), (1, 2, 3)])
+def test_checkpoint_continues_on_another_world_size(mini_toy, tmp_path, tiny_generator_file, old, new, stop_old):
+    """A run checkpointed on `old` ranks continues on `new` ranks to the end of the schedule, crossing an epoch. Its
+    losses equal those of a run of `new` ranks resumed from the same state re-sharded offline by tools.reshard (a
+    same-world-size resume, which test_train shows equals an uninterrupted run)."""
+    import json
+
+    import torch
+
+    from tools import reshard as tool
+
+    common = (f"pretrained_synthesis_model={tiny_generator_file}", "rs_ratio=0.5", "k=1", "sample_rate=0.5",
+              "num_epoch=2", "save_every=0")
+    run_train(old, mini_toy, tmp_path / "elastic", f"max_steps={stop_old}", *common)
+    before = loss_lines(tmp_path / "elastic" / "train.log")
+    assert sorted(before) == list(range(1, stop_old + 1))
+    source = tmp_path / "elastic" / "checkpoints" / f"step_{stop_old:08d}"
+    tool.main([str(source), "--world-size", str(new), "--out",
+               str(tmp_path / "offline" / "checkpoints" / f"step_{stop_old:08d}")])
+    run_train(new, mini_toy, tmp_path / "elastic", "resume=True", *common)
+    run_train(new, mini_toy, tmp_path / "offline", "resume=True", *common)
+    log = (tmp_path / "elastic" / "train.log").read_text()
+    assert f"resume: world size {old} -> {new}" in log
+    after, reference = loss_lines(tmp_path / "elastic" / "train.log"), loss_lines(tmp_path / "offline" / "train.log")
+    # 96 images, 16 per rank: the new run reads the rest of epoch 0 after the old run's samples, then epoch 1
+    consumed = stop_old * 16 * old
+    expected_steps = (96 - consumed) // (16 * new) + 96 // (16 * new)
+    continued = {s: v for s, v in after.items() if s > stop_old}
+    assert sorted(continued) == list(range(stop_old + 1, stop_old + expected_steps + 1))
+    assert continued == reference, "the continued run differs from the offline re-shard's same-world resume"
+    assert continued[stop_old + expected_steps].endswith("lr 0") or float(
+        continued[stop_old + expected_steps].split()[-1]) < 1e-3  # the schedule ends where the data does
+    a = torch.load(tmp_path / "elastic" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "offline" / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    summary = json.loads((tmp_path / "elastic" / "summary.json").read_text())
+    assert summary["steps"] == stop_old + expected_steps and summary["epochs"] == pytest.approx(2.0)
+    print("\n".join(f"world {old if s <= stop_old else new} step {s}: {v}"
+                    for s, v in sorted({**before, **continued}.items())))
