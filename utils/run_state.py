@@ -378,14 +378,17 @@ def resume(output: str | os.PathLike, policy: bool | str, ranks: Ranks, kind: st
 
 def _check_meta(directory: Path, meta: dict, world_size: int, kind: str, config: Mapping[str, Any],
                 log: logging.Logger) -> list[tuple[str, Any, Any]]:
+    if int(meta.get("world_size", -1)) != world_size and not (meta.get("kind") == kind
+                                                                and kind in reshard.RESHARD_KINDS):
+        raise CheckpointError(
+            f"checkpoint {directory} was written by {meta.get('world_size')} ranks but this run has {world_size}: "
+            f"a {meta.get('kind')!r} checkpoint resumes with the same world size only (a {kind!r} run resumes "
+            f"{'on any world size from its own kind of checkpoint' if kind in reshard.RESHARD_KINDS else 'so'}). "
+            f"Resume with {meta.get('world_size')} ranks, or start a new output folder initialised from "
+            f"{rank_file(directory, 0)}")
     if meta.get("kind") != kind:
         raise CheckpointError(f"checkpoint {directory} is a {meta.get('kind')!r} checkpoint, not {kind!r}: "
                               f"use another `output` folder or resume=False")
-    if int(meta.get("world_size", -1)) != world_size and kind not in reshard.RESHARD_KINDS:
-        raise CheckpointError(
-            f"checkpoint {directory} was written by {meta.get('world_size')} ranks but this run has {world_size}: "
-            f"a {kind!r} run resumes with the same world size only. Resume with {meta.get('world_size')} ranks, or "
-            f"start a new output folder initialised from {rank_file(directory, 0)}")
     if "config" not in meta:
         log.warning(f"checkpoint {directory} records no config (written by an older version): not compared")
         return []
