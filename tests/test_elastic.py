@@ -161,3 +161,79 @@ def test_checkpoint_continues_on_another_world_size(mini_toy, tmp_path, tiny_gen
     assert summary["steps"] == stop_old + expected_steps and summary["epochs"] == pytest.approx(2.0)
     print("\n".join(f"world {old if s <= stop_old else new} step {s}: {v}"
                     for s, v in sorted({**before, **continued}.items())))
+
+
+def _process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (torchrun starts its workers in their own sessions: killpg would miss them)."""
+    from pathlib import Path
+
+    kids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == pid:
+                kids += _process_tree(int(d.name))
+    return [pid] + kids
+
+
+@pytest.mark.slow
+def test_torchrun_elastic_restart_continues_on_fewer_ranks(mini_toy, tmp_path, tiny_generator_file):
+    """Two torchrun agents (--nnodes=1:2, one rank each) train; one agent is SIGKILLed with its worker (a node
+    leaves). The other agent restarts its worker, which resumes the 2-rank checkpoint as 1 rank, re-sharded, and
+    finishes; the losses after the change equal a 1-rank resume of the same checkpoint re-sharded by tools.reshard."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_train import REPO, free_port, tiny_args
+    from tools import reshard as tool
+
+    common = ("val_targets=[]", f"pretrained_synthesis_model={tiny_generator_file}", "rs_ratio=0.5", "k=1",
+              "sample_rate=0.5", "num_epoch=2", "save_every=1", "keep_checkpoints=100")
+    out = tmp_path / "elastic"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2", "--nproc_per_node=1",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=elastic-test",
+           "--max-restarts=3", "--rdzv-conf=last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=2",
+           "train.py", *tiny_args(mini_toy, out, *common)]
+    logs = [open(tmp_path / f"agent_{i}.log", "w") for i in range(2)]
+    agents = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=logs[0], stderr=subprocess.STDOUT)]
+    time.sleep(1)  # the first agent hosts the rendezvous store
+    agents.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=logs[1], stderr=subprocess.STDOUT))
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            markers = [json.loads(p.read_text()) for p in out.glob("checkpoints/step_*/COMPLETE")]
+            if any(m["world_size"] == 2 and m["step"] >= 2 for m in markers):
+                break
+            time.sleep(0.05)
+        for pid in reversed(_process_tree(agents[1].pid)):  # the node leaves: its agent and its worker die
+            os.kill(pid, signal.SIGKILL)
+        assert agents[0].wait(timeout=240) == 0, (tmp_path / "agent_0.log").read_text()[-3000:]
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                for pid in reversed(_process_tree(agent.pid)):
+                    os.kill(pid, signal.SIGKILL)
+        for f in logs:
+            f.close()
+    log = (out / "train.log").read_text()
+    assert "resume: world size 2 -> 1" in log, log[-3000:]
+    resumed_step = int(log.split("resumed from ")[1].split("step_")[1].split()[0])
+    after = {s: v for s, v in loss_lines(out / "train.log").items() if s > resumed_step}
+    reference = tmp_path / "reference"
+    tool.main([str(out / "checkpoints" / f"step_{resumed_step:08d}"), "--world-size", "1", "--out",
+               str(reference / "checkpoints" / f"step_{resumed_step:08d}")])
+    proc = subprocess.run([sys.executable, "train.py", *tiny_args(mini_toy, reference, *common, "resume=True")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = loss_lines(reference / "train.log")
+    assert after and after == {s: v for s, v in expected.items() if s > resumed_step}
+    assert json.loads((out / "summary.json").read_text())["epochs"] == pytest.approx(2.0)
