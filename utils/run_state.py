@@ -406,7 +406,10 @@ def _files_status(directory: Path, meta: dict, ranks: Ranks, kind: str) -> str |
     """None when the files this rank loads are intact, else what is wrong. A foreign checkpoint (another kind, or
     a world size its kind cannot change) and missing old rank files count as intact here: refused by name later."""
     if _resharded(meta, ranks, kind):
-        return reshard.check_rank_files(directory, meta, ranks.rank, ranks.world_size)[2]
+        try:
+            return reshard.check_rank_files(directory, meta, ranks.rank, ranks.world_size)[2]
+        except CheckpointError as exc:  # an older marker without config and no rank_0.pt here: not usable
+            return str(exc)
     foreign = int(meta.get("world_size", -1)) != ranks.world_size or meta.get("kind") != kind
     return None if foreign else _own_file_status(directory, meta, ranks.rank)
 
