@@ -156,7 +156,9 @@ class Run:
         run_state.restore_rng_state(resumed.state["rng"], self.rngs)
         step = resumed.step
         epoch, consumed = self.position(step)
-        self.log.info(f"resumed from {resumed.directory} at step {step} (epoch {epoch}, sample {consumed})")
+        self.log.info(f"resumed from {resumed.directory} at step {step} (epoch {epoch}, batch "
+                      f"{consumed // (self.cfg.batch_size * self.env.world_size)}); {consumed} samples of the epoch "
+                      f"consumed")
         return step
 
     def _continue_course(self, resumed: run_state.Resumed) -> None:
