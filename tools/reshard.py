@@ -102,12 +102,13 @@ def main(argv: list[str] | None = None) -> Path:
     kept = {k: meta[k] for k in ("step", "kind", "finite", "config_name", "epoch") if k in meta}  # not per-file keys
     mark_complete(args.out, {**kept, "world_size": args.world_size, "sizes": sizes, "config": config,
                              "resharded_from": {"directory": str(args.checkpoint), "world_size": old_world}})
+    def classes(state: dict) -> str:
+        extra = state["partial_fc"]["_extra_state"]
+        return f"{extra['class_start']}..{extra['class_start'] + extra['num_local'] - 1}"
+
+    shown = ", ".join(f"rank {r} classes {classes(s)}" for r, s in list(new.items())[:4])
     print(f"{args.checkpoint} ({old_world} ranks, {count} classes, step {new[0]['step']}) -> {args.out} "
-          f"({args.world_size} ranks: " + ", ".join(f"rank {r} classes "
-                                                   f"{s['partial_fc']['_extra_state']['class_start']}.."
-                                                   f"{s['partial_fc']['_extra_state']['class_start'] + s['partial_fc']['_extra_state']['num_local'] - 1}"
-                                                   for r, s in list(new.items())[:4])
-          + (" ..." if len(new) > 4 else "") + ")")
+          f"({args.world_size} ranks: {shown}{' ...' if len(new) > 4 else ''})")
     return args.out
 
 
