@@ -290,7 +290,8 @@ class FaceSampler(Sampler):
     Each epoch one permutation and one flip vector over the whole dataset are drawn from a generator seeded by
     ``(seed, epoch)`` (identical on every rank); rank ``r`` takes ``perm[r::world_size]`` truncated to
     ``batches_per_epoch * batch_size`` (drop_last). ``set_epoch(epoch, start_batch)`` skips the first
-    ``start_batch`` of this rank's batches for mid-epoch resume.
+    ``start_batch`` of this rank's batches for mid-epoch resume; ``start_sample`` continues after that many samples
+    consumed by all ranks (a resume on another world size).
     """
 
     def __init__(
@@ -315,7 +316,7 @@ class FaceSampler(Sampler):
         self.shuffle = shuffle
         self.flip = flip
         self.epoch = 0
-        self.start_batch = 0
+        self.start_sample = 0
         if self.batches_per_epoch == 0:
             raise ValueError(
                 f"FaceSampler: {dataset_len} images over {world_size} ranks give no full batch of {batch_size}"
@@ -326,14 +327,26 @@ class FaceSampler(Sampler):
         """Full batches this rank gets per epoch (same on every rank)."""
         return (self.dataset_len // self.world_size) // self.batch_size
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        if not 0 <= start_batch <= self.batches_per_epoch:
-            raise ValueError(f"FaceSampler: start_batch {start_batch} not in [0, {self.batches_per_epoch}]")
+    def set_epoch(self, epoch: int, start_batch: int = 0, start_sample: int | None = None) -> None:
+        """Position at `start_batch` of this rank's batches, or after `start_sample` samples of the epoch consumed
+        by all ranks together (the first `start_sample` entries of the epoch's permutation; a resume on another
+        world size continues there, see utils/elastic.py)."""
+        if start_sample is None:
+            if not 0 <= start_batch <= self.batches_per_epoch:
+                raise ValueError(f"FaceSampler: start_batch {start_batch} not in [0, {self.batches_per_epoch}]")
+            start_sample = start_batch * self.batch_size * self.world_size
+        elif not 0 <= start_sample <= self.dataset_len:
+            raise ValueError(f"FaceSampler: start_sample {start_sample} not in [0, {self.dataset_len}]")
         self.epoch = int(epoch)
-        self.start_batch = int(start_batch)
+        self.start_sample = int(start_sample)
+
+    @property
+    def batches_left(self) -> int:
+        """Full batches this rank still gets in the positioned epoch (same on every rank)."""
+        return (self.dataset_len - self.start_sample) // (self.world_size * self.batch_size)
 
     def __len__(self) -> int:
-        return (self.batches_per_epoch - self.start_batch) * self.batch_size
+        return self.batches_left * self.batch_size
 
     def _epoch_plan(self) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator()
@@ -346,9 +359,7 @@ class FaceSampler(Sampler):
 
     def __iter__(self) -> Iterator[tuple[int, bool]]:
         perm, flips = self._epoch_plan()
-        used = self.batches_per_epoch * self.batch_size
-        mine = perm[self.rank :: self.world_size][:used]
-        mine = mine[self.start_batch * self.batch_size :]
+        mine = perm[self.start_sample + self.rank :: self.world_size][: self.batches_left * self.batch_size]
         flip_of = flips[mine]
         return iter(zip(mine.tolist(), flip_of.tolist()))
 

@@ -237,8 +237,8 @@ class PartialFC(nn.Module):
                 raise ValueError(
                     f"PartialFC checkpoint shard mismatch: saved {k}={state.get(k)} but this run has {k}={mine[k]} "
                     f"(saved shard: rank {state.get('rank')} of {state.get('world_size')}, "
-                    f"{state.get('num_classes')} classes). Resume with the same number of ranks, or merge the "
-                    "shards with PartialFC.merge_shards and re-split with PartialFC.split_weight.")
+                    f"{state.get('num_classes')} classes). Resume through train.py, which re-shards a checkpoint "
+                    "of another world size, or re-shard the files with `python -m tools.reshard`.")
         self.sample_step = int(state.get("sample_step", 0))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

@@ -15,7 +15,8 @@ from cfsm import load_generator
 from eval.common import load_backbone
 from tests.test_train import tiny_args
 from utils.checkpoint import CheckpointError
-from utils.run_state import COMPLETE, file_sha256, rank_file, step_dir
+from utils.checkpoint import file_sha256
+from utils.run_state import COMPLETE, rank_file, step_dir
 
 
 class _Payload:

@@ -3,6 +3,7 @@ plain and strict state-dict loading. The run layout, run state and resume policy
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import json
 import math
@@ -115,6 +116,31 @@ def write_json(obj: Any, path: str | os.PathLike) -> None:
     numbers as null (always valid JSON), atomic."""
     text = json.dumps(json_safe(obj), indent=1, default=str, allow_nan=False)
     _atomic_write(path, lambda f: f.write((text + "\n").encode()))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's content (recorded per rank file in a checkpoint's COMPLETE, checked on resume)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def recorded_file_problem(directory: str | os.PathLike, meta: Mapping[str, Any], rank: int) -> str | None:
+    """None when `directory/rank_<rank>.pt` has the size and SHA-256 a checkpoint marker `meta` recorded, else what
+    is wrong. (Markers of older versions record sizes only; then the size is all that is checked.)"""
+    path = Path(directory) / f"rank_{rank}.pt"
+    if not path.is_file():
+        return f"{path.name} is missing"
+    sizes, digests = meta.get("sizes"), meta.get("sha256")
+    if not isinstance(sizes if sizes is not None else {}, dict) or not isinstance(digests or {}, dict):
+        return f"{Path(directory) / 'COMPLETE'} has no per-rank sizes/checksums"
+    expected = (sizes or {}).get(str(rank))
+    actual = path.stat().st_size
+    if expected is not None and int(expected) != actual:
+        return f"{path.name} has {actual} bytes, COMPLETE recorded {expected}"
+    digest = (digests or {}).get(str(rank))
+    if digest and file_sha256(path) != digest:
+        return f"{path.name} does not match the SHA-256 COMPLETE recorded (its content changed after writing)"
+    return None
 
 
 def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:

@@ -7,6 +7,7 @@ loop over `Run.step_batches`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shlex
@@ -20,7 +21,7 @@ import torch
 from easydict import EasyDict
 
 from utils import checkpoint as ckpt
-from utils import run_state
+from utils import elastic, run_state
 from utils.config import ConfigError
 from utils.distributed import DistEnv, agreed_batches, all_ranks_ok, barrier
 from utils.logging import SpeedMeter, format_eta, open_log_file, setup_logger, summary_writer
@@ -93,6 +94,8 @@ class Run:
         # per-rank generators saved in every checkpoint next to the global RNGs (a trainer adds its own)
         self.rngs: dict[str, torch.Generator] = {}
         self.plan: StepPlan | None = None
+        self.course: elastic.DataCourse | None = None  # set on resume: the data position by samples (elastic)
+        self.dataset_len = 0
         self.writer = None
         self.meter: SpeedMeter | None = None
         self.saved_step = -1
@@ -173,6 +176,7 @@ class Run:
                                 env.device)
         if env.device.type == "cuda":
             loader = CUDAPrefetcher(loader, env.device)  # overlaps host-to-device copies with compute
+        self.dataset_len = len(dataset)
         where = f"batch_size={cfg.batch_size} x {env.world_size} ranks on {dataset.num_images} images of {cfg.rec}"
         self.plan = plan_steps(loader.sampler.batches_per_epoch, micro_per_step, cfg.num_epoch, cfg.warmup_epoch,
                                cfg.max_steps, where)
@@ -192,8 +196,12 @@ class Run:
         batch: list = []
         while steps_left > 0:
             epoch, first_batch = divmod(micro, plan.batches_per_epoch)
+            position: dict = {}
+            if self.course is not None:  # positioned by samples (a checkpoint of another world size continues)
+                epoch, position["start_sample"] = self.course.at_micro(micro)
+                first_batch = position["start_sample"] // self.course.samples_per_batch
             if open_epoch is None:
-                loader.sampler.set_epoch(epoch, first_batch)
+                loader.sampler.set_epoch(epoch, first_batch, **position)
                 batches = loader
             else:
                 batches = open_epoch(epoch, first_batch)
@@ -220,6 +228,7 @@ class Run:
         if resumed is None:
             self.refuse_other_run("starting at step 0")
             return 0
+        self._continue_course(resumed)  # another world size: stop step and schedule placed by samples
         step = resumed.step
         if step > self.plan.stop_step:
             raise ckpt.CheckpointError(
@@ -231,9 +240,38 @@ class Run:
         counters = resumed.state.get("run_counters", {})
         self.skipped, self.skipped_in_a_row = int(counters.get("skipped", 0)), int(counters.get("in_a_row", 0))
         self.start_step = self.step = self.saved_step = step  # that checkpoint is this step's: not written again
-        epoch, batch = divmod(step * self.plan.micro_per_step, self.plan.batches_per_epoch)
-        self.log.info(f"resumed from {resumed.directory} at step {step} (epoch {epoch}, batch {batch})")
+        epoch, consumed = self.position(step)
+        self.log.info(f"resumed from {resumed.directory} at step {step} (epoch {epoch}, batch "
+                      f"{consumed // (self.cfg.batch_size * self.env.world_size)}); {consumed} samples of the epoch "
+                      f"consumed")
         return step
+
+    def _continue_course(self, resumed: run_state.Resumed) -> None:
+        """Place the data by the samples the checkpoint consumed. When its world size (or batch) differs from this
+        run's: set the stop step and the lr schedule's position (in `resumed.state['scheduler']`) by samples and
+        log what changed (utils/elastic.py)."""
+        saved = elastic.saved_course(resumed.state, resumed.meta)
+        if saved is None:
+            return  # an old checkpoint without a record: positions follow from the step count, as it was written
+        cfg, env = self.cfg, self.env
+        self.course = elastic.DataCourse(resumed.step, saved["epoch"], saved["consumed"], self.dataset_len,
+                                         cfg.batch_size * env.world_size, self.plan.micro_per_step)
+        schedule_step, stop = elastic.schedule_after_change(self.course, self.plan.total_steps, cfg.num_epoch,
+                                                            cfg.max_steps)
+        self.plan = dataclasses.replace(self.plan, stop_step=stop)  # the same as planned unless a change happened
+        if (saved["world_size"], saved["batch_size"]) == (env.world_size, cfg.batch_size):
+            return  # the saved schedule position is already by samples
+        if "scheduler" in resumed.state:
+            resumed.state["scheduler"] = {**resumed.state["scheduler"], "last_epoch": schedule_step}
+        self.log.warning("resume: " + elastic.describe_change(saved, self.course, env.world_size, cfg.batch_size,
+                                                              schedule_step, self.plan.total_steps, stop))
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, samples of it consumed by all ranks) at `step`."""
+        if self.course is not None:
+            return self.course.at_step(step)
+        epoch, batch = divmod(step * self.plan.micro_per_step, self.plan.batches_per_epoch)
+        return epoch, batch * self.cfg.batch_size * self.env.world_size
 
     def save_due(self, step: int) -> bool:
         """A checkpoint inside the run: every `save_every` steps (stage 1 also at each epoch's end)."""
@@ -245,11 +283,13 @@ class Run:
 
     def save(self, step: int, state: dict) -> None:
         """Every rank writes `state` plus its step and RNG state; the step is marked complete once all did."""
+        epoch, consumed = self.position(step)
         counters = {"skipped": self.skipped, "in_a_row": self.skipped_in_a_row}
-        state = {**state, "rng": run_state.capture_rng_state(self.rngs), "step": step, "run_counters": counters}
+        state = {**state, "rng": run_state.capture_rng_state(self.rngs), "step": step, "run_counters": counters,
+                 "data_position": elastic.position_record(epoch, consumed, self.env.world_size, self.cfg.batch_size)}
         run_state.save_run_checkpoint(self.output, step, state, self.ranks, self.cfg.keep_checkpoints, self.kind,
-                                      self.config, {"config_name": self.cfg.config_name,
-                                                    "epoch": self.plan.epoch_of(step), "skipped_steps": self.skipped})
+                                      self.config, {"config_name": self.cfg.config_name, "epoch": epoch,
+                                                    "skipped_steps": self.skipped})
         self.saved_step = step
 
     def final_save(self, step: int, state: dict, finite_check: Mapping[str, Any]) -> None:
@@ -333,7 +373,9 @@ class Run:
         summary = None
         if self.env.is_main:
             trained = step > self.start_step
-            summary = {"config": dict(self.cfg), "steps": step, "epochs": self.plan.epochs_done(step),
+            epoch, consumed = self.position(step)
+            summary = {"config": dict(self.cfg), "steps": step, "epochs": epoch + consumed / (
+                self.plan.batches_per_epoch * self.cfg.batch_size * self.env.world_size),
                        **results(), "skipped_steps": self.skipped,
                        "samples_per_sec": self.meter.mean(step) if trained else None,
                        "wall_s": time.time() - self.start_time}

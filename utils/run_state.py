@@ -23,7 +23,6 @@ Rules (they hold with one shared output folder and with one folder per node):
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import math
@@ -39,7 +38,9 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 import torch
 
-from utils.checkpoint import CheckpointError, atomic_save, safe_load, write_json
+from utils import reshard
+from utils.checkpoint import CheckpointError, atomic_save, file_sha256, recorded_file_problem, safe_load, \
+    write_json
 
 COMPLETE = "COMPLETE"
 LOCK_NAME = ".lock"
@@ -259,12 +260,12 @@ _STAGE2_ONLY = ("network", "embedding_size", "dropout", "use_checkpoint", "chann
 
 CONFIG_POLICY: dict[str, ConfigPolicy] = {
     "recognition": ConfigPolicy(
-        refuse=("network", "embedding_size", "loss", "optimizer", "batch_size", "gradient_acc", "world_size",
-                "sample_rate", "num_classes", "num_image", "fp16", "seed", "weight_decay_exclude"),
+        # world_size may change: the state is re-sharded on resume (utils/reshard.py, utils/elastic.py)
+        refuse=("network", "embedding_size", "loss", "optimizer", "batch_size", "gradient_acc", "sample_rate", "num_classes", "num_image", "fp16", "seed", "weight_decay_exclude"),
         apply=("lr", "num_epoch", "warmup_epoch", "lr_power", "momentum", "weight_decay", "s", "m", "margin_list",
                "adaface_h", "adaface_t_alpha", "clip_grad_norm", "dropout", "use_checkpoint", "channels_last",
                "bf16", "rec", "pretrained_synthesis_model", "rs_ratio", "epsilon", "alpha", "k", *_DEGRADE),
-        free=(*_RUN_CONTROL, "pretrained_backbone_model", *_STAGE1_ONLY),
+        free=(*_RUN_CONTROL, "world_size", "pretrained_backbone_model", *_STAGE1_ONLY),  # world: logged by elastic
         init_key="pretrained_backbone_model"),
     "cfsm_stage1": ConfigPolicy(
         refuse=("gen_dim", "gen_n_downsample", "gen_n_residual", "gen_latent_dim", "gen_style_dim", "gen_input_skip",
@@ -397,29 +398,9 @@ class Resumed:
     changes: list     # (key, old, new) schedule keys whose new value applies from `step` on
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file's content (recorded per rank file in COMPLETE, checked on resume)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _own_file_status(directory: Path, meta: dict, rank: int) -> str | None:
-    """None when this rank's file is present with the size and SHA-256 COMPLETE recorded, else what is wrong.
-    (Markers of older versions record sizes only; then the size is all that is checked.)"""
-    path = rank_file(directory, rank)
-    if not path.is_file():
-        return f"{path.name} is missing"
-    sizes, digests = meta.get("sizes"), meta.get("sha256")
-    if not isinstance(sizes if sizes is not None else {}, dict) or not isinstance(digests or {}, dict):
-        return f"{directory / COMPLETE} has no per-rank sizes/checksums"
-    expected = (sizes or {}).get(str(rank))
-    actual = path.stat().st_size
-    if expected is not None and int(expected) != actual:
-        return f"{path.name} has {actual} bytes, COMPLETE recorded {expected}"
-    digest = (digests or {}).get(str(rank))
-    if digest and file_sha256(path) != digest:
-        return f"{path.name} does not match the SHA-256 COMPLETE recorded (its content changed after writing)"
-    return None
+    """None when this rank's file is present with the size and SHA-256 COMPLETE recorded, else what is wrong."""
+    return recorded_file_problem(directory, meta, rank)
 
 
 def resume(output: str | os.PathLike, policy: bool | str, ranks: Ranks, kind: str, config: Mapping[str, Any],
@@ -437,8 +418,7 @@ def resume(output: str | os.PathLike, policy: bool | str, ranks: Ranks, kind: st
     for step, directory, meta, problem in reversed(scanned):
         if meta is not None:
             metas[step] = meta
-            foreign = int(meta.get("world_size", -1)) != ranks.world_size or meta.get("kind") != kind
-            problem = None if foreign else _own_file_status(directory, meta, ranks.rank)  # foreign: refused below
+            problem = _files_status(directory, meta, ranks, kind)
         if problem is None:
             intact.append(step)
         else:
@@ -464,12 +444,13 @@ def resume(output: str | os.PathLike, policy: bool | str, ranks: Ranks, kind: st
         error, changes = None, []
         try:
             changes = _check_meta(directory, meta, ranks.world_size, kind, config, log)
+            _require_resharded_files(directory, meta, ranks)
         except CheckpointError as exc:
             error = exc
         if not ranks.agree(error is None):  # the same markers give the same verdict; agree anyway, never hang
             raise error or CheckpointError(f"another rank refused {directory} (see its error)")
         try:
-            state = safe_load(rank_file(directory, ranks.rank))
+            state = _load_rank_state(directory, meta, ranks)
         except CheckpointError as exc:
             state, last_error = None, exc
         if not ranks.agree(state is not None):
@@ -504,11 +485,14 @@ def resume(output: str | os.PathLike, policy: bool | str, ranks: Ranks, kind: st
 
 def _check_meta(directory: Path, meta: dict, world_size: int, kind: str, config: Mapping[str, Any],
                 log: logging.Logger) -> list[tuple[str, Any, Any]]:
-    if int(meta.get("world_size", -1)) != world_size:
+    if int(meta.get("world_size", -1)) != world_size and not (meta.get("kind") == kind
+                                                                and kind in reshard.RESHARD_KINDS):
         raise CheckpointError(
             f"checkpoint {directory} was written by {meta.get('world_size')} ranks but this run has {world_size}: "
-            f"shards, optimizer states and data order are per rank. Resume with the same world size, or start a "
-            f"new output folder initialised from {rank_file(directory, 0)} (pretrained_backbone_model)")
+            f"a {meta.get('kind')!r} checkpoint resumes with the same world size only (a {kind!r} run resumes "
+            f"{'on any world size from its own kind of checkpoint' if kind in reshard.RESHARD_KINDS else 'so'}). "
+            f"Resume with {meta.get('world_size')} ranks, or start a new output folder initialised from "
+            f"{rank_file(directory, 0)}")
     if meta.get("kind") != kind:
         raise CheckpointError(f"checkpoint {directory} is a {meta.get('kind')!r} checkpoint, not {kind!r}: "
                               f"use another `output` folder or resume=False")
@@ -516,6 +500,40 @@ def _check_meta(directory: Path, meta: dict, world_size: int, kind: str, config:
         log.warning(f"checkpoint {directory} records no config (written by an older version): not compared")
         return []
     return check_config(meta["config"], config, directory, kind)
+
+
+# ---- a checkpoint of another world size (re-sharded on load: utils/reshard.py) ----
+
+def _resharded(meta: dict, ranks: Ranks, kind: str) -> bool:
+    return (meta.get("kind") == kind and kind in reshard.RESHARD_KINDS
+            and int(meta.get("world_size", -1)) != ranks.world_size)
+
+
+def _files_status(directory: Path, meta: dict, ranks: Ranks, kind: str) -> str | None:
+    """None when the files this rank loads are intact, else what is wrong. A foreign checkpoint (another kind, or
+    a world size its kind cannot change) and missing old rank files count as intact here: refused by name later."""
+    if _resharded(meta, ranks, kind):
+        try:
+            return reshard.check_rank_files(directory, meta, ranks.rank, ranks.world_size)[2]
+        except CheckpointError as exc:  # an older marker without config and no rank_0.pt here: not usable
+            return str(exc)
+    foreign = int(meta.get("world_size", -1)) != ranks.world_size or meta.get("kind") != kind
+    return None if foreign else _own_file_status(directory, meta, ranks.rank)
+
+
+def _require_resharded_files(directory: Path, meta: dict, ranks: Ranks) -> None:
+    """Every old rank file this rank needs must be visible (shared storage); else the way forward, by name."""
+    if _resharded(meta, ranks, meta.get("kind")):
+        missing = reshard.check_rank_files(directory, meta, ranks.rank, ranks.world_size)[1]
+        if missing:
+            raise CheckpointError(missing)
+
+
+def _load_rank_state(directory: Path, meta: dict, ranks: Ranks) -> dict:
+    """This rank's file, or, for a checkpoint of another world size, this rank's re-sharded state."""
+    if _resharded(meta, ranks, meta.get("kind")):
+        return reshard.load_resharded(directory, meta, ranks.rank, ranks.world_size)
+    return safe_load(rank_file(directory, ranks.rank))
 
 
 def load_optimizer_keeping_config(optimizer: torch.optim.Optimizer, saved: dict,
