@@ -83,7 +83,8 @@ def make_train_step(cfg: EasyDict, env: DistEnv, model: torch.nn.Module, backbon
                                           epsilon=cfg.epsilon, alpha=cfg.alpha, k=cfg.k, rng=style_rng,
                                           autocast_dtype=amp_dtype,
                                           grad_scale=scaler.get_scale() if cfg.fp16 else 1.0,
-                                          agree=agree_any)  # precision retries: chosen by all ranks together
+                                          agree=agree_any,  # precision retries: chosen by all ranks together
+                                          search=cfg.style_search)
                 mixed = mix.images
             sync_now = index == len(batch) - 1  # DDP all-reduces the gradients once, on the last micro-batch
             with (model.no_sync() if env.distributed and not sync_now else nullcontext()):

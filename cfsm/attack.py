@@ -14,6 +14,9 @@ import torch
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Agree = Callable[[torch.Tensor], torch.Tensor]  # int flags of this rank -> the flags OR-ed (MAX) over all ranks
+# how the k steps choose their direction: the paper's gradient sign, or a random sign (the control of issue 22: the
+# same displacement per coordinate, so "farther from o0" is separated from "harder for the model")
+STYLE_SEARCHES = ("adversarial", "random_sign")
 
 
 @dataclass
@@ -78,7 +81,8 @@ def _attack_grad(generator, content, o, labels, loss_fn, autocast_dtype, device_
 def adversarial_mix(images: torch.Tensor, labels: torch.Tensor, generator: torch.nn.Module, loss_fn: LossFn, *,
                     rs_ratio: float, epsilon: float, alpha: float, k: int, rng: torch.Generator,
                     autocast_dtype: Optional[torch.dtype] = None, grad_scale: float = 2.0 ** 16,
-                    agree: Agree = local_agreement, measure_gain: bool = True) -> StyleMix:
+                    agree: Agree = local_agreement, measure_gain: bool = True,
+                    search: str = "adversarial") -> StyleMix:
     """Replace a (1 - rs_ratio) share of the batch by faces restyled with an adversarial style code.
 
     One permutation (from `rng`, a CPU generator) picks the images to synthesize. For them: o0 ~ N(0, I),
@@ -94,12 +98,18 @@ def adversarial_mix(images: torch.Tensor, labels: torch.Tensor, generator: torch
     precision retries, each of which runs `loss_fn`'s collectives, are chosen by all ranks together. The default is
     the single-process identity.
 
+    `search="random_sign"` replaces the gradient sign by a random sign per coordinate and step (drawn from `rng`):
+    o moves exactly as far from o0 as under the attack, in a direction the model did not choose; no gradient runs.
+
     Diagnostics: `attack_gain` = loss_fn(G(x_s, o*)) - loss_fn(G(x_s, o0)). The o0 term is the first attack
     iteration's loss (already computed); the o* term costs one extra no-grad forward of the synthesized share
-    (`measure_gain=False` skips it and reports 0). With k == 0 nothing extra runs (o* = o0, gain 0).
+    (`measure_gain=False` skips it and reports 0). With k == 0 nothing extra runs (o* = o0, gain 0). Under
+    `random_sign` both terms are no-grad forwards (two, when `measure_gain`).
     """
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
+    if search not in STYLE_SEARCHES:
+        raise ValueError(f"style search must be one of {', '.join(STYLE_SEARCHES)}, got {search!r}")
     batch = images.shape[0]
     n_clean, n_synth = split_counts(batch, rs_ratio)
     device = images.device
@@ -121,11 +131,18 @@ def adversarial_mix(images: torch.Tensor, labels: torch.Tensor, generator: torch
         content = generator.encode(x_s)  # independent of o: once per step
 
     o, used_scale, loss_at_o0 = o0.clone(), 1.0, None
+    if search == "random_sign" and k > 0 and measure_gain:
+        with torch.no_grad(), torch.autocast(**amp):
+            loss_at_o0 = loss_fn(generator.decode(content, o0), y_s).detach().float()
     for _ in range(k):
-        grad, loss, used_scale = _attack_grad(generator, content, o, y_s, loss_fn, autocast_dtype, device.type,
-                                              grad_scale, agree)
-        loss_at_o0 = loss if loss_at_o0 is None else loss_at_o0
-        o = torch.maximum(torch.minimum(o + alpha * grad.sign(), o0 + epsilon), o0 - epsilon)
+        if search == "random_sign":
+            step = torch.randint(0, 2, o0.shape, generator=rng).to(device=device, dtype=o0.dtype) * 2 - 1
+        else:
+            grad, loss, used_scale = _attack_grad(generator, content, o, y_s, loss_fn, autocast_dtype, device.type,
+                                                  grad_scale, agree)
+            loss_at_o0 = loss if loss_at_o0 is None else loss_at_o0
+            step = grad.sign()
+        o = torch.maximum(torch.minimum(o + alpha * step, o0 + epsilon), o0 - epsilon)
 
     gain = torch.zeros((), device=device)
     with torch.no_grad(), torch.autocast(**amp):

@@ -53,6 +53,7 @@ config.rs_ratio = 1.0                    # share of clean images per batch (1.0 
 config.epsilon = 0.314                   # L-inf radius of the style attack around o0
 config.alpha = 0.314                     # step size of each sign-ascent step on the style code
 config.k = 1                             # number of attack steps (0 = random style)
+config.style_search = "adversarial"      # direction of the k steps: adversarial (gradient sign) | random_sign (control)
 
 # ---- hand-crafted degradation augmentation (AdaFace-style; utils/degrade.py), in the data workers; 0 = off ----
 config.degrade_resize_prob = 0.0         # P(downscale to s x s, s ~ U(degrade_resize_range), then back to 112)

@@ -320,3 +320,36 @@ def test_attack_stats_window_and_run_means():
     stats.add(mix(-1.0, 2.0))
     assert stats.window() == {"attack_gain": -1.0, "style_norm": 2.0}
     assert stats.means() == {"attack_gain_mean": 1.0, "style_norm_mean": 4.0}
+
+
+def test_random_sign_search_moves_as_far_as_the_attack_without_a_gradient():
+    """style_search=random_sign (issue 22's control): every coordinate moves by alpha per step in a random sign,
+    clipped to o0 +- epsilon like the attack; the model is never differentiated; the gain is still measured."""
+    gen = tiny_generator()
+    backbone, pfc, images, labels = tiny_setup()
+    loss_fn = attack_loss_fn(backbone, pfc)
+    grad_calls = []
+
+    def counting_loss(x, y):
+        grad_calls.append(torch.is_grad_enabled())
+        return loss_fn(x, y)
+
+    mix = adversarial_mix(images, labels, gen, counting_loss, rs_ratio=0.5, epsilon=0.5, alpha=0.5, k=1,
+                          rng=torch.Generator().manual_seed(3), search="random_sign")
+    torch.testing.assert_close((mix.style - mix.style0).abs(), torch.full_like(mix.style, 0.5))
+    assert grad_calls == [False, False]  # loss at o0 and at o*, both without a graph
+    idx = mix.synth_index
+    with torch.no_grad():
+        at_o0 = loss_fn(gen.decode(gen.encode(images[idx]), mix.style0), labels[idx])
+        at_star = loss_fn(mix.images[idx], labels[idx])
+    torch.testing.assert_close(mix.attack_gain, at_star - at_o0, rtol=1e-5, atol=1e-6)
+    signs = torch.sign(mix.style - mix.style0)
+    assert (signs > 0).any() and (signs < 0).any()  # random, not one fixed direction
+    # three steps of epsilon / 3: inside the box, each coordinate an odd multiple of alpha away from o0
+    mix3 = adversarial_mix(images, labels, gen, loss_fn, rs_ratio=0.5, epsilon=0.9, alpha=0.3, k=3,
+                           rng=torch.Generator().manual_seed(3), search="random_sign")
+    moved = (mix3.style - mix3.style0).abs()
+    assert (moved <= 0.9 + 1e-6).all() and torch.allclose(moved[(moved - 0.3).abs() > 1e-5], torch.tensor(0.9))
+    with pytest.raises(ValueError, match="style search"):
+        adversarial_mix(images, labels, gen, loss_fn, rs_ratio=0.5, epsilon=0.5, alpha=0.5, k=1,
+                        rng=torch.Generator().manual_seed(3), search="gradient")

@@ -53,7 +53,8 @@ def test_unknown_key_in_job_config_is_an_error(tmp_path):
 
 @pytest.mark.parametrize("override, key", [("rs_ratio=1.5", "rs_ratio"), ("k=-1", "k"), ("resume=maybe", "resume"),
                                            ("batch_size=abc", "batch_size"), ("fp16=maybe", "fp16"),
-                                           ("optimizer=adam", "optimizer")])
+                                           ("optimizer=adam", "optimizer"),
+                                           ("style_search=gradient", "style_search")])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
         load_config("configs/arcface_ms1mv2_r50", [override])

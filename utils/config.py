@@ -292,6 +292,9 @@ def validate(cfg: EasyDict) -> None:
     need(cfg.resume in (True, False, "auto"), "resume", "must be False, True or \"auto\"")
     need(not (cfg.fp16 and cfg.bf16), "fp16", "fp16 and bf16 cannot both be True")
     need(cfg.device in ("auto", "cpu", "cuda"), "device", "choices: auto, cpu, cuda")
+    from cfsm.attack import STYLE_SEARCHES
+
+    need(cfg.style_search in STYLE_SEARCHES, "style_search", f"choices: {', '.join(STYLE_SEARCHES)}")
     need(cfg.warmup_epoch <= cfg.num_epoch, "warmup_epoch", f"must be <= num_epoch ({cfg.num_epoch})")
     need(isinstance(cfg.val_targets, (list, tuple)) and all(isinstance(v, str) and v for v in cfg.val_targets),
          "val_targets", "must be a list of .bin set names, e.g. ['lfw', 'cfp_fp'] (files <rec>/<name>.bin)")

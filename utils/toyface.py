@@ -7,6 +7,14 @@ imitates surveillance capture: low resolution, blur, noise, colour cast and heav
 
 ``ensure_toy_data(root)`` writes the training ``.rec``, the ``toy_clean.bin``/``toy_target.bin`` pair files over
 held-out identities and a folder of unlabelled target-style faces, once, safely under concurrent callers.
+
+Further target domains (``DOMAINS``; issue 22) are made by processes that the hand-crafted augmentation of
+``utils/degrade.py`` (resize, Gaussian blur, global colour jitter, i.i.d. noise, JPEG) does not contain:
+``camera`` (one fixed random "camera" per toy universe: spatially varying random blur kernels, a fixed sensor
+pattern, vignetting and a tone curve), ``motion`` (motion blur along a random direction) and ``illumination``
+(strong non-uniform light: a spot light and a soft cast shadow). ``ensure_toy_domains(root, names)`` adds
+``toy_<name>.bin`` (the same pairs and the same renderings as ``toy_clean.bin``, with the domain's capture) and
+``target_faces_<name>/`` to an existing toy folder, leaving every file ``ensure_toy_data`` wrote untouched.
 """
 from __future__ import annotations
 
@@ -32,6 +40,9 @@ __all__ = [
     "render_face",
     "degrade_target",
     "ensure_toy_data",
+    "ensure_toy_domains",
+    "degrade_domain",
+    "DOMAINS",
     "TOY_VERSION",
 ]
 
@@ -46,6 +57,7 @@ _ONE = 1 << _SHIFT
 
 # Seed-stream tags keep identities, training images, pairs and target faces independent of each other.
 _TAG_IDENTITY, _TAG_TRAIN, _TAG_PAIR_IMG, _TAG_PAIRS, _TAG_TARGET = 1, 2, 3, 4, 5
+_TAG_CAMERA = 6  # the fixed parameters of the `camera` domain (per universe seed)
 
 _HAIR_COLOURS = np.array(
     [[20, 18, 16], [60, 40, 25], [110, 75, 40], [170, 130, 80], [210, 180, 120], [140, 60, 30], [150, 150, 150],
@@ -282,14 +294,98 @@ def degrade_target(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return cv2.imdecode(enc, cv2.IMREAD_COLOR_RGB)
 
 
-def render_face(identity_params: dict, rng: np.random.Generator, style: str = "clean") -> tuple[np.ndarray, np.ndarray]:
+# --------------------------------------------------------------------------------------------------------------
+# Target domains no hand-crafted recipe contains (issue 22)
+
+DOMAINS = ("camera", "motion", "illumination")
+_CAMERA_KERNELS = 4  # random point-spread functions, blended across the frame
+
+
+def _camera(seed: int) -> dict:
+    """The fixed parameters of the universe's camera: PSFs, their spatial weight maps, sensor pattern, tone curve."""
+    cached = _CAMERA_CACHE.get(seed)
+    if cached is not None:
+        return cached
+    rng = _rng(seed, _TAG_CAMERA)
+    kernels = []
+    for _ in range(_CAMERA_KERNELS):  # smoothed random positive 9x9 kernels: anisotropic, off-centre, not Gaussian
+        k = cv2.GaussianBlur(rng.uniform(0, 1, (9, 9)).astype(np.float32) ** 3, (0, 0), 1.0)
+        kernels.append(k / k.sum())
+    centres = rng.uniform(-0.5, 0.5, (_CAMERA_KERNELS, 2)).astype(np.float32)
+    dist = np.stack([(_XX - cx) ** 2 + (_YY - cy) ** 2 for cx, cy in centres])
+    weights = np.exp(-dist / 0.05)
+    weights /= weights.sum(0, keepdims=True)
+    # sensor: per-pixel gain (photo-response non-uniformity), column stripes and a 2x2 colour mosaic gain
+    gain = 1 + rng.normal(0, 0.06, (SIZE, SIZE, 1)).astype(np.float32)
+    gain = gain * (1 + rng.normal(0, 0.05, (1, SIZE, 1)).astype(np.float32))
+    mosaic = rng.uniform(0.9, 1.1, (2, 2, 3)).astype(np.float32)
+    gain = gain * np.tile(mosaic, (SIZE // 2, SIZE // 2, 1))
+    vignette = (1 - rng.uniform(0.8, 1.2) * (_XX ** 2 + _YY ** 2))[..., None].astype(np.float32)
+    camera = {"kernels": kernels, "weights": weights.astype(np.float32), "pattern": (gain * vignette),
+              "gamma": float(rng.uniform(1.3, 1.6)), "offset": rng.uniform(8, 30, 3).astype(np.float32)}
+    _CAMERA_CACHE[seed] = camera
+    return camera
+
+
+_CAMERA_CACHE: dict[int, dict] = {}
+
+
+def _degrade_camera(rgb: np.ndarray, rng: np.random.Generator, seed: int) -> np.ndarray:
+    cam = _camera(seed)
+    x = rgb.astype(np.float32)
+    x = sum(w[..., None] * cv2.filter2D(x, -1, k, borderType=cv2.BORDER_REFLECT101)
+            for k, w in zip(cam["kernels"], cam["weights"]))
+    x = x * cam["pattern"] * np.float32(rng.uniform(0.8, 1.1))                  # exposure varies per shot
+    x = 255.0 * (np.clip(x, 0, 255) / 255.0) ** np.float32(cam["gamma"]) + cam["offset"]  # crushed shadows, lifted black
+    x = x + rng.standard_normal(x.shape, dtype=np.float32) * np.sqrt(np.maximum(x, 0) * np.float32(0.15))  # shot noise
+    return np.clip(x, 0, 255).astype(np.uint8)
+
+
+def _degrade_motion(rgb: np.ndarray, rng: np.random.Generator, seed: int) -> np.ndarray:
+    length = rng.uniform(6, 14)
+    angle = rng.uniform(0, math.pi)
+    kernel = np.zeros((15, 15), np.float32)
+    dx, dy = math.cos(angle) * (length - 1) / 2, math.sin(angle) * (length - 1) / 2
+    cv2.line(kernel, _p(7 - dx, 7 - dy), _p(7 + dx, 7 + dy), 1.0, 1, cv2.LINE_AA, _SHIFT)
+    img = cv2.filter2D(rgb, -1, kernel / kernel.sum(), borderType=cv2.BORDER_REFLECT101)
+    return img
+
+
+def _degrade_illumination(rgb: np.ndarray, rng: np.random.Generator, seed: int) -> np.ndarray:
+    spot = rng.uniform(-0.35, 0.35, 2).astype(np.float32)
+    width = np.float32(rng.uniform(0.08, 0.25))
+    light = np.float32(0.25) + np.float32(rng.uniform(1.0, 1.6)) * np.exp(
+        -((_XX - spot[0]) ** 2 + (_YY - spot[1]) ** 2) / width)
+    ang = rng.uniform(0, 2 * math.pi)  # a soft shadow edge across the face
+    edge = np.float32(math.cos(ang)) * _XX + np.float32(math.sin(ang)) * _YY - np.float32(rng.uniform(-0.2, 0.2))
+    shadow = 1 - np.float32(rng.uniform(0.4, 0.7)) / (1 + np.exp(-edge / np.float32(0.03)))
+    colour = np.array([1.0, rng.uniform(0.8, 1.0), rng.uniform(0.5, 0.8)], np.float32)  # warm lamp light
+    x = rgb.astype(np.float32) * (light * shadow)[..., None] * colour
+    return np.clip(x, 0, 255).astype(np.uint8)
+
+
+_DOMAIN_FUNCS = {"camera": _degrade_camera, "motion": _degrade_motion, "illumination": _degrade_illumination}
+
+
+def degrade_domain(name: str, rgb: np.ndarray, rng: np.random.Generator, seed: int = 0) -> np.ndarray:
+    """Capture ``rgb`` (uint8 112x112x3) in target domain ``name`` (one of ``DOMAINS``); ``seed`` picks the universe's
+    fixed camera. None of these processes is in utils/degrade.py's hand-crafted recipe."""
+    if name not in _DOMAIN_FUNCS:
+        raise ValueError(f"degrade_domain: unknown domain {name!r}; choices: {', '.join(DOMAINS)}")
+    return np.ascontiguousarray(_DOMAIN_FUNCS[name](rgb, rng, seed))
+
+
+def render_face(identity_params: dict, rng: np.random.Generator, style: str = "clean",
+                universe_seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Draw one image of an identity: ``(rgb uint8 [112,112,3], landmarks5 float32 [5,2])``.
 
     Landmarks (left eye, right eye, nose tip, left and right mouth corner) are in image coordinates after the pose
-    warp. ``style="target"`` applies :func:`degrade_target` on top of the clean rendering; geometry is unchanged.
+    warp. ``style="target"`` applies :func:`degrade_target` on top of the clean rendering, a name of ``DOMAINS``
+    applies :func:`degrade_domain` (``universe_seed`` picks the fixed camera) to the clean rendering; geometry is
+    unchanged and the same ``rng`` state gives the same face in every style.
     """
-    if style not in ("clean", "target"):
-        raise ValueError(f"render_face: style must be 'clean' or 'target', got {style!r}")
+    if style not in ("clean", "target", *DOMAINS):
+        raise ValueError(f"render_face: style must be 'clean', 'target' or one of {', '.join(DOMAINS)}, got {style!r}")
     img, lm = _draw_face(identity_params, rng)
     # In-plane pose: rotation + scale + translation about the template centre.
     angle = rng.normal(0, 6.0)
@@ -305,6 +401,8 @@ def render_face(identity_params: dict, rng: np.random.Generator, style: str = "c
     else:
         noise = rng.standard_normal(img.shape, dtype=np.float32) * np.float32(rng.uniform(0.5, 2.5))
         img = np.clip(img.astype(np.float32) + noise, 0, 255).astype(np.uint8)
+        if style != "clean":  # a domain captures the clean image (same geometry, lighting and sensor noise)
+            img = degrade_domain(style, img, rng, universe_seed)
     return np.ascontiguousarray(img), lm
 
 
@@ -322,7 +420,7 @@ def _encode(rgb: np.ndarray, quality: int = 95) -> bytes:
 def _render_job(job: tuple[int, int, int, int, int, str]) -> bytes:
     """job = (seed, identity, tag, a, b, style): deterministic in its arguments only (order-free parallelism)."""
     seed, ident, tag, a, b, style = job
-    img, _ = render_face(identity_params(seed, ident), _rng(seed, tag, ident, a, b), style)
+    img, _ = render_face(identity_params(seed, ident), _rng(seed, tag, ident, a, b), style, seed)
     return _encode(img)
 
 
@@ -496,3 +594,61 @@ def _generate(out: Path, cfg: dict, seed: int, workers: int, verbose: bool) -> d
         "target_face_identities": [target_first, target_first + n_target_ids],
         "image_size": [SIZE, SIZE],
     }
+
+
+def ensure_toy_domains(root: str | os.PathLike, names: list[str] | tuple[str, ...] = DOMAINS,
+                       workers: int | None = None, verbose: bool = False) -> list[Path]:
+    """Add target domains to the toy set at ``root`` (made by :func:`ensure_toy_data`); returns their ``.bin`` paths.
+
+    For each name of ``DOMAINS`` not there yet: ``toy_<name>.bin`` (the pairs of ``toy_clean.bin``, each image the
+    same rendering captured in the domain) and ``target_faces_<name>/`` (as many unlabelled faces as
+    ``target_faces/``, of the same held-out identities), then ``toy_<name>.json`` last (marks completion). Files
+    of ``ensure_toy_data`` are never rewritten, so ``toy_target.bin`` and the training set stay bit-identical.
+    """
+    from utils.binfile import write_bin
+
+    root = Path(os.path.expanduser(root))
+    unknown = [n for n in names if n not in DOMAINS]
+    if unknown:
+        raise ToyDataError(f"unknown toy domain(s) {', '.join(map(repr, unknown))}; choices: {', '.join(DOMAINS)}")
+    meta_path = root / "toy_meta.json"
+    if not meta_path.is_file():
+        raise ToyDataError(f"{root}: no {meta_path.name}; make the toy data first (python -m tools.make_toy_data "
+                           f"--out {root})")
+    meta = json.loads(meta_path.read_text())
+    seed, n_target = meta["seed"], meta["num_target_faces"]
+    eval_ids = list(range(*meta["eval_identities"]))
+    target_first, target_end = meta["target_face_identities"]
+    pairs = _make_pairs(seed, eval_ids, meta["num_pairs"])
+    paths = []
+    with _locked(root.parent / f".{root.name}.lock"):
+        for name in names:
+            marker = root / f"toy_{name}.json"
+            paths.append(root / f"toy_{name}.bin")
+            if marker.is_file():
+                continue
+            t0 = time.perf_counter()
+            jobs = []
+            for k, (a, b, _) in enumerate(pairs):  # the very jobs of toy_clean.bin, in another style
+                jobs += [(seed, a, _TAG_PAIR_IMG, k, 0, name), (seed, b, _TAG_PAIR_IMG, k, 1, name)]
+            jobs += [(seed, target_first + t % (target_end - target_first), _TAG_TARGET, t, 0, name)
+                     for t in range(n_target)]
+            encoded = _pool_map(jobs, workers or min(os.cpu_count() or 1, 8))
+            p = 2 * len(pairs)
+            tmp_bin = root / f".toy_{name}.bin.tmp"
+            write_bin(tmp_bin, encoded[:p], [s for _, _, s in pairs])
+            faces = root / f"target_faces_{name}"
+            tmp_dir = root / f".target_faces_{name}.tmp"
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            tmp_dir.mkdir()
+            for t, buf in enumerate(encoded[p:]):
+                (tmp_dir / f"{t:06d}.jpg").write_bytes(buf)
+            shutil.rmtree(faces, ignore_errors=True)
+            os.replace(tmp_dir, faces)
+            os.replace(tmp_bin, root / f"toy_{name}.bin")
+            marker.write_text(json.dumps({"domain": name, "seed": seed, "num_pairs": len(pairs),
+                                          "num_target_faces": n_target,
+                                          "generation_seconds": round(time.perf_counter() - t0, 2)}, indent=1))
+            if verbose:
+                print(f"toy domain {name}: {root / f'toy_{name}.bin'}, {faces}", flush=True)
+    return paths
