@@ -103,3 +103,119 @@ def test_toy_data_is_never_written_into_a_folder_of_other_files(tmp_path):
     ensure_toy_data(half, num_identities=2, images_per_identity=1, num_eval_identities=2, num_pairs=2,
                     num_target_faces=1, workers=1)
     assert (half / "toy_meta.json").is_file() and not (half / PARTIAL_MARKER).exists()
+
+
+# ---- target domains no hand-crafted recipe contains (issue 22) ----
+
+def test_domains_are_deterministic_and_keep_the_clean_rendering():
+    from utils.toyface import DOMAINS
+
+    p = identity_params(0, 2)
+    clean, lc = render_face(p, np.random.default_rng(7), "clean")
+    for name in DOMAINS:
+        a, la = render_face(p, np.random.default_rng(7), name)
+        b, _ = render_face(p, np.random.default_rng(7), name)
+        assert np.array_equal(a, b) and np.array_equal(la, lc), name  # same face, same geometry
+        assert np.abs(a.astype(int) - clean.astype(int)).mean() > 1, name  # but captured differently
+    with pytest.raises(ValueError, match="camera"):
+        render_face(p, np.random.default_rng(7), "fog")
+
+
+def _flat(value=128):
+    return np.full((112, 112, 3), value, np.uint8)
+
+
+def _high_pass(img):
+    import cv2
+
+    x = img.astype(np.float32).mean(2)
+    return (x - cv2.GaussianBlur(x, (0, 0), 2.0)).ravel()
+
+
+def test_camera_has_a_fixed_sensor_pattern_that_iid_noise_does_not():
+    """One camera per universe: two shots of a flat grey card share their fine pattern (the recipe's noise is
+    independent per image), and another universe's camera has another pattern."""
+    from utils.degrade import Degradation
+    from utils.toyface import degrade_domain
+
+    shot = lambda s, seed=0: _high_pass(degrade_domain("camera", _flat(), np.random.default_rng(s), seed))  # noqa: E731
+    assert np.corrcoef(shot(1), shot(2))[0, 1] > 0.5
+    assert abs(np.corrcoef(shot(1), shot(2, seed=1))[0, 1]) < 0.2
+    noise = Degradation(noise_prob=1.0)
+    a, b = (_high_pass(noise(_flat(), np.random.default_rng(s))) for s in (1, 2))
+    assert abs(np.corrcoef(a, b)[0, 1]) < 0.1
+
+
+def _anisotropy(img):
+    """Ratio of the principal second moments of a blurred point: 1 for an isotropic blur, large along a line."""
+    w = img.astype(np.float64).mean(2)
+    ys, xs = np.mgrid[0:112, 0:112]
+    w = w / w.sum()
+    my, mx = (w * ys).sum(), (w * xs).sum()
+    cov = np.array([[(w * (ys - my) ** 2).sum(), (w * (ys - my) * (xs - mx)).sum()],
+                    [(w * (ys - my) * (xs - mx)).sum(), (w * (xs - mx) ** 2).sum()]])
+    low, high = np.linalg.eigvalsh(cov)
+    return high / low
+
+
+def test_motion_blur_is_directional_where_the_recipe_blur_is_not():
+    from utils.degrade import Degradation
+    from utils.toyface import degrade_domain
+
+    point = np.zeros((112, 112, 3), np.uint8)
+    point[56, 56] = 255
+    for s in range(4):
+        assert _anisotropy(degrade_domain("motion", point, np.random.default_rng(s))) > 5
+    blur = Degradation(blur_prob=1.0, blur_sigma=(1.5, 2.0))
+    assert _anisotropy(blur(point, np.random.default_rng(0))) < 1.5
+
+
+def test_illumination_is_not_a_global_colour_transform():
+    """The recipe's colour jitter is one affine map per channel over the whole image; the light here varies across
+    the face, so no per-channel affine map of the clean image explains it."""
+    from utils.degrade import Degradation
+    from utils.toyface import degrade_domain
+
+    clean, _ = render_face(identity_params(0, 5), np.random.default_rng(3), "clean")
+
+    def affine_residual(out):
+        res = []
+        for c in range(3):
+            x = np.stack([clean[..., c].ravel().astype(np.float64), np.ones(clean[..., c].size)], 1)
+            y = out[..., c].ravel().astype(np.float64)
+            coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+            res.append(np.sqrt(np.mean((x @ coef - y) ** 2)) / (y.std() + 1e-9))
+        return max(res)
+
+    assert affine_residual(degrade_domain("illumination", clean, np.random.default_rng(1))) > 0.3
+    colour = Degradation(color_prob=1.0, color_strength=0.2)
+    assert affine_residual(colour(clean, np.random.default_rng(1))) < 0.15
+
+
+def test_ensure_toy_domains_adds_files_and_leaves_the_toy_set_alone(tmp_path):
+    import hashlib
+
+    from utils.binfile import load_bin
+    from utils.toyface import DOMAINS, ToyDataError, ensure_toy_domains
+
+    root = ensure_toy_data(tmp_path / "toy", workers=1, **SMALL)
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in root.iterdir() if p.is_file()}
+    paths = ensure_toy_domains(root, ["camera", "motion"], workers=1)
+    assert [p.name for p in paths] == ["toy_camera.bin", "toy_motion.bin"]
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in root.iterdir()
+            if p.is_file() and p.name in before} == before  # toy_target.bin, train.rec, ... untouched
+    clean, issame = load_bin(root / "toy_clean.bin")
+    for name in ("camera", "motion"):
+        images, same = load_bin(root / f"toy_{name}.bin")
+        assert images.shape == clean.shape and np.array_equal(same, issame)
+        assert len(list((root / f"target_faces_{name}").glob("*.jpg"))) == SMALL["num_target_faces"]
+    mtime = (root / "toy_camera.bin").stat().st_mtime_ns
+    ensure_toy_domains(root, ["camera"])  # done once: a second call is a no-op
+    assert (root / "toy_camera.bin").stat().st_mtime_ns == mtime
+    other = ensure_toy_data(tmp_path / "other", workers=1, **SMALL)
+    ensure_toy_domains(other, ["camera"], workers=2)
+    assert (other / "toy_camera.bin").read_bytes() == (root / "toy_camera.bin").read_bytes()  # deterministic
+    with pytest.raises(ToyDataError, match="'fog'.*camera"):
+        ensure_toy_domains(root, ["fog"])
+    with pytest.raises(ToyDataError, match="make_toy_data"):
+        ensure_toy_domains(tmp_path / "empty", list(DOMAINS))
