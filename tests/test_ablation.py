@@ -106,4 +106,4 @@ def test_runs_and_tabulates(tmp_path, mini_toy, tiny_generator_file, capsys):
     assert "degrade_jpeg_prob=0.25" in (tmp_path / "abl" / "handcrafted" / "seed_0" / "train.log").read_text() or \
         json.loads((tmp_path / "abl" / "handcrafted" / "seed_0" / "summary.json").read_text())["config"][
             "degrade_jpeg_prob"] == 0.25
-    assert "adv_k1" in capsys.readouterr().out
+    assert "rand_e1_k1" in capsys.readouterr().out
