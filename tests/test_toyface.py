@@ -219,3 +219,15 @@ def test_ensure_toy_domains_adds_files_and_leaves_the_toy_set_alone(tmp_path):
         ensure_toy_domains(root, ["fog"])
     with pytest.raises(ToyDataError, match="make_toy_data"):
         ensure_toy_domains(tmp_path / "empty", list(DOMAINS))
+
+
+def test_make_toy_data_adds_domains_and_refuses_unknown_ones(tmp_path, capsys):
+    from tools import make_toy_data
+
+    with pytest.raises(SystemExit) as exc:
+        make_toy_data.main(["--out", str(tmp_path / "t"), "--domains", "fog"])
+    assert exc.value.code == 2 and "--domains" in capsys.readouterr().err and not (tmp_path / "t").exists()
+    make_toy_data.main(["--out", str(tmp_path / "t"), "--workers", "1", "--num-identities", "2",
+                        "--images-per-identity", "2", "--num-eval-identities", "2", "--num-pairs", "2",
+                        "--num-target-faces", "1", "--domains", "illumination"])
+    assert (tmp_path / "t" / "toy_illumination.bin").is_file() and not (tmp_path / "t" / "toy_camera.bin").exists()

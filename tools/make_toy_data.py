@@ -1,4 +1,8 @@
-"""Generate the toy face benchmark: ``python -m tools.make_toy_data --out data/toy``."""
+"""Generate the toy face benchmark: ``python -m tools.make_toy_data --out data/toy [--domains camera motion]``.
+
+``--domains`` adds target domains that the hand-crafted augmentation does not contain (utils/toyface.DOMAINS):
+``toy_<name>.bin`` (the pairs of toy_clean.bin in that capture) and ``target_faces_<name>/`` (unlabelled faces for
+stage 1, ``target=DATA/target_faces_<name>``); the rest of the toy set is left as it is."""
 from __future__ import annotations
 
 import json
@@ -10,7 +14,7 @@ if __name__ == "__main__" and not __package__:  # run as a path: import the repo
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from utils.cli import ArgumentParser, add_workers_arg, run_command
-from utils.toyface import ensure_toy_data  # noqa: E402
+from utils.toyface import DOMAINS, ensure_toy_data, ensure_toy_domains  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "data" / "toy"
 
@@ -25,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-pairs", type=int, default=None, help="pairs per .bin (even; default 600)")
     ap.add_argument("--num-target-faces", type=int, default=None, help="unlabelled target faces (default 2000)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the rendering")
+    ap.add_argument("--domains", nargs="*", default=[], choices=DOMAINS, metavar="NAME",
+                    help=f"extra target domains to add ({', '.join(DOMAINS)}; default: none)")
     add_workers_arg(ap, min(os.cpu_count() or 1, 8), "rendering faces")
     args = ap.parse_args(argv)
     # counts of 0 wrote an empty dataset and --workers -1 hung; --out naming a file failed after rendering began
@@ -46,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         workers=max(1, args.workers),  # 1 renders in this process
         verbose=True,
     )
+    if args.domains:
+        ensure_toy_domains(root, args.domains, workers=max(1, args.workers), verbose=True)
     meta = json.loads((root / "toy_meta.json").read_text())
     print(f"toy data at {root}: num_classes={meta['num_classes']} num_image={meta['num_image']}")
     return 0
