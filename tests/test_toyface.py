@@ -155,7 +155,7 @@ def _anisotropy(img):
     cov = np.array([[(w * (ys - my) ** 2).sum(), (w * (ys - my) * (xs - mx)).sum()],
                     [(w * (ys - my) * (xs - mx)).sum(), (w * (xs - mx) ** 2).sum()]])
     low, high = np.linalg.eigvalsh(cov)
-    return high / low
+    return high / max(low, 1e-12)  # a perfectly straight line has no spread across it
 
 
 def test_motion_blur_is_directional_where_the_recipe_blur_is_not():
