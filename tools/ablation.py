@@ -199,7 +199,8 @@ def plot(table: dict, targets: list[str], path: Path) -> None:
                                                                    for g in gains], color="C2", height=0.6)
     axes[-1].set_title("attack gain (loss at o* - at o0)", fontsize=9)
     axes[0].set_yticks(ys, methods, fontsize=8)
-    fig.suptitle(f"toy ablation: mean +- SE over seeds {table['seeds']} (dots: seeds), {table['steps']} steps",
+    steps = "the toy config's steps" if table["steps"] == "config" else f"{table['steps']} steps"
+    fig.suptitle(f"toy ablation: mean +- SE over seeds {table['seeds']} (dots: seeds), {steps}",
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -209,13 +210,14 @@ def plot(table: dict, targets: list[str], path: Path) -> None:
 def format_tables(table: dict, targets: list[str], reference: str) -> list[str]:
     """Markdown tables: accuracy mean +- SE, paired difference against the reference +- SE, detectable difference;
     then the attack gain and |o*| per method."""
-    pct = lambda v: "-" if v is None or not math.isfinite(v) else f"{100 * v:.2f}"  # noqa: E731
+    pct = lambda v: "-" if v is None or not math.isfinite(v) else f"{100 * v + 0.0:.2f}"  # noqa: E731
     lines = []
     for target in targets:
         stats = table["statistics"][target]
-        lines += [f"**{target}** (accuracy %, {len(table['seeds'])} seeds; difference = method - {reference}, "
-                  f"paired by seed)", "",
-                  "| method | mean | SE | diff vs ref | SE diff | detectable (80 %) | seeds for 1 pt |",
+        lines += [f"**{target}** (accuracy %, seeds {', '.join(map(str, table['seeds']))}; difference = method - "
+                  f"{reference}, paired by seed)", "",
+                  f"| method | mean | SE | diff vs ref | SE diff | detectable (80 %) | "
+                  f"seeds for {table.get('resolve_points', 1.0):g} pt |",
                   "|---|---|---|---|---|---|---|"]
         for m, row in stats.items():
             lines.append(f"| {m} | {pct(row['mean'])} | {pct(row['se'])} | {pct(row.get('diff'))} | "
@@ -225,7 +227,8 @@ def format_tables(table: dict, targets: list[str], reference: str) -> list[str]:
     lines += ["| method | attack gain (mean +- SE) | mean abs(o*) |", "|---|---|---|"]
     for m, row in table["methods"].items():
         g, o = row["attack_gain"], row["style_norm"]
-        lines.append(f"| {m} | " + (f"{g[0]:.4f} +- {g[1]:.4f}" if g else "-") + " | "
+        lines.append(f"| {m} | " + ("-" if not g else f"{g[0]:.4f}" if not math.isfinite(g[1]) else
+                                    f"{g[0]:.4f} +- {g[1]:.4f}") + " | "
                      + (f"{o[0]:.3f}" if o else "-") + " |")
     return lines
 
@@ -331,6 +334,7 @@ def main(argv=None) -> dict:
     seeds = sorted({s for per_seed in runs.values() for s in per_seed})
     table: dict = {"seeds": seeds, "steps": args.steps or "config", "generator": str(gen),
                    "generator_target": generator_target, "targets": targets, "reference": args.reference,
+                   "resolve_points": args.resolve,
                    "methods": {}, "statistics": {}}
     for method, per_seed in runs.items():
         row = {"per_seed": per_seed}
