@@ -243,8 +243,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=non_negative_int, default=0,
                    help="optimizer steps of every run (0 = the toy config's)")
     p.add_argument("--epsilons", type=float, nargs="+", default=[0.314, 1.0, 2.0],
-                   help="attack radii of the default sweep (alpha = epsilon / k)")
-    p.add_argument("--ks", type=int, nargs="+", default=[1, 3], help="attack step counts of the default sweep")
+                   help="attack radii swept when --methods is not given (alpha = epsilon / k)")
+    p.add_argument("--ks", type=int, nargs="+", default=[1, 3], help="attack step counts swept when --methods is not given")
     p.add_argument("--methods", nargs="+", default=None,
                    help="methods to run (default: baseline handcrafted random, then adv_ and rand_ for every "
                         "epsilon and k)")
