@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from utils.errors import UserError
 from utils.recordio import IndexedRecordReader, RecordIOError
 
 __all__ = [
@@ -40,7 +41,7 @@ _SCALE = np.float32(2.0 / 255.0)
 _ONE = np.float32(1.0)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad training data; the message names the file, key and value."""
 
 
@@ -318,8 +319,9 @@ class FaceSampler(Sampler):
         self.epoch = 0
         self.start_sample = 0
         if self.batches_per_epoch == 0:
-            raise ValueError(
-                f"FaceSampler: {dataset_len} images over {world_size} ranks give no full batch of {batch_size}"
+            raise DataError(
+                f"{dataset_len} images over {world_size} rank(s) give no full batch of batch_size={batch_size} "
+                f"(images per rank per step): lower batch_size to at most {dataset_len // world_size}"
             )
 
     @property

@@ -11,7 +11,6 @@ with stage 1 (`train_generator.py`); `make_train_step` is the step itself, which
 from __future__ import annotations
 
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch

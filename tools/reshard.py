@@ -22,7 +22,7 @@ from pathlib import Path
 if __name__ == "__main__" and not __package__:  # run as a path: import the repo's packages, not this folder's
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from utils.checkpoint import CheckpointError, atomic_save, file_sha256, safe_load
+from utils.checkpoint import atomic_save, file_sha256, safe_load
 from utils.cli import ArgumentParser, UsageError, expanded_path, positive_int, run_command
 
 

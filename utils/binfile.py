@@ -16,10 +16,12 @@ import cv2
 import numpy as np
 import torch
 
+from utils.errors import UserError
+
 __all__ = ["BinFileError", "load_bin", "write_bin", "restricted_loads"]
 
 
-class BinFileError(ValueError):
+class BinFileError(UserError, ValueError):
     """Malformed, unsafe or inconsistent ``.bin`` file; the message names the file."""
 
 

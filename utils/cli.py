@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from utils.errors import RunFailedError, UserError
+
 TRACEBACK_ENV = "CFSM_TRACEBACK"
 USAGE_ERROR_EXIT = 2
 
@@ -38,14 +40,12 @@ _USER_ERRORS: tuple[tuple[str, str], ...] = (
     ("eval.common", "EvalInputError"),
     ("utils.toyface", "ToyDataError"),
 )
-# the run itself failed (non-finite state, too many skipped updates): one line too, but exit 1
-_RUN_FAILURES: tuple[tuple[str, str], ...] = (("utils.run_state", "RunFailedError"),)
-RUN_FAILED_EXIT = 1
+RUN_FAILED_EXIT = 1  # the run itself failed (utils.errors.RunFailedError): one line too
 INTERRUPTED_EXIT = 130  # as a shell reports a process ended by SIGINT
 _USER_OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
-class UsageError(ValueError):
+class UsageError(UserError, ValueError):
     """A command-line value is wrong (e.g. `--device cuda` without CUDA); the message names the flag and the fix."""
 
 
@@ -161,7 +161,7 @@ def _is_one_of(exc: BaseException, classes: tuple[tuple[str, str], ...]) -> bool
 
 def is_user_error(exc: BaseException) -> bool:
     """True for the errors that report a wrong input (their messages name the file / key and the fix)."""
-    return isinstance(exc, _USER_OS_ERRORS + (UsageError,)) or _is_one_of(exc, _USER_ERRORS)
+    return isinstance(exc, _USER_OS_ERRORS + (UsageError, UserError)) or _is_one_of(exc, _USER_ERRORS)
 
 
 def one_line(exc: BaseException) -> str:
@@ -184,7 +184,7 @@ def run_command(main: Callable[..., Any], argv: list[str] | None = None) -> None
         print("interrupted", file=sys.stderr)  # a trainer has logged the step reached and how to continue
         raise SystemExit(INTERRUPTED_EXIT) from None
     except Exception as exc:  # noqa: BLE001 - classified below; anything not a user error is re-raised untouched
-        failed = _is_one_of(exc, _RUN_FAILURES)
+        failed = isinstance(exc, RunFailedError)
         if not (failed or is_user_error(exc)) or traceback_wanted:
             raise
         print(one_line(exc), file=sys.stderr)

@@ -22,6 +22,7 @@ from easydict import EasyDict
 # The registries are plain name -> (class, declared config keys) tables; importing them builds no model.
 from backbones import BACKBONE_CONFIG_KEYS, BACKBONES
 from losses import MARGIN_LOSSES, margin_loss_from_config
+from utils.errors import UserError
 from utils.optim import OPTIMIZERS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +46,7 @@ PATH_KEYS: tuple[str, ...] = ("rec", "output", "pretrained_synthesis_model", "pr
                               "id_model", "init_generator")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file, key or value is wrong; the message names it."""
 
 
@@ -103,7 +104,7 @@ NUMERIC_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lr": _range(0, low_open=True),
     "momentum": _range(0, 1, high_open=True, note="momentum >= 1 makes SGD diverge"),
     "weight_decay": _range(0),
-    "batch_size": _range(1),
+    "batch_size": _range(2, note="BatchNorm needs at least 2 images per rank"),
     "gradient_acc": _range(1),
     "num_epoch": _range(1),
     "warmup_epoch": _range(0),
@@ -262,7 +263,10 @@ def load_config(config: str, overrides: Iterable[str] = ()) -> EasyDict:
     apply_overrides(cfg, overrides)
     for key in PATH_KEYS:
         if isinstance(cfg.get(key), str):
-            cfg[key] = os.path.expanduser(cfg[key])
+            value = cfg[key].strip()  # ' /data/x' from a shell quote would be a folder named ' '
+            if not value and key in ("rec", "output"):
+                raise ConfigError(f"config key '{key}' is empty: give a folder, or leave the key out for its default")
+            cfg[key] = os.path.expanduser(value)
     validate(cfg)
     return cfg
 

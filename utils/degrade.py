@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from utils.errors import UserError
+
 __all__ = ["Degradation", "DEGRADE_KEYS"]
 
 DEGRADE_KEYS = ("degrade_resize_prob", "degrade_resize_range", "degrade_blur_prob", "degrade_blur_sigma",
@@ -27,7 +29,7 @@ DEGRADE_KEYS = ("degrade_resize_prob", "degrade_resize_range", "degrade_blur_pro
 _INTERPOLATIONS = (cv2.INTER_NEAREST, cv2.INTER_LINEAR, cv2.INTER_CUBIC, cv2.INTER_AREA)
 
 
-class DegradeConfigError(ValueError):
+class DegradeConfigError(UserError, ValueError):
     """A bad degrade_* config value; the message names the key."""
 
 

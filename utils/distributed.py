@@ -12,6 +12,8 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import torch
 import torch.distributed as dist
 
+from utils.errors import LaunchError
+
 T = TypeVar("T")
 
 
@@ -39,7 +41,8 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+        raise LaunchError(f"environment variable {name}={value!r} is not an integer: unset it, or start with torchrun "
+                          f"(which sets it)") from None
 
 
 def init_distributed(device: str = "auto", timeout_s: float = 600.0, local_rank_arg: int | None = None) -> DistEnv:
@@ -52,14 +55,17 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0, local_rank_
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", local_rank_arg if local_rank_arg is not None else 0)
     if not 0 <= rank < world_size:
-        raise ValueError(f"RANK={rank} is outside [0, WORLD_SIZE={world_size})")
+        raise LaunchError(f"RANK={rank} is outside [0, WORLD_SIZE={world_size}): unset RANK/WORLD_SIZE for one "
+                          f"process, or start with torchrun (which sets both)")
 
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("config device='cuda' but CUDA is not available on this machine")
+        raise LaunchError("config device='cuda' but CUDA is not available on this machine: use device=auto or "
+                          "device=cpu")
     if use_cuda:
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices")
+            raise LaunchError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices: start at "
+                              f"most that many processes per node (--nproc_per_node)")
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     else:
@@ -84,8 +90,8 @@ def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> d
     """
     for name in ("MASTER_ADDR", "MASTER_PORT"):
         if not os.environ.get(name):
-            raise RuntimeError(f"WORLD_SIZE={world_size} but {name} is not set: start with torchrun or "
-                               f"torch.distributed.launch, or export {name}")
+            raise LaunchError(f"WORLD_SIZE={world_size} but {name} is not set: start with torchrun or "
+                              f"torch.distributed.launch, or export {name}")
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
     store = dist.TCPStore(os.environ["MASTER_ADDR"], _env_int("MASTER_PORT", 0), world_size,
                           is_master=rank == 0 and not agent_store, timeout=timeout)

@@ -24,11 +24,11 @@ from utils import checkpoint as ckpt
 from utils import elastic, run_state
 from utils.config import ConfigError
 from utils.distributed import DistEnv, agreed_batches, all_ranks_ok, barrier
+from utils.errors import RunFailedError, UserError
 from utils.logging import SpeedMeter, format_eta, open_log_file, setup_logger, summary_writer
-from utils.run_state import RunFailedError
 
 
-class MissingInputError(FileNotFoundError):
+class MissingInputError(UserError, FileNotFoundError):
     """Input files named by config keys do not exist; the message lists every one of them."""
 
 
@@ -84,6 +84,8 @@ class Run:
         self.cfg, self.env, self.kind = cfg, env, kind
         self.start_time = time.time()
         self.output = Path(cfg.output or Path("work_dirs") / cfg.config_name)
+        if self.output.exists() and not self.output.is_dir():
+            raise ConfigError(f"output={str(self.output)!r} is a file, not a folder: set output= to a folder")
         self.log_name = log_name
         self.log = setup_logger(env.rank, self.output, name=log_name, defer_file=True)
         self.ranks = run_state.Ranks.from_env(env)

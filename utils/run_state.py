@@ -41,16 +41,12 @@ import torch
 from utils import reshard
 from utils.checkpoint import CheckpointError, atomic_save, file_sha256, recorded_file_problem, safe_load, \
     write_json
+from utils.errors import RunFailedError
 
 COMPLETE = "COMPLETE"
 LOCK_NAME = ".lock"
 
 _log = logging.getLogger(__name__)
-
-
-class RunFailedError(RuntimeError):
-    """The run ended without a model worth keeping (non-finite state, too many skipped updates); the message says
-    why and names the newest usable checkpoint. Commands print it as one `error:` line and exit 1."""
 
 
 class NonFiniteStateError(RunFailedError):

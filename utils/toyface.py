@@ -25,6 +25,8 @@ from typing import Iterator
 import cv2
 import numpy as np
 
+from utils.errors import UserError
+
 __all__ = [
     "ARCFACE_TEMPLATE",
     "sample_identity",
@@ -366,7 +368,7 @@ def _locked(lock_path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-class ToyDataError(ValueError):
+class ToyDataError(UserError, ValueError):
     """The toy data folder holds something else, or toy data made with other settings; the message names it."""
 
 
