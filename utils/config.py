@@ -22,6 +22,7 @@ from easydict import EasyDict
 # The registries are plain name -> (class, declared config keys) tables; importing them builds no model.
 from backbones import BACKBONE_CONFIG_KEYS, BACKBONES
 from losses import MARGIN_LOSSES, margin_loss_from_config
+from utils.degrade import DEGRADE_BOUNDS
 from utils.errors import UserError
 from utils.optim import OPTIMIZERS
 
@@ -140,15 +141,12 @@ NUMERIC_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dis_dim": _range(1),
     "style_report_faces": _range(0, note="0 = no style report"),
     "degrade_resize_prob": _range(0, 1, note="a probability"),
-    "degrade_resize_range": _interval(1, 112, "sides in pixels"),
+    **{key: _interval(low, high, what) for key, (low, high, what) in DEGRADE_BOUNDS.items()},
     "degrade_blur_prob": _range(0, 1, note="a probability"),
-    "degrade_blur_sigma": _interval(0, None, "sigmas in pixels", low_open=True),
     "degrade_color_prob": _range(0, 1, note="a probability"),
     "degrade_color_strength": _range(0, 1, high_open=True, note="factors ~ U(1 - strength, 1 + strength)"),
     "degrade_noise_prob": _range(0, 1, note="a probability"),
-    "degrade_noise_std": _interval(0, None, "std on the 0..255 scale"),
     "degrade_jpeg_prob": _range(0, 1, note="a probability"),
-    "degrade_jpeg_quality": _interval(1, 100, "JPEG quality"),
 }
 
 
