@@ -12,6 +12,7 @@ and ``--normalize`` L2-normalises the rows (compare them with a dot product).
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -22,9 +23,10 @@ if __name__ == "__main__" and not __package__:  # run as a path: import the repo
 import numpy as np
 
 from eval.common import EvalInputError, FaceImages, add_model_args, check_output_folder, embed_dataset, \
-    flip_fuse, model_from_args
+    eval_ranks, flip_fuse, model_from_args
 from eval.metrics import l2_normalize
 from utils.cli import ArgumentParser, add_out_arg, expanded_path, run_command
+from utils.distributed import DistEnv
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -65,12 +67,21 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--no-flip", action="store_true", help="original image only (default: add the mirror's embedding)")
     ap.add_argument("--normalize", action="store_true", help="L2-normalise each embedding (default: raw)")
     args = ap.parse_args(argv)
+    with eval_ranks(args.device) as env:  # one process, or one rank of torchrun
+        return embed(args, env)
+
+
+def embed(args: argparse.Namespace, env: DistEnv) -> Path | None:
+    """Embed on this rank: every rank its share, rank 0 writes the files (others: None)."""
     out = check_output_folder(args.out)  # before any work
     paths = list_images(args.images)
-    backbone, device = model_from_args(args)
-    orig, flipped = embed_dataset(backbone, FaceImages(paths, None, bgr=args.bgr), batch_size=args.batch_size,
-                                  workers=min(args.workers, len(paths)), device=device, flip=not args.no_flip,
-                                  amp=not args.no_amp, progress=not args.no_progress, desc="embed")
+    backbone, device = model_from_args(args, env)
+    embedded = embed_dataset(backbone, FaceImages(paths, None, bgr=args.bgr), batch_size=args.batch_size,
+                             workers=min(args.workers, len(paths)), device=device, flip=not args.no_flip,
+                             amp=not args.no_amp, progress=not args.no_progress, desc="embed", env=env)
+    if embedded is None:
+        return None  # another rank than 0: rank 0 has every row and writes the results
+    orig, flipped = embedded
     embeddings = flip_fuse(orig, flipped)
     if args.normalize:
         embeddings = l2_normalize(embeddings)

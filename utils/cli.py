@@ -35,6 +35,7 @@ _USER_ERRORS: tuple[tuple[str, str], ...] = (
     ("utils.degrade", "DegradeConfigError"),
     ("dataset", "DataError"),
     ("eval.common", "EvalInputError"),
+    ("utils.distributed", "PeerRankError"),  # another rank failed (its own error is on its own stderr)
 )
 _USER_OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
