@@ -7,6 +7,8 @@ then ``(x / 255 - 0.5) / 0.5``. The mirror image is the horizontal flip of the a
 Channel order: our models (like the CFSM / arcface_torch ones) are trained on RGB, so RGB is the default; AdaFace-
 family models are trained on BGR, pass ``--bgr`` for them.
 
+Network: ``--network auto`` (the default) takes it from the run's ``summary.json`` beside a ``model.pt``, else
+detects it from the file's keys and shapes (``backbones/detect.py``; ``docs/evaluation.md``).
 Embedding size: taken from the model file (the length of its last BatchNorm's ``running_var``) unless
 ``--embedding-size`` is given; every buffer uses the real size, so 128-d or 1024-d models work (the reference
 hard-codes 1024 = 2 x 512 columns).
@@ -22,6 +24,8 @@ from __future__ import annotations
 import argparse
 import os
 import contextlib
+import json
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -142,33 +146,109 @@ class FaceImages(torch.utils.data.Dataset):
 def infer_embedding_size(state: dict[str, torch.Tensor]) -> int | None:
     """Embedding size of a backbone state dict: the length of its last BatchNorm ``running_var`` (the feature BN of
     IResNet / MobileFaceNet), or None when there is none."""
-    last = None
-    for key, value in state.items():
-        if key.endswith("running_var") and value.ndim == 1:
-            last = int(value.shape[0])
-    return last
+    from backbones.detect import embedding_size_of
+
+    return embedding_size_of(state)
+
+
+AUTO_NETWORK = "auto"
+
+
+@dataclass(frozen=True)
+class BackboneChoice:
+    """The network a model file is loaded as, and where that came from (``--network``, the run's summary.json, or
+    its keys and shapes)."""
+
+    network: str
+    embedding_size: int
+    source: str
+
+
+def run_files_network(model_path: str | os.PathLike) -> tuple[str, int | None, Path] | None:
+    """(network, embedding_size, summary path) from the ``summary.json`` that ``train.py`` writes beside the run's
+    ``model.pt`` (its ``config``); None for another file name, no summary, or a summary without a known network."""
+    from backbones import BACKBONE_NAMES
+
+    path = Path(model_path)
+    summary = path.parent / "summary.json"
+    if path.name != "model.pt" or not summary.is_file():
+        return None
+    try:
+        config = json.loads(summary.read_text()).get("config", {})
+    except (OSError, ValueError, AttributeError):
+        return None  # not ours / unreadable: the file's own keys decide
+    network, size = config.get("network"), config.get("embedding_size")
+    if not isinstance(network, str) or network not in BACKBONE_NAMES:
+        return None
+    return network, size if isinstance(size, int) and size > 0 else None, summary
+
+
+def choose_backbone(model_path: str | os.PathLike, state: dict[str, torch.Tensor], network: str = AUTO_NETWORK,
+                    embedding_size: int | None = None) -> BackboneChoice:
+    """The network and embedding size to build for ``state`` (read from ``model_path``).
+
+    ``network`` other than "auto" is used as given. "auto": the run's ``summary.json`` beside a ``model.pt``, else
+    the one registered network whose layout the file has (:mod:`backbones.detect`); none or several is an error
+    naming what the file holds. The embedding size: ``embedding_size``, else the file's last BatchNorm, else the
+    summary's, else 512."""
+    from backbones import BACKBONE_NAMES
+    from backbones.detect import detect_network
+    from utils.checkpoint import CheckpointError
+
+    size = embedding_size or infer_embedding_size(state)
+    if network != AUTO_NETWORK:
+        return BackboneChoice(network, size or 512, "--network")
+    run = run_files_network(model_path)
+    if run is not None:
+        return BackboneChoice(run[0], size or run[1] or 512, str(run[2]))
+    found = detect_network(state)
+    if found.network is None:
+        raise CheckpointError(f"{model_path}: cannot tell its architecture from its keys and shapes: it holds "
+                              f"{found.describe()}; pass --network (one of {', '.join(BACKBONE_NAMES)})")
+    return BackboneChoice(found.network, size or found.embedding_size or 512, "its keys and shapes")
+
+
+def load_backbone_choice(
+    model_path: str | os.PathLike,
+    network: str = AUTO_NETWORK,
+    embedding_size: int | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[nn.Module, BackboneChoice]:
+    """:func:`load_backbone` that also returns the :class:`BackboneChoice` it built."""
+    from backbones import get_model
+    from backbones.detect import detect_network
+    from utils.checkpoint import CheckpointError, load_state_dict_file, load_state_dict_strict
+
+    state = load_state_dict_file(model_path)
+    choice = choose_backbone(model_path, state, network, embedding_size)
+    model = get_model(choice.network, num_features=choice.embedding_size)
+    try:
+        load_state_dict_strict(model, state, source=str(model_path))
+    except CheckpointError as e:  # say what the file holds and how to load it
+        found = detect_network(state)
+        fix = f"use --network {found.network}" if found.network else "pass the --network it was trained with"
+        if found.network and embedding_size and found.embedding_size != embedding_size:
+            fix += f" --embedding-size {found.embedding_size} (or leave it out)"
+        said = f"{choice.source} says network={choice.network}, embedding size {choice.embedding_size}"
+        raise CheckpointError(f"{e} {said}, but the file holds {found.describe()}: {fix}") from None
+    return model.to(device).eval(), choice
 
 
 def load_backbone(
     model_path: str | os.PathLike,
-    network: str,
+    network: str = AUTO_NETWORK,
     embedding_size: int | None = None,
     device: torch.device | str = "cpu",
 ) -> nn.Module:
     """Build ``backbones.get_model(network, num_features=...)`` and strictly load a plain state dict into it.
 
-    The file is read with ``torch.load(weights_only=True)`` (``utils.checkpoint``; a DDP ``module.`` prefix and the
-    arcface_torch ``state_dict_backbone`` wrapper are accepted). A file of another architecture raises an error that
-    names the first mismatching key. Returns the model in eval mode on ``device``.
+    ``network="auto"`` (the CLIs' default): the run's ``summary.json`` beside ``model.pt``, else detected from the
+    file's keys and shapes (:func:`choose_backbone`). The file is read with ``torch.load(weights_only=True)``
+    (``utils.checkpoint``; a DDP ``module.`` prefix and the arcface_torch ``state_dict_backbone`` wrapper are
+    accepted). A file of another architecture raises an error that names the first mismatching key and what the
+    file holds. Returns the model in eval mode on ``device``.
     """
-    from backbones import get_model
-    from utils.checkpoint import load_state_dict_file, load_state_dict_strict
-
-    state = load_state_dict_file(model_path)
-    size = embedding_size or infer_embedding_size(state) or 512
-    model = get_model(network, num_features=size)
-    load_state_dict_strict(model, state, source=str(model_path))
-    return model.to(device).eval()
+    return load_backbone_choice(model_path, network, embedding_size, device)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -405,18 +485,26 @@ def check_output_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
     return folder
 
 
+def add_network_args(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """``--network`` (default auto) and ``--embedding-size`` of a model file; ``prefix`` e.g. "id-"."""
+    from backbones import BACKBONE_NAMES
+
+    parser.add_argument(f"--{prefix}network", default=AUTO_NETWORK, choices=(AUTO_NETWORK, *BACKBONE_NAMES),
+                        metavar="NETWORK",
+                        help="backbone architecture: auto (the run's summary.json beside model.pt, else detected "
+                             f"from the file's keys and shapes) or one of {', '.join(BACKBONE_NAMES)}")
+    parser.add_argument(f"--{prefix}embedding-size", type=positive_int, default=None,
+                        help="default: read from the model file (last BatchNorm size)")
+
+
 def add_model_args(parser: argparse.ArgumentParser, image_workers: bool = True) -> None:
     """Arguments shared by the benchmark CLIs: model file, network, device, batching, channel order, AMP, progress.
 
     ``image_workers=False`` for commands whose images are already in memory (``.bin`` sets): no ``--workers``."""
-    from backbones import BACKBONE_NAMES
     from utils.cli import add_bgr_arg, add_device_arg, add_workers_arg
 
     parser.add_argument("--model", required=True, help="plain state dict (torch.save(backbone.state_dict()))")
-    parser.add_argument("--network", default="r50", choices=BACKBONE_NAMES, metavar="NETWORK",
-                        help=f"backbone architecture: {', '.join(BACKBONE_NAMES)}")
-    parser.add_argument("--embedding-size", type=int, default=None,
-                        help="default: read from the model file (last BatchNorm size)")
+    add_network_args(parser)
     add_device_arg(parser)
     parser.add_argument("--batch-size", type=positive_int, default=128, help="images per forward (x2 with the mirror)")
     if image_workers:
@@ -427,12 +515,14 @@ def add_model_args(parser: argparse.ArgumentParser, image_workers: bool = True) 
 
 
 def model_from_args(args: argparse.Namespace, env: DistEnv | None = None) -> tuple[nn.Module, torch.device]:
-    """The ``--model`` backbone on ``env``'s device (default: ``--device``). With a process group every rank loads
-    it and all ranks agree that it loaded (a rank that cannot read it stops them all)."""
+    """The ``--model`` backbone on ``env``'s device (default: ``--device``); ``args.network`` becomes the network it
+    was loaded as ("auto" resolved). With a process group every rank loads it and all ranks agree that it loaded
+    (a rank that cannot read it stops them all)."""
     if env is None:
         env = single_process_env(resolve_device(args.device))
-    model = agreed_call(env, lambda: load_backbone(args.model, args.network, args.embedding_size, env.device),
-                        "model loading")
+    model, choice = agreed_call(
+        env, lambda: load_backbone_choice(args.model, args.network, args.embedding_size, env.device), "model loading")
+    args.network = choice.network  # what the results files record
     return model, env.device
 
 

@@ -1,6 +1,6 @@
 """IJB-B / IJB-C evaluation: 1:1 TAR@FAR (``eval_ijbc.py`` rule) and, when the 1:N files exist, Rank-1/5/10.
 
-    python -m eval.ijb --model model.pt --network r50 --root <IJB_release> --target IJBC --out results/
+    python -m eval.ijb --model model.pt --root <IJB_release> --target IJBC --out results/
 
 Expected layout (insightface ``IJB_release``; ``<root>`` may also be the ``IJBC`` folder itself)::
 

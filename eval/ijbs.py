@@ -1,6 +1,6 @@
 """IJB-S surveillance identification: V2S, V2B, V2V with Rank-1/5/10 and TPIR at FPIR 1% / 10% (AdaFace/PFE rule).
 
-    python -m eval.ijbs --model model.pt --network r50 --protocol-dir <IJB-S protocols> \
+    python -m eval.ijbs --model model.pt --protocol-dir <IJB-S protocols> \
         --frames-dir <aligned frames> [--frame-list kept_frames.csv] --out results/
 
 The reference loads a pickled ``IJB_S_proto.pkl`` and ``image_list_mtcnn_fail_skipped_v1.csv`` that are **not

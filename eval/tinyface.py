@@ -1,6 +1,6 @@
 """TinyFace closed-set identification (Rank-1/5/20 with 153k distractors), AdaFace protocol.
 
-    python -m eval.tinyface --model model.pt --network r50 --root <data root> --out results/
+    python -m eval.tinyface --model model.pt --root <data root> --out results/
 
 What the user must prepare (``docs/eval_protocols.md`` §5.1): the **aligned** 112x112 copies distributed by
 AdaFace (they are MTCNN-aligned; TinyFace itself ships unaligned crops without landmarks)::

@@ -9,7 +9,7 @@ embedding is ``l2normalize(raw_orig + raw_flip)``; accuracy is :func:`eval.metri
 ``xnorm`` is the mean L2 norm of the raw embeddings over both the original and the mirrored list. The reference's
 ``acc1`` (no-flip accuracy, hard-coded 0) and its VAL@FAR (crashes on current SciPy, result unused) are not computed.
 
-CLI: ``python -m eval.verification --model model.pt --network r50 --bin lfw.bin [--bin cfp_fp.bin ...] [--out DIR]``.
+CLI: ``python -m eval.verification --model model.pt --bin lfw.bin [--bin cfp_fp.bin ...] [--out DIR]``.
 """
 from __future__ import annotations
 

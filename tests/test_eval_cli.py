@@ -285,8 +285,9 @@ def tinyface_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_tinyface_end_to_end(tinyface_root: Path, tmp_path: Path) -> None:
-    res = tinyface.main(["--model", str(tinyface_root / "model.pt"), "--network", "r_tiny", "--root",
+    res = tinyface.main(["--model", str(tinyface_root / "model.pt"), "--root",  # --network auto: from the file
                          str(tinyface_root), "--out", str(tmp_path), *COMMON])
+    assert res["network"] == "r_tiny" and res["embedding_size"] == 64
     assert res["ranks"]["1"] == 1.0 and res["ranks"]["20"] == 1.0  # each probe's exact copy is in the gallery
     assert (res["n_probe"], res["n_gallery_match"], res["n_distractor"]) == (5, 10, 12)
     assert json.loads((tmp_path / "TinyFace_model.json").read_text())["ranks"] == res["ranks"]

@@ -1,6 +1,6 @@
 """Compare two aligned face images: print the cosine similarity of their embeddings.
 
-    python -m tools.compare_faces --model model.pt --network r50 face1.jpg face2.jpg [--no-flip] [--bgr]
+    python -m tools.compare_faces --model model.pt face1.jpg face2.jpg [--no-flip] [--bgr]
 
 The images must already be aligned 112x112 crops (as in the ``.bin`` sets or after ``eval.common.align_face``); any
 other size is an error rather than a silent resize. Embedding = raw(x) + raw(mirror(x)) (``--no-flip``: raw(x)),
@@ -17,7 +17,7 @@ if __name__ == "__main__" and not __package__:  # run as a path: import the repo
 import numpy as np
 import torch
 
-from eval.common import FaceImages, embed_dataset, flip_fuse, load_backbone, resolve_device
+from eval.common import FaceImages, add_network_args, embed_dataset, flip_fuse, load_backbone, resolve_device
 from utils.cli import ArgumentParser, run_command
 
 
@@ -38,9 +38,7 @@ def main(argv: list[str] | None = None) -> float:
     ap.add_argument("image_b", help="second face image (an aligned 112x112 crop)")
     ap.add_argument("--model", required=True,
                     help="plain state dict of the backbone (torch.save(backbone.state_dict()))")
-    ap.add_argument("--network", default="r50", help="backbones.get_model name, e.g. r50, r100, mbf")
-    ap.add_argument("--embedding-size", type=int, default=None,
-                    help="default: read from the model file (last BatchNorm size)")
+    add_network_args(ap)
     ap.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
     ap.add_argument("--no-flip", action="store_true", help="original image only (default: add the mirror's embedding)")
     ap.add_argument("--bgr", action="store_true", help="feed BGR (AdaFace-family models)")

@@ -1,6 +1,6 @@
 """Embeddings of aligned faces: the step before any custom evaluation.
 
-    python -m tools.embed IMAGES --model model.pt --network r50 --out DIR [--no-flip] [--normalize] [--bgr]
+    python -m tools.embed IMAGES --model model.pt --out DIR [--no-flip] [--normalize] [--bgr]
 
 IMAGES is a folder (searched recursively for .jpg/.jpeg/.png/.bmp/.webp, in sorted order) or a .txt list with one
 image path per line (relative paths are relative to the list's folder). The images must be aligned 112x112 faces
