@@ -86,7 +86,7 @@ config.wandb_project = "cfsm"            # wandb project of the run
 config.wandb_entity = None               # wandb user or team; None = your default entity
 config.wandb_run_suffix = ""             # appended to the wandb run name <config name>_<yymmdd_HHMM>
 config.wandb_notes = ""                  # notes stored with the wandb run
-config.wandb_resume = True               # a run resumed from a checkpoint continues its wandb run (output/wandb_run.json)
+config.wandb_resume = True               # a resumed run continues its wandb run (id in output/wandb_run.json)
 config.wandb_save_artifacts = False      # upload the final model.pt / generator.pth as a wandb artifact
 
 # ---- stage 1: training a CFSM generator (train_generator.py); `rec` is the labelled source, `batch_size`,

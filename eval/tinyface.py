@@ -127,7 +127,8 @@ def evaluate(args: argparse.Namespace, env: DistEnv) -> dict | None:
     paths = lists["Probe"] + lists["Gallery_Match"] + lists["Gallery_Distractor"]
     embedded = embed_dataset(
         backbone, FaceImages(paths, None, bgr=args.bgr), batch_size=args.batch_size, workers=args.workers,
-        device=device, flip=not args.no_flip, amp=not args.no_amp, progress=not args.no_progress, desc="TinyFace", env=env,
+        device=device, flip=not args.no_flip, amp=not args.no_amp, progress=not args.no_progress, desc="TinyFace",
+        env=env,
     )
     if embedded is None:
         return None  # another rank than 0: rank 0 has every row and writes the results

@@ -511,6 +511,8 @@ def test_ijb_on_two_ranks_equals_one_process(ijb_root: Path, tmp_path: Path) -> 
     one = _launch("eval.ijb", [*base, "--out", str(tmp_path / "one")], 0)
     two = _launch("eval.ijb", [*base, "--out", str(tmp_path / "two")], 2)
     assert two.count("wrote ") == 1 and two.count("| Methods |") == 1  # rank 0 alone prints and writes
+    assert [l for l in one.splitlines() if l.startswith(("|", "1:N"))] == \
+        [l for l in two.splitlines() if l.startswith(("|", "1:N"))]  # the printed TAR@FAR table and ranks
     a, b = (json.loads((tmp_path / d / "IJBC_model.json").read_text()) for d in ("one", "two"))
     for key in ("tar_at_far", "auc", "identification", "n_images", "n_templates", "n_pairs", "embedding_size"):
         assert a[key] == b[key], key
