@@ -343,7 +343,7 @@ def shard_batches(total: int, batch_size: int, rank: int, world_size: int) -> li
 
 
 def gather_rows(env: DistEnv, indices: np.ndarray, rows: np.ndarray, total: int,
-                chunk_rows: int = 65536) -> np.ndarray | None:
+                chunk_rows: int = 16384) -> np.ndarray | None:
     """Rows [n, D] of ``indices`` from every rank, assembled on rank 0 in index order (others: None).
 
     The ranks agree on the width and the longest shard, pad to it (index -1 marks padding) and ``dist.gather``

@@ -485,16 +485,6 @@ def test_empty_bin_names_the_file(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # N processes: torchrun splits the extraction; results equal one process's
 # ---------------------------------------------------------------------------------------------------------------
-def test_shard_batches_deal_whole_batches_without_dropping() -> None:
-    from eval.common import shard_batches
-
-    shards = [shard_batches(36, 16, r, 2) for r in range(2)]
-    assert shards == [[range(0, 16), range(32, 36)], [range(16, 32)]]  # uneven: 20 and 16 images
-    for total, batch, world in ((36, 16, 2), (5, 2, 3), (3, 4, 3), (0, 4, 2), (1000, 7, 8)):
-        got = sorted(i for r in range(world) for b in shard_batches(total, batch, r, world) for i in b)
-        assert got == list(range(total))
-
-
 def _launch(module: str, args: list[str], nproc: int) -> str:
     from tests._torchrun import run_module
 
