@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,7 @@ def test_writer_logs_each_step_as_one_row_and_resumes_its_run(tmp_path: Path, of
                       "cfsm/hwc": [(2, (4, 5))]}
 
     # a resumed training run continues the wandb run of its folder; a fresh one starts another
+    time.sleep(1.1)  # offline folders are named offline-run-<second>-<id>: the same id in the same second collides
     again = run_writer(tmp_path, cfg, resumed=True)
     again.add_scalar("train/loss", 1.5, 3)
     again.close()
