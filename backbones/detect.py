@@ -13,6 +13,7 @@ and the caller must be told (`--network`).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -57,16 +58,24 @@ class Detected:
         return f"no registered network's layout ({self.num_keys} tensors, {size} embeddings)"
 
 
+@functools.lru_cache(maxsize=64)
 def layout(name: str, embedding_size: int) -> dict[str, tuple[int, ...]] | None:
-    """Key -> shape table of registered network ``name`` at ``embedding_size`` (None when it cannot be built so)."""
+    """Key -> shape table of registered network ``name`` at ``embedding_size`` (None when it cannot be built so).
+
+    Built on the meta device (no memory, no init); a constructor that cannot run there (one that reads a tensor's
+    value, e.g. ``torch.linspace(...).item()`` for drop-path rates) is built on the CPU instead."""
     from backbones import get_model
 
-    try:
-        with torch.device("meta"):
-            model = get_model(name, num_features=embedding_size)
-    except (ValueError, TypeError, RuntimeError, NotImplementedError):
-        return None
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for device in ("meta", "cpu"):
+        try:
+            with torch.device(device):
+                model = get_model(name, num_features=embedding_size)
+        except (ValueError, TypeError, NotImplementedError):
+            return None  # the network does not take this embedding size
+        except RuntimeError:
+            continue  # meta tensors have no values: try the CPU
+        return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return None
 
 
 def detect_network(state: Mapping[str, torch.Tensor]) -> Detected:
