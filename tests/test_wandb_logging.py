@@ -43,23 +43,34 @@ def _records(path: Path) -> list:
     return out
 
 
-def offline_runs(output: Path) -> list[dict]:
-    """Each offline run under output/wandb (oldest first): its id, name, notes and history rows {key: value}."""
-    runs = []
-    for folder in sorted((output / "wandb").glob("offline-run-*")):
-        run = {"rows": [], "artifacts": 0}
-        for record in _records(next(folder.glob("run-*.wandb"))):
-            kind = record.WhichOneof("record_type")
-            if kind == "run":
-                run.update(id=record.run.run_id, name=record.run.display_name, notes=record.run.notes,
-                           project=record.run.project)
-            elif kind == "history":
-                run["rows"].append({"/".join(i.nested_key) or i.key: json.loads(i.value_json)
-                                    for i in record.history.item})
-            elif kind == "artifact":
-                run["artifacts"] += 1
-        runs.append(run)
-    return runs
+def _read_run(folder: Path) -> dict:
+    run = {"id": folder.name.rsplit("-", 1)[-1], "rows": [], "artifacts": 0, "complete": False}
+    for record in _records(next(folder.glob("run-*.wandb"))):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run.update(id=record.run.run_id, name=record.run.display_name, notes=record.run.notes,
+                       project=record.run.project)
+        elif kind == "history":
+            run["rows"].append({"/".join(i.nested_key) or i.key: json.loads(i.value_json)
+                                for i in record.history.item})
+        elif kind == "artifact":
+            run["artifacts"] += 1
+        elif kind == "exit":
+            run["complete"] = True
+    return run
+
+
+def offline_runs(output: Path, timeout_s: float = 30.0) -> list[dict]:
+    """Each offline run under output/wandb (oldest first): its id, name, notes and history rows {key: value}.
+    wandb's service may still be writing a finished run's file on a loaded machine: read until every run holds its
+    exit record."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        runs = [_read_run(folder) for folder in sorted((output / "wandb").glob("offline-run-*"))]
+        if all(r["complete"] for r in runs) or time.monotonic() > deadline:
+            assert all(r["complete"] for r in runs), [(r["id"], len(r["rows"])) for r in runs]
+            return runs
+        time.sleep(0.2)
 
 
 def _values(run: dict) -> dict[str, list[tuple[int, object]]]:
