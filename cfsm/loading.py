@@ -117,19 +117,12 @@ def _backbone_shapes(network: str, embedding_size: int) -> dict[str, torch.Size]
 
 
 def identify_backbone(state: Mapping[str, torch.Tensor]) -> tuple[str, int] | None:
-    """``(network, embedding_size)`` of the registered backbone whose keys and shapes equal ``state``'s, or None.
+    """``(network, embedding_size)`` of the registered backbone whose keys and shapes equal ``state``'s, or None
+    (none or several match): :func:`backbones.detect.detect_network`, the one detection of the project."""
+    from backbones.detect import detect_network
 
-    The embedding size is the length of the last 1-D BatchNorm ``running_var`` (the feature BN of IResNet and
-    MobileFaceNet)."""
-    from backbones import BACKBONE_NAMES
-
-    sizes = [int(v.shape[0]) for k, v in state.items() if k.endswith("running_var") and v.ndim == 1]
-    if not sizes:
-        return None
-    for name in BACKBONE_NAMES:
-        if state_dict_mismatch(_backbone_shapes(name, sizes[-1]), state) is None:
-            return name, sizes[-1]
-    return None
+    found = detect_network(state)
+    return (found.network, found.embedding_size) if found.network else None
 
 
 def _identity_state(path: str | os.PathLike, network: str, embedding_size: int,

@@ -200,6 +200,22 @@ def _train(ctx: Ctx, *extra: str) -> None:
     train.main(tiny_args(ctx.toy, ctx.tmp / "run", "max_steps=1", *extra))
 
 
+def _unknown_layout_backbone(ctx: Ctx) -> Path:
+    """An r_tiny file with one tensor removed: the layout of no registered network."""
+    state = get_model("r_tiny", num_features=32).state_dict()
+    state.pop("fc.weight")
+    path = ctx.tmp / "unknown_layout.pt"
+    torch.save(state, path)
+    return path
+
+
+def _train_without_wandb_package(ctx: Ctx) -> None:
+    from unittest import mock
+
+    with mock.patch("utils.wandb_logging.wandb_installed", return_value=False):
+        _train(ctx, "wandb=True")
+
+
 TINY_TOY_KEY = 5  # a training image record (key 0 is the header record)
 MISSING = "/no/such/dir"
 
@@ -288,6 +304,11 @@ ROWS: list[Row] = [
         lambda c: [str(c.tmp / "model.pt"), "not found"], "eval --model"),
     Row("eval_bad_target", lambda c: _ijb(c, c.tmp / "model.pt", target="IJBX"), SystemExit,
         lambda c: ["--target", "'IJBX'"], "eval.ijb --target"),
+    Row("eval_network_not_detectable", lambda c: _ijb(c, _unknown_layout_backbone(c), network="auto"),
+        CheckpointError, lambda c: [str(c.tmp / "unknown_layout.pt"), "cannot tell its architecture",
+                                    "no registered network's layout", "pass --network"]),
+    Row("wandb_not_installed", lambda c: _train_without_wandb_package(c), ConfigError,
+        lambda c: ["config key 'wandb' = True", "not installed", "pip install wandb", "wandb=False"]),
     # ---- data, second matrix (issue 11); helpers at the end of the module ----
     Row("idx_utf8_bom", lambda c: MXFaceDataset(_idx_bytes(c, b"\xef\xbb\xbf")), RecordIOError,
         lambda c: [str(c.tmp / "rec" / "train.idx"), "line 1", "UTF-8 byte-order mark"]),
@@ -593,7 +614,7 @@ ROWS += [
         lambda c: [str(c.tmp / "big.jpg"), "100x100", "aligned 112x112"], "tools.compare_faces image_b"),
     Row("compare_model_missing", lambda c: _compare(c, "--model", str(c.tmp / "m.pt"), "--network", "r_tiny"),
         CheckpointError, lambda c: [str(c.tmp / "m.pt"), "not found"], "tools.compare_faces --model"),
-    Row("compare_network_unknown", lambda c: _compare_model(c, "--network", "r51"), ValueError,
+    Row("compare_network_unknown", lambda c: _compare_model(c, "--network", "r51"), SystemExit,  # argparse choices
         lambda c: ["'r51'", "r_tiny"], "tools.compare_faces --network"),
     Row("compare_embedding_size_wrong", lambda c: _compare_model(c, "--embedding-size", "64"), CheckpointError,
         lambda c: [str(c.tmp / "r_tiny_32.pt"), "embedding size"], "tools.compare_faces --embedding-size"),

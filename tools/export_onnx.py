@@ -1,6 +1,6 @@
 """Export a backbone to ONNX (dynamic batch axis) and check onnxruntime against PyTorch.
 
-    python -m tools.export_onnx --model model.pt --network r50 --out DIR [--bgr] [--opset 17] [--tolerance 1e-4]
+    python -m tools.export_onnx --model model.pt --out DIR [--bgr] [--opset 17] [--tolerance 1e-4]
 
 Writes ``DIR/<model file stem>.onnx`` (``--name`` to choose). Uses the TorchScript-based exporter
 (``torch.onnx.export(..., dynamo=False)``): the dynamo exporter needs the ``onnxscript`` package, which is not a
@@ -28,7 +28,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from backbones import BACKBONE_NAMES
 from utils.cli import ArgumentParser, add_bgr_arg, add_out_arg, expanded_path, run_command
 
 
@@ -94,14 +93,11 @@ def check_onnx(
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    from eval.common import check_output_folder, load_backbone
+    from eval.common import add_network_args, check_output_folder, load_backbone
 
     ap = ArgumentParser(description=__doc__)
     ap.add_argument("--model", required=True, type=expanded_path, help="plain state dict of the backbone")
-    ap.add_argument("--network", default="r50", choices=BACKBONE_NAMES, metavar="NETWORK",
-                    help=f"backbone architecture: {', '.join(BACKBONE_NAMES)}")
-    ap.add_argument("--embedding-size", type=int, default=None,
-                    help="default: read from the model file (last BatchNorm size)")
+    add_network_args(ap)
     add_out_arg(ap, "the .onnx file")
     ap.add_argument("--name", default=None, help="file name in --out (default: the model file's stem + .onnx)")
     add_bgr_arg(ap)

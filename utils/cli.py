@@ -39,6 +39,7 @@ _USER_ERRORS: tuple[tuple[str, str], ...] = (
     ("dataset", "DataError"),
     ("eval.common", "EvalInputError"),
     ("utils.toyface", "ToyDataError"),
+    ("utils.distributed", "PeerRankError"),  # another rank failed (its own error is on its own stderr)
 )
 RUN_FAILED_EXIT = 1  # the run itself failed (utils.errors.RunFailedError): one line too
 INTERRUPTED_EXIT = 130  # as a shell reports a process ended by SIGINT

@@ -294,6 +294,15 @@ def validate(cfg: EasyDict) -> None:
     need(cfg.resume in (True, False, "auto"), "resume", "must be False, True or \"auto\"")
     need(not (cfg.fp16 and cfg.bf16), "fp16", "fp16 and bf16 cannot both be True")
     need(cfg.device in ("auto", "cpu", "cuda"), "device", "choices: auto, cpu, cuda")
+    need(isinstance(cfg.wandb_project, str) and bool(cfg.wandb_project.strip()), "wandb_project",
+         "must be a non-empty project name")
+    need(cfg.wandb_entity is None or isinstance(cfg.wandb_entity, str) and bool(cfg.wandb_entity.strip()),
+         "wandb_entity", "must be a wandb user or team name, or None (your default entity)")
+    if cfg.wandb:  # checked on every rank before any work: rank 0 alone would fail later, the others would wait
+        from utils.wandb_logging import wandb_installed
+
+        need(wandb_installed(), "wandb", "the wandb package is not installed: `pip install wandb` (an optional "
+             "dependency, see docs/monitoring.md), or set wandb=False")
     need(cfg.warmup_epoch <= cfg.num_epoch, "warmup_epoch", f"must be <= num_epoch ({cfg.num_epoch})")
     need(isinstance(cfg.val_targets, (list, tuple)) and all(isinstance(v, str) and v for v in cfg.val_targets),
          "val_targets", "must be a list of .bin set names, e.g. ['lfw', 'cfp_fp'] (files <rec>/<name>.bin)")

@@ -23,9 +23,9 @@ from easydict import EasyDict
 from utils import checkpoint as ckpt
 from utils import elastic, run_state
 from utils.config import ConfigError
-from utils.distributed import DistEnv, agreed_batches, all_ranks_ok, barrier
+from utils.distributed import DistEnv, agreed_batches, agreed_call, all_ranks_ok, barrier
 from utils.errors import RunFailedError, UserError
-from utils.logging import SpeedMeter, format_eta, open_log_file, setup_logger, summary_writer
+from utils.logging import SpeedMeter, format_eta, open_log_file, run_writer, setup_logger
 
 
 class MissingInputError(UserError, FileNotFoundError):
@@ -337,9 +337,10 @@ class Run:
     # ---- monitoring ----
 
     def start(self, step: int, description: str) -> None:
-        """Open TensorBoard (rank 0) and the speed meter, and log what this run will do."""
+        """Open TensorBoard / wandb (rank 0) and the speed meter, and log what this run will do."""
         cfg, env, plan = self.cfg, self.env, self.plan
-        self.writer = summary_writer(self.output, cfg.tensorboard, purge_step=step) if env.is_main else None
+        self.writer = agreed_call(env, lambda: run_writer(self.output, cfg, resumed=step > 0, purge_step=step)
+                                  if env.is_main else None, "opening TensorBoard / wandb")  # a failure stops all ranks
         self.meter = SpeedMeter(cfg.batch_size * env.world_size * plan.micro_per_step, plan.stop_step, step)
         self.log.info(f"{cfg.config_name}: {description}, world size {env.world_size}, device {env.device}, "
                       f"{plan.total_steps} steps ({plan.batches_per_epoch} batches/epoch), stopping at "
