@@ -21,7 +21,11 @@ import torch
 
 # network -> the network it equals at evaluation (same keys, shapes and eval-mode forward). Example for the ViT
 # family: {"vit_t_dp005_mask0": "vit_t", "vit_s_dp005_mask_0": "vit_s", "vit_b_dp005_mask_005": "vit_b"}.
-SAME_EVAL_NETWORK: dict[str, str] = {}
+SAME_EVAL_NETWORK: dict[str, str] = {  # arcface_torch's ViT variants: drop path / masking act in training only
+    "vit_t_dp005_mask0": "vit_t",
+    "vit_s_dp005_mask_0": "vit_s",
+    "vit_b_dp005_mask_005": "vit_b",
+}
 
 
 def embedding_size_of(state: Mapping[str, torch.Tensor]) -> int | None:

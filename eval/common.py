@@ -22,9 +22,9 @@ metric) equal the single-process ones. Rank 0 computes and writes; the other ran
 from __future__ import annotations
 
 import argparse
-import os
 import contextlib
 import json
+import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -39,6 +39,7 @@ from dataset import _worker_init
 from utils.checkpoint import write_json as _write_json
 from utils.cli import UsageError, positive_int, resolve_device
 from utils.distributed import DistEnv, agreed_call, cleanup, init_distributed
+from utils.errors import UserError
 from utils.optim import low_precision_dtype  # resolve_device re-exported: one meaning of --device
 
 IMAGE_SIZE = 112
@@ -50,7 +51,7 @@ ARCFACE_TEMPLATE = np.array(
 )
 
 
-class EvalInputError(ValueError):
+class EvalInputError(UserError, ValueError):
     """A benchmark file or image is missing or malformed; the message names it."""
 
 

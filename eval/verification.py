@@ -26,13 +26,15 @@ import torch
 from torch import nn
 
 from eval import metrics
-from eval.common import add_model_args, check_output_folder, embed_batches, embed_sharded, eval_ranks, \
+from eval.common import EvalInputError, add_model_args, check_output_folder, embed_batches, embed_sharded, eval_ranks, \
     model_from_args, write_json
 from utils.binfile import load_bin
 from utils.cli import ArgumentParser, add_out_arg, expanded_path, run_command
 from utils.distributed import DistEnv
 
 __all__ = ["load_bin", "embed_images", "evaluate_verification"]
+
+NFOLDS = 10  # the standard protocol's folds (LFW, CFP-FP, AgeDB)
 
 
 def _device_of(backbone: nn.Module, device: torch.device | str | None) -> torch.device:
@@ -95,7 +97,7 @@ def evaluate_verification(
     issame: Sequence[bool] | np.ndarray,
     batch_size: int = 64,
     device: torch.device | str | None = None,
-    nfolds: int = 10,
+    nfolds: int = NFOLDS,
     amp: bool = False,
     progress: bool = False,
     env: DistEnv | None = None,
@@ -139,6 +141,8 @@ def evaluate(args: argparse.Namespace, env: DistEnv) -> dict[str, dict[str, floa
     out: dict[str, dict[str, float]] = {}
     for path in args.bin:
         images, issame = load_bin(path)
+        if issame.size < NFOLDS:
+            raise EvalInputError(f"{path}: {issame.size} pairs; {NFOLDS}-fold verification needs at least {NFOLDS}")
         if args.bgr:
             images = images.flip(1)  # load_bin returns RGB
         r = evaluate_verification(backbone, images, issame, batch_size=args.batch_size, device=device,

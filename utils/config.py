@@ -14,6 +14,7 @@ import importlib.util
 import math
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -173,7 +174,16 @@ def _import_config_module(name_or_path: str):
         if path.is_file():
             spec = importlib.util.spec_from_file_location(f"_cfg_{path.stem}", path)
             module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)  # type: ignore[union-attr]
+            try:
+                spec.loader.exec_module(module)  # type: ignore[union-attr]
+            except SyntaxError as exc:
+                raise ConfigError(f"{exc.filename or path}:{exc.lineno}: {exc.msg} (a Python syntax error in the "
+                                  f"config)") from None
+            except Exception as exc:  # noqa: BLE001 - the config file (or one it imports) raised: name where
+                frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename.endswith(".py")
+                          and Path(f.filename).resolve().parent.name == "configs" or Path(f.filename) == path]
+                where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else str(path)
+                raise ConfigError(f"{where}: {type(exc).__name__}: {exc} (raised while loading the config)") from None
             return module, path
     available = sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.py") if p.stem != "__init__")
     raise ConfigError(f"config '{name_or_path}' not found (looked at {[str(c) for c in candidates]}); "

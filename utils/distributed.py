@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import torch
 import torch.distributed as dist
 
-from utils.errors import LaunchError
+from utils.errors import LaunchError, UserError
 
 T = TypeVar("T")
 
@@ -126,8 +126,9 @@ def agree_any(flags: torch.Tensor) -> torch.Tensor:
     return flags
 
 
-class PeerRankError(RuntimeError):
-    """Raised on the ranks that did not fail when another rank failed at a point all ranks agreed on."""
+class PeerRankError(UserError, RuntimeError):
+    """Raised on the ranks that did not fail when another rank failed at a point all ranks agreed on (one line: the
+    failing rank prints its own error)."""
 
 
 def _stop_together(env: DistEnv, error: BaseException | None, what: str, more_flags: tuple[bool, ...] = ()) \
