@@ -366,10 +366,10 @@ class FaceSampler(Sampler):
         return iter(zip(mine.tolist(), flip_of.tolist()))
 
 
-def _worker_init(worker_id: int, opencv_threads: int | None = None) -> None:
+def seed_worker(worker_id: int, opencv_threads: int | None = None) -> None:
     """The one DataLoader worker-init (training, stage 1, evaluation): seeds python/numpy from torch's worker seed.
 
-    `opencv_threads` (spawned workers only, e.g. `functools.partial(_worker_init, opencv_threads=1)`) caps OpenCV's
+    `opencv_threads` (spawned workers only, e.g. `functools.partial(seed_worker, opencv_threads=1)`) caps OpenCV's
     pool so N workers do not each start one per core."""
     # torch seeds each worker as base_seed + worker_id (base_seed from the loader's seeded generator); derive
     # python/numpy RNGs from it so random flips of plain-int indices are reproducible too.
@@ -411,7 +411,7 @@ def get_dataloader(
         num_workers=num_workers,
         pin_memory=torch.device(device).type == "cuda",
         drop_last=True,
-        worker_init_fn=_worker_init,
+        worker_init_fn=seed_worker,
         generator=g,
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,

@@ -27,7 +27,7 @@ from losses import margin_loss_from_config
 from partial_fc import PartialFC
 from utils import checkpoint as ckpt
 from utils.cli import run_command
-from utils.config import ConfigError, load_config, parse_launch_args
+from utils.config import ConfigError, load_config, parse_launch_args, refuse_other_stage
 from utils.degrade import Degradation
 from utils.distributed import DistEnv, agree_any, agreed_call, all_ranks_ok, cleanup, init_distributed
 from utils.optim import PolyScheduler, build_optimizer, decay_param_groups, mixed_precision
@@ -41,6 +41,7 @@ Batch = Sequence[tuple[torch.Tensor, torch.Tensor]]  # the gradient_acc (images,
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_launch_args(argv, __doc__, "configs/arcface_ms1mv2_r50_ours")
     cfg = load_config(args.config, args.overrides)
+    refuse_other_stage(cfg, "recognition")  # a key of the other stage would be ignored
     env = init_distributed(cfg.device, cfg.dist_timeout_s, args.local_rank)
     try:
         return train(cfg, env)

@@ -22,16 +22,17 @@ from easydict import EasyDict
 from torch.utils.data import DataLoader
 
 from cfsm import Generator, MultiDiscriminator
-from cfsm.loading import check_stage1_files, init_generator_from_file, load_identity_network
+from cfsm.loading import check_stage1_files, init_generator_from_file, load_identity_network, \
+    stage1_generator_config
 from cfsm.stage1 import STYLE_SAMPLINGS, check_lambda_schedule, identity_loss, is_synthesis_step, lambda_id_at, \
     lsgan_loss, mode_seeking_loss, sample_style, split_outputs, target_distance
 from cfsm.style_report import report_from_datasets, report_scalars
 from cfsm.target_data import TargetBatchSampler, TargetFaceDataset
 from cfsm.visualize import save_png, training_samples_grid
-from dataset import _worker_init as seed_worker, build_dataset
+from dataset import build_dataset, seed_worker
 from utils import checkpoint as ckpt
 from utils.cli import run_command
-from utils.config import ConfigError, load_config, parse_launch_args
+from utils.config import ConfigError, load_config, parse_launch_args, refuse_other_stage
 from utils.distributed import DistEnv, agreed_call, all_ranks_ok, cleanup, init_distributed
 from utils.optim import OptimizerSpec, mixed_precision
 from utils.run import Run
@@ -47,6 +48,7 @@ Batch = Sequence[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]]
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_launch_args(argv, __doc__, "configs/cfsm_toy")
     cfg = load_config(args.config, args.overrides)
+    refuse_other_stage(cfg, "cfsm_stage1")  # a key of the other stage would be ignored
     validate_stage1(cfg)
     env = init_distributed(cfg.device, cfg.dist_timeout_s, args.local_rank)
     try:
@@ -176,9 +178,7 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
         source = build_dataset(cfg.rec, augment=True, num_classes=cfg.num_classes, num_image=cfg.num_image)
         target = TargetFaceDataset(cfg.target)
         id_net = load_identity_network(cfg.id_model, cfg.id_network, cfg.id_embedding_size, env.device)
-        G = Generator(dim=cfg.gen_dim, n_residual=cfg.gen_n_residual, n_downsample=cfg.gen_n_downsample,
-                      latent_dim=cfg.gen_latent_dim, style_dim=cfg.gen_style_dim,
-                      input_skip=cfg.gen_input_skip)
+        G = Generator(**stage1_generator_config(cfg))  # the gen_* keys: cfsm.loading.GENERATOR_CONFIG_KEYS
         D = MultiDiscriminator(dim=cfg.dis_dim)
         if cfg.init_generator:
             with_d = init_generator_from_file(cfg.init_generator, G, D)
@@ -201,9 +201,7 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
         def state() -> dict:  # every rank writes the full state: with a folder per node, each resumes from its own
             return {**released_state(G, D, opt_g, opt_d), "epoch": run.plan.epoch_of(step),
                     "batches_per_epoch": batches_per_epoch, "scaler": scaler.state_dict(),
-                    "gen_config": {"dim": cfg.gen_dim, "n_residual": cfg.gen_n_residual,
-                                   "n_downsample": cfg.gen_n_downsample, "latent_dim": cfg.gen_latent_dim,
-                                   "style_dim": cfg.gen_style_dim}}
+                    "gen_config": stage1_generator_config(cfg)}
 
         def load_state(resumed: Resumed) -> None:  # the step count fixes epoch, batch, parity and target stream
             main_state = resumed.state  # this rank's file, checked intact and loaded on every rank together

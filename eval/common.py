@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dataset import _worker_init
+from dataset import seed_worker
 from utils.checkpoint import write_json as _write_json
 from utils.cli import UsageError, positive_int, resolve_device
 from utils.distributed import DistEnv, agreed_call, cleanup, init_distributed
@@ -468,7 +468,7 @@ def embed_dataset(
             num_workers=workers,
             pin_memory=device.type == "cuda",
             # the project's one worker-init; one OpenCV thread each (spawned workers, see below)
-            worker_init_fn=partial(_worker_init, opencv_threads=1) if workers > 0 else None,
+            worker_init_fn=partial(seed_worker, opencv_threads=1) if workers > 0 else None,
             # Workers are spawned, not forked: a forked child inherits OpenCV's thread pool in a broken state once
             # the parent has run a parallel cv2 call, and then hangs in imread / warpAffine (seen on this machine).
             multiprocessing_context="spawn" if workers > 0 else None,

@@ -215,3 +215,18 @@ def test_one_mixed_precision_policy_for_training_backbones_and_evaluation():
     assert mixed_precision(False, True, "cpu")[0] == torch.bfloat16 and mixed_precision(False, False, "cpu")[0] is None
     assert low_precision_dtype("cuda") == torch.float16
     assert iresnet.autocast_dtype is low_precision_dtype and mobilefacenet.autocast_dtype is low_precision_dtype
+
+
+def test_a_key_of_the_other_stage_is_refused_not_ignored():
+    from utils.config import STAGE1_KEYS, STAGE2_KEYS, base_config, refuse_other_stage
+
+    assert set(STAGE1_KEYS) | set(STAGE2_KEYS) <= set(base_config()) and not set(STAGE1_KEYS) & set(STAGE2_KEYS)
+    stage2 = load_config("configs/toy", ["gen_dim=32", "lambda_rec=2.0"])
+    with pytest.raises(ConfigError, match=r"gen_dim=32, lambda_rec=2.0: stage-1 key\(s\) that train.py does not "
+                                          r"read \(train_generator.py does\)"):
+        refuse_other_stage(stage2, "recognition")
+    with pytest.raises(ConfigError, match=r"lr=0.5: stage-2 key\(s\) that train_generator.py does not read"):
+        refuse_other_stage(load_config("configs/cfsm_toy", ["lr=0.5"]), "cfsm_stage1")
+    for name, kind in (("toy", "recognition"), ("toy_ours", "recognition"), ("arcface_ms1mv2_r50_ours", "recognition"),
+                       ("cfsm_toy", "cfsm_stage1"), ("cfsm_widerface", "cfsm_stage1")):
+        refuse_other_stage(load_config(f"configs/{name}"), kind)  # the shipped configs hold their own stage's keys

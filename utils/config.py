@@ -23,7 +23,7 @@ from easydict import EasyDict
 # The registries are plain name -> (class, declared config keys) tables; importing them builds no model.
 from backbones import BACKBONE_CONFIG_KEYS, BACKBONES
 from losses import MARGIN_LOSSES, margin_loss_from_config
-from utils.degrade import DEGRADE_BOUNDS
+from utils.degrade import DEGRADE_BOUNDS, DEGRADE_KEYS
 from utils.errors import UserError
 from utils.optim import OPTIMIZERS
 
@@ -46,6 +46,36 @@ _FLEXIBLE_TYPES: dict[str, tuple[type, ...]] = {
 # Keys holding a file or folder path: `~` is expanded at load.
 PATH_KEYS: tuple[str, ...] = ("rec", "output", "pretrained_synthesis_model", "pretrained_backbone_model", "target",
                               "id_model", "init_generator")
+
+
+# Keys only one stage reads (configs/base.py holds both stages' keys); giving one to the other stage is an error.
+STAGE1_KEYS: tuple[str, ...] = (
+    "target", "id_network", "id_model", "id_embedding_size", "gen_dim", "gen_n_downsample", "gen_n_residual",
+    "gen_latent_dim", "gen_style_dim", "gen_input_skip", "init_generator", "gen_lr", "gen_betas",
+    "lambda_id_schedule", "id_distance_range", "lambda_rec", "lambda_diversity", "style_sampling", "dis_dim",
+    "style_report_faces")
+STAGE2_KEYS: tuple[str, ...] = (
+    "network", "embedding_size", "dropout", "use_checkpoint", "channels_last", "loss", "s", "m", "margin_list",
+    "adaface_h", "adaface_t_alpha", "sample_rate", "optimizer", "lr", "momentum", "weight_decay",
+    "weight_decay_exclude", "gradient_acc", "warmup_epoch", "lr_power", "clip_grad_norm",
+    "pretrained_synthesis_model", "rs_ratio", "epsilon", "alpha", "k", "pretrained_backbone_model", *DEGRADE_KEYS)
+STAGE_SCRIPTS = {"recognition": "train.py", "cfsm_stage1": "train_generator.py"}
+
+
+def refuse_other_stage(cfg: EasyDict, kind: str) -> None:
+    """A key only the other stage reads, set away from its default, is a mistake (it would be ignored silently)."""
+    other, script = (STAGE1_KEYS, "train_generator.py") if kind == "recognition" else (STAGE2_KEYS, "train.py")
+    defaults = base_config()
+    given = [k for k in other if _plain_value(cfg[k]) != _plain_value(defaults[k])]
+    if given:
+        listing = ", ".join(f"{k}={cfg[k]!r}" for k in given)
+        raise ConfigError(f"{listing}: {'stage-1' if kind == 'recognition' else 'stage-2'} key(s) that "
+                          f"{STAGE_SCRIPTS[kind]} does not read ({script} does); remove them from "
+                          f"{cfg.get('config_name', 'the config')} / the command line")
+
+
+def _plain_value(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 class ConfigError(UserError, ValueError):

@@ -339,7 +339,7 @@ class Run:
     def start(self, step: int, description: str) -> None:
         """Open TensorBoard / wandb (rank 0) and the speed meter, and log what this run will do."""
         cfg, env, plan = self.cfg, self.env, self.plan
-        self.writer = agreed_call(env, lambda: run_writer(self.output, cfg, resumed=step > 0, purge_step=step)
+        self.writer = agreed_call(env, lambda: run_writer(self.output, cfg, resumed=step > 0, purge_step=step + 1)
                                   if env.is_main else None, "opening TensorBoard / wandb")  # a failure stops all ranks
         self.meter = SpeedMeter(cfg.batch_size * env.world_size * plan.micro_per_step, plan.stop_step, step)
         self.log.info(f"{cfg.config_name}: {description}, world size {env.world_size}, device {env.device}, "

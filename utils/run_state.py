@@ -41,6 +41,8 @@ import torch
 from utils import reshard
 from utils.checkpoint import CheckpointError, atomic_save, file_sha256, recorded_file_problem, safe_load, \
     write_json
+from utils.config import STAGE1_KEYS, STAGE2_KEYS
+from utils.degrade import DEGRADE_KEYS
 from utils.errors import RunFailedError
 
 COMPLETE = "COMPLETE"
@@ -240,40 +242,29 @@ class ConfigPolicy:
 
 _RUN_CONTROL = ("output", "config_name", "resume", "device", "dist_timeout_s", "num_workers", "max_steps",
                 "save_every", "keep_checkpoints", "max_nonfinite_steps", "frequent", "verbose", "image_every",
-                "tensorboard", "generate_toy_data", "val_targets", "val_batch_size")
-_DEGRADE = ("degrade_resize_prob", "degrade_resize_range", "degrade_blur_prob", "degrade_blur_sigma",
-            "degrade_color_prob", "degrade_color_strength", "degrade_noise_prob", "degrade_noise_std",
-            "degrade_jpeg_prob", "degrade_jpeg_quality")
-_STAGE1_ONLY = ("target", "id_network", "id_model", "id_embedding_size", "gen_dim", "gen_n_downsample",
-                "gen_n_residual", "gen_latent_dim", "gen_style_dim", "gen_input_skip", "init_generator", "gen_lr",
-                "gen_betas", "lambda_id_schedule", "id_distance_range", "lambda_rec", "lambda_diversity",
-                "style_sampling", "dis_dim", "style_report_faces")
-_STAGE2_ONLY = ("network", "embedding_size", "dropout", "use_checkpoint", "channels_last", "loss", "s", "m",
-                "margin_list", "adaface_h", "adaface_t_alpha", "sample_rate", "optimizer", "lr", "momentum",
-                "weight_decay", "gradient_acc", "warmup_epoch", "lr_power", "clip_grad_norm",
-                "pretrained_synthesis_model", "rs_ratio", "epsilon", "alpha", "k", "pretrained_backbone_model",
-                "weight_decay_exclude", *_DEGRADE)
+                "tensorboard", "generate_toy_data", "val_targets", "val_batch_size", "wandb", "wandb_project",
+                "wandb_entity", "wandb_run_suffix", "wandb_notes", "wandb_resume", "wandb_save_artifacts")
 
 CONFIG_POLICY: dict[str, ConfigPolicy] = {
     "recognition": ConfigPolicy(
         # world_size may change: the state is re-sharded on resume (utils/reshard.py, utils/elastic.py)
-        refuse=("network", "embedding_size", "loss", "optimizer", "batch_size", "gradient_acc", "sample_rate", "num_classes", "num_image", "fp16", "seed", "weight_decay_exclude"),
+        refuse=("network", "embedding_size", "loss", "optimizer", "batch_size", "gradient_acc", "sample_rate",
+                "num_classes", "num_image", "fp16", "seed", "weight_decay_exclude"),
         apply=("lr", "num_epoch", "warmup_epoch", "lr_power", "momentum", "weight_decay", "s", "m", "margin_list",
                "adaface_h", "adaface_t_alpha", "clip_grad_norm", "dropout", "use_checkpoint", "channels_last",
-               "bf16", "rec", "pretrained_synthesis_model", "rs_ratio", "epsilon", "alpha", "k", *_DEGRADE),
-        free=(*_RUN_CONTROL, "world_size", "pretrained_backbone_model", *_STAGE1_ONLY),  # world: logged by elastic
+               "bf16", "rec", "pretrained_synthesis_model", "rs_ratio", "epsilon", "alpha", "k", *DEGRADE_KEYS),
+        free=(*_RUN_CONTROL, "world_size", "pretrained_backbone_model", *STAGE1_KEYS),  # world: logged by elastic
         init_key="pretrained_backbone_model"),
     "cfsm_stage1": ConfigPolicy(
+        # the generator's shape keys (cfsm.loading.GENERATOR_CONFIG_KEYS; a test checks they are all here)
         refuse=("gen_dim", "gen_n_downsample", "gen_n_residual", "gen_latent_dim", "gen_style_dim", "gen_input_skip",
                 "dis_dim", "id_network", "id_embedding_size", "batch_size", "world_size", "num_classes", "num_image",
                 "fp16", "seed"),
         apply=("gen_lr", "gen_betas", "num_epoch", "lambda_id_schedule", "id_distance_range", "lambda_rec",
                "lambda_diversity", "style_sampling", "id_model", "target", "rec", "bf16"),
-        free=(*_RUN_CONTROL, "init_generator", "style_report_faces",
-              *_STAGE2_ONLY),
+        free=(*_RUN_CONTROL, "init_generator", "style_report_faces", *STAGE2_KEYS),
         init_key="init_generator"),
 }
-
 
 def _plain(value: Any) -> Any:
     """The JSON form of a value (tuples become lists), so a saved and a live config compare equal."""
