@@ -20,7 +20,7 @@ from torch.profiler import record_function
 from backbones import get_model
 from cfsm import load_generator
 from cfsm.attack import AttackStats, adversarial_mix, frozen_stats, split_counts
-from cfsm.visualize import clean_vs_synth_grid
+from cfsm.visualize import mix_grid, save_png
 from dataset import build_dataset
 from eval.verification_callback import verification_for_run
 from losses import margin_loss_from_config
@@ -192,10 +192,8 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
             if run.writer is not None and run.log_due(step):
                 for name, value in attack_stats.window().items():
                     run.writer.add_scalar(f"cfsm/{name}", value, step)
-            mix = stats["mix"]
-            if run.image_due(step) and mix is not None and mix.synth_index.numel():
-                grid = clean_vs_synth_grid(stats["clean"][mix.synth_index], mix.images[mix.synth_index],
-                                           mix.style.norm(dim=1))
+            grid = mix_grid(stats["clean"], stats["mix"]) if run.image_due(step) else None
+            if grid is not None:
                 run.writer.add_image("cfsm/clean_vs_synth", grid, step, dataformats="HWC")
             if cfg.verbose and step % cfg.verbose == 0 and step < stop_step:
                 val = run_verification(step)
@@ -208,6 +206,9 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
 
         def results() -> dict:
             ckpt.atomic_save(backbone.state_dict(), run.output / "model.pt")  # plain state dict: InsightFace tools
+            grid = mix_grid(stats["clean"], stats["mix"]) if stats is not None else None
+            if grid is not None:  # what the generator made of the last batch: a first look after any run
+                save_png(grid, run.output / "clean_vs_synth.png")
             shown = "n/a" if final_loss is None else f"{final_loss:.4f}"
             run.log.info(f"done: {step} steps, final loss {shown}, val {val}, model {run.output / 'model.pt'}")
             return {"final_loss": final_loss, "val": val, **attack_stats.means()}

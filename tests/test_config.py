@@ -230,3 +230,9 @@ def test_a_key_of_the_other_stage_is_refused_not_ignored():
     for name, kind in (("toy", "recognition"), ("toy_ours", "recognition"), ("arcface_ms1mv2_r50_ours", "recognition"),
                        ("cfsm_toy", "cfsm_stage1"), ("cfsm_widerface", "cfsm_stage1")):
         refuse_other_stage(load_config(f"configs/{name}"), kind)  # the shipped configs hold their own stage's keys
+
+
+def test_val_targets_take_a_plain_comma_list_of_names_or_bin_paths():
+    cfg = load_config("configs/toy", ["val_targets=toy_clean, ~/sets/lfw.bin"])
+    assert cfg.val_targets == ["toy_clean", "~/sets/lfw.bin"]
+    assert load_config("configs/toy", ["val_targets=['a', 'b']"]).val_targets == ["a", "b"]

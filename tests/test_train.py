@@ -78,6 +78,7 @@ def test_cfsm_wiring_generator_frozen_shared_negatives(mini_toy, tmp_path, tiny_
                          "rs_ratio=0.75", "k=2", "sample_rate=0.5", "loss=adaface", "m=0.4"))
     gen = captured["generator"]
     assert not any(p.requires_grad for p in gen.parameters()) and not gen.training
+    assert (tmp_path / "ours" / "clean_vs_synth.png").is_file()  # a first look at what the generator made
     assert not ({id(p) for p in gen.parameters()} & captured["params"])
     # per step: one sample, k=2 attack forwards on the synthesized quarter (4 of 16), the attack-gain forward at o*
     # (4), one update forward of 16

@@ -236,3 +236,12 @@ def test_verification_cli_on_two_ranks_equals_one_process(tmp_path: Path, batch_
         assert proc.stdout.count("v: accuracy") == 1  # rank 0 alone reports
         results.append(json.loads((tmp_path / out / "verification.json").read_text()))
     assert results[0] == results[1] and results[0]["v"]["xnorm"] > 0
+
+
+def test_val_targets_may_be_bin_paths_named_by_their_stem(tmp_path: Path) -> None:
+    _write_toy_bin(tmp_path / "elsewhere" / "lfw_small.bin", 12, 1)
+    _write_toy_bin(tmp_path / "toy_a.bin", 12, 1)
+    sets = open_verification_sets(["toy_a", str(tmp_path / "elsewhere" / "lfw_small.bin")], tmp_path)
+    assert set(sets) == {"toy_a", "lfw_small"}
+    with pytest.raises(ConfigError, match="a second set named 'toy_a'"):
+        open_verification_sets(["toy_a", str(tmp_path / "toy_a.bin")], tmp_path)

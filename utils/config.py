@@ -241,6 +241,8 @@ def parse_value(key: str, text: str, current: Any) -> Any:
             return False
         if not allowed:
             raise ConfigError(f"override {key}={text}: expected a boolean (True/False)")
+    if key == "val_targets" and not text.strip().startswith(("[", "(")):  # a plain comma list: lfw,cfp_fp
+        return [part.strip() for part in text.split(",") if part.strip()]
     if isinstance(current, str) and not allowed:
         return text
     try:
@@ -345,7 +347,8 @@ def validate(cfg: EasyDict) -> None:
              "dependency, see docs/monitoring.md), or set wandb=False")
     need(cfg.warmup_epoch <= cfg.num_epoch, "warmup_epoch", f"must be <= num_epoch ({cfg.num_epoch})")
     need(isinstance(cfg.val_targets, (list, tuple)) and all(isinstance(v, str) and v for v in cfg.val_targets),
-         "val_targets", "must be a list of .bin set names, e.g. ['lfw', 'cfp_fp'] (files <rec>/<name>.bin)")
+         "val_targets", "must be a list of .bin set names or .bin paths, e.g. ['lfw', 'cfp_fp'] (files "
+         "<rec>/<name>.bin) or lfw,cfp_fp on the command line")
     if cfg.rs_ratio < 1.0:
         need(bool(cfg.pretrained_synthesis_model), "pretrained_synthesis_model",
              "rs_ratio < 1 synthesizes faces and needs a generator file (train one with "
