@@ -262,7 +262,7 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
             run.log.info(f"done: {step} steps, losses {losses}, generator {run.output / 'generator.pth'}")
             out = {"losses": losses, "finite": all(math.isfinite(v) for v in losses.values()),
                    "generator": str(run.output / "generator.pth")}
-            if cfg.style_report_faces:  # is the style space controllable? (cfsm/style_report.py, issue 12)
+            if cfg.style_report_faces:  # is the style space controllable? (cfsm/style_report.py)
                 out["style_report"] = report_from_datasets(G, id_net, source, target, cfg.style_report_faces,
                                                            run.output / "style_report", cfg.id_distance_range)
                 scalars = report_scalars(out["style_report"])

@@ -1,4 +1,4 @@
-"""Is a CFSM generator's style space controllable? Measures (issue 12) as a JSON last line, plus a PNG.
+"""Is a CFSM generator's style space controllable? Its measures as a JSON last line, plus a PNG.
 
     python -m tools.style_report runs/toy/generator/generator.pth --faces data/toy \\
         --id-model runs/toy/baseline/model.pt --id-network r_tiny --id-embedding-size 128 \\
