@@ -8,22 +8,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from eval.align import NoFaceError
 from tools import compare_faces
 from utils.cli import UsageError
-
-
-@pytest.fixture()
-def model_file(tmp_path: Path) -> Path:
-    from backbones import get_model
-
-    torch.manual_seed(0)
-    path = tmp_path / "m.pt"
-    torch.save(get_model("r_tiny", num_features=32).state_dict(), path)
-    return path
 
 
 @pytest.fixture()

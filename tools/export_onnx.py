@@ -79,7 +79,8 @@ def check_onnx(
             ref = backbone(x).double().numpy()
         got = sess.run(None, {"input": x.numpy()})[0].astype(np.float64)
         if not (np.isfinite(ref).all() and np.isfinite(got).all()):  # NaN would pass every `<=` test below
-            raise EvalInputError(f"{getattr(backbone, 'source_file', path)}: the model gives non-finite outputs (PyTorch finite: "
+            source = getattr(backbone, "source_file", path)
+            raise EvalInputError(f"{source}: the model gives non-finite outputs (PyTorch finite: "
                                  f"{bool(np.isfinite(ref).all())}, ONNX finite: {bool(np.isfinite(got).all())}): "
                                  f"not a usable model; nothing is kept")
         if got.shape != ref.shape:
