@@ -29,7 +29,7 @@ from utils import checkpoint as ckpt
 from utils.cli import run_command
 from utils.config import ConfigError, load_config, parse_launch_args
 from utils.degrade import Degradation
-from utils.distributed import DistEnv, agree_any, agreed_call, all_ranks_ok, cleanup, init_distributed
+from utils.distributed import DistEnv, agree_any, agree_call, agree_all, cleanup, init_distributed
 from utils.optim import PolyScheduler, build_optimizer, decay_param_groups, mixed_precision
 from utils.run import Run
 from utils.run_state import Resumed, load_optimizer_keeping_config, load_scheduler_keeping_config
@@ -97,7 +97,7 @@ def make_train_step(cfg: EasyDict, env: DistEnv, model: torch.nn.Module, backbon
             grad_norm = torch.nn.utils.clip_grad_norm_(backbone.parameters(), cfg.clip_grad_norm or float("inf"))
             pfc_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in pfc.parameters()
                                                              if p.grad is not None] or [torch.zeros(())]))
-            finite = all_ranks_ok(env, bool(torch.isfinite(loss) & torch.isfinite(grad_norm)
+            finite = agree_all(env, bool(torch.isfinite(loss) & torch.isfinite(grad_norm)
                                             & torch.isfinite(pfc_norm)))
             if finite:
                 scaler.step(optimizer)
@@ -173,7 +173,7 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
 
         def run_verification(at_step: int) -> dict:
             # rank 0 verifies; an error there stops every rank (agreed in place of a barrier), not a timeout
-            return agreed_call(env, lambda: verify(at_step, backbone) if verify is not None else {},
+            return agree_call(env, lambda: verify(at_step, backbone) if verify is not None else {},
                                "verification")
 
         # ---- the method: attack, forward, loss, step (make_train_step); then log, verify, checkpoint ----

@@ -32,7 +32,7 @@ from dataset import _worker_init as seed_worker, build_dataset
 from utils import checkpoint as ckpt
 from utils.cli import run_command
 from utils.config import ConfigError, load_config, parse_launch_args
-from utils.distributed import DistEnv, agreed_call, all_ranks_ok, cleanup, init_distributed
+from utils.distributed import DistEnv, agree_call, agree_all, cleanup, init_distributed
 from utils.optim import OptimizerSpec, mixed_precision
 from utils.run import Run
 from utils.run_state import Resumed, load_optimizer_keeping_config, rank_file
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     try:
         # every input file, before the output folder and any other collective; agreed, because each node reads its
         # own disk: a rank with a missing or bad file raises it, the others stop with it instead of waiting
-        agreed_call(env, lambda: check_stage1_files(cfg), "the stage-1 input file check")
+        agree_call(env, lambda: check_stage1_files(cfg), "the stage-1 input file check")
         return train(cfg, env)
     finally:
         cleanup(env)
@@ -127,7 +127,7 @@ def make_train_step(cfg: EasyDict, env: DistEnv, G: torch.nn.Module, D: torch.nn
             lsgan_loss([o[targets.shape[0]:] for o in d_out], 0.0)
         opt_d.zero_grad(set_to_none=True)
         scaler.scale(loss_d).backward()
-        ok_d = cfg.fp16 or all_ranks_ok(env, bool(torch.isfinite(loss_d)))
+        ok_d = cfg.fp16 or agree_all(env, bool(torch.isfinite(loss_d)))
         if ok_d:
             scaler.step(opt_d)  # with fp16 the scaler itself skips non-finite gradients (DDP-reduced: on all ranks)
 
@@ -154,7 +154,7 @@ def make_train_step(cfg: EasyDict, env: DistEnv, G: torch.nn.Module, D: torch.nn
             losses = {"rec": loss_rec.detach()}
         opt_g.zero_grad(set_to_none=True)
         scaler.scale(loss_g).backward()  # always: DDP expects a backward after every forward
-        ok_g = cfg.fp16 or all_ranks_ok(env, bool(torch.isfinite(loss_g)))
+        ok_g = cfg.fp16 or agree_all(env, bool(torch.isfinite(loss_g)))
         if ok_g:
             scaler.step(opt_g)
         scaler.update()

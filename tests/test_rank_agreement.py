@@ -2,7 +2,7 @@
 
 Audit (stage 2 = train.py, stage 1 = train_generator.py). "Collective" below means anything that must be issued by
 every rank in the same order: Partial FC (all-gathers, all-reduces in forward and backward), DDP (gradient
-all-reduce, buffer broadcast), barriers, all_ranks_ok.
+all-reduce, buffer broadcast), barriers, agree_all.
 
 Dangerous, fixed, and exercised here with 2 real gloo processes whose inputs differ:
 1. CFSM attack precision retries (cfsm/attack.py `_attack_grad`): under fp16, retry at a smaller loss scale or
@@ -10,19 +10,19 @@ Dangerous, fixed, and exercised here with 2 real gloo processes whose inputs dif
    hang, or collectives paired with the wrong partner. Now every attempt's flags (non-finite, underflow) are
    combined over ranks (`adversarial_mix(agree=...)`, `utils.distributed.agree_any`): all ranks take the path of
    the worst rank. Test: one rank's gradient overflows, the other's does not.
-2. Non-finite step (train.py): the skip is agreed (`all_ranks_ok` over loss and both gradient norms), but its
+2. Non-finite step (train.py): the skip is agreed (`agree_all` over loss and both gradient norms), but its
    forward had already written NaN into BatchNorm running stats, AdaFace's EMA and advanced Partial FC's sampling
    counter, on the rank with the NaN batch only (and DDP then broadcasts rank 0's buffers to all). Now a
    `utils.step_state.StepState` snapshot (buffers + module extra state) is taken before the step and restored on
    every rank when the agreed flag says skip. Test: a NaN batch on one rank of two.
 3. Data errors and end of epoch (train.py / train_generator.py loops): a rank whose loader raises (bad record) or runs
    out of batches while the other still has one left the other rank blocked in its next collective until
-   `dist_timeout_s`. Now `utils.distributed.agreed_batches` wraps the loader: one all-reduce per batch of
+   `dist_timeout_s`. Now `utils.distributed.agree_batches` wraps the loader: one all-reduce per batch of
    (error, exhausted); every rank raises (naming the failing rank) or stops together. Test: one rank's loader
    raises, one rank's loader is shorter.
 4. Verification (train.py `run_verification`): only rank 0 verifies; an exception there left the other ranks in
-   the barrier until `dist_timeout_s`. Now the outcome is agreed with `all_ranks_ok` in place of the barrier and
-   every rank raises. Exercised through `utils.distributed.agreed_call` with 2 gloo ranks.
+   the barrier until `dist_timeout_s`. Now the outcome is agreed with `agree_all` in place of the barrier and
+   every rank raises. Exercised through `utils.distributed.agree_call` with 2 gloo ranks.
 
 Safe as they are (why):
 5. Non-finite guard counter / stop (utils.run.Run.check_finite and final_save): fed the agreed flag,
@@ -42,7 +42,7 @@ Safe as they are (why):
    returns at the stop step before reading another batch, on every rank.
 10. Logging, TensorBoard, image grids, attack statistics' window, summary: rank 0 only, no collectives inside.
 11. Stage 1 (train_generator.py): with fp16 the GradScaler decides from gradients that DDP already all-reduced
-   (identical on all ranks); without fp16 each skip is agreed with `all_ranks_ok`. Its networks have no running
+   (identical on all ranks); without fp16 each skip is agreed with `agree_all`. Its networks have no running
    statistics that a forward writes (AdaIN's running_* buffers exist for loading only; the identity network is
    frozen in eval mode), so a skip leaves nothing to restore. Its batches go through Run.step_batches (item 3).
 12. The folder rules (utils.run.Run): "already complete" (rank 0's summary decides, gathered), "another run in this
@@ -244,7 +244,7 @@ def _outcome(fn) -> dict:
 
 def _stop_worker(rank: int, out_dir: str) -> dict:
     from utils.config import base_config
-    from utils.distributed import DistEnv, agreed_call
+    from utils.distributed import DistEnv, agree_call
     from utils.run import Run, plan_steps
 
     env = DistEnv(rank=rank, local_rank=rank, world_size=WORLD, device=torch.device("cpu"), backend="gloo")
@@ -270,7 +270,7 @@ def _stop_worker(rank: int, out_dir: str) -> dict:
         # equal shards: both run the 3 steps
         "even": _outcome(lambda: train_over(_batches(3))),
         # rank 0's verification fails (a bad .bin): rank 1 stops with it rather than at a barrier's timeout
-        "verification": _outcome(lambda: agreed_call(
+        "verification": _outcome(lambda: agree_call(
             env, (lambda: (_ for _ in ()).throw(_BadRecord("lfw.bin: 3 pairs, 10 folds need 20"))) if rank == 0
             else (lambda: {}), "verification")),
     }

@@ -1,6 +1,14 @@
 """Process-group setup from the launcher's environment (torchrun, torch.distributed.launch, or none).
 
 The same code runs on CPU/gloo and GPU/NCCL: the backend and device follow from what the machine has.
+
+Cross-rank agreement, one family (`agree_*`): a branch one rank could take alone is agreed before a collective.
+
+    agree_all(env, ok)            True only if `ok` on every rank (AND)
+    agree_any(flags)              int flags OR-ed over the ranks (a tensor of several flags, one all-reduce)
+    agree_call(env, fn, what)     fn() on every rank; if it raised on any rank, every rank raises
+    agree_batches(env, batches)   the batches while every rank has one; an error or early end stops all ranks
+    gather_objects(env, obj)      every rank's picklable object, by rank (what run_state.Ranks is built from)
 """
 from __future__ import annotations
 
@@ -107,7 +115,7 @@ def barrier(env: DistEnv) -> None:
             dist.barrier()
 
 
-def all_ranks_ok(env: DistEnv, ok: bool) -> bool:
+def agree_all(env: DistEnv, ok: bool) -> bool:
     """True only if `ok` on every rank: lets ranks agree to stop together instead of hanging."""
     if not env.distributed:
         return ok
@@ -124,6 +132,15 @@ def agree_any(flags: torch.Tensor) -> torch.Tensor:
     flags = flags.clone()
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     return flags
+
+
+def gather_objects(env: DistEnv, obj: T) -> list[T]:
+    """Every rank's `obj` (picklable), indexed by rank; `[obj]` without a process group."""
+    if not env.distributed:
+        return [obj]
+    out: list = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 class PeerRankError(UserError, RuntimeError):
@@ -146,7 +163,7 @@ def _stop_together(env: DistEnv, error: BaseException | None, what: str, more_fl
     return tuple(bool(v) for v in agreed[1:])
 
 
-def agreed_call(env: DistEnv, fn: Callable[[], T], what: str) -> T:
+def agree_call(env: DistEnv, fn: Callable[[], T], what: str) -> T:
     """fn() on this rank, then an agreement in place of a barrier: if fn raised on any rank, every rank raises
     (instead of the others waiting at the next collective until the process-group timeout)."""
     try:
@@ -157,7 +174,7 @@ def agreed_call(env: DistEnv, fn: Callable[[], T], what: str) -> T:
     return result
 
 
-def agreed_batches(batches: Iterable[T], env: DistEnv) -> Iterator[T]:
+def agree_batches(env: DistEnv, batches: Iterable[T]) -> Iterator[T]:
     """Yield the items of `batches` while every rank has one, with one all-reduce per item of (error, exhausted,
     not exhausted). A rank whose loader raises (a bad record) re-raises, the others raise PeerRankError; when
     every rank is exhausted all stop together; when only some are (uneven shards) every rank raises, instead of

@@ -23,7 +23,7 @@ from easydict import EasyDict
 from utils import checkpoint as ckpt
 from utils import elastic, run_state
 from utils.config import ConfigError
-from utils.distributed import DistEnv, agreed_batches, agreed_call, all_ranks_ok, barrier
+from utils.distributed import DistEnv, agree_batches, agree_call, barrier
 from utils.errors import RunFailedError, UserError
 from utils.logging import SpeedMeter, format_eta, open_log_file, run_writer, setup_logger
 
@@ -208,7 +208,7 @@ class Run:
             else:
                 batches = open_epoch(epoch, first_batch)
             # one all-reduce per batch: a loader error or an early end on one rank stops every rank together
-            for item in agreed_batches(batches, self.env):
+            for item in agree_batches(self.env, batches):
                 micro += 1
                 batch.append(item)
                 if len(batch) == plan.micro_per_step:
@@ -310,10 +310,6 @@ class Run:
 
     # ---- non-finite guard ----
 
-    def all_ranks_ok(self, ok: bool) -> bool:
-        """True only when `ok` holds on every rank: a skip one rank takes, all take (one all-reduce)."""
-        return all_ranks_ok(self.env, ok)
-
     def check_finite(self, step: int, finite: bool, values: Mapping[str, torch.Tensor | float]) -> None:
         """Count a skipped step (already agreed by all ranks); stop after `max_nonfinite_steps` in a row, naming
         the step, the first non-finite of `values` and the newest finite checkpoint."""
@@ -339,7 +335,7 @@ class Run:
     def start(self, step: int, description: str) -> None:
         """Open TensorBoard / wandb (rank 0) and the speed meter, and log what this run will do."""
         cfg, env, plan = self.cfg, self.env, self.plan
-        self.writer = agreed_call(env, lambda: run_writer(self.output, cfg, resumed=step > 0, purge_step=step)
+        self.writer = agree_call(env, lambda: run_writer(self.output, cfg, resumed=step > 0, purge_step=step)
                                   if env.is_main else None, "opening TensorBoard / wandb")  # a failure stops all ranks
         self.meter = SpeedMeter(cfg.batch_size * env.world_size * plan.micro_per_step, plan.stop_step, step)
         self.log.info(f"{cfg.config_name}: {description}, world size {env.world_size}, device {env.device}, "

@@ -64,7 +64,7 @@ class Ranks:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    agree: Callable[[bool], bool] = field(default=lambda ok: ok)  # True only if True on every rank
+    agree_all: Callable[[bool], bool] = field(default=lambda ok: ok)  # True only if True on every rank
     gather: Callable[[Any], list] = field(default=lambda obj: [obj])  # every rank's object, by rank
 
     @property
@@ -74,22 +74,13 @@ class Ranks:
 
     @classmethod
     def from_env(cls, env) -> "Ranks":
-        """From utils.distributed.DistEnv: all-reduce / all-gather over the default process group when there is one."""
+        """From utils.distributed.DistEnv: `agree_all` / `gather_objects` over the default process group."""
         if not env.distributed:
             return cls(env.rank, env.world_size, env.local_rank)
-        import torch.distributed as dist
+        from utils.distributed import agree_all, gather_objects
 
-        def agree(ok: bool) -> bool:
-            flag = torch.tensor([0 if ok else 1], device=env.device)
-            dist.all_reduce(flag)
-            return int(flag.item()) == 0
-
-        def gather(obj: Any) -> list:
-            out: list = [None] * env.world_size
-            dist.all_gather_object(out, obj)
-            return out
-
-        return cls(env.rank, env.world_size, env.local_rank, agree, gather)
+        return cls(env.rank, env.world_size, env.local_rank, lambda ok: agree_all(env, ok),
+                   lambda obj: gather_objects(env, obj))
 
 
 # ---- layout ----
@@ -217,7 +208,7 @@ def require_finite(states: Mapping[str, Any], step: int, ranks: Ranks, output: s
 
     Call before writing the final checkpoint and model file, so a broken model is never saved as a success."""
     bad = first_nonfinite(states)
-    if ranks.agree(bad is None):
+    if ranks.agree_all(bad is None):
         return
     where = [f"rank {r}: {name}" for r, name in enumerate(ranks.gather(bad)) if name is not None]
     last = last_finite_checkpoint(output)
@@ -376,7 +367,7 @@ def save_run_checkpoint(output: str | os.PathLike, step: int, state: dict, ranks
             prune(output, keep, written=step)
         except Exception as exc:
             marker_error = exc
-    if not ranks.agree(marker_error is None):
+    if not ranks.agree_all(marker_error is None):
         if marker_error is not None:
             raise marker_error
         raise CheckpointError(f"another node could not write {directory / COMPLETE} (see its error)")
@@ -443,13 +434,13 @@ def resume(output: str | os.PathLike, policy: bool | str, ranks: Ranks, kind: st
             _require_resharded_files(directory, meta, ranks)
         except CheckpointError as exc:
             error = exc
-        if not ranks.agree(error is None):  # the same markers give the same verdict; agree anyway, never hang
+        if not ranks.agree_all(error is None):  # the same markers give the same verdict; agree anyway, never hang
             raise error or CheckpointError(f"another rank refused {directory} (see its error)")
         try:
             state = _load_rank_state(directory, meta, ranks)
         except CheckpointError as exc:
             state, last_error = None, exc
-        if not ranks.agree(state is not None):
+        if not ranks.agree_all(state is not None):
             log.warning(f"checkpoint {directory} could not be loaded on every rank"
                         f"{f' ({last_error})' if state is None else ''}: falling back to an older one")
             continue
@@ -615,7 +606,7 @@ def lock_output(output: str | os.PathLike, ranks: Ranks = Ranks(), wait_s: float
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
                           f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
-    if not ranks.agree(ranks.rank != 0 or fd is not None):
+    if not ranks.agree_all(ranks.rank != 0 or fd is not None):
         raise OutputBusyError(f"output folder {output} is in use by another run ({holder or 'see its ' + LOCK_NAME}): "
                            f"two jobs in one folder would interleave checkpoints. Wait for it, stop it, or set "
                            f"another `output`")
