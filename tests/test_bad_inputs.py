@@ -2,7 +2,7 @@
 entry point that meets it first. Each row asserts the exception type AND that the message names the file / key /
 value, so a user can fix the input from the message alone. README "Troubleshooting" mirrors this table.
 
-The rows run the module-level functions (``train.main``, ``dataset.*``, ``utils.binfile.load_bin``,
+The rows run the module-level functions (``train.main``, ``dataset.*``, ``eval.binfile.load_bin``,
 ``cfsm.load_generator``, ``eval.ijb.main``) in-process; nothing trains, so the whole table takes seconds.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from eval.common import EvalInputError
 from losses import ArcFace
 from partial_fc import PartialFC
 from tests.test_train import tiny_args
-from utils.binfile import BinFileError, load_bin
+from eval.binfile import BinFileError, load_bin
 from utils.checkpoint import CheckpointError, safe_load
 from utils.cli import UsageError
 from utils.config import ConfigError
