@@ -30,7 +30,8 @@ from utils.cli import run_command
 from utils.config import ConfigError, load_config, parse_launch_args
 from utils.degrade import Degradation
 from utils.distributed import DistEnv, agree_any, agree_call, agree_all, cleanup, init_distributed
-from utils.optim import PolyScheduler, build_optimizer, decay_param_groups, mixed_precision
+from utils.optim import PolyScheduler, build_optimizer, decay_param_groups
+from utils.precision import mixed_precision
 from utils.run import Run
 from utils.run_state import Resumed, load_optimizer_keeping_config, load_scheduler_keeping_config
 from utils.step_state import StepState

@@ -33,7 +33,8 @@ from utils import checkpoint as ckpt
 from utils.cli import run_command
 from utils.config import ConfigError, load_config, parse_launch_args
 from utils.distributed import DistEnv, agree_call, agree_all, cleanup, init_distributed
-from utils.optim import OptimizerSpec, mixed_precision
+from utils.optim import OptimizerSpec
+from utils.precision import mixed_precision
 from utils.run import Run
 from utils.run_state import Resumed, load_optimizer_keeping_config, rank_file
 

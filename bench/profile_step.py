@@ -31,7 +31,8 @@ from train import make_train_step
 from utils.cli import ArgumentParser, resolve_device, run_command
 from utils.config import base_config
 from utils.distributed import DistEnv
-from utils.optim import PolyScheduler, build_optimizer, mixed_precision
+from utils.optim import PolyScheduler, build_optimizer
+from utils.precision import mixed_precision
 
 
 def build_step(network: str, batch_size: int, device: torch.device, amp: str, channels_last: bool,

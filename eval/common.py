@@ -40,7 +40,7 @@ from utils.checkpoint import write_json as _write_json
 from utils.cli import UsageError, positive_int, resolve_device
 from utils.distributed import DistEnv, agree_call, cleanup, init_distributed
 from utils.errors import UserError
-from utils.optim import low_precision_dtype  # resolve_device re-exported: one meaning of --device
+from utils.precision import low_precision_dtype  # resolve_device re-exported: one meaning of --device
 
 IMAGE_SIZE = 112
 

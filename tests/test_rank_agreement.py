@@ -169,7 +169,8 @@ def _skip_worker(rank: int, nan_rank: int) -> dict:
     from losses import AdaFace
     from utils.config import base_config
     from utils.distributed import DistEnv
-    from utils.optim import PolyScheduler, mixed_precision
+    from utils.optim import PolyScheduler
+    from utils.precision import mixed_precision
 
     cfg = base_config()
     cfg.update(rs_ratio=0.5, k=1, epsilon=0.3, alpha=0.3, fp16=False, clip_grad_norm=5.0, channels_last=False)
