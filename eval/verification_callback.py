@@ -17,7 +17,7 @@ from torch import nn
 from eval.common import EvalInputError
 from eval.verification import evaluate_verification
 from eval.binfile import BinFileError, load_bin
-from utils.config import ConfigError
+from utils.errors import ConfigError
 from utils.distributed import DistEnv, agree_all
 
 __all__ = ["open_verification_sets", "CallBackVerification", "verification_for_run"]

@@ -31,7 +31,7 @@ from tests.test_train import tiny_args
 from eval.binfile import BinFileError, load_bin
 from utils.checkpoint import CheckpointError, safe_load
 from utils.cli import UsageError
-from utils.config import ConfigError
+from configs.loader import ConfigError
 from utils.recordio import IndexedRecordReader, IndexedRecordWriter, RecordIOError, pack_record, unpack_record
 from utils.run_state import COMPLETE, step_dir
 

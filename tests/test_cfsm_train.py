@@ -202,7 +202,7 @@ def test_mode_seeking_term_pairs_faces_with_two_styles(tiny):
 
 def test_clear_errors(tiny, tmp_path):
     from utils.checkpoint import CheckpointError
-    from utils.config import ConfigError
+    from configs.loader import ConfigError
 
     with pytest.raises(ConfigError, match="id_model.*file not found"):
         _run(_overrides(tiny, tmp_path / "a", id_model=tmp_path / "nope.pt"))

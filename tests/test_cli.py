@@ -129,7 +129,7 @@ def test_bad_command_line_is_one_line_exit_2(capsys):
 
 
 def test_run_command_classifies_errors(capsys, monkeypatch):
-    from utils.config import ConfigError
+    from configs.loader import ConfigError
 
     monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
 

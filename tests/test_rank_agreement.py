@@ -167,7 +167,7 @@ def _model_state(backbone: torch.nn.Module, pfc: PartialFC, optimizer: torch.opt
 def _skip_worker(rank: int, nan_rank: int) -> dict:
     import train
     from losses import AdaFace
-    from utils.config import base_config
+    from configs.loader import base_config
     from utils.distributed import DistEnv
     from utils.optim import PolyScheduler
     from utils.precision import mixed_precision
@@ -194,13 +194,13 @@ def _skip_worker(rank: int, nan_rank: int) -> dict:
             images[1] = float("nan")
         return [(images, torch.randint(0, 24, (4,), generator=g))]
 
-    finite = [train_step(batch(0))["finite"]]
+    finite = [train_step(batch(0)).finite]
     before = _model_state(backbone, pfc, optimizer)
-    finite.append(train_step(batch(1, nan=rank == nan_rank))["finite"])
+    finite.append(train_step(batch(1, nan=rank == nan_rank)).finite)
     after_skip = _model_state(backbone, pfc, optimizer)
-    stats = train_step(batch(2))
-    finite.append(stats["finite"])
-    return {"finite": finite, "before": before, "after_skip": after_skip, "loss3": stats["loss"],
+    result = train_step(batch(2))
+    finite.append(result.finite)
+    return {"finite": finite, "before": before, "after_skip": after_skip, "loss3": result.loss,
             "after3": _model_state(backbone, pfc, optimizer)}
 
 
@@ -244,7 +244,7 @@ def _outcome(fn) -> dict:
 
 
 def _stop_worker(rank: int, out_dir: str) -> dict:
-    from utils.config import base_config
+    from configs.loader import base_config
     from utils.distributed import DistEnv, agree_call
     from utils.run import Run, plan_steps
 

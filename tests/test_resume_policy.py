@@ -435,7 +435,7 @@ def test_unreadable_markers_warn_fall_back_and_do_not_count_towards_keep(tmp_pat
 
 
 def test_every_config_key_has_exactly_one_resume_rule_in_each_stage():
-    from utils.config import base_config
+    from configs.loader import base_config
 
     keys = set(base_config()) | {"config_name", "world_size", "num_classes", "num_image"}
     for kind, policy in rs.CONFIG_POLICY.items():

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils.config import ConfigError, base_config
+from configs.loader import ConfigError, base_config
 from utils.distributed import DistEnv
 from utils.run import Run, plan_steps
 
@@ -257,7 +257,7 @@ def test_resume_drift_refuses_the_seed_and_lists_applied_keys_in_one_line(mini_t
 RUN_WORKER = """
 import json, sys
 import torch, torch.distributed as dist
-from utils.config import base_config
+from configs.loader import base_config
 from utils.distributed import DistEnv
 from utils.run import Run
 

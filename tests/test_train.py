@@ -13,7 +13,7 @@ import train
 from backbones import get_model
 from partial_fc import PartialFC
 from utils.checkpoint import CheckpointError
-from utils.config import ConfigError
+from configs.loader import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ from eval import verification
 from eval.verification import embed_images, evaluate_verification
 from eval.verification_callback import CallBackVerification, open_verification_sets, verification_for_run
 from eval.binfile import write_bin
-from utils.config import ConfigError
+from configs.loader import ConfigError
 
 
 class HalfMeans(nn.Module):

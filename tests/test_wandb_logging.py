@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from utils.config import ConfigError, load_config
+from configs.loader import ConfigError, load_config
 
 # ---- reading an offline run back: wandb's .wandb file is a LevelDB-style log of protobuf Record messages ----
 # (7-byte file header ":W&B" + magic + version; 32 KiB blocks; each chunk: crc32, uint16 length, type 1 full /

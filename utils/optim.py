@@ -22,14 +22,23 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "sgd": OptimizerSpec(torch.optim.SGD, {"lr": "lr", "momentum": "momentum", "weight_decay": "weight_decay"}),
     "adamw": OptimizerSpec(torch.optim.AdamW, {"lr": "lr", "weight_decay": "weight_decay"}),
 }
+# Stage 1's optimizer (train_generator.py): Adam for G and D, reading gen_lr / gen_betas
+GENERATOR_OPTIMIZER = OptimizerSpec(torch.optim.Adam, {"gen_lr": "lr", "gen_betas": "betas"})
 
 
-def build_optimizer(name: str, param_groups: Iterable[dict], config: Mapping[str, Any]) -> torch.optim.Optimizer:
-    """Optimizer `name` over `param_groups`, reading its declared config keys from `config` (any key -> value map)."""
-    if name not in OPTIMIZERS:
+def build_optimizer(name: str | OptimizerSpec, param_groups: Iterable, config: Mapping[str, Any]) \
+        -> torch.optim.Optimizer:
+    """Optimizer `name` (a registered name, or a spec such as stage 1's) over `param_groups` (groups or parameters),
+    reading its declared config keys from `config` (any key -> value map; a list value is passed as a tuple)."""
+    if isinstance(name, OptimizerSpec):
+        spec = name
+    elif name in OPTIMIZERS:
+        spec = OPTIMIZERS[name]
+    else:
         raise ValueError(f"config key 'optimizer' = {name!r}: choices are {', '.join(map(repr, OPTIMIZERS))}")
-    spec = OPTIMIZERS[name]
-    return spec.build(list(param_groups), **{kw: config[key] for key, kw in spec.config_keys.items()})
+    kwargs = {kw: tuple(config[key]) if isinstance(config[key], list) else config[key]
+              for key, kw in spec.config_keys.items()}
+    return spec.build(list(param_groups), **kwargs)
 
 
 def decay_param_groups(module: torch.nn.Module, exclude: bool) -> list[dict]:

@@ -1,9 +1,9 @@
 """The run scaffold both trainers share; each trainer owns only its step function.
 
-`Run` does what every training run does around its steps: output folder, logger, seeds, toy data, the loader and
-its step counts, resume, checkpoints, the non-finite guard agreed by all ranks, progress logs and the summary.
-`train.py` (stage 2) and `train_generator.py` (stage 1) build their models, a `train_step(batch) -> stats`, and
-loop over `Run.step_batches`.
+`Run` does what every training run does around its steps: output folder, logger, seeds, toy data, the step counts
+of the loader its trainer built, resume, checkpoints, the non-finite guard agreed by all ranks, progress logs and
+the summary. `train.py` (stage 2) and `train_generator.py` (stage 1) build their models, their loaders (through
+`dataset`), a `train_step(batch) -> result`, and loop over `Run.step_batches`.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from easydict import EasyDict
 
 from utils import checkpoint as ckpt
 from utils import elastic, run_state
-from utils.config import ConfigError
+from utils.errors import ConfigError
 from utils.distributed import DistEnv, agree_batches, agree_call, barrier
 from utils.errors import RunFailedError, UserError
 from utils.logging import SpeedMeter, format_eta, open_log_file, run_writer, setup_logger
@@ -169,20 +169,15 @@ class Run:
 
     # ---- data and step counts ----
 
-    def loader(self, dataset, micro_per_step: int = 1):
-        """The training loader of this rank (CUDA prefetching on GPU) and the run's `StepPlan` (`self.plan`)."""
-        from dataset import CUDAPrefetcher, get_dataloader
-
+    def use_loader(self, loader, dataset, micro_per_step: int = 1) -> StepPlan:
+        """Plan the run's steps (`self.plan`) on the loader the trainer built (`dataset.training_loader`): its
+        sampler's batches per epoch, `micro_per_step` loader batches per optimizer step."""
         cfg, env = self.cfg, self.env
-        loader = get_dataloader(dataset, cfg.batch_size, cfg.seed, cfg.num_workers, env.rank, env.world_size,
-                                env.device)
-        if env.device.type == "cuda":
-            loader = CUDAPrefetcher(loader, env.device)  # overlaps host-to-device copies with compute
         self.dataset_len = len(dataset)
         where = f"batch_size={cfg.batch_size} x {env.world_size} ranks on {dataset.num_images} images of {cfg.rec}"
         self.plan = plan_steps(loader.sampler.batches_per_epoch, micro_per_step, cfg.num_epoch, cfg.warmup_epoch,
                                cfg.max_steps, where)
-        return loader
+        return self.plan
 
     def step_batches(self, loader, step: int,
                      open_epoch: Callable[[int, int], Iterable] | None = None) -> Iterator[tuple[int, list]]:

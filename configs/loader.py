@@ -1,4 +1,5 @@
-"""Config loading: `configs/base.py` holds every key; a job config overrides some; `key=value` overrides last.
+"""Config loading, next to the configs it loads (it reads the model registries, so it is not in utils/, which
+imports no model code): `configs/base.py` holds every key; a job config overrides some; `key=value` overrides last.
 
 Unknown keys are an error everywhere (a typo must not silently train with a default), and every value is checked at
 load (`validate`): numeric ranges (`NUMERIC_RULES`, one rule per numeric key of base.py) and the choices of
@@ -24,10 +25,11 @@ from easydict import EasyDict
 from backbones import BACKBONE_CONFIG_KEYS, BACKBONES
 from losses import MARGIN_LOSSES, margin_loss_from_config
 from utils.degrade import DEGRADE_BOUNDS
-from utils.errors import UserError
+from utils.errors import ConfigError  # re-exported: `from configs.loader import ConfigError`
 from utils.optim import OPTIMIZERS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+NOT_CONFIGS = ("__init__", "loader")  # modules of configs/ that are not job configs
 
 # Keys whose value may legitimately change type (documented in configs/base.py).
 _FLEXIBLE_TYPES: dict[str, tuple[type, ...]] = {
@@ -46,10 +48,6 @@ _FLEXIBLE_TYPES: dict[str, tuple[type, ...]] = {
 # Keys holding a file or folder path: `~` is expanded at load.
 PATH_KEYS: tuple[str, ...] = ("rec", "output", "pretrained_synthesis_model", "pretrained_backbone_model", "target",
                               "id_model", "init_generator")
-
-
-class ConfigError(UserError, ValueError):
-    """A config file, key or value is wrong; the message names it."""
 
 
 def _numbers(value: Any, count: int | None = None) -> bool:
@@ -168,7 +166,7 @@ def _import_config_module(name_or_path: str):
         candidates.append(REPO_ROOT / "configs" / f"{text.split('.')[-1]}.py")
     if str(REPO_ROOT) not in sys.path:  # job configs may build on each other (`from configs.toy import config`)
         sys.path.insert(0, str(REPO_ROOT))
-    for name in [m for m in sys.modules if m.startswith("configs.")]:
+    for name in [m for m in sys.modules if m.startswith("configs.") and m != __name__]:
         del sys.modules[name]  # each load sees the files as they are now, never an object mutated by a caller
     for path in candidates:
         if path.is_file():
@@ -185,9 +183,14 @@ def _import_config_module(name_or_path: str):
                 where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else str(path)
                 raise ConfigError(f"{where}: {type(exc).__name__}: {exc} (raised while loading the config)") from None
             return module, path
-    available = sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.py") if p.stem != "__init__")
+    available = available_configs()
     raise ConfigError(f"config '{name_or_path}' not found (looked at {[str(c) for c in candidates]}); "
                       f"available configs: {', '.join(available)}")
+
+
+def available_configs() -> list[str]:
+    """The job configs in configs/ (every .py file but the package's own modules)."""
+    return sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.py") if p.stem not in NOT_CONFIGS)
 
 
 def base_config() -> EasyDict:
