@@ -36,7 +36,8 @@ from utils.distributed import DistEnv, agree_all, agree_call, cleanup, init_dist
 from utils.optim import GENERATOR_OPTIMIZER, build_optimizer
 from utils.precision import mixed_precision
 from utils.run import Run
-from utils.run_state import Resumed, load_optimizer_keeping_config, rank_file
+from utils.run_folder import rank_file
+from utils.run_state import Resumed, load_optimizer_keeping_config
 
 RELEASED_KEYS = ("G_state_dict", "D_state_dict", "optimizerG_state_dict", "optimizerD_state_dict")
 # [((sources, labels), targets)]: one loader batch per step (stage 1 does not accumulate gradients)

@@ -33,7 +33,7 @@ from utils.checkpoint import CheckpointError, safe_load
 from utils.cli import UsageError
 from configs.loader import ConfigError
 from utils.recordio import IndexedRecordReader, IndexedRecordWriter, RecordIOError, pack_record, unpack_record
-from utils.run_state import COMPLETE, step_dir
+from utils.run_folder import COMPLETE, step_dir
 
 
 @dataclass

@@ -145,7 +145,7 @@ def _run(args: list[str]) -> dict:
 
 def test_steps_checkpoint_and_exact_resume(tiny):
     from cfsm import Generator, load_generator
-    from utils.run_state import latest_complete
+    from utils.run_folder import latest_complete
 
     straight = tiny["root"] / "straight"
     summary = _run(_overrides(tiny, straight, max_steps=6, tensorboard=True, image_every=2))

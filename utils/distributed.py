@@ -8,14 +8,14 @@ Cross-rank agreement, one family (`agree_*`): a branch one rank could take alone
     agree_any(flags)              int flags OR-ed over the ranks (a tensor of several flags, one all-reduce)
     agree_call(env, fn, what)     fn() on every rank; if it raised on any rank, every rank raises
     agree_batches(env, batches)   the batches while every rank has one; an error or early end stops all ranks
-    gather_objects(env, obj)      every rank's picklable object, by rank (what run_state.Ranks is built from)
+    gather_objects(env, obj)      every rank's picklable object, by rank (what Ranks below is built from)
 """
 from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -196,6 +196,30 @@ def agree_batches(env: DistEnv, batches: Iterable[T]) -> Iterator[T]:
         if exhausted:
             return
         yield item
+
+
+# The ranks as the few collectives the run's file handling needs (utils.run_state, utils.output_lock); a test passes
+# plain functions for a fake world.
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    agree_all: Callable[[bool], bool] = field(default=lambda ok: ok)  # True only if True on every rank
+    gather: Callable[[Any], list] = field(default=lambda obj: [obj])  # every rank's object, by rank
+
+    @property
+    def writes_markers(self) -> bool:
+        """Rank 0 and the first rank of every node: each node's folder gets its markers and pruning."""
+        return self.rank == 0 or self.local_rank == 0
+
+    @classmethod
+    def from_env(cls, env) -> "Ranks":
+        """`agree_all` / `gather_objects` over the default process group of `env`."""
+        if not env.distributed:
+            return cls(env.rank, env.world_size, env.local_rank)
+        return cls(env.rank, env.world_size, env.local_rank, lambda ok: agree_all(env, ok),
+                   lambda obj: gather_objects(env, obj))
 
 
 def cleanup(env: DistEnv) -> None:

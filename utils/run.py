@@ -21,9 +21,9 @@ import torch
 from easydict import EasyDict
 
 from utils import checkpoint as ckpt
-from utils import elastic, run_state
+from utils import config_policy, elastic, output_lock, rng_state, run_folder, run_state
 from utils.errors import ConfigError
-from utils.distributed import DistEnv, agree_batches, agree_call, barrier
+from utils.distributed import DistEnv, Ranks, agree_batches, agree_call, barrier
 from utils.errors import RunFailedError, UserError
 from utils.logging import SpeedMeter, format_eta, open_log_file, run_writer, setup_logger
 
@@ -88,8 +88,8 @@ class Run:
             raise ConfigError(f"output={str(self.output)!r} is a file, not a folder: set output= to a folder")
         self.log_name = log_name
         self.log = setup_logger(env.rank, self.output, name=log_name, defer_file=True)
-        self.ranks = run_state.Ranks.from_env(env)
-        self.lock: run_state.OutputLock | None = None  # taken when the folder is opened (`resume`)
+        self.ranks = Ranks.from_env(env)
+        self.lock: output_lock.OutputLock | None = None  # taken when the folder is opened (`resume`)
         self.log_file = None
         self.tensorboard_prefix = tensorboard_prefix
         self.save_each_epoch = save_each_epoch
@@ -103,9 +103,9 @@ class Run:
         self.saved_step = -1
         self.start_step = self.step = 0
         self.skipped = self.skipped_in_a_row = 0  # non-finite updates skipped, over the whole run (resumes too)
-        self.config = run_state.run_config(cfg, world_size=env.world_size)  # stored in every checkpoint
+        self.config = config_policy.run_config(cfg, world_size=env.world_size)  # stored in every checkpoint
         # rank 0's folder decides (with a folder per node only it holds the summary)
-        self.finished = self.ranks.gather(run_state.finished_summary(self.output, cfg) if env.is_main else None)[0]
+        self.finished = self.ranks.gather(config_policy.finished_summary(self.output, cfg) if env.is_main else None)[0]
         if self.finished is not None:
             self.log.info(f"already complete at step {self.finished['steps']} ({self.output}): nothing to do; "
                           f"raise max_steps / num_epoch to train on, or set another output")
@@ -124,7 +124,7 @@ class Run:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is KeyboardInterrupt and self.env.is_main:
-                newest = run_state.latest_complete(self.output) if self.lock is not None else None
+                newest = run_folder.latest_complete(self.output) if self.lock is not None else None
                 self.log.warning(
                     f"interrupted at step {self.step}; newest checkpoint: {newest[1] if newest else 'none'}; "
                     f"continue with the same command ({'it resumes from there' if newest else 'it starts over'}): "
@@ -140,7 +140,7 @@ class Run:
 
     def refuse_other_run(self, why: str) -> None:
         """All ranks raise when any rank's folder holds another run's checkpoints or results."""
-        held = self.ranks.gather(run_state.run_files(self.output))
+        held = self.ranks.gather(run_folder.run_files(self.output))
         listing = "; ".join(f"rank {r}: {', '.join(files)}" for r, files in enumerate(held) if files)
         if listing:
             raise ConfigError(
@@ -164,7 +164,7 @@ class Run:
 
     def open_folder(self) -> None:
         """Create the output folder, take its lock (a second job stops here) and start the log file."""
-        self.lock = run_state.lock_output(self.output, self.ranks)
+        self.lock = output_lock.lock_output(self.output, self.ranks)
         self.log_file = open_log_file(self.log, self.output, self.log_name)
 
     # ---- data and step counts ----
@@ -220,7 +220,7 @@ class Run:
         it (`resumed.state` is this rank's file; the RNG part is restored here). `derived`: values the run read
         from its data (num_classes, ...), stored with the config and compared on resume."""
         self.open_folder()
-        self.config = run_state.run_config(self.cfg, world_size=self.env.world_size, **derived)
+        self.config = config_policy.run_config(self.cfg, world_size=self.env.world_size, **derived)
         resumed = run_state.resume(self.output, self.cfg.resume, self.ranks, self.kind, self.config, self.log)
         if resumed is None:
             self.refuse_other_run("starting at step 0")
@@ -233,7 +233,7 @@ class Run:
                 f"(max_steps={self.cfg.max_steps}, num_epoch={self.cfg.num_epoch}): raise them to continue that "
                 f"run, or set output= to a new folder")
         load(resumed)
-        run_state.restore_rng_state(resumed.state["rng"], self.rngs)
+        rng_state.restore_rng_state(resumed.state["rng"], self.rngs)
         counters = resumed.state.get("run_counters", {})
         self.skipped, self.skipped_in_a_row = int(counters.get("skipped", 0)), int(counters.get("in_a_row", 0))
         self.start_step = self.step = self.saved_step = step  # that checkpoint is this step's: not written again
@@ -282,7 +282,7 @@ class Run:
         """Every rank writes `state` plus its step and RNG state; the step is marked complete once all did."""
         epoch, consumed = self.position(step)
         counters = {"skipped": self.skipped, "in_a_row": self.skipped_in_a_row}
-        state = {**state, "rng": run_state.capture_rng_state(self.rngs), "step": step, "run_counters": counters,
+        state = {**state, "rng": rng_state.capture_rng_state(self.rngs), "step": step, "run_counters": counters,
                  "data_position": elastic.position_record(epoch, consumed, self.env.world_size, self.cfg.batch_size)}
         run_state.save_run_checkpoint(self.output, step, state, self.ranks, self.cfg.keep_checkpoints, self.kind,
                                       self.config, {"config_name": self.cfg.config_name, "epoch": epoch,
@@ -297,7 +297,7 @@ class Run:
             raise RunFailedError(
                 f"{self.skipped} of {step} updates were skipped as non-finite: the model is not trained, so no final "
                 f"checkpoint or model file was written. Last finite checkpoint: "
-                f"{run_state.last_finite_checkpoint(self.output) or 'none'}. Lower lr, check the data or the "
+                f"{run_folder.last_finite_checkpoint(self.output) or 'none'}. Lower lr, check the data or the "
                 f"pretrained weights, or disable fp16")
         run_state.require_finite(finite_check, step, self.ranks, self.output)
         if self.saved_step != step:
@@ -323,7 +323,7 @@ class Run:
             raise RunFailedError(
                 f"{self.skipped_in_a_row} consecutive non-finite steps (max_nonfinite_steps="
                 f"{self.cfg.max_nonfinite_steps}) at step {step}, loss {loss:.4g}; last good checkpoint: "
-                f"{run_state.last_finite_checkpoint(self.output) or 'none'}. Lower lr, check the data, or disable fp16.")
+                f"{run_folder.last_finite_checkpoint(self.output) or 'none'}. Lower lr, check the data, or disable fp16.")
 
     # ---- monitoring ----
 
@@ -373,7 +373,7 @@ class Run:
                        **results(), "skipped_steps": self.skipped,
                        "samples_per_sec": self.meter.mean(step) if trained else None,
                        "wall_s": time.time() - self.start_time}
-            path = self.output / run_state.SUMMARY
+            path = self.output / run_folder.SUMMARY
             if not trained and path.is_file():  # finishing a run whose last step was saved: keep its figures
                 try:
                     before = json.loads(path.read_text())
