@@ -2,7 +2,6 @@
 import hashlib
 import json
 import os
-import socket
 
 import cv2
 import numpy as np
@@ -18,6 +17,7 @@ from dataset import (
     build_dataset,
     get_dataloader,
 )
+from tests.helpers import free_port
 from utils.recordio import IndexedRecordWriter, IRHeader, pack_record, write_face_rec
 
 
@@ -175,12 +175,6 @@ def test_dataloader_is_reproducible(mxrec):
     assert runs[0] == runs[1] and len(runs[0]) == 7 - 2
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _gloo_worker(rank, world, port, n, bs, out_dir):
     import torch.distributed as dist
 
@@ -204,7 +198,7 @@ def test_gloo_two_process_sharding(tmp_path):
     import torch.multiprocessing as tmp
 
     n, bs, world = 64, 4, 2
-    tmp.spawn(_gloo_worker, args=(world, _free_port(), n, bs, str(tmp_path)), nprocs=world, join=True)
+    tmp.spawn(_gloo_worker, args=(world, free_port(), n, bs, str(tmp_path)), nprocs=world, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     assert results[0] == results[1]  # both ranks gathered the same view
     for epoch in range(2):

@@ -54,20 +54,18 @@ Safe as they are (why):
 """
 from __future__ import annotations
 
-import datetime
 import os
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from backbones import get_model
 from cfsm import Generator
 from cfsm.attack import adversarial_mix, frozen_stats
 from losses import ArcFace
 from partial_fc import PartialFC
+from tests.helpers import spawn_ranks
 
 WORLD = 2
 NUM_CLASSES = 8
@@ -75,20 +73,8 @@ PG_TIMEOUT_S = 20  # a mismatched collective sequence fails (or times out) withi
 
 
 def _spawn(fn, tmp_path, *args) -> list[dict]:
-    """Run fn(rank, *args) on 2 gloo processes; return each rank's result dict (or raise its error)."""
-    mp.spawn(_entry, args=(fn, str(tmp_path), args), nprocs=WORLD, join=True)
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-
-
-def _entry(rank: int, fn, out_dir: str, args) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'pg_init')}", rank=rank,
-                            world_size=WORLD, timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
-    try:
-        result = fn(rank, *args)
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    """fn(rank, *args) on 2 gloo processes; each rank's result dict (or its error)."""
+    return spawn_ranks(fn, tmp_path, *args, world=WORLD, timeout_s=PG_TIMEOUT_S)
 
 
 # ---- 1. CFSM attack: precision retries decided together -------------------------------------------------------

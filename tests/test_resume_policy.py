@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import train
-from tests.test_train import REPO, free_port, tiny_args
+from tests.helpers import REPO, start_ranks, tiny_args
 from utils import config_policy, output_lock, rng_state, run_folder, run_state as rs
 from utils.distributed import Ranks
 from utils.checkpoint import CheckpointError
@@ -363,12 +363,9 @@ def two_nodes(tmp_path_factory):
                                f"l = lock_output({str(folders[0] / 'locked')!r}); print('locked', flush=True); "
                                f"time.sleep(300)"], cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
     try:
-        procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(r), str(folders[r]), str(root / f"{r}.json")],
-                                  cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for r in range(2)]
+        procs = start_ranks([[sys.executable, "-c", WORKER, str(r), str(folders[r]), str(root / f"{r}.json")]
+                             for r in range(2)])
         outputs = [p.communicate(timeout=300)[0] for p in procs]
     finally:
         holder.kill()

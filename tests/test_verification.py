@@ -222,7 +222,7 @@ def test_verification_cli_on_two_ranks_equals_one_process(tmp_path: Path, batch_
     import json
 
     from backbones import get_model
-    from tests._torchrun import run_module
+    from tests.helpers import run_module
 
     _write_toy_bin(tmp_path / "v.bin", 21, 4)
     torch.manual_seed(0)

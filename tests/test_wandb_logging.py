@@ -169,7 +169,7 @@ def test_training_run_logs_the_tensorboard_scalars_and_images(mini_toy: Path, tm
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     import train
-    from tests.test_train import tiny_args
+    from tests.helpers import tiny_args
 
     out = tmp_path / "run"
     args = tiny_args(mini_toy, out, f"pretrained_synthesis_model={tiny_generator_file}", "rs_ratio=0.5", "k=1",
