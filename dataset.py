@@ -418,6 +418,23 @@ def get_dataloader(
     )
 
 
+def training_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: int, rank: int, world_size: int,
+                    device: torch.device):
+    """The trainers' loader: `get_dataloader` over `dataset`, wrapped in a `CUDAPrefetcher` on a CUDA device (host to
+    device copies overlap compute). Its `.sampler` is the `FaceSampler` the run positions by step."""
+    loader = get_dataloader(dataset, batch_size, seed, num_workers, rank, world_size, device)
+    return CUDAPrefetcher(loader, device) if torch.device(device).type == "cuda" else loader
+
+
+def batch_sampler_loader(dataset: Dataset, batch_sampler: Sampler, num_workers: int,
+                         device: torch.device) -> DataLoader:
+    """A DataLoader whose batches come from `batch_sampler` (e.g. stage 1's `TargetBatchSampler`), with the same
+    seeded workers and pinned memory on CUDA as `get_dataloader`."""
+    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
+                      pin_memory=torch.device(device).type == "cuda", worker_init_fn=seed_worker,
+                      persistent_workers=num_workers > 0)
+
+
 class CUDAPrefetcher:
     """Iterates a loader, copying the next batch to ``device`` on a side stream while the current one is used."""
 

@@ -43,7 +43,7 @@ config.num_epoch = 20                    # epochs of the full schedule
 config.warmup_epoch = 0                  # linear warm-up epochs
 config.lr_power = 2.0                    # polynomial decay power after warm-up
 config.clip_grad_norm = 5.0              # max L2 norm of the backbone gradient (0 = no clipping)
-config.fp16 = False                      # mixed precision: float16 + GradScaler on CUDA, bfloat16 on CPU (utils.optim)
+config.fp16 = False                      # mixed precision: float16 + GradScaler on CUDA, bfloat16 on CPU (utils.precision)
 config.bf16 = False                      # bf16 autocast (no scaler needed)
 config.max_nonfinite_steps = 20          # stop after this many consecutive skipped non-finite steps
 

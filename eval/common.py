@@ -38,9 +38,9 @@ from torch import nn
 from dataset import seed_worker
 from utils.checkpoint import write_json as _write_json
 from utils.cli import UsageError, positive_int, resolve_device
-from utils.distributed import DistEnv, agreed_call, cleanup, init_distributed
+from utils.distributed import DistEnv, agree_call, cleanup, init_distributed
 from utils.errors import UserError
-from utils.optim import low_precision_dtype  # resolve_device re-exported: one meaning of --device
+from utils.precision import low_precision_dtype  # resolve_device re-exported: one meaning of --device
 
 IMAGE_SIZE = 112
 
@@ -430,7 +430,7 @@ def embed_sharded(
             return np.zeros((0, 0), np.float32), (np.zeros((0, 0), np.float32) if flip else None)
         return embed_part(mine)
 
-    orig, flipped = agreed_call(env, part, "embedding")
+    orig, flipped = agree_call(env, part, "embedding")
     rows = orig if flipped is None else np.concatenate([orig, flipped], axis=1)
     gathered = gather_rows(env, indices, rows, total)
     if gathered is None:
@@ -537,7 +537,7 @@ def model_from_args(args: argparse.Namespace, env: DistEnv | None = None) -> tup
     (a rank that cannot read it stops them all)."""
     if env is None:
         env = single_process_env(resolve_device(args.device))
-    model, choice = agreed_call(
+    model, choice = agree_call(
         env, lambda: load_backbone_choice(args.model, args.network, args.embedding_size, env.device), "model loading")
     args.network = choice.network  # what the results files record
     return model, env.device

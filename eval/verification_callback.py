@@ -16,9 +16,9 @@ from torch import nn
 
 from eval.common import EvalInputError
 from eval.verification import evaluate_verification
-from utils.binfile import BinFileError, load_bin
-from utils.config import ConfigError
-from utils.distributed import DistEnv, all_ranks_ok
+from eval.binfile import BinFileError, load_bin
+from utils.errors import ConfigError
+from utils.distributed import DistEnv, agree_all
 
 __all__ = ["open_verification_sets", "CallBackVerification", "verification_for_run"]
 
@@ -111,7 +111,7 @@ def verification_for_run(val_targets: Sequence[str], rec_dir: str | os.PathLike,
             sets = open_verification_sets(val_targets, rec_dir, nfolds)
         except (ConfigError, OSError) as exc:
             error = exc
-    if not all_ranks_ok(env, error is None):
+    if not agree_all(env, error is None):
         if error is not None:
             raise error
         raise ConfigError("rank 0 could not open the verification sets in val_targets (its error names the file); "

@@ -2,7 +2,7 @@
 entry point that meets it first. Each row asserts the exception type AND that the message names the file / key /
 value, so a user can fix the input from the message alone. README "Troubleshooting" mirrors this table.
 
-The rows run the module-level functions (``train.main``, ``dataset.*``, ``utils.binfile.load_bin``,
+The rows run the module-level functions (``train.main``, ``dataset.*``, ``eval.binfile.load_bin``,
 ``cfsm.load_generator``, ``eval.ijb.main``) in-process; nothing trains, so the whole table takes seconds.
 """
 from __future__ import annotations
@@ -27,13 +27,13 @@ from eval.align import NoFaceError
 from eval.common import EvalInputError
 from losses import ArcFace
 from partial_fc import PartialFC
-from tests.test_train import tiny_args
-from utils.binfile import BinFileError, load_bin
+from tests.helpers import tiny_args
+from eval.binfile import BinFileError, load_bin
 from utils.checkpoint import CheckpointError, safe_load
 from utils.cli import UsageError
-from utils.config import ConfigError
+from configs.loader import ConfigError
 from utils.recordio import IndexedRecordReader, IndexedRecordWriter, RecordIOError, pack_record, unpack_record
-from utils.run_state import COMPLETE, step_dir
+from utils.run_folder import COMPLETE, step_dir
 
 
 @dataclass
@@ -913,9 +913,9 @@ def test_stage1_bad_target_on_one_rank_stops_both_ranks(mini_toy: Path, tiny_gen
                                                         tmp_path: Path) -> None:
     """Each node reads its own disk: rank 1's copy of the target folder has an undecodable image, rank 0's is fine.
     Rank 1 reports the file, rank 0 stops with it at once (not after dist_timeout_s), and no output folder exists."""
-    import socket
-
     import torch.multiprocessing as mp
+
+    from tests.helpers import free_port
 
     ctx = Ctx(toy=Path(mini_toy), generator=tiny_generator_file, tmp=tmp_path)
     bad_targets = _targets(ctx, {4: b"\x00" * 10})
@@ -925,10 +925,7 @@ def test_stage1_bad_target_on_one_rank_stops_both_ranks(mini_toy: Path, tiny_gen
                   dist_timeout_s=300, output=tmp_path / "stage1_run")
     argvs = [["configs/cfsm_toy"] + [f"{k}={v}" for k, v in {**common, "target": target}.items()]
              for target in (ctx.toy / "target_faces", bad_targets)]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_stage1_rank, args=(port, argvs, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_stage1_rank, args=(free_port(), argvs, str(tmp_path)), nprocs=2, join=True)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
     assert rank1["error"] == "ValueError" and "1 of 20 target images cannot be decoded" in rank1["message"], rank1
     assert str(bad_targets) in rank1["message"]

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from utils.config import ConfigError, apply_overrides, base_config, load_config
+from configs.loader import ConfigError, apply_overrides, available_configs, base_config, load_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -15,7 +15,7 @@ def test_every_base_key_has_a_comment():
             assert "#" in line, f"base.py key without a one-line comment: {line}"
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem not in ("__init__",)))
+@pytest.mark.parametrize("name", available_configs())
 def test_every_config_loads(name):
     cfg = load_config(f"configs/{name}")
     assert cfg.config_name == name
@@ -155,7 +155,7 @@ def test_unsupported_combined_margins_are_refused_at_load():
 
 # ---- value ranges (issue 10 §7): every numeric key of base.py is checked at load, naming key and value ----
 def test_every_numeric_base_key_has_a_range_rule():
-    from utils.config import NUMERIC_RULES
+    from configs.loader import NUMERIC_RULES
 
     numeric = {k for k, v in base_config().items()
                if (isinstance(v, (int, float)) and not isinstance(v, bool)) or isinstance(v, (list, tuple)) and v
@@ -185,7 +185,7 @@ def test_clip_grad_norm_zero_still_means_off_and_the_message_says_so():
 
 
 def test_tilde_is_expanded_in_every_path_key(tmp_path, monkeypatch):
-    from utils.config import PATH_KEYS
+    from configs.loader import PATH_KEYS
 
     monkeypatch.setenv("HOME", str(tmp_path))
     gen = tmp_path / "g.pth"
@@ -203,22 +203,9 @@ def test_degradation_values_are_checked(override):
         load_config("configs/toy", [override])
 
 
-def test_one_mixed_precision_policy_for_training_backbones_and_evaluation():
-    """fp16 means float16 with loss scaling on CUDA and bfloat16 without a scaler on CPU, for every user."""
-    import torch
-
-    from backbones import iresnet, mobilefacenet
-    from utils.optim import low_precision_dtype, mixed_precision
-
-    dtype, scaler, autocast = mixed_precision(True, False, "cpu")
-    assert dtype == torch.bfloat16 and not scaler.is_enabled() and autocast["enabled"]
-    assert mixed_precision(False, True, "cpu")[0] == torch.bfloat16 and mixed_precision(False, False, "cpu")[0] is None
-    assert low_precision_dtype("cuda") == torch.float16
-    assert iresnet.autocast_dtype is low_precision_dtype and mobilefacenet.autocast_dtype is low_precision_dtype
-
-
 def test_a_key_of_the_other_stage_is_refused_not_ignored():
-    from utils.config import STAGE1_KEYS, STAGE2_KEYS, base_config, refuse_other_stage
+    from configs.loader import base_config, refuse_other_stage
+    from utils.config_policy import STAGE1_KEYS, STAGE2_KEYS
 
     assert set(STAGE1_KEYS) | set(STAGE2_KEYS) <= set(base_config()) and not set(STAGE1_KEYS) & set(STAGE2_KEYS)
     stage2 = load_config("configs/toy", ["gen_dim=32", "lambda_rec=2.0"])

@@ -473,7 +473,7 @@ def test_empty_bin_names_the_file(tmp_path: Path) -> None:
     import pickle
 
     from eval import verification
-    from utils.binfile import BinFileError
+    from eval.binfile import BinFileError
 
     path = tmp_path / "empty.bin"
     path.write_bytes(pickle.dumps(([], []), protocol=4))  # a valid pickle with no pair: used to embed 0 images
@@ -556,7 +556,7 @@ def test_vit_network_is_accepted(ijb_root: Path, tinyface_root: Path, tmp_path: 
 # N processes: torchrun splits the extraction; results equal one process's
 # ---------------------------------------------------------------------------------------------------------------
 def _launch(module: str, args: list[str], nproc: int) -> str:
-    from tests._torchrun import run_module
+    from tests.helpers import run_module
 
     proc = run_module(module, args, nproc)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -602,7 +602,7 @@ def test_embed_and_tinyface_on_two_ranks_equal_one_process(tinyface_root: Path, 
 @pytest.mark.slow
 def test_bad_image_on_one_rank_stops_every_rank(ijb_root: Path, tmp_path: Path) -> None:
     """Crop 20.jpg is in batch 1 (rank 1's): rank 1 names it, rank 0 stops with it instead of waiting."""
-    from tests._torchrun import run_module
+    from tests.helpers import run_module
 
     root = _copy(ijb_root, tmp_path)
     (root / "IJBC" / "loose_crop" / "20.jpg").write_bytes(b"not a jpeg")

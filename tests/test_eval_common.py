@@ -1,17 +1,14 @@
 """eval.common's N-process pieces: the batch split and the index-carrying gather (2 real gloo ranks)."""
 from __future__ import annotations
 
-import datetime
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from eval.common import gather_rows, shard_batches, single_process_env
+from tests.helpers import spawn_ranks
 from utils.distributed import DistEnv
 
 
@@ -28,33 +25,27 @@ def _rows(indices: np.ndarray) -> np.ndarray:
     return np.stack([indices * 10.0, -indices - 0.5], axis=1).astype(np.float32)
 
 
-def _gather_worker(rank: int, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'pg')}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=30))
+def _gather_worker(rank: int) -> dict:
     env = DistEnv(rank=rank, local_rank=rank, world_size=2, device=torch.device("cpu"), backend="gloo")
     results = {}
-    try:
-        # 11 rows dealt unevenly (6 / 5), gathered 2 rows per chunk; rank 1 also sends row 0 again (de-duplicated)
-        mine = np.arange(rank, 11, 2)
-        if rank == 1:
-            mine = np.concatenate([mine, [0]])
-        results["ok"] = gather_rows(env, mine, _rows(mine), 11, chunk_rows=2)
-        try:  # index 11 is never sent: rank 0 names the shortfall
-            gather_rows(env, np.arange(rank, 11, 2), _rows(np.arange(rank, 11, 2)), 12, chunk_rows=4)
-            results["missing"] = None
-        except RuntimeError as e:
-            results["missing"] = str(e)
-        empty = np.zeros((0, 0), np.float32)  # a rank with no batch still joins the gather
-        results["empty"] = gather_rows(env, np.arange(3) if rank == 0 else np.zeros(0, np.int64),
-                                       _rows(np.arange(3)) if rank == 0 else empty, 3)
-    finally:
-        dist.destroy_process_group()
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    # 11 rows dealt unevenly (6 / 5), gathered 2 rows per chunk; rank 1 also sends row 0 again (de-duplicated)
+    mine = np.arange(rank, 11, 2)
+    if rank == 1:
+        mine = np.concatenate([mine, [0]])
+    results["ok"] = gather_rows(env, mine, _rows(mine), 11, chunk_rows=2)
+    try:  # index 11 is never sent: rank 0 names the shortfall
+        gather_rows(env, np.arange(rank, 11, 2), _rows(np.arange(rank, 11, 2)), 12, chunk_rows=4)
+        results["missing"] = None
+    except RuntimeError as e:
+        results["missing"] = str(e)
+    empty = np.zeros((0, 0), np.float32)  # a rank with no batch still joins the gather
+    results["empty"] = gather_rows(env, np.arange(3) if rank == 0 else np.zeros(0, np.int64),
+                                   _rows(np.arange(3)) if rank == 0 else empty, 3)
+    return results
 
 
 def test_gather_rows_orders_deduplicates_and_checks_completeness(tmp_path: Path) -> None:
-    mp.spawn(_gather_worker, args=(str(tmp_path),), nprocs=2, join=True)
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    rank0, rank1 = spawn_ranks(_gather_worker, tmp_path, timeout_s=30)
     assert np.array_equal(rank0["ok"], _rows(np.arange(11)))
     assert rank0["missing"].startswith("gathered 11 distinct rows of 12 from 2 ranks")
     assert np.array_equal(rank0["empty"], _rows(np.arange(3)))

@@ -63,7 +63,7 @@ def test_ensure_toy_data_small_and_concurrent(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".toy.tmp")]  # temp dirs cleaned
 
     from dataset import build_dataset
-    from utils.binfile import load_bin
+    from eval.binfile import load_bin
 
     ds = build_dataset(str(root), num_classes=6, num_image=24)
     assert [int(ds[(i, False)][1]) for i in range(0, 24, 4)] == list(range(6))

@@ -12,8 +12,8 @@ from torch import nn
 from eval import verification
 from eval.verification import embed_images, evaluate_verification
 from eval.verification_callback import CallBackVerification, open_verification_sets, verification_for_run
-from utils.binfile import write_bin
-from utils.config import ConfigError
+from eval.binfile import write_bin
+from configs.loader import ConfigError
 
 
 class HalfMeans(nn.Module):
@@ -76,7 +76,7 @@ def test_evaluate_verification_known_answer_and_xnorm() -> None:
 
 
 def test_load_bin_is_reexported() -> None:
-    from utils.binfile import load_bin
+    from eval.binfile import load_bin
 
     assert verification.load_bin is load_bin
 
@@ -222,7 +222,7 @@ def test_verification_cli_on_two_ranks_equals_one_process(tmp_path: Path, batch_
     import json
 
     from backbones import get_model
-    from tests._torchrun import run_module
+    from tests.helpers import run_module
 
     _write_toy_bin(tmp_path / "v.bin", 21, 4)
     torch.manual_seed(0)

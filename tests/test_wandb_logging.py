@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from utils.config import ConfigError, load_config
+from configs.loader import ConfigError, load_config
 
 # ---- reading an offline run back: wandb's .wandb file is a LevelDB-style log of protobuf Record messages ----
 # (7-byte file header ":W&B" + magic + version; 32 KiB blocks; each chunk: crc32, uint16 length, type 1 full /
@@ -169,7 +169,7 @@ def test_training_run_logs_the_tensorboard_scalars_and_images(mini_toy: Path, tm
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     import train
-    from tests.test_train import tiny_args
+    from tests.helpers import tiny_args
 
     out = tmp_path / "run"
     args = tiny_args(mini_toy, out, f"pretrained_synthesis_model={tiny_generator_file}", "rs_ratio=0.5", "k=1",

@@ -61,7 +61,7 @@ def compare_photos(backbone: torch.nn.Module, path_a: str, path_b: str, which: s
 
 def load_threshold_set(bin_path: Path, far: float) -> tuple[torch.Tensor, np.ndarray]:
     """A ``.bin`` set's images and labels, checked to have enough impostor pairs to measure ``far``."""
-    from utils.binfile import load_bin
+    from eval.binfile import load_bin
 
     images, issame = load_bin(bin_path)
     impostors = int(np.count_nonzero(~issame))

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     from utils.elastic import saved_course
     from utils.reshard import ReshardError, reshard_states
-    from utils.run_state import mark_complete
+    from utils.run_folder import mark_complete
 
     meta, states = read_folder(args.checkpoint)
     old_world = int(meta["world_size"])

@@ -1,13 +1,21 @@
 """Process-group setup from the launcher's environment (torchrun, torch.distributed.launch, or none).
 
 The same code runs on CPU/gloo and GPU/NCCL: the backend and device follow from what the machine has.
+
+Cross-rank agreement, one family (`agree_*`): a branch one rank could take alone is agreed before a collective.
+
+    agree_all(env, ok)            True only if `ok` on every rank (AND)
+    agree_any(flags)              int flags OR-ed over the ranks (a tensor of several flags, one all-reduce)
+    agree_call(env, fn, what)     fn() on every rank; if it raised on any rank, every rank raises
+    agree_batches(env, batches)   the batches while every rank has one; an error or early end stops all ranks
+    gather_objects(env, obj)      every rank's picklable object, by rank (what Ranks below is built from)
 """
 from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -107,7 +115,7 @@ def barrier(env: DistEnv) -> None:
             dist.barrier()
 
 
-def all_ranks_ok(env: DistEnv, ok: bool) -> bool:
+def agree_all(env: DistEnv, ok: bool) -> bool:
     """True only if `ok` on every rank: lets ranks agree to stop together instead of hanging."""
     if not env.distributed:
         return ok
@@ -124,6 +132,15 @@ def agree_any(flags: torch.Tensor) -> torch.Tensor:
     flags = flags.clone()
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     return flags
+
+
+def gather_objects(env: DistEnv, obj: T) -> list[T]:
+    """Every rank's `obj` (picklable), indexed by rank; `[obj]` without a process group."""
+    if not env.distributed:
+        return [obj]
+    out: list = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 class PeerRankError(UserError, RuntimeError):
@@ -146,7 +163,7 @@ def _stop_together(env: DistEnv, error: BaseException | None, what: str, more_fl
     return tuple(bool(v) for v in agreed[1:])
 
 
-def agreed_call(env: DistEnv, fn: Callable[[], T], what: str) -> T:
+def agree_call(env: DistEnv, fn: Callable[[], T], what: str) -> T:
     """fn() on this rank, then an agreement in place of a barrier: if fn raised on any rank, every rank raises
     (instead of the others waiting at the next collective until the process-group timeout)."""
     try:
@@ -157,7 +174,7 @@ def agreed_call(env: DistEnv, fn: Callable[[], T], what: str) -> T:
     return result
 
 
-def agreed_batches(batches: Iterable[T], env: DistEnv) -> Iterator[T]:
+def agree_batches(env: DistEnv, batches: Iterable[T]) -> Iterator[T]:
     """Yield the items of `batches` while every rank has one, with one all-reduce per item of (error, exhausted,
     not exhausted). A rank whose loader raises (a bad record) re-raises, the others raise PeerRankError; when
     every rank is exhausted all stop together; when only some are (uneven shards) every rank raises, instead of
@@ -179,6 +196,30 @@ def agreed_batches(batches: Iterable[T], env: DistEnv) -> Iterator[T]:
         if exhausted:
             return
         yield item
+
+
+# The ranks as the few collectives the run's file handling needs (utils.run_state, utils.output_lock); a test passes
+# plain functions for a fake world.
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    agree_all: Callable[[bool], bool] = field(default=lambda ok: ok)  # True only if True on every rank
+    gather: Callable[[Any], list] = field(default=lambda obj: [obj])  # every rank's object, by rank
+
+    @property
+    def writes_markers(self) -> bool:
+        """Rank 0 and the first rank of every node: each node's folder gets its markers and pruning."""
+        return self.rank == 0 or self.local_rank == 0
+
+    @classmethod
+    def from_env(cls, env) -> "Ranks":
+        """`agree_all` / `gather_objects` over the default process group of `env`."""
+        if not env.distributed:
+            return cls(env.rank, env.world_size, env.local_rank)
+        return cls(env.rank, env.world_size, env.local_rank, lambda ok: agree_all(env, ok),
+                   lambda obj: gather_objects(env, obj))
 
 
 def cleanup(env: DistEnv) -> None:

@@ -16,5 +16,9 @@ class LaunchError(UserError, ValueError):
     """The launch environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) or the device is wrong."""
 
 
+class ConfigError(UserError, ValueError):
+    """A config file, key or value is wrong; the message names it (raised by configs.loader and the run checks)."""
+
+
 class RunFailedError(RuntimeError):
     """The run ended without a model worth keeping; the message says why and names the newest usable checkpoint."""

@@ -455,7 +455,7 @@ def ensure_toy_data(
 
 
 def _generate(out: Path, cfg: dict, seed: int, workers: int, verbose: bool) -> dict:
-    from utils.binfile import write_bin
+    from eval.binfile import write_bin
     from utils.recordio import write_face_rec
 
     n_id, per_id = cfg["num_identities"], cfg["images_per_identity"]

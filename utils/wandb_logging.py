@@ -45,7 +45,7 @@ class WandbWriter:
     Values of one step are buffered and logged as one row when a later step arrives or on `flush` / `close`."""
 
     def __init__(self, output: str | Path, cfg: Mapping[str, Any], resumed: bool) -> None:
-        from utils.config import ConfigError
+        from utils.errors import ConfigError
 
         if not wandb_installed():
             raise ConfigError("config key 'wandb' = True, but the wandb package is not installed: `pip install "

@@ -1,4 +1,5 @@
-"""Config loading: `configs/base.py` holds every key; a job config overrides some; `key=value` overrides last.
+"""Config loading, next to the configs it loads (it reads the model registries, so it is not in utils/, which
+imports no model code): `configs/base.py` holds every key; a job config overrides some; `key=value` overrides last.
 
 Unknown keys are an error everywhere (a typo must not silently train with a default), and every value is checked at
 load (`validate`): numeric ranges (`NUMERIC_RULES`, one rule per numeric key of base.py) and the choices of
@@ -23,11 +24,13 @@ from easydict import EasyDict
 # The registries are plain name -> (class, declared config keys) tables; importing them builds no model.
 from backbones import BACKBONE_CONFIG_KEYS, BACKBONES
 from losses import MARGIN_LOSSES, margin_loss_from_config
-from utils.degrade import DEGRADE_BOUNDS, DEGRADE_KEYS
-from utils.errors import UserError
+from utils.config_policy import STAGE1_KEYS, STAGE2_KEYS
+from utils.degrade import DEGRADE_BOUNDS
+from utils.errors import ConfigError  # re-exported: `from configs.loader import ConfigError`
 from utils.optim import OPTIMIZERS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+NOT_CONFIGS = ("__init__", "loader")  # modules of configs/ that are not job configs
 
 # Keys whose value may legitimately change type (documented in configs/base.py).
 _FLEXIBLE_TYPES: dict[str, tuple[type, ...]] = {
@@ -48,22 +51,12 @@ PATH_KEYS: tuple[str, ...] = ("rec", "output", "pretrained_synthesis_model", "pr
                               "id_model", "init_generator")
 
 
-# Keys only one stage reads (configs/base.py holds both stages' keys); giving one to the other stage is an error.
-STAGE1_KEYS: tuple[str, ...] = (
-    "target", "id_network", "id_model", "id_embedding_size", "gen_dim", "gen_n_downsample", "gen_n_residual",
-    "gen_latent_dim", "gen_style_dim", "gen_input_skip", "init_generator", "gen_lr", "gen_betas",
-    "lambda_id_schedule", "id_distance_range", "lambda_rec", "lambda_diversity", "style_sampling", "dis_dim",
-    "style_report_faces")
-STAGE2_KEYS: tuple[str, ...] = (
-    "network", "embedding_size", "dropout", "use_checkpoint", "channels_last", "loss", "s", "m", "margin_list",
-    "adaface_h", "adaface_t_alpha", "sample_rate", "optimizer", "lr", "momentum", "weight_decay",
-    "weight_decay_exclude", "gradient_acc", "warmup_epoch", "lr_power", "clip_grad_norm",
-    "pretrained_synthesis_model", "rs_ratio", "epsilon", "alpha", "k", "pretrained_backbone_model", *DEGRADE_KEYS)
 STAGE_SCRIPTS = {"recognition": "train.py", "cfsm_stage1": "train_generator.py"}
 
 
 def refuse_other_stage(cfg: EasyDict, kind: str) -> None:
-    """A key only the other stage reads, set away from its default, is a mistake (it would be ignored silently)."""
+    """A key only the other stage reads (utils.config_policy STAGE1_KEYS / STAGE2_KEYS), set away from its
+    default, is a mistake: it would be ignored silently."""
     other, script = (STAGE1_KEYS, "train_generator.py") if kind == "recognition" else (STAGE2_KEYS, "train.py")
     defaults = base_config()
     given = [k for k in other if _plain_value(cfg[k]) != _plain_value(defaults[k])]
@@ -76,10 +69,6 @@ def refuse_other_stage(cfg: EasyDict, kind: str) -> None:
 
 def _plain_value(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
-
-
-class ConfigError(UserError, ValueError):
-    """A config file, key or value is wrong; the message names it."""
 
 
 def _numbers(value: Any, count: int | None = None) -> bool:
@@ -198,7 +187,7 @@ def _import_config_module(name_or_path: str):
         candidates.append(REPO_ROOT / "configs" / f"{text.split('.')[-1]}.py")
     if str(REPO_ROOT) not in sys.path:  # job configs may build on each other (`from configs.toy import config`)
         sys.path.insert(0, str(REPO_ROOT))
-    for name in [m for m in sys.modules if m.startswith("configs.")]:
+    for name in [m for m in sys.modules if m.startswith("configs.") and m != __name__]:
         del sys.modules[name]  # each load sees the files as they are now, never an object mutated by a caller
     for path in candidates:
         if path.is_file():
@@ -215,9 +204,14 @@ def _import_config_module(name_or_path: str):
                 where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else str(path)
                 raise ConfigError(f"{where}: {type(exc).__name__}: {exc} (raised while loading the config)") from None
             return module, path
-    available = sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.py") if p.stem != "__init__")
+    available = available_configs()
     raise ConfigError(f"config '{name_or_path}' not found (looked at {[str(c) for c in candidates]}); "
                       f"available configs: {', '.join(available)}")
+
+
+def available_configs() -> list[str]:
+    """The job configs in configs/ (every .py file but the package's own modules)."""
+    return sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.py") if p.stem not in NOT_CONFIGS)
 
 
 def base_config() -> EasyDict:
