@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -497,8 +498,10 @@ def check_output_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
         raise EvalInputError(f"{flag} {folder} is a file; give a folder for the results")
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):  # writable now, not only after the work (read-only mounts, ACLs)
+            pass
     except OSError as e:
-        raise EvalInputError(f"{flag} {folder}: cannot create the folder ({e.strerror})") from None
+        raise EvalInputError(f"{flag} {folder}: cannot create or write the folder ({e.strerror})") from None
     return folder
 
 

@@ -933,3 +933,73 @@ def test_stage1_bad_target_on_one_rank_stops_both_ranks(mini_toy: Path, tiny_gen
         rank0["message"], rank0
     assert rank0["seconds"] < 300  # agreed at once; without the agreement rank 0 waits out dist_timeout_s
     assert not (tmp_path / "stage1_run").exists()
+
+
+# ---- the probe table through the real command line: one `error:` line, exit 2, no traceback ----
+
+def _probe_rows(tmp: Path, mini_toy: Path) -> list[tuple[str, list[str], dict[str, str]]]:
+    import sys
+
+    import torch
+
+    from backbones import get_model
+    from eval.binfile import write_bin
+
+    (tmp / "a_file").write_text("not a folder")
+    torch.save(get_model("r_tiny", num_features=32).state_dict(), tmp / "backbone.pt")
+    face = cv2.imencode(".jpg", np.zeros((112, 112, 3), np.uint8))[1].tobytes()
+    write_bin(tmp / "nine.bin", [face] * 18, [True, False] * 4 + [True])
+    (tmp / "syntax.py").write_text("from configs.toy import config\nconfig.lr = (\n")
+    (tmp / "raises.py").write_text("from configs.toy import config\nconfig.lr = 1 / 0\n")
+    toy = [f"rec={mini_toy}", "generate_toy_data=False", f"output={tmp / 'out'}", "num_workers=0"]
+    train = [sys.executable, "train.py", "configs/toy"]
+    rows = [
+        ("output is a file", [*train, *toy, f"output={tmp / 'a_file'}"], {}),
+        ("RANK outside WORLD_SIZE", [*train, *toy], {"RANK": "3", "WORLD_SIZE": "2"}),
+        ("no MASTER_ADDR", [*train, *toy], {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": ""}),
+        ("WORLD_SIZE not a number", [*train, *toy], {"WORLD_SIZE": "abc"}),
+        ("empty output", [*train, *toy, "output="], {}),
+        ("space-padded rec", [*train, "rec= ", "generate_toy_data=False"], {}),
+        ("batch_size 1", [*train, *toy, "batch_size=1"], {}),
+        ("batch_size larger than the data", [*train, *toy, "batch_size=100000"], {}),
+        ("a stage-1 key given to stage 2", [*train, *toy, "gen_dim=32"], {}),
+        ("a degradation out of its range", [*train, *toy, "degrade_noise_std=(1.0, 500.0)"], {}),
+        ("a backbone as the generator", [*train, *toy, "rs_ratio=0.5",
+                                         f"pretrained_synthesis_model={tmp / 'backbone.pt'}"], {}),
+        ("a config with a syntax error", [sys.executable, "train.py", str(tmp / "syntax.py")], {}),
+        ("a config that raises", [sys.executable, "train.py", str(tmp / "raises.py")], {}),
+        ("--opset 99", [sys.executable, "-m", "tools.export_onnx", "--model", str(tmp / "backbone.pt"), "--out",
+                        str(tmp / "onnx"), "--opset", "99"], {}),
+        ("a 9-pair .bin", [sys.executable, "-m", "eval.verification", "--model", str(tmp / "backbone.pt"),
+                           "--bin", str(tmp / "nine.bin"), "--device", "cpu"], {}),
+        ("make_toy_data negative count", [sys.executable, "-m", "tools.make_toy_data", "--out", str(tmp / "t"),
+                                          "--num-identities", "-3"], {}),
+    ]
+    if not torch.cuda.is_available():
+        rows.append(("device=cuda without CUDA", [*train, *toy, "device=cuda"], {}))
+    return rows
+
+
+@pytest.mark.slow
+def test_probe_table_through_the_real_command_line(mini_toy: Path, tmp_path: Path) -> None:
+    """Each mistake, run as a user runs it (a subprocess), ends in exactly one `error:` line and exit 2."""
+    import os
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.helpers import REPO
+
+    def run(row):
+        name, cmd, extra = row
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                                "MASTER_PORT", "CFSM_TRACEBACK")}
+        env.update({k: v for k, v in extra.items() if v}, OMP_NUM_THREADS="1")
+        return name, subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(run, _probe_rows(tmp_path, mini_toy)))
+    for name, proc in results:
+        errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+        assert proc.returncode == 2 and len(errors) == 1 and errors[0].startswith("error: "), (name, proc.stderr[-1500:])
+        assert "Traceback" not in proc.stderr, (name, proc.stderr[-1500:])
+    assert not (REPO / " ").exists()  # the space-padded rec made no folder named ' '

@@ -68,3 +68,18 @@ def test_bad_device_under_a_launcher_is_a_usage_error(monkeypatch: pytest.Monkey
     with pytest.raises(UsageError, match=f"--device '{device}'"):
         with eval_ranks(device):
             pass
+
+
+def test_an_unwritable_out_folder_is_found_before_any_work(tmp_path, monkeypatch):
+    """Root writes anywhere, so the read-only folder is simulated: the probe write fails as on a read-only mount."""
+    import errno
+    import tempfile
+
+    from eval.common import EvalInputError, check_output_folder
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    with pytest.raises(EvalInputError, match=r"--out .*ro: cannot create or write the folder \(Read-only file system\)"):
+        check_output_folder(tmp_path / "ro")
