@@ -466,4 +466,4 @@ def test_a_stale_lock_is_taken_over_at_once_and_a_busy_folder_is_a_user_error(tm
 def test_the_generator_shape_keys_are_all_refused_on_a_stage1_resume():
     from cfsm.loading import GENERATOR_CONFIG_KEYS
 
-    assert set(GENERATOR_CONFIG_KEYS.values()) <= set(rs.CONFIG_POLICY["cfsm_stage1"].refuse)
+    assert set(GENERATOR_CONFIG_KEYS.values()) <= set(config_policy.CONFIG_POLICY["cfsm_stage1"].refuse)
