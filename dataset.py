@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from utils.errors import UserError
 from utils.recordio import IndexedRecordReader, RecordIOError
 
 __all__ = [
@@ -40,7 +41,7 @@ _SCALE = np.float32(2.0 / 255.0)
 _ONE = np.float32(1.0)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad training data; the message names the file, key and value."""
 
 
@@ -318,8 +319,9 @@ class FaceSampler(Sampler):
         self.epoch = 0
         self.start_sample = 0
         if self.batches_per_epoch == 0:
-            raise ValueError(
-                f"FaceSampler: {dataset_len} images over {world_size} ranks give no full batch of {batch_size}"
+            raise DataError(
+                f"{dataset_len} images over {world_size} rank(s) give no full batch of batch_size={batch_size} "
+                f"(images per rank per step): lower batch_size to at most {dataset_len // world_size}"
             )
 
     @property
@@ -364,10 +366,10 @@ class FaceSampler(Sampler):
         return iter(zip(mine.tolist(), flip_of.tolist()))
 
 
-def _worker_init(worker_id: int, opencv_threads: int | None = None) -> None:
+def seed_worker(worker_id: int, opencv_threads: int | None = None) -> None:
     """The one DataLoader worker-init (training, stage 1, evaluation): seeds python/numpy from torch's worker seed.
 
-    `opencv_threads` (spawned workers only, e.g. `functools.partial(_worker_init, opencv_threads=1)`) caps OpenCV's
+    `opencv_threads` (spawned workers only, e.g. `functools.partial(seed_worker, opencv_threads=1)`) caps OpenCV's
     pool so N workers do not each start one per core."""
     # torch seeds each worker as base_seed + worker_id (base_seed from the loader's seeded generator); derive
     # python/numpy RNGs from it so random flips of plain-int indices are reproducible too.
@@ -409,11 +411,28 @@ def get_dataloader(
         num_workers=num_workers,
         pin_memory=torch.device(device).type == "cuda",
         drop_last=True,
-        worker_init_fn=_worker_init,
+        worker_init_fn=seed_worker,
         generator=g,
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
     )
+
+
+def training_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: int, rank: int, world_size: int,
+                    device: torch.device):
+    """The trainers' loader: `get_dataloader` over `dataset`, wrapped in a `CUDAPrefetcher` on a CUDA device (host to
+    device copies overlap compute). Its `.sampler` is the `FaceSampler` the run positions by step."""
+    loader = get_dataloader(dataset, batch_size, seed, num_workers, rank, world_size, device)
+    return CUDAPrefetcher(loader, device) if torch.device(device).type == "cuda" else loader
+
+
+def batch_sampler_loader(dataset: Dataset, batch_sampler: Sampler, num_workers: int,
+                         device: torch.device) -> DataLoader:
+    """A DataLoader whose batches come from `batch_sampler` (e.g. stage 1's `TargetBatchSampler`), with the same
+    seeded workers and pinned memory on CUDA as `get_dataloader`."""
+    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
+                      pin_memory=torch.device(device).type == "cuda", worker_init_fn=seed_worker,
+                      persistent_workers=num_workers > 0)
 
 
 class CUDAPrefetcher:

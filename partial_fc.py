@@ -22,13 +22,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from utils.reshard import shard_range  # the class split, declared with the checkpoint resharding that reads it
+
 __all__ = ["PartialFC", "ClassSample", "DistCrossEntropy", "AllGather", "shard_range"]
-
-
-def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
-    """(class_start, num_local) of `rank`."""
-    base, rem = divmod(num_classes, world_size)
-    return base * rank + min(rank, rem), base + int(rank < rem)
 
 
 def _dist_on() -> bool:

@@ -5,13 +5,13 @@
 
 Per step: split the batch (rs_ratio), restyle the synthetic share with an adversarial style code from the frozen
 generator, one forward of the mixed batch, Partial FC margin loss, backward, clip, step; log / verify / checkpoint.
-The run around the steps (output folder, resume, checkpoints, non-finite guard, summary) is `utils.run.Run`, shared
-with stage 1 (`train_generator.py`); `make_train_step` is the step itself, which the benchmarks in bench/ time.
+The run around the steps (folder, resume, checkpoints, non-finite guard, summary) is `utils.run.Run`, shared with
+stage 1; `make_train_step` is the step itself, which the benchmarks in bench/ time; `train` reads as the method.
 """
 from __future__ import annotations
 
 from contextlib import nullcontext
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -20,28 +20,40 @@ from torch.profiler import record_function
 
 from backbones import get_model
 from cfsm import load_generator
-from cfsm.attack import AttackStats, adversarial_mix, frozen_stats, split_counts
-from cfsm.visualize import clean_vs_synth_grid
-from dataset import build_dataset
+from cfsm.attack import AttackStats, StyleMix, adversarial_mix, frozen_stats, split_counts
+from cfsm.visualize import mix_grid, save_png
+from configs.loader import ConfigError, load_config, parse_launch_args, refuse_other_stage
+from dataset import build_dataset, training_loader
 from eval.verification_callback import verification_for_run
 from losses import margin_loss_from_config
 from partial_fc import PartialFC
 from utils import checkpoint as ckpt
 from utils.cli import run_command
-from utils.config import ConfigError, load_config, parse_launch_args
 from utils.degrade import Degradation
-from utils.distributed import DistEnv, agree_any, agreed_call, all_ranks_ok, cleanup, init_distributed
-from utils.optim import PolyScheduler, build_optimizer, decay_param_groups, mixed_precision
-from utils.run import Run
+from utils.distributed import DistEnv, agree_all, agree_any, agree_call, cleanup, init_distributed
+from utils.optim import PolyScheduler, build_optimizer, decay_param_groups
+from utils.precision import mixed_precision
+from utils.run import Run, StepPlan
 from utils.run_state import Resumed, load_optimizer_keeping_config, load_scheduler_keeping_config
 from utils.step_state import StepState
 
 Batch = Sequence[tuple[torch.Tensor, torch.Tensor]]  # the gradient_acc (images, labels) micro-batches of one step
 
 
+@dataclass(frozen=True)
+class StepResult:
+    """One stage-2 step's outcome. The tensors are read (a device sync) only when logged."""
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    finite: bool              # agreed by all ranks: a skipped update is skipped everywhere
+    clean: torch.Tensor       # the last micro-batch's images, as loaded
+    mix: StyleMix | None      # and their CFSM mix (None without a generator)
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_launch_args(argv, __doc__, "configs/arcface_ms1mv2_r50_ours")
     cfg = load_config(args.config, args.overrides)
+    refuse_other_stage(cfg, "recognition")  # a key of the other stage would be ignored
     env = init_distributed(cfg.device, cfg.dist_timeout_s, args.local_rank)
     try:
         return train(cfg, env)
@@ -52,17 +64,15 @@ def main(argv: list[str] | None = None) -> dict | None:
 def make_train_step(cfg: EasyDict, env: DistEnv, model: torch.nn.Module, backbone: torch.nn.Module, pfc: PartialFC,
                     generator: torch.nn.Module | None, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
-                    autocast: dict, style_rng: torch.Generator) -> Callable[[Batch], dict]:
-    """`train_step(batch) -> stats`: one optimizer step of stage 2 over the micro-batches in `batch`.
+                    autocast: dict, style_rng: torch.Generator) -> Callable[[Batch], StepResult]:
+    """`train_step(batch) -> StepResult`: one optimizer step of stage 2 over the micro-batches in `batch`.
 
-    `model` is `backbone` itself or its DDP wrapper; `generator=None` is the plain (no CFSM) step. stats: `loss`,
-    `grad_norm` (tensors, read only when logged), `finite` (agreed by all ranks: a skipped update is skipped
-    everywhere), and the last micro-batch's `clean` images and CFSM `mix` (None without a generator)."""
+    `model` is `backbone` itself or its DDP wrapper; `generator=None` is the plain (no CFSM) step."""
     amp_dtype = autocast["dtype"] if autocast["enabled"] else None
     step_state = StepState(backbone, pfc)  # BN stats, AdaFace EMA, sampling counter: put back on a skipped step
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
-    def train_step(batch: Batch) -> dict:
+    def train_step(batch: Batch) -> StepResult:
         step_state.capture()
         for index, (images, labels) in enumerate(batch):
             images = images.to(env.device, non_blocking=True).contiguous(memory_format=memory_format)
@@ -99,7 +109,7 @@ def make_train_step(cfg: EasyDict, env: DistEnv, model: torch.nn.Module, backbon
             grad_norm = torch.nn.utils.clip_grad_norm_(backbone.parameters(), cfg.clip_grad_norm or float("inf"))
             pfc_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in pfc.parameters()
                                                              if p.grad is not None] or [torch.zeros(())]))
-            finite = all_ranks_ok(env, bool(torch.isfinite(loss) & torch.isfinite(grad_norm)
+            finite = agree_all(env, bool(torch.isfinite(loss) & torch.isfinite(grad_norm)
                                             & torch.isfinite(pfc_norm)))
             if finite:
                 scaler.step(optimizer)
@@ -109,9 +119,59 @@ def make_train_step(cfg: EasyDict, env: DistEnv, model: torch.nn.Module, backbon
                 step_state.restore()  # the forward's writes (possibly NaN) leave no trace
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-        return {"loss": loss.detach(), "grad_norm": grad_norm, "finite": finite, "clean": images, "mix": mix}
+        return StepResult(loss.detach(), grad_norm, finite, images, mix)
 
     return train_step
+
+
+@dataclass
+class Stage2:
+    """Stage 2's networks (generator None: the plain baseline) and their optimizer, schedule and precision state."""
+    backbone: torch.nn.Module
+    pfc: PartialFC
+    generator: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    scheduler: PolyScheduler
+    scaler: torch.amp.GradScaler
+    autocast: dict  # keyword arguments of torch.autocast (utils.precision)
+
+    def state(self) -> dict:
+        return {"backbone": self.backbone.state_dict(), "partial_fc": self.pfc.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict()}
+
+    def load_state(self, resumed: Resumed) -> None:  # lr, schedule and momentum come from this run's config
+        self.backbone.load_state_dict(resumed.state["backbone"])
+        self.pfc.load_state_dict(resumed.state["partial_fc"])
+        load_optimizer_keeping_config(self.optimizer, resumed.state["optimizer"])
+        load_scheduler_keeping_config(self.scheduler, resumed.state["scheduler"])
+        self.scaler.load_state_dict(resumed.state["scaler"])
+
+
+def build_stage2(cfg: EasyDict, env: DistEnv, num_classes: int, synthesis: bool, plan: StepPlan) -> Stage2:
+    """The networks on the run's device, their optimizer (the `optimizer` registry), poly schedule over `plan` and
+    precision; the frozen generator only when the batch has a synthetic share."""
+    if num_classes < env.world_size:
+        raise ConfigError(f"num_classes={num_classes} ({cfg.rec}) is smaller than the world size {env.world_size}: "
+                          f"every rank must hold at least one class centre")
+    # frozen, eval, never DDP
+    generator = load_generator(cfg.pretrained_synthesis_model).to(env.device) if synthesis else None
+    backbone = get_model(cfg.network, num_features=cfg.embedding_size, dropout=cfg.dropout,
+                         use_checkpoint=cfg.use_checkpoint).to(env.device)
+    if cfg.pretrained_backbone_model:
+        ckpt.load_state_dict_strict(backbone, ckpt.load_state_dict_file(cfg.pretrained_backbone_model),
+                                    source=str(cfg.pretrained_backbone_model))
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    for net in (n for n in (backbone, generator) if n is not None):
+        net.to(memory_format=memory_format)
+    pfc = PartialFC(margin_loss_from_config(cfg.loss, cfg), cfg.embedding_size, num_classes,
+                    sample_rate=cfg.sample_rate, rank=env.rank, world_size=env.world_size, seed=cfg.seed,
+                    ddp_grad_compensation=env.distributed).to(env.device)  # undo DDP's 1/W: as the reference
+    optimizer = build_optimizer(cfg.optimizer, decay_param_groups(backbone, cfg.weight_decay_exclude)
+                                + [{"params": pfc.parameters()}], cfg)
+    scheduler = PolyScheduler(optimizer, plan.total_steps, plan.warmup_steps, cfg.lr_power)
+    _, scaler, autocast = mixed_precision(cfg.fp16, cfg.bf16, env.device.type)
+    return Stage2(backbone, pfc, generator, optimizer, scheduler, scaler, autocast)
 
 
 def train(cfg: EasyDict, env: DistEnv) -> dict | None:
@@ -126,94 +186,65 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
                             "pretrained_backbone_model": cfg.pretrained_backbone_model or None})
         dataset = build_dataset(cfg.rec, augment=True, num_classes=cfg.num_classes, num_image=cfg.num_image)
         dataset.degradation = Degradation.from_config(cfg, seed=cfg.seed)  # None when every degrade_*_prob is 0
-        num_classes = dataset.num_classes
-        if num_classes < env.world_size:
-            raise ConfigError(f"num_classes={num_classes} ({cfg.rec}) is smaller than the world size "
-                              f"{env.world_size}: every rank must hold at least one class centre")
-        generator = None
-        if synthesis:
-            generator = load_generator(cfg.pretrained_synthesis_model).to(env.device)  # frozen, eval, never DDP
-        backbone = get_model(cfg.network, num_features=cfg.embedding_size, dropout=cfg.dropout,
-                             use_checkpoint=cfg.use_checkpoint).to(env.device)
-        if cfg.pretrained_backbone_model:
-            ckpt.load_state_dict_strict(backbone, ckpt.load_state_dict_file(cfg.pretrained_backbone_model),
-                                        source=str(cfg.pretrained_backbone_model))
-        memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        backbone.to(memory_format=memory_format)
-        if generator is not None:
-            generator.to(memory_format=memory_format)
-        pfc = PartialFC(margin_loss_from_config(cfg.loss, cfg), cfg.embedding_size, num_classes,
-                        sample_rate=cfg.sample_rate, rank=env.rank, world_size=env.world_size, seed=cfg.seed,
-                        ddp_grad_compensation=env.distributed).to(env.device)  # undo DDP's 1/W: as the reference
-
-        loader = run.loader(dataset, micro_per_step=cfg.gradient_acc)
-        optimizer = build_optimizer(cfg.optimizer, decay_param_groups(backbone, cfg.weight_decay_exclude)
-                                    + [{"params": pfc.parameters()}], cfg)
-        scheduler = PolyScheduler(optimizer, run.plan.total_steps, run.plan.warmup_steps, cfg.lr_power)
-        _, scaler, autocast = mixed_precision(cfg.fp16, cfg.bf16, env.device.type)
+        loader = training_loader(dataset, cfg.batch_size, cfg.seed, cfg.num_workers, env.rank, env.world_size,
+                                 env.device)
+        plan = run.use_loader(loader, dataset, micro_per_step=cfg.gradient_acc)  # the run's step counts
+        nets = build_stage2(cfg, env, dataset.num_classes, synthesis, plan)
         run.rngs["style"] = style_rng = torch.Generator().manual_seed(cfg.seed * 1000 + env.rank)  # any device
-
-        def state() -> dict:
-            return {"backbone": backbone.state_dict(), "partial_fc": pfc.state_dict(), "optimizer":
-                    optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}
-
-        def load_state(resumed: Resumed) -> None:  # lr, schedule and momentum come from this run's config
-            backbone.load_state_dict(resumed.state["backbone"])
-            pfc.load_state_dict(resumed.state["partial_fc"])
-            load_optimizer_keeping_config(optimizer, resumed.state["optimizer"])
-            load_scheduler_keeping_config(scheduler, resumed.state["scheduler"])
-            scaler.load_state_dict(resumed.state["scaler"])
-
-        step = run.resume(load_state, num_classes=num_classes, num_image=dataset.num_images)
-        model = run.wrap_ddp(backbone, bucket_cap_mb=32, find_unused_parameters=False)
-        backbone.train()
-        train_step = make_train_step(cfg, env, model, backbone, pfc, generator, optimizer, scheduler, scaler,
-                                     autocast, style_rng)
-        run.start(step, f"{num_classes} classes, {dataset.num_images} images")
+        step = run.resume(nets.load_state, num_classes=dataset.num_classes, num_image=dataset.num_images)
+        model = run.wrap_ddp(nets.backbone, bucket_cap_mb=32, find_unused_parameters=False)
+        nets.backbone.train()
+        train_step = make_train_step(cfg, env, model, nets.backbone, nets.pfc, nets.generator, nets.optimizer,
+                                     nets.scheduler, nets.scaler, nets.autocast, style_rng)
+        run.start(step, f"{dataset.num_classes} classes, {dataset.num_images} images")
         # val_targets opened and checked now, before the first step; results go to the run's log (console, train.log)
         verify = verification_for_run(cfg.val_targets, cfg.rec, cfg.val_batch_size, env, run.writer, run.log)
 
-        def run_verification(at_step: int) -> dict:
-            # rank 0 verifies; an error there stops every rank (agreed in place of a barrier), not a timeout
-            return agreed_call(env, lambda: verify(at_step, backbone) if verify is not None else {},
-                               "verification")
+        def run_verification(at_step: int) -> dict:  # rank 0 verifies; an error there stops all ranks, not a timeout
+            return agree_call(env, lambda: verify(at_step, nets.backbone) if verify is not None else {}, "verification")
 
         # ---- the method: attack, forward, loss, step (make_train_step); then log, verify, checkpoint ----
-        stats, val, stop_step = None, {}, run.plan.stop_step
+        result, val = None, {}
         attack_stats = AttackStats()  # attack gain and |o*|: TensorBoard cfsm/*, means in summary.json
-        for epoch, batch in run.step_batches(loader, step):  # ends at stop_step
-            stats = train_step(batch)
-            if stats["mix"] is not None:
-                attack_stats.add(stats["mix"])
+        for epoch, batch in run.step_batches(loader, step):  # ends at the plan's stop step
+            result = train_step(batch)
+            if result.mix is not None:
+                attack_stats.add(result.mix)
             step += 1
-            run.check_finite(step, stats["finite"], {"loss": stats["loss"], "grad norm": stats["grad_norm"]})
-            run.log_progress(step, epoch, {"loss": stats["loss"], "lr": optimizer.param_groups[0]["lr"],
-                                           "grad_norm": stats["grad_norm"],
-                                           "grad_scale": scaler.get_scale() if cfg.fp16 else 1.0})
-            if run.writer is not None and run.log_due(step):
-                for name, value in attack_stats.window().items():
-                    run.writer.add_scalar(f"cfsm/{name}", value, step)
-            mix = stats["mix"]
-            if run.image_due(step) and mix is not None and mix.synth_index.numel():
-                grid = clean_vs_synth_grid(stats["clean"][mix.synth_index], mix.images[mix.synth_index],
-                                           mix.style.norm(dim=1))
-                run.writer.add_image("cfsm/clean_vs_synth", grid, step, dataformats="HWC")
-            if cfg.verbose and step % cfg.verbose == 0 and step < stop_step:
+            run.check_finite(step, result.finite, {"loss": result.loss, "grad norm": result.grad_norm})
+            log_step(run, step, epoch, result, nets, attack_stats)
+            if cfg.verbose and step % cfg.verbose == 0 and step < run.plan.stop_step:
                 val = run_verification(step)
             if run.save_due(step):
-                run.save(step, state())
+                run.save(step, nets.state())
 
-        run.final_save(step, state(), {"backbone": backbone.state_dict(), "partial_fc": pfc.state_dict()})
+        run.final_save(step, nets.state(), {"backbone": nets.backbone.state_dict(),
+                                            "partial_fc": nets.pfc.state_dict()})
         val = run_verification(step) if cfg.val_targets else val
-        final_loss = float(stats["loss"]) if stats is not None else None  # None: no step in this invocation
+        return run.finish(step, lambda: write_results(run, step, nets.backbone, result, val, attack_stats))
 
-        def results() -> dict:
-            ckpt.atomic_save(backbone.state_dict(), run.output / "model.pt")  # plain state dict: InsightFace tools
-            shown = "n/a" if final_loss is None else f"{final_loss:.4f}"
-            run.log.info(f"done: {step} steps, final loss {shown}, val {val}, model {run.output / 'model.pt'}")
-            return {"final_loss": final_loss, "val": val, **attack_stats.means()}
 
-        return run.finish(step, results)
+def log_step(run: Run, step: int, epoch: int, result: StepResult, nets: Stage2, attack_stats: AttackStats) -> None:
+    """Progress and attack statistics (every `frequent` steps), clean vs synthesised faces (`image_every`)."""
+    run.log_progress(step, epoch, {"loss": result.loss, "lr": nets.optimizer.param_groups[0]["lr"], "grad_norm":
+                                   result.grad_norm, "grad_scale": nets.scaler.get_scale() if run.cfg.fp16 else 1.0})
+    if run.writer is not None and run.log_due(step):
+        for name, value in attack_stats.window().items():
+            run.writer.add_scalar(f"cfsm/{name}", value, step)
+    if run.image_due(step) and (grid := mix_grid(result.clean, result.mix)) is not None:
+        run.writer.add_image("cfsm/clean_vs_synth", grid, step, dataformats="HWC")
+
+
+def write_results(run: Run, step: int, backbone: torch.nn.Module, last: StepResult | None, val: dict,
+                  attack_stats: AttackStats) -> dict:
+    """Rank 0 at the end: `model.pt` (a plain state dict: InsightFace tools), `clean_vs_synth.png`, the summary."""
+    final_loss = float(last.loss) if last is not None else None  # None: no step in this invocation
+    ckpt.atomic_save(backbone.state_dict(), run.output / "model.pt")
+    if last is not None and (grid := mix_grid(last.clean, last.mix)) is not None:  # a first look after any run
+        save_png(grid, run.output / "clean_vs_synth.png")
+    shown = "n/a" if final_loss is None else f"{final_loss:.4f}"
+    run.log.info(f"done: {step} steps, final loss {shown}, val {val}, model {run.output / 'model.pt'}")
+    return {"final_loss": final_loss, "val": val, **attack_stats.means()}
 
 
 if __name__ == "__main__":

@@ -14,45 +14,56 @@ The run around the steps is `utils.run.Run`, shared with stage 2; the objectives
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from easydict import EasyDict
-from torch.utils.data import DataLoader
 
 from cfsm import Generator, MultiDiscriminator
-from cfsm.loading import check_stage1_files, init_generator_from_file, load_identity_network
+from cfsm.loading import check_stage1_files, init_generator_from_file, load_identity_network, \
+    stage1_generator_config
 from cfsm.stage1 import STYLE_SAMPLINGS, check_lambda_schedule, identity_loss, is_synthesis_step, lambda_id_at, \
     lsgan_loss, mode_seeking_loss, sample_style, split_outputs, target_distance
 from cfsm.style_report import report_from_datasets, report_scalars
 from cfsm.target_data import TargetBatchSampler, TargetFaceDataset
 from cfsm.visualize import save_png, training_samples_grid
-from dataset import _worker_init as seed_worker, build_dataset
+from configs.loader import ConfigError, load_config, parse_launch_args, refuse_other_stage
+from dataset import batch_sampler_loader, build_dataset, training_loader
 from utils import checkpoint as ckpt
 from utils.cli import run_command
-from utils.config import ConfigError, load_config, parse_launch_args
-from utils.distributed import DistEnv, agreed_call, all_ranks_ok, cleanup, init_distributed
-from utils.optim import OptimizerSpec, mixed_precision
+from utils.distributed import DistEnv, agree_all, agree_call, cleanup, init_distributed
+from utils.optim import GENERATOR_OPTIMIZER, build_optimizer
+from utils.precision import mixed_precision
 from utils.run import Run
-from utils.run_state import Resumed, load_optimizer_keeping_config, rank_file
+from utils.run_folder import rank_file
+from utils.run_state import Resumed, load_optimizer_keeping_config
 
 RELEASED_KEYS = ("G_state_dict", "D_state_dict", "optimizerG_state_dict", "optimizerD_state_dict")
-# Stage 1's optimizer, declared like the entries of utils.optim.OPTIMIZERS: Adam for G and D, reading gen_lr/gen_betas
-GENERATOR_OPTIMIZER = OptimizerSpec(torch.optim.Adam, {"gen_lr": "lr", "gen_betas": "betas"})
 # [((sources, labels), targets)]: one loader batch per step (stage 1 does not accumulate gradients)
 Batch = Sequence[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One stage-1 iteration's outcome. The losses are detached tensors, read (a device sync) only when logged."""
+    finite: bool                     # both updates finite, agreed by all ranks
+    losses: dict[str, torch.Tensor]  # this iteration's: g_gan, id (, div) on synthesis steps or rec; d, regu, g
+    sources: torch.Tensor            # the source faces G restyled, and the target faces D saw (sample grids)
+    targets: torch.Tensor
 
 
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_launch_args(argv, __doc__, "configs/cfsm_toy")
     cfg = load_config(args.config, args.overrides)
+    refuse_other_stage(cfg, "cfsm_stage1")  # a key of the other stage would be ignored
     validate_stage1(cfg)
     env = init_distributed(cfg.device, cfg.dist_timeout_s, args.local_rank)
     try:
         # every input file, before the output folder and any other collective; agreed, because each node reads its
         # own disk: a rank with a missing or bad file raises it, the others stop with it instead of waiting
-        agreed_call(env, lambda: check_stage1_files(cfg), "the stage-1 input file check")
+        agree_call(env, lambda: check_stage1_files(cfg), "the stage-1 input file check")
         return train(cfg, env)
     finally:
         cleanup(env)
@@ -70,36 +81,16 @@ def validate_stage1(cfg: EasyDict) -> None:
     need(Path(str(cfg.id_model)).is_file(), "id_model", "file not found")
     if cfg.init_generator:
         need(Path(str(cfg.init_generator)).is_file(), "init_generator", "file not found")
-    for key in ("gen_dim", "gen_latent_dim", "gen_style_dim", "id_embedding_size"):
-        need(isinstance(cfg[key], int) and cfg[key] > 0, key, "must be a positive integer")
-    for key in ("gen_n_downsample", "gen_n_residual"):
-        need(isinstance(cfg[key], int) and cfg[key] >= 0, key, "must be an integer >= 0")
+    # numeric ranges (gen_*, lambda_*, id_distance_range, ...) are checked with every config: configs/loader.py
     need(cfg.gen_style_dim <= cfg.gen_latent_dim, "gen_style_dim", f"must be <= gen_latent_dim "
          f"({cfg.gen_latent_dim}): the basis U spans a subspace of the latent space")
-    need(cfg.gen_lr > 0, "gen_lr", "must be > 0")
-    need(isinstance(cfg.lambda_rec, (int, float)) and cfg.lambda_rec >= 0, "lambda_rec", "must be a number >= 0")
-    need(isinstance(cfg.lambda_diversity, (int, float)) and cfg.lambda_diversity >= 0, "lambda_diversity",
-         "must be a number >= 0 (0 = no mode-seeking term)")
     need(cfg.gen_input_skip in Generator.INPUT_SKIPS, "gen_input_skip", f"must be one of {Generator.INPUT_SKIPS}")
     need(cfg.style_sampling in STYLE_SAMPLINGS, "style_sampling", f"must be one of {STYLE_SAMPLINGS}")
-    need(isinstance(cfg.dis_dim, int) and cfg.dis_dim > 0, "dis_dim", "must be a positive integer")
-    need(isinstance(cfg.style_report_faces, int) and cfg.style_report_faces >= 0, "style_report_faces",
-         "must be an integer >= 0 (0 = no style report)")
-    need(len(cfg.gen_betas) == 2 and all(0.0 <= b < 1.0 for b in cfg.gen_betas), "gen_betas",
-         "must be two numbers in [0, 1)")
     need(cfg.gradient_acc == 1, "gradient_acc", "stage 1 takes one batch per step; set gradient_acc=1")
-    need(len(cfg.id_distance_range) == 4 and cfg.id_distance_range[0] != cfg.id_distance_range[1],
-         "id_distance_range", "must be (la, ua, lm, um) with la != ua")
     try:
         check_lambda_schedule(cfg.lambda_id_schedule)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-
-
-def optimizer_from_spec(spec: OptimizerSpec, params, cfg: EasyDict) -> torch.optim.Optimizer:
-    """As utils.optim.build_optimizer for a registered name: the spec's config keys become its keywords."""
-    kwargs = {kw: tuple(cfg[key]) if isinstance(cfg[key], list) else cfg[key] for key, kw in spec.config_keys.items()}
-    return spec.build(list(params), **kwargs)
 
 
 def released_state(G: torch.nn.Module, D: torch.nn.Module, opt_g: torch.optim.Optimizer,
@@ -111,13 +102,12 @@ def released_state(G: torch.nn.Module, D: torch.nn.Module, opt_g: torch.optim.Op
 def make_train_step(cfg: EasyDict, env: DistEnv, G: torch.nn.Module, D: torch.nn.Module, G_train: torch.nn.Module,
                     D_train: torch.nn.Module, id_net: torch.nn.Module, opt_g: torch.optim.Optimizer,
                     opt_d: torch.optim.Optimizer, scaler: torch.amp.GradScaler, autocast: dict,
-                    style_rng: torch.Generator) -> Callable[[Batch, int, float], dict]:
-    """`train_step(batch, step, lambda_id) -> stats`: one stage-1 iteration (the step's parity picks synthesis or
-    reconstruction; lambda_id follows the epoch). `G_train`/`D_train` are G/D or their DDP wrappers. stats:
-    `finite` (agreed by all ranks) and `losses` (detached tensors, read only when logged)."""
+                    style_rng: torch.Generator) -> Callable[[Batch, int, float], StepResult]:
+    """`train_step(batch, step, lambda_id) -> StepResult`: one stage-1 iteration (the step's parity picks synthesis
+    or reconstruction; lambda_id follows the epoch). `G_train`/`D_train` are G/D or their DDP wrappers."""
     distance_range = tuple(float(v) for v in cfg.id_distance_range)
 
-    def train_step(batch: Batch, step: int, lambda_id: float) -> dict:
+    def train_step(batch: Batch, step: int, lambda_id: float) -> StepResult:
         [((sources, _), targets)] = batch
         sources = sources.to(env.device, non_blocking=True)
         targets = targets.to(env.device, non_blocking=True)
@@ -141,7 +131,7 @@ def make_train_step(cfg: EasyDict, env: DistEnv, G: torch.nn.Module, D: torch.nn
             lsgan_loss([o[targets.shape[0]:] for o in d_out], 0.0)
         opt_d.zero_grad(set_to_none=True)
         scaler.scale(loss_d).backward()
-        ok_d = cfg.fp16 or all_ranks_ok(env, bool(torch.isfinite(loss_d)))
+        ok_d = cfg.fp16 or agree_all(env, bool(torch.isfinite(loss_d)))
         if ok_d:
             scaler.step(opt_d)  # with fp16 the scaler itself skips non-finite gradients (DDP-reduced: on all ranks)
 
@@ -168,14 +158,67 @@ def make_train_step(cfg: EasyDict, env: DistEnv, G: torch.nn.Module, D: torch.nn
             losses = {"rec": loss_rec.detach()}
         opt_g.zero_grad(set_to_none=True)
         scaler.scale(loss_g).backward()  # always: DDP expects a backward after every forward
-        ok_g = cfg.fp16 or all_ranks_ok(env, bool(torch.isfinite(loss_g)))
+        ok_g = cfg.fp16 or agree_all(env, bool(torch.isfinite(loss_g)))
         if ok_g:
             scaler.step(opt_g)
         scaler.update()
         losses.update(d=loss_d.detach(), regu=regu.detach().float(), g=loss_g.detach())
-        return {"finite": ok_d and ok_g, "losses": losses, "sources": sources, "targets": targets}
+        return StepResult(ok_d and ok_g, losses, sources, targets)
 
     return train_step
+
+
+@dataclass
+class Stage1:
+    """Stage 1's networks, their optimizers and precision state, and the epoch length the step count maps onto."""
+    G: torch.nn.Module
+    D: torch.nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast: dict  # keyword arguments of torch.autocast (utils.precision)
+    batches_per_epoch: int
+
+    def state(self, cfg: EasyDict, epoch: int) -> dict:
+        """Every rank writes the full state: with a folder per node, each resumes from its own."""
+        return {**released_state(self.G, self.D, self.opt_g, self.opt_d), "epoch": epoch,
+                "batches_per_epoch": self.batches_per_epoch, "scaler": self.scaler.state_dict(),
+                "gen_config": stage1_generator_config(cfg)}
+
+    def load_state(self, resumed: Resumed) -> None:
+        """The step count fixes epoch, batch, parity and target stream; the batches per epoch must match."""
+        main_state = resumed.state  # this rank's file, checked intact and loaded on every rank together
+        if int(main_state.get("batches_per_epoch", self.batches_per_epoch)) != self.batches_per_epoch:
+            raise ckpt.CheckpointError(
+                f"checkpoint {resumed.directory} counts {main_state['batches_per_epoch']} batches per epoch, "
+                f"this run {self.batches_per_epoch} (rec / batch_size changed?): its step {resumed.step} would map "
+                f"to another epoch. Use the original settings, or resume=False with "
+                f"init_generator={rank_file(resumed.directory, 0)}")
+        self.G.load_state_dict(main_state["G_state_dict"])
+        self.D.load_state_dict(main_state["D_state_dict"])
+        load_optimizer_keeping_config(self.opt_g, main_state["optimizerG_state_dict"])  # gen_lr/betas as configured
+        load_optimizer_keeping_config(self.opt_d, main_state["optimizerD_state_dict"])
+        self.scaler.load_state_dict(main_state["scaler"])
+
+
+def build_networks(cfg: EasyDict, env: DistEnv, run: Run) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(G, D) on the run's device in training mode, initialised from `init_generator` when given."""
+    G = Generator(**stage1_generator_config(cfg))  # the gen_* keys: cfsm.loading.GENERATOR_CONFIG_KEYS
+    D = MultiDiscriminator(dim=cfg.dis_dim)
+    if cfg.init_generator:
+        with_d = init_generator_from_file(cfg.init_generator, G, D)
+        run.log.info(f"generator {'and discriminator ' if with_d else ''}initialised from {cfg.init_generator}"
+                     f"{'' if with_d else ' (discriminator: fresh, the file has no matching one)'}")
+    return G.to(env.device).train(), D.to(env.device).train()
+
+
+def build_stage1(cfg: EasyDict, env: DistEnv, G: torch.nn.Module, D: torch.nn.Module,
+                 batches_per_epoch: int) -> Stage1:
+    """G and D with their optimizers (`utils.optim.GENERATOR_OPTIMIZER`: gen_lr, gen_betas) and precision."""
+    opt_g = build_optimizer(GENERATOR_OPTIMIZER, G.parameters(), cfg)
+    opt_d = build_optimizer(GENERATOR_OPTIMIZER, D.parameters(), cfg)
+    _, scaler, autocast = mixed_precision(cfg.fp16, cfg.bf16, env.device.type)
+    return Stage1(G, D, opt_g, opt_d, scaler, autocast, batches_per_epoch)
 
 
 def train(cfg: EasyDict, env: DistEnv) -> dict | None:
@@ -190,57 +233,24 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
         source = build_dataset(cfg.rec, augment=True, num_classes=cfg.num_classes, num_image=cfg.num_image)
         target = TargetFaceDataset(cfg.target)
         id_net = load_identity_network(cfg.id_model, cfg.id_network, cfg.id_embedding_size, env.device)
-        G = Generator(dim=cfg.gen_dim, n_residual=cfg.gen_n_residual, n_downsample=cfg.gen_n_downsample,
-                      latent_dim=cfg.gen_latent_dim, style_dim=cfg.gen_style_dim,
-                      input_skip=cfg.gen_input_skip)
-        D = MultiDiscriminator(dim=cfg.dis_dim)
-        if cfg.init_generator:
-            with_d = init_generator_from_file(cfg.init_generator, G, D)
-            run.log.info(f"generator {'and discriminator ' if with_d else ''}initialised from {cfg.init_generator}"
-                         f"{'' if with_d else ' (discriminator: fresh, the file has no matching one)'}")
-        G.to(env.device).train()
-        D.to(env.device).train()
-
-        loader = run.loader(source)
-        batches_per_epoch = run.plan.batches_per_epoch
+        G, D = build_networks(cfg, env, run)
+        loader = training_loader(source, cfg.batch_size, cfg.seed, cfg.num_workers, env.rank, env.world_size,
+                                 env.device)
+        batches_per_epoch = run.use_loader(loader, source).batches_per_epoch
+        # the target stream is addressed by global step: a resumed run reads what an uninterrupted one would
         target_sampler = TargetBatchSampler(len(target), cfg.batch_size, env.rank, env.world_size, cfg.seed)
-        target_loader = DataLoader(target, batch_sampler=target_sampler, num_workers=cfg.num_workers,
-                                   pin_memory=env.device.type == "cuda", worker_init_fn=seed_worker,
-                                   persistent_workers=cfg.num_workers > 0)
-        opt_g = optimizer_from_spec(GENERATOR_OPTIMIZER, G.parameters(), cfg)
-        opt_d = optimizer_from_spec(GENERATOR_OPTIMIZER, D.parameters(), cfg)
-        _, scaler, autocast = mixed_precision(cfg.fp16, cfg.bf16, env.device.type)
+        target_loader = batch_sampler_loader(target, target_sampler, cfg.num_workers, env.device)
+        nets = build_stage1(cfg, env, G, D, batches_per_epoch)
         run.rngs["style"] = style_rng = torch.Generator().manual_seed(cfg.seed * 1000 + env.rank)  # any device
 
-        def state() -> dict:  # every rank writes the full state: with a folder per node, each resumes from its own
-            return {**released_state(G, D, opt_g, opt_d), "epoch": run.plan.epoch_of(step),
-                    "batches_per_epoch": batches_per_epoch, "scaler": scaler.state_dict(),
-                    "gen_config": {"dim": cfg.gen_dim, "n_residual": cfg.gen_n_residual,
-                                   "n_downsample": cfg.gen_n_downsample, "latent_dim": cfg.gen_latent_dim,
-                                   "style_dim": cfg.gen_style_dim}}
-
-        def load_state(resumed: Resumed) -> None:  # the step count fixes epoch, batch, parity and target stream
-            main_state = resumed.state  # this rank's file, checked intact and loaded on every rank together
-            if int(main_state.get("batches_per_epoch", batches_per_epoch)) != batches_per_epoch:
-                raise ckpt.CheckpointError(
-                    f"checkpoint {resumed.directory} counts {main_state['batches_per_epoch']} batches per epoch, "
-                    f"this run {batches_per_epoch} (rec / batch_size changed?): its step {resumed.step} would map "
-                    f"to another epoch. Use the original settings, or resume=False with "
-                    f"init_generator={rank_file(resumed.directory, 0)}")
-            G.load_state_dict(main_state["G_state_dict"])
-            D.load_state_dict(main_state["D_state_dict"])
-            load_optimizer_keeping_config(opt_g, main_state["optimizerG_state_dict"])  # gen_lr/betas as configured
-            load_optimizer_keeping_config(opt_d, main_state["optimizerD_state_dict"])
-            scaler.load_state_dict(main_state["scaler"])
-
-        step = run.resume(load_state, num_classes=source.num_classes, num_image=source.num_images)
+        step = run.resume(nets.load_state, num_classes=source.num_classes, num_image=source.num_images)
         # At 112x112 the discriminator's third scale normalises a 1x1 map to zeros, so its lower layers get no
         # gradient; DDP must be told to expect unused parameters there (the set depends on the image size).
         # Buffers (AdaIN running stats) are never read or updated: no need to broadcast them every forward.
         G_train = run.wrap_ddp(G, broadcast_buffers=False, find_unused_parameters=False)
         D_train = run.wrap_ddp(D, broadcast_buffers=False, find_unused_parameters=True)
-        train_step = make_train_step(cfg, env, G, D, G_train, D_train, id_net, opt_g, opt_d, scaler, autocast,
-                                     style_rng)
+        train_step = make_train_step(cfg, env, G, D, G_train, D_train, id_net, nets.opt_g, nets.opt_d, nets.scaler,
+                                     nets.autocast, style_rng)
         run.start(step, f"source {source.num_images} images ({cfg.rec}), target {len(target)} images "
                         f"({cfg.target}); G {sum(p.numel() for p in G.parameters()):,} params, D "
                         f"{sum(p.numel() for p in D.parameters()):,}, identity net {cfg.id_network}")
@@ -251,44 +261,49 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
             return zip(loader, target_loader)
 
         # ---- the method: D step, G step (make_train_step); then log, pictures, checkpoint ----
-        latest, stats = {}, None  # newest value of every loss (synthesis and reconstruction steps alternate)
+        latest, result = {}, None  # newest value of every loss (synthesis and reconstruction steps alternate)
         for epoch, batch in run.step_batches(loader, step, open_epoch):
             lambda_id = lambda_id_at(cfg.lambda_id_schedule, epoch)
-            stats = train_step(batch, step, lambda_id)
-            latest.update(stats["losses"])
+            result = train_step(batch, step, lambda_id)
+            latest.update(result.losses)
             step += 1
-            run.check_finite(step, stats["finite"], {"loss D": latest["d"], "loss G": latest["g"]})
+            run.check_finite(step, result.finite, {"loss D": latest["d"], "loss G": latest["g"]})
             run.log_progress(step, epoch, {"lambda_id": lambda_id, **{f"loss_{k}": v for k, v in latest.items()}})
             if run.image_due(step):
-                grid = training_samples_grid(G, stats["sources"], stats["targets"],
-                                             rng=torch.Generator().manual_seed(step))
-                run.writer.add_image("stage1/source_synth_target", grid, step, dataformats="HWC")
+                run.writer.add_image("stage1/source_synth_target", samples_grid(G, result, step), step,
+                                     dataformats="HWC")
             if run.save_due(step):
-                run.save(step, state())
+                run.save(step, nets.state(cfg, run.plan.epoch_of(step)))
 
-        run.final_save(step, state(), {"G": G.state_dict(), "D": D.state_dict()})
+        run.final_save(step, nets.state(cfg, run.plan.epoch_of(step)), {"G": G.state_dict(), "D": D.state_dict()})
+        return run.finish(step, lambda: write_results(cfg, run, step, nets, id_net, source, target, latest, result))
 
-        def results() -> dict:
-            ckpt.atomic_save(released_state(G, D, opt_g, opt_d), run.output / "generator.pth")
-            if stats is not None:
-                grid = training_samples_grid(G, stats["sources"], stats["targets"],
-                                             rng=torch.Generator().manual_seed(step))
-                save_png(grid, run.output / "samples.png")
-            losses = {k: float(v) for k, v in latest.items()}
-            run.log.info(f"done: {step} steps, losses {losses}, generator {run.output / 'generator.pth'}")
-            out = {"losses": losses, "finite": all(math.isfinite(v) for v in losses.values()),
-                   "generator": str(run.output / "generator.pth")}
-            if cfg.style_report_faces:  # is the style space controllable? (cfsm/style_report.py, issue 12)
-                out["style_report"] = report_from_datasets(G, id_net, source, target, cfg.style_report_faces,
-                                                           run.output / "style_report", cfg.id_distance_range)
-                scalars = report_scalars(out["style_report"])
-                run.log.info("style report: " + " ".join(f"{k} {v:.3f}" for k, v in scalars.items()))
-                if run.writer is not None:
-                    for k, v in scalars.items():
-                        run.writer.add_scalar(f"stage1/style_report/{k}", v, step)
-            return out
 
-        return run.finish(step, results)
+def samples_grid(G: torch.nn.Module, result: StepResult, step: int):
+    """Source, synthesised and target faces of a step's batch, as one HWC picture (styles seeded by the step)."""
+    return training_samples_grid(G, result.sources, result.targets, rng=torch.Generator().manual_seed(step))
+
+
+def write_results(cfg: EasyDict, run: Run, step: int, nets: Stage1, id_net: torch.nn.Module, source, target,
+                  latest: dict, last: StepResult | None) -> dict:
+    """Rank 0 at the end: `generator.pth` (the released format), `samples.png`, the style report when asked for,
+    and the summary's stage-1 entries."""
+    ckpt.atomic_save(released_state(nets.G, nets.D, nets.opt_g, nets.opt_d), run.output / "generator.pth")
+    if last is not None:
+        save_png(samples_grid(nets.G, last, step), run.output / "samples.png")
+    losses = {k: float(v) for k, v in latest.items()}
+    run.log.info(f"done: {step} steps, losses {losses}, generator {run.output / 'generator.pth'}")
+    out = {"losses": losses, "finite": all(math.isfinite(v) for v in losses.values()),
+           "generator": str(run.output / "generator.pth")}
+    if cfg.style_report_faces:  # is the style space controllable? (cfsm/style_report.py)
+        out["style_report"] = report_from_datasets(nets.G, id_net, source, target, cfg.style_report_faces,
+                                                   run.output / "style_report", cfg.id_distance_range)
+        scalars = report_scalars(out["style_report"])
+        run.log.info("style report: " + " ".join(f"{k} {v:.3f}" for k, v in scalars.items()))
+        if run.writer is not None:
+            for k, v in scalars.items():
+                run.writer.add_scalar(f"stage1/style_report/{k}", v, step)
+    return out
 
 
 if __name__ == "__main__":

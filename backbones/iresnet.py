@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 # the fp16 flag follows the project's one mixed-precision policy: float16 on CUDA, bfloat16 on CPU
-from utils.optim import low_precision_dtype as autocast_dtype
+from utils.precision import low_precision_dtype as autocast_dtype
 
 __all__ = ["IBasicBlock", "IResNet", "IRESNET_LAYERS", "autocast_dtype"]
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from utils.optim import low_precision_dtype as autocast_dtype
+from utils.precision import low_precision_dtype as autocast_dtype
 
 __all__ = ["VisionTransformer", "VIT_CONFIGS", "drop_path_rates"]
 

@@ -11,7 +11,7 @@
 # also written to gpu_check.jsonl there. Set GPU_CHECK_TRACE=1 to also keep a Chrome trace of the profiled steps.
 #
 # Wheels that must travel: the GPU machine has no network. Its image has torch, torchvision, opencv, scikit-learn,
-# tensorboard and tqdm, but not easydict (utils/config.py needs it). On a networked machine, in the repo root:
+# tensorboard and tqdm, but not easydict (configs/loader.py needs it). On a networked machine, in the repo root:
 #     python3 -m pip download --no-deps --only-binary=:all: -d wheels easydict==1.14
 # and let `wheels/` (or `.whl/`) travel with the tree; this script installs every wheel found there into
 # /tmp/gpu_check_site and prepends it to PYTHONPATH. TensorBoard is optional: the CUDA tests run tensorboard=False.

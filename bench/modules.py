@@ -24,7 +24,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from utils.cli import ArgumentParser, UsageError, resolve_device, run_command
-from utils.optim import low_precision_dtype
+from utils.precision import low_precision_dtype
 
 
 def _sync(device: torch.device) -> None:
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     b = args.batch_size
-    amp_dtype = low_precision_dtype(device.type)  # the training policy (utils.optim)
+    amp_dtype = low_precision_dtype(device.type)  # the training policy (utils.precision)
     x = torch.rand(b, 3, 112, 112, device=device) * 2 - 1
 
     def autocast():

@@ -29,9 +29,10 @@ from losses import margin_loss_from_config
 from partial_fc import PartialFC
 from train import make_train_step
 from utils.cli import ArgumentParser, resolve_device, run_command
-from utils.config import base_config
+from configs.loader import base_config
 from utils.distributed import DistEnv
-from utils.optim import PolyScheduler, build_optimizer, mixed_precision
+from utils.optim import PolyScheduler, build_optimizer
+from utils.precision import mixed_precision
 
 
 def build_step(network: str, batch_size: int, device: torch.device, amp: str, channels_last: bool,
@@ -60,7 +61,7 @@ def build_step(network: str, batch_size: int, device: torch.device, amp: str, ch
     labels = torch.randint(0, num_classes, (batch_size,), device=device)
 
     def step(cfsm: bool = True) -> float:
-        return float(steps[cfsm]([(images, labels)])["loss"])  # a float: the step has finished on the device
+        return float(steps[cfsm]([(images, labels)]).loss)  # a float: the step has finished on the device
 
     return step
 

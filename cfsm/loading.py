@@ -9,6 +9,7 @@ from collections.abc import Mapping
 import torch
 
 from utils.checkpoint import state_dict_mismatch  # the strict-load check the backbones use too
+from utils.errors import UserError
 
 from .networks import Generator
 
@@ -31,12 +32,23 @@ def _indices(sd: Mapping[str, torch.Tensor], pattern: str) -> set[int]:
     return {int(m.group(1)) for k in sd if (m := rx.fullmatch(k))}
 
 
+class GeneratorFileError(UserError, ValueError):
+    """A file or state dict that is not a usable CFSM generator; the message names it and what it holds."""
+
+
+class GeneratorKeysError(GeneratorFileError, KeyError):
+    """The generator's keys are missing or differ (a KeyError, as documented; printed without KeyError's quotes)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 def infer_generator_config(sd: Mapping[str, torch.Tensor], source: str = "<state dict>") -> dict[str, int]:
     """Generator constructor arguments read from the tensor shapes of a generator state dict."""
     need = ["encoder.model.1.weight", "pca.U", "decoder.mlp.model.0.weight"]
     missing = [k for k in need if k not in sd]
     if missing:
-        raise KeyError(f"{source}: not a CFSM generator state dict, missing {missing}; "
+        raise GeneratorKeysError(f"{source}: not a CFSM generator state dict, missing {missing}; "
                        f"first keys found: {list(sd)[:8]}")
     conv0 = sd["encoder.model.1.weight"]
     u = sd["pca.U"]
@@ -65,7 +77,7 @@ def generator_from_state_dict(sd: Mapping[str, torch.Tensor], source: str = "<st
     gen = Generator(**cfg)
     problem = state_dict_mismatch({k: v.shape for k, v in gen.state_dict().items()}, sd)
     if problem is not None:  # KeyError for a key-set mismatch, ValueError for a shape mismatch (as documented)
-        error = KeyError if problem.startswith("first mismatching key") else ValueError
+        error = GeneratorKeysError if problem.startswith("first mismatching key") else GeneratorFileError
         raise error(f"{source}: generator state dict does not match Generator({cfg}): {problem}")
     gen.load_state_dict(dict(sd), strict=True)
     if freeze:
@@ -90,19 +102,20 @@ def load_generator(path: str | os.PathLike, map_location: str | torch.device = "
     except CheckpointError as wrapped:  # corrupt file, not a torch file, or pickled objects beyond tensors/dicts
         e = wrapped.__cause__ or wrapped
         # torch's own text suggests weights_only=False; for a file of unknown origin that would run its code
-        raise ValueError(f"cannot read CFSM generator file {path} with weights_only=True (do not retry with "
+        raise GeneratorFileError(f"cannot read CFSM generator file {path} with weights_only=True (do not retry with "
                          f"weights_only=False unless you trust its source): {type(e).__name__}: {e}") from e
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{path}: expected a dict with 'G_state_dict', got {type(obj).__name__}")
+        raise GeneratorFileError(f"{path}: expected a dict with 'G_state_dict', got {type(obj).__name__}")
     if "G_state_dict" in obj:
         sd = obj["G_state_dict"]
     elif "pca.U" in obj and "encoder.model.1.weight" in obj:
         sd = obj
     else:
-        raise KeyError(f"{path}: no 'G_state_dict' in the file; keys found: {sorted(map(str, obj))[:20]}. "
-                       "Expected a CFSM synthesis checkpoint (G_state_dict, D_state_dict, ...).")
+        raise GeneratorKeysError(f"{path}: no 'G_state_dict' in the file; keys found: {sorted(map(str, obj))[:8]}. "
+                                 "Expected a CFSM synthesis checkpoint (G_state_dict, D_state_dict, ...): a released "
+                                 "generator or stage 1's generator.pth")
     if not isinstance(sd, Mapping):
-        raise ValueError(f"{path}: 'G_state_dict' is a {type(sd).__name__}, not a state dict")
+        raise GeneratorFileError(f"{path}: 'G_state_dict' is a {type(sd).__name__}, not a state dict")
     return generator_from_state_dict(sd, source=path)
 
 
@@ -117,19 +130,12 @@ def _backbone_shapes(network: str, embedding_size: int) -> dict[str, torch.Size]
 
 
 def identify_backbone(state: Mapping[str, torch.Tensor]) -> tuple[str, int] | None:
-    """``(network, embedding_size)`` of the registered backbone whose keys and shapes equal ``state``'s, or None.
+    """``(network, embedding_size)`` of the registered backbone whose keys and shapes equal ``state``'s, or None
+    (none or several match): :func:`backbones.detect.detect_network`, the one detection of the project."""
+    from backbones.detect import detect_network
 
-    The embedding size is the length of the last 1-D BatchNorm ``running_var`` (the feature BN of IResNet and
-    MobileFaceNet)."""
-    from backbones import BACKBONE_NAMES
-
-    sizes = [int(v.shape[0]) for k, v in state.items() if k.endswith("running_var") and v.ndim == 1]
-    if not sizes:
-        return None
-    for name in BACKBONE_NAMES:
-        if state_dict_mismatch(_backbone_shapes(name, sizes[-1]), state) is None:
-            return name, sizes[-1]
-    return None
+    found = detect_network(state)
+    return (found.network, found.embedding_size) if found.network else None
 
 
 def _identity_state(path: str | os.PathLike, network: str, embedding_size: int,

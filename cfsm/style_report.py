@@ -1,4 +1,4 @@
-"""Is a stage-1 generator's style space controllable? The measures of issue 12, as one pure function.
+"""Is a stage-1 generator's style space controllable? Its measures, as one pure function.
 
 On clean faces x and an identity network f (the stage-1 identity network):
 
@@ -30,7 +30,7 @@ from utils.checkpoint import write_json
 __all__ = ["style_report", "write_style_report", "report_from_datasets", "evenly_spaced", "spearman", "sharpness", "REPORT_MAGNITUDES", "GOALS", "report_scalars"]
 
 REPORT_MAGNITUDES: tuple[float, ...] = (0.0, 1.5, 3.0, 4.5, 6.0)
-# issue 12's table: a toy generator that meets these has a style space the attack can exploit
+# the goals: a toy generator that meets these has a style space the attack can exploit
 GOALS = {"id_distance_o0_max": 0.15, "distance_vs_target_max": 0.1, "magnitude_spearman_min": 0.7,
          "recon_l1_max": 0.12, "direction_effect_min": 0.03, "direction_distinctness_min": 0.5,
          "sharpness_gap_fraction_max": 0.5}

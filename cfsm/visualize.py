@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 __all__ = ["to_uint8", "label_tile", "tile_rows", "direction_grid", "random_style_row", "style_grid_image",
-           "training_samples_grid", "clean_vs_synth_grid", "save_png", "style_report_figure", "DEFAULT_COEFFICIENTS",
+           "training_samples_grid", "clean_vs_synth_grid", "mix_grid", "save_png", "style_report_figure", "DEFAULT_COEFFICIENTS",
            "DEFAULT_MAGNITUDES"]
 
 DEFAULT_COEFFICIENTS: tuple[float, ...] = (-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0)
@@ -133,6 +133,14 @@ def clean_vs_synth_grid(clean: torch.Tensor, synth: torch.Tensor, magnitudes: to
     top = list(to_uint8(clean[:n]))
     bottom = [label_tile(t, f"|o|={float(m):.2f}") for t, m in zip(to_uint8(synth[:n]), magnitudes[:n])]
     return tile_rows([top, bottom])
+
+
+def mix_grid(clean: torch.Tensor, mix) -> np.ndarray | None:
+    """`clean_vs_synth_grid` of a step's CFSM mix (`cfsm.attack.adversarial_mix`'s result) and the step's clean
+    images; None when the step synthesized nothing."""
+    if mix is None or not mix.synth_index.numel():
+        return None
+    return clean_vs_synth_grid(clean[mix.synth_index], mix.images[mix.synth_index], mix.style.norm(dim=1))
 
 
 def save_png(grid: np.ndarray, path: str | Path) -> Path:

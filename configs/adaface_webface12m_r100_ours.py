@@ -21,6 +21,4 @@ config.num_workers = 4
 config.val_targets = ["lfw", "cfp_fp", "agedb_30"]
 config.pretrained_synthesis_model = "./pretrained_CFSM/WiderFace70K.pth"
 config.rs_ratio = 0.75
-config.epsilon = 0.314
-config.alpha = 0.314
-config.k = 1
+# epsilon = alpha = 0.314, k = 1 (the paper's attack): configs/base.py's defaults

@@ -43,7 +43,7 @@ config.num_epoch = 20                    # epochs of the full schedule
 config.warmup_epoch = 0                  # linear warm-up epochs
 config.lr_power = 2.0                    # polynomial decay power after warm-up
 config.clip_grad_norm = 5.0              # max L2 norm of the backbone gradient (0 = no clipping)
-config.fp16 = False                      # mixed precision: float16 + GradScaler on CUDA, bfloat16 on CPU (utils.optim)
+config.fp16 = False                      # mixed precision: float16 + GradScaler on CUDA, bfloat16 on CPU (utils.precision)
 config.bf16 = False                      # bf16 autocast (no scaler needed)
 config.max_nonfinite_steps = 20          # stop after this many consecutive skipped non-finite steps
 
@@ -83,6 +83,13 @@ config.frequent = 10                     # console/TensorBoard log every N steps
 config.verbose = 2000                    # verification every N steps (and at the end)
 config.image_every = 500                 # clean-vs-synthesized image grid every N steps (0 = never)
 config.tensorboard = True                # write TensorBoard event files in output/tensorboard
+config.wandb = False                     # also log to Weights & Biases (pip install wandb; docs/monitoring.md)
+config.wandb_project = "cfsm"            # wandb project of the run
+config.wandb_entity = None               # wandb user or team; None = your default entity
+config.wandb_run_suffix = ""             # appended to the wandb run name <config name>_<yymmdd_HHMM>
+config.wandb_notes = ""                  # notes stored with the wandb run
+config.wandb_resume = True               # a resumed run continues its wandb run (id in output/wandb_run.json)
+config.wandb_save_artifacts = False      # upload the final model.pt / generator.pth as a wandb artifact
 
 # ---- stage 1: training a CFSM generator (train_generator.py); `rec` is the labelled source, `batch_size`,
 # ---- `num_epoch`, `output`, `seed`, `resume`, `save_every`, `image_every`, `fp16`/`bf16` apply as above ----

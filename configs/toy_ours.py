@@ -10,6 +10,4 @@ config = edict(_toy)
 config.pretrained_synthesis_model = str(Path(__file__).resolve().parents[1] / "work_dirs" / "cfsm_toy" /
                                         "generator.pth")
 config.rs_ratio = 0.75
-config.epsilon = 0.314
-config.alpha = 0.314
-config.k = 1
+# epsilon = alpha = 0.314, k = 1 (the paper's attack): configs/base.py's defaults

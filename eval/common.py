@@ -7,27 +7,41 @@ then ``(x / 255 - 0.5) / 0.5``. The mirror image is the horizontal flip of the a
 Channel order: our models (like the CFSM / arcface_torch ones) are trained on RGB, so RGB is the default; AdaFace-
 family models are trained on BGR, pass ``--bgr`` for them.
 
+Network: ``--network auto`` (the default) takes it from the run's ``summary.json`` beside a ``model.pt``, else
+detects it from the file's keys and shapes (``backbones/detect.py``; ``docs/evaluation.md``).
 Embedding size: taken from the model file (the length of its last BatchNorm's ``running_var``) unless
 ``--embedding-size`` is given; every buffer uses the real size, so 128-d or 1024-d models work (the reference
 hard-codes 1024 = 2 x 512 columns).
+
+N processes (``torchrun --nproc_per_node=N -m eval.<cmd> ...``, ``docs/evaluation.md``): :func:`eval_ranks` sets
+up the process group from the launcher's environment; :func:`embed_dataset` / :func:`embed_sharded` give each rank
+whole batches (round robin, none dropped, none padded), carry every row's index, gather to rank 0 and check that
+every index arrives exactly once. Each batch holds the same images as in one process, so the embeddings (and every
+metric) equal the single-process ones. Rank 0 computes and writes; the other ranks return None and exit 0.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
+import tempfile
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
 import torch
 from torch import nn
 
-from dataset import _worker_init
+from dataset import seed_worker
 from utils.checkpoint import write_json as _write_json
-from utils.cli import positive_int, resolve_device
-from utils.optim import low_precision_dtype  # resolve_device re-exported: one meaning of --device
+from utils.cli import UsageError, positive_int, resolve_device
+from utils.distributed import DistEnv, agree_call, cleanup, init_distributed
+from utils.errors import UserError
+from utils.precision import low_precision_dtype  # resolve_device re-exported: one meaning of --device
 
 IMAGE_SIZE = 112
 
@@ -38,7 +52,7 @@ ARCFACE_TEMPLATE = np.array(
 )
 
 
-class EvalInputError(ValueError):
+class EvalInputError(UserError, ValueError):
     """A benchmark file or image is missing or malformed; the message names it."""
 
 
@@ -134,28 +148,78 @@ class FaceImages(torch.utils.data.Dataset):
 def infer_embedding_size(state: dict[str, torch.Tensor]) -> int | None:
     """Embedding size of a backbone state dict: the length of its last BatchNorm ``running_var`` (the feature BN of
     IResNet / MobileFaceNet), or None when there is none."""
-    last = None
-    for key, value in state.items():
-        if key.endswith("running_var") and value.ndim == 1:
-            last = int(value.shape[0])
-    return last
+    from backbones.detect import embedding_size_of
+
+    return embedding_size_of(state)
 
 
-def load_backbone(
+AUTO_NETWORK = "auto"
+
+
+@dataclass(frozen=True)
+class BackboneChoice:
+    """The network a model file is loaded as, and where that came from (``--network``, the run's summary.json, or
+    its keys and shapes)."""
+
+    network: str
+    embedding_size: int
+    source: str
+
+
+def run_files_network(model_path: str | os.PathLike) -> tuple[str, int | None, Path] | None:
+    """(network, embedding_size, summary path) from the ``summary.json`` that ``train.py`` writes beside the run's
+    ``model.pt`` (its ``config``); None for another file name, no summary, or a summary without a known network."""
+    from backbones import BACKBONE_NAMES
+
+    path = Path(model_path)
+    summary = path.parent / "summary.json"
+    if path.name != "model.pt" or not summary.is_file():
+        return None
+    try:
+        config = json.loads(summary.read_text()).get("config", {})
+    except (OSError, ValueError, AttributeError):
+        return None  # not ours / unreadable: the file's own keys decide
+    network, size = config.get("network"), config.get("embedding_size")
+    if not isinstance(network, str) or network not in BACKBONE_NAMES:
+        return None
+    return network, size if isinstance(size, int) and size > 0 else None, summary
+
+
+def choose_backbone(model_path: str | os.PathLike, state: dict[str, torch.Tensor], network: str = AUTO_NETWORK,
+                    embedding_size: int | None = None) -> BackboneChoice:
+    """The network and embedding size to build for ``state`` (read from ``model_path``).
+
+    ``network`` other than "auto" is used as given. "auto": the run's ``summary.json`` beside a ``model.pt``, else
+    the one registered network whose layout the file has (:mod:`backbones.detect`); none or several is an error
+    naming what the file holds. The embedding size: ``embedding_size``, else the file's last BatchNorm, else the
+    summary's, else 512."""
+    from backbones import BACKBONE_NAMES
+    from backbones.detect import detect_network
+    from utils.checkpoint import CheckpointError
+
+    size = embedding_size or infer_embedding_size(state)
+    if network != AUTO_NETWORK:
+        return BackboneChoice(network, size or 512, "--network")
+    run = run_files_network(model_path)
+    if run is not None:
+        return BackboneChoice(run[0], size or run[1] or 512, str(run[2]))
+    found = detect_network(state)
+    if found.network is None:
+        raise CheckpointError(f"{model_path}: cannot tell its architecture from its keys and shapes: it holds "
+                              f"{found.describe()}; pass --network (one of {', '.join(BACKBONE_NAMES)})")
+    return BackboneChoice(found.network, size or found.embedding_size or 512, "its keys and shapes")
+
+
+def load_backbone_choice(
     model_path: str | os.PathLike,
-    network: str,
+    network: str = AUTO_NETWORK,
     embedding_size: int | None = None,
     device: torch.device | str = "cpu",
-) -> nn.Module:
-    """Build ``backbones.get_model(network, num_features=...)`` and strictly load a plain state dict into it.
-
-    The file is read with ``torch.load(weights_only=True)`` (``utils.checkpoint``; a DDP ``module.`` prefix and the
-    arcface_torch ``state_dict_backbone`` wrapper are accepted). A file of another architecture raises an error that
-    names the first mismatching key. Returns the model in eval mode on ``device``.
-    """
+) -> tuple[nn.Module, BackboneChoice]:
+    """:func:`load_backbone` that also returns the :class:`BackboneChoice` it built."""
     from backbones import get_model
-    from utils.checkpoint import load_state_dict_file, load_state_dict_strict
-
+    from backbones.detect import detect_network
+    from utils.checkpoint import CheckpointError, load_state_dict_file, load_state_dict_strict
     from utils.run_state import first_nonfinite
 
     state = load_state_dict_file(model_path)
@@ -163,11 +227,36 @@ def load_backbone(
     if bad is not None:
         raise EvalInputError(f"{model_path}: weight '{bad}' holds NaN/Inf: a non-finite model cannot be evaluated "
                              f"(its scores would be meaningless); use the run's last finite checkpoint")
-    size = embedding_size or infer_embedding_size(state) or 512
-    model = get_model(network, num_features=size)
-    load_state_dict_strict(model, state, source=str(model_path))
+    choice = choose_backbone(model_path, state, network, embedding_size)
+    model = get_model(choice.network, num_features=choice.embedding_size)
+    try:
+        load_state_dict_strict(model, state, source=str(model_path))
+    except CheckpointError as e:  # say what the file holds and how to load it
+        found = detect_network(state)
+        fix = f"use --network {found.network}" if found.network else "pass the --network it was trained with"
+        if found.network and embedding_size and found.embedding_size != embedding_size:
+            fix += f" --embedding-size {found.embedding_size} (or leave it out)"
+        said = f"{choice.source} says network={choice.network}, embedding size {choice.embedding_size}"
+        raise CheckpointError(f"{e} {said}, but the file holds {found.describe()}: {fix}") from None
     model.source_file = str(model_path)  # named when its embeddings turn out non-finite (embed_batches)
-    return model.to(device).eval()
+    return model.to(device).eval(), choice
+
+
+def load_backbone(
+    model_path: str | os.PathLike,
+    network: str = AUTO_NETWORK,
+    embedding_size: int | None = None,
+    device: torch.device | str = "cpu",
+) -> nn.Module:
+    """Build ``backbones.get_model(network, num_features=...)`` and strictly load a plain state dict into it.
+
+    ``network="auto"`` (the CLIs' default): the run's ``summary.json`` beside ``model.pt``, else detected from the
+    file's keys and shapes (:func:`choose_backbone`). The file is read with ``torch.load(weights_only=True)``
+    (``utils.checkpoint``; a DDP ``module.`` prefix and the arcface_torch ``state_dict_backbone`` wrapper are
+    accepted). A file of another architecture raises an error that names the first mismatching key and what the
+    file holds. Returns the model in eval mode on ``device``.
+    """
+    return load_backbone_choice(model_path, network, embedding_size, device)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -233,6 +322,126 @@ def require_finite_embeddings(embeddings: np.ndarray, source: str) -> None:
                              f"overflow or are not finite): refusing to score them; use a finite model")
 
 
+def launched_by_torchrun() -> bool:
+    """True when a launcher started this process (it set WORLD_SIZE > 1 or a torchrun run id)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def single_process_env(device: torch.device) -> DistEnv:
+    return DistEnv(rank=0, local_rank=0, world_size=1, device=device, backend=None)
+
+
+@contextlib.contextmanager
+def eval_ranks(device: str | None = "auto") -> Iterator[DistEnv]:
+    """The process environment of an eval command: one process, or one rank of ``torchrun --nproc_per_node=N``
+    (backend from the machine: NCCL with CUDA, else gloo; rank r uses ``cuda:<LOCAL_RANK>``). ``device`` is the
+    ``--device`` value; under a launcher ``cuda:N`` means CUDA, each rank on its own local device. The process
+    group is closed when the block ends."""
+    if not launched_by_torchrun():
+        yield single_process_env(resolve_device(device))
+        return
+    name = device or "auto"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name!r}: CUDA is not available on this machine; use --device cpu or auto")
+    if name not in ("auto", "cpu") and not name.startswith("cuda"):
+        raise UsageError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N")
+    env = init_distributed("cuda" if name.startswith("cuda") else name)
+    try:
+        yield env
+    finally:
+        cleanup(env)
+
+
+def shard_batches(total: int, batch_size: int, rank: int, world_size: int) -> list[range]:
+    """This rank's batches of ``range(total)``: the single-process batches dealt round robin (batch b to rank
+    b % world_size), so no index is dropped or repeated and each batch holds what it holds in one process. The
+    ranks' shares differ by at most one batch (the uneven last shard)."""
+    batches = [range(s, e) for s, e in iter_chunks(total, batch_size)]
+    return batches[rank::world_size]
+
+
+def gather_rows(env: DistEnv, indices: np.ndarray, rows: np.ndarray, total: int,
+                chunk_rows: int = 16384) -> np.ndarray | None:
+    """Rows [n, D] of ``indices`` from every rank, assembled on rank 0 in index order (others: None).
+
+    The ranks agree on the width and the longest shard, pad to it (index -1 marks padding) and ``dist.gather``
+    ``chunk_rows`` at a time (bounded memory on the device). Rank 0 de-duplicates by index and checks that every
+    index of ``range(total)`` arrived exactly once (a missing one is an error naming how many)."""
+    import torch.distributed as dist
+
+    sizes = torch.tensor([len(indices), rows.shape[1] if rows.ndim == 2 and len(indices) else 0],
+                         dtype=torch.int64, device=env.device)
+    dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
+    longest, width = (int(v) for v in sizes.tolist())
+    idx_parts: list[np.ndarray] = []
+    row_parts: list[np.ndarray] = []
+    for start in range(0, max(longest, 1), chunk_rows):
+        stop = min(longest, start + chunk_rows)
+        n = max(stop - start, 0)
+        idx = torch.full((n,), -1, dtype=torch.int64)
+        val = torch.zeros((n, width), dtype=torch.float32)
+        mine = slice(start, min(stop, len(indices)))
+        k = max(mine.stop - mine.start, 0)
+        if k:
+            idx[:k] = torch.from_numpy(np.ascontiguousarray(indices[mine], dtype=np.int64))
+            val[:k] = torch.from_numpy(np.ascontiguousarray(rows[mine], dtype=np.float32))
+        idx, val = idx.to(env.device), val.to(env.device)
+        idx_list = [torch.empty_like(idx) for _ in range(env.world_size)] if env.is_main else None
+        val_list = [torch.empty_like(val) for _ in range(env.world_size)] if env.is_main else None
+        dist.gather(idx, idx_list, dst=0)
+        dist.gather(val, val_list, dst=0)
+        if env.is_main:
+            idx_parts += [t.cpu().numpy() for t in idx_list]
+            row_parts += [t.cpu().numpy() for t in val_list]
+    if not env.is_main:
+        return None
+    all_idx = np.concatenate(idx_parts)
+    all_rows = np.concatenate(row_parts).reshape(-1, width)
+    real = all_idx >= 0
+    all_idx, all_rows = all_idx[real], all_rows[real]
+    unique, first = np.unique(all_idx, return_index=True)  # de-duplicate: the first copy of an index wins
+    if unique.size != total or (total and (unique[0] != 0 or unique[-1] != total - 1)):
+        raise RuntimeError(f"gathered {unique.size} distinct rows of {total} from {env.world_size} ranks "
+                           f"(indices {unique[:3].tolist()}...): the ranks' shards do not cover the data")
+    out = np.empty((total, width), dtype=np.float32)
+    out[unique] = all_rows[first]
+    return out
+
+
+def embed_sharded(
+    embed_part: Callable[[list[range]], tuple[np.ndarray, np.ndarray | None]],
+    total: int,
+    batch_size: int,
+    env: DistEnv | None,
+    flip: bool,
+) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """The one split of the eval commands: ``embed_part(batches)`` embeds the given index batches on this rank;
+    with a process group each rank takes :func:`shard_batches`, the rows are gathered to rank 0 and checked by
+    :func:`gather_rows`. Returns ``(orig, flipped or None)`` on rank 0 / a single process, None on other ranks.
+
+    An error on any rank (a bad image) stops every rank at one agreed point before the gather: the failing rank
+    raises its own error, the others a PeerRankError naming it -- no rank waits in a collective."""
+    if env is None or not env.distributed:
+        return embed_part(shard_batches(total, batch_size, 0, 1))
+    mine = shard_batches(total, batch_size, env.rank, env.world_size)
+    indices = np.fromiter((i for b in mine for i in b), dtype=np.int64, count=sum(len(b) for b in mine))
+
+    def part() -> tuple[np.ndarray, np.ndarray | None]:
+        if not len(indices):  # fewer batches than ranks: nothing to embed here
+            return np.zeros((0, 0), np.float32), (np.zeros((0, 0), np.float32) if flip else None)
+        return embed_part(mine)
+
+    orig, flipped = agree_call(env, part, "embedding")
+    rows = orig if flipped is None else np.concatenate([orig, flipped], axis=1)
+    gathered = gather_rows(env, indices, rows, total)
+    if gathered is None:
+        return None
+    if not flip:
+        return gathered, None
+    width = gathered.shape[1] // 2
+    return gathered[:, :width], gathered[:, width:]
+
+
 def embed_dataset(
     backbone: nn.Module,
     dataset: torch.utils.data.Dataset,
@@ -243,24 +452,34 @@ def embed_dataset(
     amp: bool | None = None,
     progress: bool = False,
     desc: str = "embed",
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """:func:`embed_batches` over a dataset of uint8 images read by ``workers`` DataLoader processes, in order."""
+    env: DistEnv | None = None,
+) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """:func:`embed_batches` over a dataset of uint8 images read by ``workers`` DataLoader processes, in order.
+
+    With ``env`` of a process group the batches are split across the ranks (:func:`embed_sharded`); rank 0
+    returns everything, the other ranks None."""
     device = device or next(backbone.parameters()).device
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        # the project's one worker-init; one OpenCV thread each (spawned workers, see below)
-        worker_init_fn=partial(_worker_init, opencv_threads=1) if workers > 0 else None,
-        # Workers are spawned, not forked: a forked child inherits OpenCV's thread pool in a broken state once the
-        # parent has run a parallel cv2 call, and then hangs in imread / warpAffine (seen on this machine).
-        multiprocessing_context="spawn" if workers > 0 else None,
-        persistent_workers=False,
-    )
     backbone.eval()
-    return embed_batches(backbone, loader, len(dataset), device, flip=flip, amp=amp, progress=progress, desc=desc)
+    main_rank = env is None or env.is_main
+
+    def embed_part(batches: list[range]) -> tuple[np.ndarray, np.ndarray | None]:
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=[list(b) for b in batches],  # exactly these batches, in order
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            # the project's one worker-init; one OpenCV thread each (spawned workers, see below)
+            worker_init_fn=partial(seed_worker, opencv_threads=1) if workers > 0 else None,
+            # Workers are spawned, not forked: a forked child inherits OpenCV's thread pool in a broken state once
+            # the parent has run a parallel cv2 call, and then hangs in imread / warpAffine (seen on this machine).
+            multiprocessing_context="spawn" if workers > 0 else None,
+            persistent_workers=False,
+        )
+        count = sum(len(b) for b in batches)
+        return embed_batches(backbone, loader, count, device, flip=flip, amp=amp, progress=progress and main_rank,
+                             desc=desc)
+
+    return embed_sharded(embed_part, len(dataset), batch_size, env, flip)
 
 
 def flip_fuse(orig: np.ndarray, flipped: np.ndarray | None) -> np.ndarray:
@@ -279,23 +498,33 @@ def check_output_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
         raise EvalInputError(f"{flag} {folder} is a file; give a folder for the results")
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):  # writable now, not only after the work (read-only mounts, ACLs)
+            pass
     except OSError as e:
-        raise EvalInputError(f"{flag} {folder}: cannot create the folder ({e.strerror})") from None
+        raise EvalInputError(f"{flag} {folder}: cannot create or write the folder ({e.strerror})") from None
     return folder
+
+
+def add_network_args(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """``--network`` (default auto) and ``--embedding-size`` of a model file; ``prefix`` e.g. "id-"."""
+    from backbones import BACKBONE_NAMES
+
+    parser.add_argument(f"--{prefix}network", default=AUTO_NETWORK, choices=(AUTO_NETWORK, *BACKBONE_NAMES),
+                        metavar="NETWORK",
+                        help="backbone architecture: auto (the run's summary.json beside model.pt, else detected "
+                             f"from the file's keys and shapes) or one of {', '.join(BACKBONE_NAMES)}")
+    parser.add_argument(f"--{prefix}embedding-size", type=positive_int, default=None,
+                        help="default: read from the model file (last BatchNorm size)")
 
 
 def add_model_args(parser: argparse.ArgumentParser, image_workers: bool = True) -> None:
     """Arguments shared by the benchmark CLIs: model file, network, device, batching, channel order, AMP, progress.
 
     ``image_workers=False`` for commands whose images are already in memory (``.bin`` sets): no ``--workers``."""
-    from backbones import BACKBONE_NAMES
     from utils.cli import add_bgr_arg, add_device_arg, add_workers_arg
 
     parser.add_argument("--model", required=True, help="plain state dict (torch.save(backbone.state_dict()))")
-    parser.add_argument("--network", default="r50", choices=BACKBONE_NAMES, metavar="NETWORK",
-                        help=f"backbone architecture: {', '.join(BACKBONE_NAMES)}")
-    parser.add_argument("--embedding-size", type=int, default=None,
-                        help="default: read from the model file (last BatchNorm size)")
+    add_network_args(parser)
     add_device_arg(parser)
     parser.add_argument("--batch-size", type=positive_int, default=128, help="images per forward (x2 with the mirror)")
     if image_workers:
@@ -305,9 +534,16 @@ def add_model_args(parser: argparse.ArgumentParser, image_workers: bool = True) 
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
 
-def model_from_args(args: argparse.Namespace) -> tuple[nn.Module, torch.device]:
-    device = resolve_device(args.device)
-    return load_backbone(args.model, args.network, args.embedding_size, device), device
+def model_from_args(args: argparse.Namespace, env: DistEnv | None = None) -> tuple[nn.Module, torch.device]:
+    """The ``--model`` backbone on ``env``'s device (default: ``--device``); ``args.network`` becomes the network it
+    was loaded as ("auto" resolved). With a process group every rank loads it and all ranks agree that it loaded
+    (a rank that cannot read it stops them all)."""
+    if env is None:
+        env = single_process_env(resolve_device(args.device))
+    model, choice = agree_call(
+        env, lambda: load_backbone_choice(args.model, args.network, args.embedding_size, env.device), "model loading")
+    args.network = choice.network  # what the results files record
+    return model, env.device
 
 
 def write_json(path: str | os.PathLike, obj: dict) -> None:

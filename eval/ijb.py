@@ -1,6 +1,6 @@
 """IJB-B / IJB-C evaluation: 1:1 TAR@FAR (``eval_ijbc.py`` rule) and, when the 1:N files exist, Rank-1/5/10.
 
-    python -m eval.ijb --model model.pt --network r50 --root <IJB_release> --target IJBC --out results/
+    python -m eval.ijb --model model.pt --root <IJB_release> --target IJBC --out results/
 
 Expected layout (insightface ``IJB_release``; ``<root>`` may also be the ``IJBC`` folder itself)::
 
@@ -33,6 +33,7 @@ Any embedding size works (buffers use the model's real size). An unreadable imag
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import sys
 import time
@@ -52,11 +53,13 @@ from eval.common import (
     add_model_args,
     check_output_folder,
     embed_dataset,
+    eval_ranks,
     landmarks_68_to_5,
     model_from_args,
     write_json,
 )
 from utils.cli import ArgumentParser, run_command
+from utils.distributed import DistEnv
 
 GALLERY_NAMES = {"IJBB": ("S1", "S2"), "IJBC": ("G1", "G2")}
 
@@ -319,18 +322,27 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-1n", action="store_true", help="skip 1:N even when the csv files exist")
     ap.add_argument("--save-scores", action="store_true", help="also write the pair scores (.npy)")
     args = ap.parse_args(argv)
+    with eval_ranks(args.device) as env:  # one process, or one rank of torchrun
+        return evaluate(args, env)
+
+
+def evaluate(args: argparse.Namespace, env: DistEnv) -> dict | None:
+    """The evaluation on this rank: every rank embeds its share, rank 0 computes and writes (others: None)."""
     t0 = time.time()
     out = check_output_folder(args.out)
 
     meta = load_meta(args.root, args.target)
     paths = image_paths(meta)
     files_1n = None if args.no_1n else onen_files(meta.target_dir / "meta", meta.target)
-    backbone, device = model_from_args(args)
+    backbone, device = model_from_args(args, env)
     dataset = FaceImages(paths, meta.landmarks, bgr=args.bgr)
-    orig, flipped = embed_dataset(
+    embedded = embed_dataset(
         backbone, dataset, batch_size=args.batch_size, workers=args.workers, device=device,
-        flip=not args.no_flip, amp=not args.no_amp, progress=not args.no_progress, desc=meta.target,
+        flip=not args.no_flip, amp=not args.no_amp, progress=not args.no_progress, desc=meta.target, env=env,
     )
+    if embedded is None:
+        return None  # another rank than 0: rank 0 has every row and writes the results
+    orig, flipped = embedded
     t_embed = time.time() - t0
     img_feats = fuse_image_features(orig, flipped, meta.faceness, not args.no_norm_score, not args.no_detector_score)
     template_ids, template_feats = metrics.template_features(img_feats, meta.templates, meta.medias)

@@ -1,6 +1,6 @@
 """IJB-S surveillance identification: V2S, V2B, V2V with Rank-1/5/10 and TPIR at FPIR 1% / 10% (AdaFace/PFE rule).
 
-    python -m eval.ijbs --model model.pt --network r50 --protocol-dir <IJB-S protocols> \
+    python -m eval.ijbs --model model.pt --protocol-dir <IJB-S protocols> \
         --frames-dir <aligned frames> [--frame-list kept_frames.csv] --out results/
 
 The reference loads a pickled ``IJB_S_proto.pkl`` and ``image_list_mtcnn_fail_skipped_v1.csv`` that are **not
@@ -32,6 +32,7 @@ gallery (:func:`eval.metrics.tpir_at_fpir`, k = floor(n*fpir)), averaged over G1
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import re
 import sys
@@ -50,11 +51,13 @@ from eval.common import (
     add_model_args,
     check_output_folder,
     embed_dataset,
+    eval_ranks,
     flip_fuse,
     model_from_args,
     write_json,
 )
 from utils.cli import ArgumentParser, run_command
+from utils.distributed import DistEnv
 
 PROTOCOLS = {
     "V2S": ("cs6_surveillance_to_single-booking_probe.csv", "cs6_surveillance_to_single"),
@@ -190,6 +193,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--flip", action="store_true", help="add the mirror (NOT the reference protocol)")
     ap.add_argument("--out", default="results", help="output folder")
     args = ap.parse_args(argv)
+    with eval_ranks(args.device) as env:  # one process, or one rank of torchrun
+        return evaluate(args, env)
+
+
+def evaluate(args: argparse.Namespace, env: DistEnv) -> dict | None:
+    """The evaluation on this rank: every rank embeds its share, rank 0 computes and writes (others: None)."""
     t0 = time.time()
     out_dir = check_output_folder(args.out)
     pdir = Path(args.protocol_dir)
@@ -228,11 +237,14 @@ def main(argv: list[str] | None = None) -> dict:
     if not paths:
         raise EvalInputError(f"no frame under {args.frames_dir} belongs to any template of {protocols}")
     row_of = {p: i for i, p in enumerate(paths)}
-    backbone, device = model_from_args(args)
-    orig, flipped = embed_dataset(
+    backbone, device = model_from_args(args, env)
+    embedded = embed_dataset(
         backbone, FaceImages(paths, None, bgr=args.bgr), batch_size=args.batch_size, workers=args.workers,
-        device=device, flip=args.flip, amp=not args.no_amp, progress=not args.no_progress, desc="IJB-S",
+        device=device, flip=args.flip, amp=not args.no_amp, progress=not args.no_progress, desc="IJB-S", env=env,
     )
+    if embedded is None:
+        return None  # another rank than 0: rank 0 has every row and writes the results
+    orig, flipped = embedded
     raw = flip_fuse(orig, flipped)
 
     labels: dict[str, int] = {}

@@ -1,6 +1,6 @@
 """TinyFace closed-set identification (Rank-1/5/20 with 153k distractors), AdaFace protocol.
 
-    python -m eval.tinyface --model model.pt --network r50 --root <data root> --out results/
+    python -m eval.tinyface --model model.pt --root <data root> --out results/
 
 What the user must prepare (``docs/eval_protocols.md`` §5.1): the **aligned** 112x112 copies distributed by
 AdaFace (they are MTCNN-aligned; TinyFace itself ships unaligned crops without landmarks)::
@@ -22,6 +22,7 @@ error (resizing would silently change the feature).
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -38,11 +39,13 @@ from eval.common import (
     add_model_args,
     check_output_folder,
     embed_dataset,
+    eval_ranks,
     flip_fuse,
     model_from_args,
     write_json,
 )
 from utils.cli import ArgumentParser, run_command
+from utils.distributed import DistEnv
 
 SPLITS = ("Probe", "Gallery_Match", "Gallery_Distractor")
 ALIGNED_DIR = "aligned_pad_0.1_pad_high"
@@ -106,6 +109,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--ranks", default="1,5,20", help="comma-separated CMC ranks to report")
     ap.add_argument("--no-flip", action="store_true", help="original image only (the reference uses flip)")
     args = ap.parse_args(argv)
+    with eval_ranks(args.device) as env:  # one process, or one rank of torchrun
+        return evaluate(args, env)
+
+
+def evaluate(args: argparse.Namespace, env: DistEnv) -> dict | None:
+    """The evaluation on this rank: every rank embeds its share, rank 0 computes and writes (others: None)."""
     t0 = time.time()
     ranks = parse_ranks(args.ranks)
     out_dir = check_output_folder(args.out)
@@ -114,12 +123,16 @@ def main(argv: list[str] | None = None) -> dict:
     probe_labels = np.asarray([label_of(p) for p in lists["Probe"]])
     match_labels = np.asarray([label_of(p) for p in lists["Gallery_Match"]])
     gallery_labels = np.concatenate([match_labels, np.full(len(lists["Gallery_Distractor"]), DISTRACTOR_LABEL)])
-    backbone, device = model_from_args(args)
+    backbone, device = model_from_args(args, env)
     paths = lists["Probe"] + lists["Gallery_Match"] + lists["Gallery_Distractor"]
-    orig, flipped = embed_dataset(
+    embedded = embed_dataset(
         backbone, FaceImages(paths, None, bgr=args.bgr), batch_size=args.batch_size, workers=args.workers,
         device=device, flip=not args.no_flip, amp=not args.no_amp, progress=not args.no_progress, desc="TinyFace",
+        env=env,
     )
+    if embedded is None:
+        return None  # another rank than 0: rank 0 has every row and writes the results
+    orig, flipped = embedded
     feats = metrics.l2_normalize(flip_fuse(orig, flipped))
     n_p = len(lists["Probe"])
     res = metrics.identification_ranks(feats[:n_p], probe_labels, feats[n_p:], gallery_labels, ranks=ranks)

@@ -16,9 +16,9 @@ from torch import nn
 
 from eval.common import EvalInputError
 from eval.verification import evaluate_verification
-from utils.binfile import BinFileError, load_bin
-from utils.config import ConfigError
-from utils.distributed import DistEnv, all_ranks_ok
+from eval.binfile import BinFileError, load_bin
+from utils.errors import ConfigError
+from utils.distributed import DistEnv, agree_all
 
 __all__ = ["open_verification_sets", "CallBackVerification", "verification_for_run"]
 
@@ -27,18 +27,21 @@ VerificationSet = tuple[torch.Tensor, np.ndarray]
 
 def open_verification_sets(val_targets: Sequence[str], rec_dir: str | os.PathLike,
                            nfolds: int = 10) -> dict[str, VerificationSet]:
-    """Load ``<rec_dir>/<name>.bin`` for each name and check it can be scored: readable, at least ``nfolds`` pairs.
+    """Load each set (a name: ``<rec_dir>/<name>.bin``; or a path ending in ``.bin``, named by its stem) and check it
+    can be scored: readable, at least ``nfolds`` pairs.
 
     Raises ConfigError naming the set, the file and the fix (a bad file must stop a run before its first step, not
     after its last one).
     """
     sets: dict[str, VerificationSet] = {}
-    for name in val_targets:
-        path = Path(rec_dir) / f"{name}.bin"
-        where = f"config key 'val_targets' names {name!r}"
+    for target in val_targets:
+        is_path = str(target).endswith(".bin")
+        path = Path(os.path.expanduser(str(target))) if is_path else Path(rec_dir) / f"{target}.bin"
+        name = path.stem if is_path else str(target)
+        where = f"config key 'val_targets' names {str(target)!r}"
         if not path.is_file():
-            raise ConfigError(f"{where}, but {path} does not exist; put the .bin file in `rec` ({rec_dir}) or remove "
-                              f"{name!r} from val_targets")
+            raise ConfigError(f"{where}, but {path} does not exist; put the .bin file in `rec` ({rec_dir}), give its "
+                              f"path, or remove {str(target)!r} from val_targets")
         try:
             images, issame = load_bin(path)
         except BinFileError as exc:
@@ -46,6 +49,8 @@ def open_verification_sets(val_targets: Sequence[str], rec_dir: str | os.PathLik
         if len(issame) < nfolds:
             raise ConfigError(f"{where}: {path} holds {len(issame)} pairs, {nfolds}-fold verification needs at least "
                               f"{nfolds}; use a complete .bin file or remove {name!r} from val_targets")
+        if name in sets:
+            raise ConfigError(f"{where}: a second set named {name!r}; give each set a distinct file name")
         sets[name] = (images, issame)
     return sets
 
@@ -106,7 +111,7 @@ def verification_for_run(val_targets: Sequence[str], rec_dir: str | os.PathLike,
             sets = open_verification_sets(val_targets, rec_dir, nfolds)
         except (ConfigError, OSError) as exc:
             error = exc
-    if not all_ranks_ok(env, error is None):
+    if not agree_all(env, error is None):
         if error is not None:
             raise error
         raise ConfigError("rank 0 could not open the verification sets in val_targets (its error names the file); "

@@ -51,3 +51,16 @@ def tiny_generator_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("gen") / "tiny_generator.pth"
     torch.save({"G_state_dict": Generator(dim=16, n_residual=1, latent_dim=32).state_dict()}, path)
     return path
+
+
+@pytest.fixture()
+def model_file(tmp_path: Path) -> Path:
+    """A randomly initialised r_tiny backbone (32-d embeddings) saved as a plain state dict."""
+    import torch
+
+    from backbones import get_model
+
+    torch.manual_seed(0)
+    path = tmp_path / "m.pt"
+    torch.save(get_model("r_tiny", num_features=32).state_dict(), path)
+    return path

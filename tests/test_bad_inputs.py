@@ -2,7 +2,7 @@
 entry point that meets it first. Each row asserts the exception type AND that the message names the file / key /
 value, so a user can fix the input from the message alone. README "Troubleshooting" mirrors this table.
 
-The rows run the module-level functions (``train.main``, ``dataset.*``, ``utils.binfile.load_bin``,
+The rows run the module-level functions (``train.main``, ``dataset.*``, ``eval.binfile.load_bin``,
 ``cfsm.load_generator``, ``eval.ijb.main``) in-process; nothing trains, so the whole table takes seconds.
 """
 from __future__ import annotations
@@ -27,13 +27,13 @@ from eval.align import NoFaceError
 from eval.common import EvalInputError
 from losses import ArcFace
 from partial_fc import PartialFC
-from tests.test_train import tiny_args
-from utils.binfile import BinFileError, load_bin
+from tests.helpers import tiny_args
+from eval.binfile import BinFileError, load_bin
 from utils.checkpoint import CheckpointError, safe_load
 from utils.cli import UsageError
-from utils.config import ConfigError
+from configs.loader import ConfigError
 from utils.recordio import IndexedRecordReader, IndexedRecordWriter, RecordIOError, pack_record, unpack_record
-from utils.run_state import COMPLETE, step_dir
+from utils.run_folder import COMPLETE, step_dir
 
 
 @dataclass
@@ -200,6 +200,22 @@ def _train(ctx: Ctx, *extra: str) -> None:
     train.main(tiny_args(ctx.toy, ctx.tmp / "run", "max_steps=1", *extra))
 
 
+def _unknown_layout_backbone(ctx: Ctx) -> Path:
+    """An r_tiny file with one tensor removed: the layout of no registered network."""
+    state = get_model("r_tiny", num_features=32).state_dict()
+    state.pop("fc.weight")
+    path = ctx.tmp / "unknown_layout.pt"
+    torch.save(state, path)
+    return path
+
+
+def _train_without_wandb_package(ctx: Ctx) -> None:
+    from unittest import mock
+
+    with mock.patch("utils.wandb_logging.wandb_installed", return_value=False):
+        _train(ctx, "wandb=True")
+
+
 TINY_TOY_KEY = 5  # a training image record (key 0 is the header record)
 MISSING = "/no/such/dir"
 
@@ -288,6 +304,11 @@ ROWS: list[Row] = [
         lambda c: [str(c.tmp / "model.pt"), "not found"], "eval --model"),
     Row("eval_bad_target", lambda c: _ijb(c, c.tmp / "model.pt", target="IJBX"), SystemExit,
         lambda c: ["--target", "'IJBX'"], "eval.ijb --target"),
+    Row("eval_network_not_detectable", lambda c: _ijb(c, _unknown_layout_backbone(c), network="auto"),
+        CheckpointError, lambda c: [str(c.tmp / "unknown_layout.pt"), "cannot tell its architecture",
+                                    "no registered network's layout", "pass --network"]),
+    Row("wandb_not_installed", lambda c: _train_without_wandb_package(c), ConfigError,
+        lambda c: ["config key 'wandb' = True", "not installed", "pip install wandb", "wandb=False"]),
     # ---- data, second matrix (issue 11); helpers at the end of the module ----
     Row("idx_utf8_bom", lambda c: MXFaceDataset(_idx_bytes(c, b"\xef\xbb\xbf")), RecordIOError,
         lambda c: [str(c.tmp / "rec" / "train.idx"), "line 1", "UTF-8 byte-order mark"]),
@@ -593,7 +614,7 @@ ROWS += [
         lambda c: [str(c.tmp / "big.jpg"), "100x100", "aligned 112x112"], "tools.compare_faces image_b"),
     Row("compare_model_missing", lambda c: _compare(c, "--model", str(c.tmp / "m.pt"), "--network", "r_tiny"),
         CheckpointError, lambda c: [str(c.tmp / "m.pt"), "not found"], "tools.compare_faces --model"),
-    Row("compare_network_unknown", lambda c: _compare_model(c, "--network", "r51"), ValueError,
+    Row("compare_network_unknown", lambda c: _compare_model(c, "--network", "r51"), SystemExit,  # argparse choices
         lambda c: ["'r51'", "r_tiny"], "tools.compare_faces --network"),
     Row("compare_embedding_size_wrong", lambda c: _compare_model(c, "--embedding-size", "64"), CheckpointError,
         lambda c: [str(c.tmp / "r_tiny_32.pt"), "embedding size"], "tools.compare_faces --embedding-size"),
@@ -892,9 +913,9 @@ def test_stage1_bad_target_on_one_rank_stops_both_ranks(mini_toy: Path, tiny_gen
                                                         tmp_path: Path) -> None:
     """Each node reads its own disk: rank 1's copy of the target folder has an undecodable image, rank 0's is fine.
     Rank 1 reports the file, rank 0 stops with it at once (not after dist_timeout_s), and no output folder exists."""
-    import socket
-
     import torch.multiprocessing as mp
+
+    from tests.helpers import free_port
 
     ctx = Ctx(toy=Path(mini_toy), generator=tiny_generator_file, tmp=tmp_path)
     bad_targets = _targets(ctx, {4: b"\x00" * 10})
@@ -904,10 +925,7 @@ def test_stage1_bad_target_on_one_rank_stops_both_ranks(mini_toy: Path, tiny_gen
                   dist_timeout_s=300, output=tmp_path / "stage1_run")
     argvs = [["configs/cfsm_toy"] + [f"{k}={v}" for k, v in {**common, "target": target}.items()]
              for target in (ctx.toy / "target_faces", bad_targets)]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_stage1_rank, args=(port, argvs, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_stage1_rank, args=(free_port(), argvs, str(tmp_path)), nprocs=2, join=True)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
     assert rank1["error"] == "ValueError" and "1 of 20 target images cannot be decoded" in rank1["message"], rank1
     assert str(bad_targets) in rank1["message"]
@@ -915,3 +933,73 @@ def test_stage1_bad_target_on_one_rank_stops_both_ranks(mini_toy: Path, tiny_gen
         rank0["message"], rank0
     assert rank0["seconds"] < 300  # agreed at once; without the agreement rank 0 waits out dist_timeout_s
     assert not (tmp_path / "stage1_run").exists()
+
+
+# ---- the probe table through the real command line: one `error:` line, exit 2, no traceback ----
+
+def _probe_rows(tmp: Path, mini_toy: Path) -> list[tuple[str, list[str], dict[str, str]]]:
+    import sys
+
+    import torch
+
+    from backbones import get_model
+    from eval.binfile import write_bin
+
+    (tmp / "a_file").write_text("not a folder")
+    torch.save(get_model("r_tiny", num_features=32).state_dict(), tmp / "backbone.pt")
+    face = cv2.imencode(".jpg", np.zeros((112, 112, 3), np.uint8))[1].tobytes()
+    write_bin(tmp / "nine.bin", [face] * 18, [True, False] * 4 + [True])
+    (tmp / "syntax.py").write_text("from configs.toy import config\nconfig.lr = (\n")
+    (tmp / "raises.py").write_text("from configs.toy import config\nconfig.lr = 1 / 0\n")
+    toy = [f"rec={mini_toy}", "generate_toy_data=False", f"output={tmp / 'out'}", "num_workers=0"]
+    train = [sys.executable, "train.py", "configs/toy"]
+    rows = [
+        ("output is a file", [*train, *toy, f"output={tmp / 'a_file'}"], {}),
+        ("RANK outside WORLD_SIZE", [*train, *toy], {"RANK": "3", "WORLD_SIZE": "2"}),
+        ("no MASTER_ADDR", [*train, *toy], {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": ""}),
+        ("WORLD_SIZE not a number", [*train, *toy], {"WORLD_SIZE": "abc"}),
+        ("empty output", [*train, *toy, "output="], {}),
+        ("space-padded rec", [*train, "rec= ", "generate_toy_data=False"], {}),
+        ("batch_size 1", [*train, *toy, "batch_size=1"], {}),
+        ("batch_size larger than the data", [*train, *toy, "batch_size=100000"], {}),
+        ("a stage-1 key given to stage 2", [*train, *toy, "gen_dim=32"], {}),
+        ("a degradation out of its range", [*train, *toy, "degrade_noise_std=(1.0, 500.0)"], {}),
+        ("a backbone as the generator", [*train, *toy, "rs_ratio=0.5",
+                                         f"pretrained_synthesis_model={tmp / 'backbone.pt'}"], {}),
+        ("a config with a syntax error", [sys.executable, "train.py", str(tmp / "syntax.py")], {}),
+        ("a config that raises", [sys.executable, "train.py", str(tmp / "raises.py")], {}),
+        ("--opset 99", [sys.executable, "-m", "tools.export_onnx", "--model", str(tmp / "backbone.pt"), "--out",
+                        str(tmp / "onnx"), "--opset", "99"], {}),
+        ("a 9-pair .bin", [sys.executable, "-m", "eval.verification", "--model", str(tmp / "backbone.pt"),
+                           "--bin", str(tmp / "nine.bin"), "--device", "cpu"], {}),
+        ("make_toy_data negative count", [sys.executable, "-m", "tools.make_toy_data", "--out", str(tmp / "t"),
+                                          "--num-identities", "-3"], {}),
+    ]
+    if not torch.cuda.is_available():
+        rows.append(("device=cuda without CUDA", [*train, *toy, "device=cuda"], {}))
+    return rows
+
+
+@pytest.mark.slow
+def test_probe_table_through_the_real_command_line(mini_toy: Path, tmp_path: Path) -> None:
+    """Each mistake, run as a user runs it (a subprocess), ends in exactly one `error:` line and exit 2."""
+    import os
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.helpers import REPO
+
+    def run(row):
+        name, cmd, extra = row
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                                "MASTER_PORT", "CFSM_TRACEBACK")}
+        env.update({k: v for k, v in extra.items() if v}, OMP_NUM_THREADS="1")
+        return name, subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(run, _probe_rows(tmp_path, mini_toy)))
+    for name, proc in results:
+        errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+        assert proc.returncode == 2 and len(errors) == 1 and errors[0].startswith("error: "), (name, proc.stderr[-1500:])
+        assert "Traceback" not in proc.stderr, (name, proc.stderr[-1500:])
+    assert not (REPO / " ").exists()  # the space-padded rec made no folder named ' '

@@ -145,7 +145,7 @@ def _run(args: list[str]) -> dict:
 
 def test_steps_checkpoint_and_exact_resume(tiny):
     from cfsm import Generator, load_generator
-    from utils.run_state import latest_complete
+    from utils.run_folder import latest_complete
 
     straight = tiny["root"] / "straight"
     summary = _run(_overrides(tiny, straight, max_steps=6, tensorboard=True, image_every=2))
@@ -202,7 +202,7 @@ def test_mode_seeking_term_pairs_faces_with_two_styles(tiny):
 
 def test_clear_errors(tiny, tmp_path):
     from utils.checkpoint import CheckpointError
-    from utils.config import ConfigError
+    from configs.loader import ConfigError
 
     with pytest.raises(ConfigError, match="id_model.*file not found"):
         _run(_overrides(tiny, tmp_path / "a", id_model=tmp_path / "nope.pt"))

@@ -52,6 +52,7 @@ def _parser_of(path: str, monkeypatch) -> argparse.ArgumentParser:
 def test_entry_points_are_found():
     assert {"tools/export_onnx.py", "tools/embed.py", "eval/verification.py", "eval/ijb.py", "bench/modules.py",
             "train.py"} <= set(ENTRY_POINTS)
+    assert set(SMOKE_ENTRY_POINTS) <= set(ENTRY_POINTS)
 
 
 @pytest.mark.parametrize("path", ENTRY_POINTS)
@@ -84,8 +85,54 @@ def test_shared_flags_mean_the_same_everywhere(path, monkeypatch):
         assert "0 = in the main process" in actions["--workers"].help, f"{path}: --workers 0 = in the main process"
 
 
+REPO_PACKAGES = {"backbones", "bench", "cfsm", "configs", "dataset", "eval", "losses", "partial_fc", "tools", "train",
+                 "train_generator", "utils"}
+PRELUDE_TEST = '__name__ == "__main__" and not __package__'
+PRELUDE_BODY = "sys.path[0] = str(Path(__file__).resolve().parents[1])"
+
+
+def _prelude_problem(source: str) -> str | None:
+    """Why `source` (an entry point in a subfolder) would not run as a path: run so, Python puts the subfolder first
+    on sys.path, so before its first import of a repo package it must put the repository root there instead."""
+    import ast
+
+    def same(nodes, text: str) -> bool:  # the same syntax tree as `text` (quotes, spacing, comments aside)
+        return [ast.dump(n) for n in nodes] == [ast.dump(n) for n in ast.parse(text).body]
+
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.If) and same([ast.Expr(node.test)], PRELUDE_TEST):
+            if not same(node.body, PRELUDE_BODY):
+                return f"the prelude's body must be `{PRELUDE_BODY}`"
+            return None
+        imported = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+        repo = [name for name in imported if name.split(".")[0] in REPO_PACKAGES]
+        if repo:
+            return f"imports {repo[0]} before the prelude `if {PRELUDE_TEST}:`"
+    return f"no prelude `if {PRELUDE_TEST}: {PRELUDE_BODY}`"
+
+
+def test_every_entry_point_in_a_subfolder_has_the_path_prelude():
+    """Read from the source: every command under tools/, eval/, bench/ puts the repository root on sys.path before
+    importing the repo's packages, so it runs as a path as well as with -m (the smoke test below runs a few)."""
+    problems = [f"{path}: {why}" for path in ENTRY_POINTS if "/" in path
+                for why in [_prelude_problem((REPO / path).read_text())] if why]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_prelude_check_catches_a_missing_or_late_prelude():
+    good = f"import sys\nfrom pathlib import Path\n\nif {PRELUDE_TEST}:\n    {PRELUDE_BODY}\n\nfrom utils import cli\n"
+    assert _prelude_problem(good) is None
+    assert "imports utils.cli before" in _prelude_problem("import sys\nfrom utils.cli import run_command\n" + good)
+    assert "no prelude" in _prelude_problem("import sys\nimport numpy\n")
+    assert "body" in _prelude_problem(good.replace("parents[1]", "parents[2]"))
+
+
+SMOKE_ENTRY_POINTS = ["tools/embed.py", "eval/verification.py", "bench/modules.py", "train.py"]  # one per folder
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("path", ENTRY_POINTS)
+@pytest.mark.parametrize("path", SMOKE_ENTRY_POINTS)
 def test_help_runs_as_path_and_as_module(path):
     env = {**os.environ, "PYTHONPATH": ""}
     for command in ([sys.executable, path, "--help"], [sys.executable, "-m", _module_name(path), "--help"]):
@@ -129,7 +176,7 @@ def test_bad_command_line_is_one_line_exit_2(capsys):
 
 
 def test_run_command_classifies_errors(capsys, monkeypatch):
-    from utils.config import ConfigError
+    from configs.loader import ConfigError
 
     monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
 

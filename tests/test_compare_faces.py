@@ -8,22 +8,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from eval.align import NoFaceError
 from tools import compare_faces
 from utils.cli import UsageError
-
-
-@pytest.fixture()
-def model_file(tmp_path: Path) -> Path:
-    from backbones import get_model
-
-    torch.manual_seed(0)
-    path = tmp_path / "m.pt"
-    torch.save(get_model("r_tiny", num_features=32).state_dict(), path)
-    return path
 
 
 @pytest.fixture()
@@ -70,7 +59,7 @@ def test_threshold_from_a_bin_set_at_a_far(model_file: Path, photos: dict, tmp_p
     from eval.common import load_backbone
     from eval.metrics import l2_normalize, threshold_at_far
     from eval.verification import embed_images
-    from utils.binfile import load_bin, write_bin
+    from eval.binfile import load_bin, write_bin
 
     rng = np.random.default_rng(0)
     base = rng.integers(0, 255, (20, 112, 112, 3), dtype=np.uint8)

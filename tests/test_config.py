@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from utils.config import ConfigError, apply_overrides, base_config, load_config
+from configs.loader import ConfigError, apply_overrides, available_configs, base_config, load_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -15,7 +15,7 @@ def test_every_base_key_has_a_comment():
             assert "#" in line, f"base.py key without a one-line comment: {line}"
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem not in ("__init__",)))
+@pytest.mark.parametrize("name", available_configs())
 def test_every_config_loads(name):
     cfg = load_config(f"configs/{name}")
     assert cfg.config_name == name
@@ -156,7 +156,7 @@ def test_unsupported_combined_margins_are_refused_at_load():
 
 # ---- value ranges (issue 10 §7): every numeric key of base.py is checked at load, naming key and value ----
 def test_every_numeric_base_key_has_a_range_rule():
-    from utils.config import NUMERIC_RULES
+    from configs.loader import NUMERIC_RULES
 
     numeric = {k for k, v in base_config().items()
                if (isinstance(v, (int, float)) and not isinstance(v, bool)) or isinstance(v, (list, tuple)) and v
@@ -186,7 +186,7 @@ def test_clip_grad_norm_zero_still_means_off_and_the_message_says_so():
 
 
 def test_tilde_is_expanded_in_every_path_key(tmp_path, monkeypatch):
-    from utils.config import PATH_KEYS
+    from configs.loader import PATH_KEYS
 
     monkeypatch.setenv("HOME", str(tmp_path))
     gen = tmp_path / "g.pth"
@@ -204,15 +204,23 @@ def test_degradation_values_are_checked(override):
         load_config("configs/toy", [override])
 
 
-def test_one_mixed_precision_policy_for_training_backbones_and_evaluation():
-    """fp16 means float16 with loss scaling on CUDA and bfloat16 without a scaler on CPU, for every user."""
-    import torch
+def test_a_key_of_the_other_stage_is_refused_not_ignored():
+    from configs.loader import base_config, refuse_other_stage
+    from utils.config_policy import STAGE1_KEYS, STAGE2_KEYS
 
-    from backbones import iresnet, mobilefacenet
-    from utils.optim import low_precision_dtype, mixed_precision
+    assert set(STAGE1_KEYS) | set(STAGE2_KEYS) <= set(base_config()) and not set(STAGE1_KEYS) & set(STAGE2_KEYS)
+    stage2 = load_config("configs/toy", ["gen_dim=32", "lambda_rec=2.0"])
+    with pytest.raises(ConfigError, match=r"gen_dim=32, lambda_rec=2.0: stage-1 key\(s\) that train.py does not "
+                                          r"read \(train_generator.py does\)"):
+        refuse_other_stage(stage2, "recognition")
+    with pytest.raises(ConfigError, match=r"lr=0.5: stage-2 key\(s\) that train_generator.py does not read"):
+        refuse_other_stage(load_config("configs/cfsm_toy", ["lr=0.5"]), "cfsm_stage1")
+    for name, kind in (("toy", "recognition"), ("toy_ours", "recognition"), ("arcface_ms1mv2_r50_ours", "recognition"),
+                       ("cfsm_toy", "cfsm_stage1"), ("cfsm_widerface", "cfsm_stage1")):
+        refuse_other_stage(load_config(f"configs/{name}"), kind)  # the shipped configs hold their own stage's keys
 
-    dtype, scaler, autocast = mixed_precision(True, False, "cpu")
-    assert dtype == torch.bfloat16 and not scaler.is_enabled() and autocast["enabled"]
-    assert mixed_precision(False, True, "cpu")[0] == torch.bfloat16 and mixed_precision(False, False, "cpu")[0] is None
-    assert low_precision_dtype("cuda") == torch.float16
-    assert iresnet.autocast_dtype is low_precision_dtype and mobilefacenet.autocast_dtype is low_precision_dtype
+
+def test_val_targets_take_a_plain_comma_list_of_names_or_bin_paths():
+    cfg = load_config("configs/toy", ["val_targets=toy_clean, ~/sets/lfw.bin"])
+    assert cfg.val_targets == ["toy_clean", "~/sets/lfw.bin"]
+    assert load_config("configs/toy", ["val_targets=['a', 'b']"]).val_targets == ["a", "b"]

@@ -57,7 +57,7 @@ def test_nccl_process_group_train_step(mini_toy: Path, tiny_generator_file: Path
     import torch.distributed as dist
 
     import train
-    from utils.config import load_config
+    from configs.loader import load_config
     from utils.distributed import DistEnv
 
     cfg = load_config("configs/toy", cuda_args(mini_toy, tmp_path / "nccl", "fp16=True", "rs_ratio=0.75",

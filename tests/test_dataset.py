@@ -2,7 +2,6 @@
 import hashlib
 import json
 import os
-import socket
 
 import cv2
 import numpy as np
@@ -15,9 +14,12 @@ from dataset import (
     ImageFolderDataset,
     MXFaceDataset,
     SyntheticDataset,
+    batch_sampler_loader,
     build_dataset,
     get_dataloader,
+    training_loader,
 )
+from tests.helpers import free_port
 from utils.recordio import IndexedRecordWriter, IRHeader, pack_record, write_face_rec
 
 
@@ -175,10 +177,24 @@ def test_dataloader_is_reproducible(mxrec):
     assert runs[0] == runs[1] and len(runs[0]) == 7 - 2
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def test_training_loader_is_the_seeded_loader_on_cpu(mxrec):
+    """The trainers' loader: on CPU exactly get_dataloader's batches (no prefetcher), positioned by its sampler."""
+    ds = MXFaceDataset(mxrec)
+    loader = training_loader(ds, 8, 5, 0, 0, 1, torch.device("cpu"))
+    reference = get_dataloader(ds, batch_size=8, seed=5, num_workers=0)
+    assert isinstance(loader.sampler, FaceSampler) and loader.sampler.batches_per_epoch == 7
+    for which in (loader, reference):
+        which.sampler.set_epoch(1, start_batch=2)
+    assert [y.tolist() for _, y in loader] == [y.tolist() for _, y in reference]
+
+
+def test_batch_sampler_loader_yields_the_samplers_batches(mxrec):
+    ds = MXFaceDataset(mxrec)
+    batches = [[(3, False), (0, True)], [(5, False)]]
+    loader = batch_sampler_loader(ds, batches, num_workers=0, device=torch.device("cpu"))
+    got = [(x.shape[0], y.tolist()) for x, y in loader]
+    assert got == [(2, [ds[(3, False)][1].item(), ds[(0, True)][1].item()]), (1, [ds[(5, False)][1].item()])]
+    assert torch.equal(next(iter(loader))[0][1], ds[(0, True)][0])  # the flip flag reaches the dataset
 
 
 def _gloo_worker(rank, world, port, n, bs, out_dir):
@@ -204,7 +220,7 @@ def test_gloo_two_process_sharding(tmp_path):
     import torch.multiprocessing as tmp
 
     n, bs, world = 64, 4, 2
-    tmp.spawn(_gloo_worker, args=(world, _free_port(), n, bs, str(tmp_path)), nprocs=world, join=True)
+    tmp.spawn(_gloo_worker, args=(world, free_port(), n, bs, str(tmp_path)), nprocs=world, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     assert results[0] == results[1]  # both ranks gathered the same view
     for epoch in range(2):

@@ -102,22 +102,14 @@ def loss_lines(log_file) -> dict[int, str]:
 
 def run_train(world: int, mini_toy, out, *extra) -> None:
     """train.py on `world` gloo ranks (torchrun) or in this process (1 rank)."""
-    import os
-    import subprocess
-    import sys
-
     import train
-    from tests.test_train import REPO, free_port, tiny_args
+    from tests.helpers import run, tiny_args, torchrun
 
     args = tiny_args(mini_toy, out, "val_targets=[]", *extra)
     if world == 1:
         train.main(args)
         return
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
-                           f"--master_port={free_port()}", "train.py", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = run(torchrun(["train.py", *args], world), timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
@@ -191,18 +183,16 @@ def test_torchrun_elastic_restart_continues_on_fewer_ranks(mini_toy, tmp_path, t
     import sys
     import time
 
-    from tests.test_train import REPO, free_port, tiny_args
+    from tests.helpers import REPO, free_port, launch_env, tiny_args, torchrun
     from tools import reshard as tool
 
     common = ("val_targets=[]", f"pretrained_synthesis_model={tiny_generator_file}", "rs_ratio=0.5", "k=1",
               "sample_rate=0.5", "num_epoch=2", "save_every=1", "keep_checkpoints=100")
     out = tmp_path / "elastic"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2", "--nproc_per_node=1",
-           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=elastic-test",
-           "--max-restarts=3", "--rdzv-conf=last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=2",
-           "train.py", *tiny_args(mini_toy, out, *common)]
+    env = launch_env()
+    cmd = torchrun(["train.py", *tiny_args(mini_toy, out, *common)], 1, [
+        "--nnodes=1:2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=elastic-test",
+        "--max-restarts=3", "--rdzv-conf=last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=2"])
     logs = [open(tmp_path / f"agent_{i}.log", "w") for i in range(2)]
     agents = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=logs[0], stderr=subprocess.STDOUT)]
     time.sleep(1)  # the first agent hosts the rendezvous store

@@ -6,7 +6,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from eval.common import EvalInputError
 from tools import embed
@@ -25,16 +24,6 @@ def faces(tmp_path: Path) -> list[Path]:
         cv2.imwrite(str(path), img[:, :, ::-1])
         paths.append(path)
     return paths
-
-
-@pytest.fixture()
-def model_file(tmp_path: Path) -> Path:
-    from backbones import get_model
-
-    torch.manual_seed(0)
-    path = tmp_path / "m.pt"
-    torch.save(get_model("r_tiny", num_features=32).state_dict(), path)
-    return path
 
 
 def _expected(model_file: Path, paths: list[Path], flip: bool) -> np.ndarray:

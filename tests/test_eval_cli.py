@@ -285,8 +285,9 @@ def tinyface_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_tinyface_end_to_end(tinyface_root: Path, tmp_path: Path) -> None:
-    res = tinyface.main(["--model", str(tinyface_root / "model.pt"), "--network", "r_tiny", "--root",
+    res = tinyface.main(["--model", str(tinyface_root / "model.pt"), "--root",  # --network auto: from the file
                          str(tinyface_root), "--out", str(tmp_path), *COMMON])
+    assert res["network"] == "r_tiny" and res["embedding_size"] == 64
     assert res["ranks"]["1"] == 1.0 and res["ranks"]["20"] == 1.0  # each probe's exact copy is in the gallery
     assert (res["n_probe"], res["n_gallery_match"], res["n_distractor"]) == (5, 10, 12)
     assert json.loads((tmp_path / "TinyFace_model.json").read_text())["ranks"] == res["ranks"]
@@ -430,7 +431,7 @@ def test_ijbs_v2b_v2v_hand_computed_ranks(tmp_path: Path, monkeypatch: pytest.Mo
             hdr + "".join(f"{s},{s},img/{s}0{k}.jpg\n" for s in subjects for k in (1, 2)))
         (proto / "galleries" / f"cs6_surveillance_to_surveillance_g{g}.csv").write_text(
             hdr + "".join(f"{s},{s},videos/{20 + s}.mp4\n" for s in subjects))
-    monkeypatch.setattr(ijbs, "model_from_args", lambda args: (MeanColour(), torch.device("cpu")))
+    monkeypatch.setattr(ijbs, "model_from_args", lambda args, env=None: (MeanColour(), torch.device("cpu")))
     res = ijbs.main(["--model", "unused.pt", "--protocol-dir", str(proto), "--frames-dir", str(frames),
                      "--protocols", "V2B,V2V", "--out", str(tmp_path / "out"), *COMMON])["protocols"]
     # Mate ranks by angular distance to the 7 gallery angles 0, 20, ..., 120:
@@ -472,7 +473,7 @@ def test_empty_bin_names_the_file(tmp_path: Path) -> None:
     import pickle
 
     from eval import verification
-    from utils.binfile import BinFileError
+    from eval.binfile import BinFileError
 
     path = tmp_path / "empty.bin"
     path.write_bytes(pickle.dumps(([], []), protocol=4))  # a valid pickle with no pair: used to embed 0 images
@@ -481,7 +482,6 @@ def test_empty_bin_names_the_file(tmp_path: Path) -> None:
                            "--device", "cpu", "--no-progress"])  # .bin images are in memory: no --workers
 
 
-<<<<<<< HEAD
 # ---- a non-finite model never scores (NaN compares false: ranks read 100 %, accuracies 50 +- 50) ----
 
 @pytest.fixture(scope="module")
@@ -532,7 +532,8 @@ def test_every_evaluation_and_tool_refuses_a_non_finite_model(tinyface_root: Pat
                            else r"overflow.pt: the model gives non-finite outputs"):
             call()
     assert not list((tmp_path / "o").glob("*.onnx")) if (tmp_path / "o").exists() else True
-=======
+
+
 @pytest.mark.parametrize("command", ["ijb", "tinyface"])
 def test_vit_network_is_accepted(ijb_root: Path, tinyface_root: Path, tmp_path: Path, command: str) -> None:
     """The ViTs are registry names, so every eval command takes them (here the toy ViT; a vit_t file would load the
@@ -549,4 +550,76 @@ def test_vit_network_is_accepted(ijb_root: Path, tinyface_root: Path, tmp_path: 
     with pytest.raises(CheckpointError, match="vit.pt does not match"):
         tinyface.main(["--model", str(model), "--network", "vit_t", "--root", str(tinyface_root), "--out",
                        str(tmp_path), *COMMON])
->>>>>>> issue19
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# N processes: torchrun splits the extraction; results equal one process's
+# ---------------------------------------------------------------------------------------------------------------
+def _launch(module: str, args: list[str], nproc: int) -> str:
+    from tests.helpers import run_module
+
+    proc = run_module(module, args, nproc)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_ijb_on_two_ranks_equals_one_process(ijb_root: Path, tmp_path: Path) -> None:
+    """36 crops in batches of 16: rank 0 embeds batches 0 and 2 (20 images), rank 1 batch 1 (16)."""
+    base = ["--model", str(ijb_root.parent / "model.pt"), "--network", "r_tiny", "--root", str(ijb_root),
+            "--save-scores", "--device", "cpu", "--batch-size", "16", "--workers", "0", "--no-progress"]
+    one = _launch("eval.ijb", [*base, "--out", str(tmp_path / "one")], 0)
+    two = _launch("eval.ijb", [*base, "--out", str(tmp_path / "two")], 2)
+    assert two.count("wrote ") == 1 and two.count("| Methods |") == 1  # rank 0 alone prints and writes
+    assert [l for l in one.splitlines() if l.startswith(("|", "1:N"))] == \
+        [l for l in two.splitlines() if l.startswith(("|", "1:N"))]  # the printed TAR@FAR table and ranks
+    a, b = (json.loads((tmp_path / d / "IJBC_model.json").read_text()) for d in ("one", "two"))
+    for key in ("tar_at_far", "auc", "identification", "n_images", "n_templates", "n_pairs", "embedding_size"):
+        assert a[key] == b[key], key
+    sa, sb = (np.load(tmp_path / d / "IJBC_model_scores.npy") for d in ("one", "two"))
+    assert sa.shape == (72,) and np.array_equal(sa, sb)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+
+
+@pytest.mark.slow
+def test_embed_and_tinyface_on_two_ranks_equal_one_process(tinyface_root: Path, tmp_path: Path) -> None:
+    """tools.embed: 27 aligned faces in batches of 8 (rank 0: 16 images, rank 1: 11): every embedding equal, in
+    the same order; TinyFace's ranks equal."""
+    model = ["--model", str(tinyface_root / "model.pt"), "--network", "r_tiny", "--device", "cpu",
+             "--batch-size", "8", "--workers", "0", "--no-progress"]
+    images = str(tinyface_root / tinyface.ALIGNED_DIR)
+    _launch("tools.embed", [images, *model, "--out", str(tmp_path / "one")], 0)
+    _launch("tools.embed", [images, *model, "--out", str(tmp_path / "two")], 2)
+    ea, eb = (np.load(tmp_path / d / "embeddings.npy") for d in ("one", "two"))
+    assert ea.shape == (27, 64) and np.array_equal(ea, eb)
+    assert (tmp_path / "one" / "images.txt").read_text() == (tmp_path / "two" / "images.txt").read_text()
+    _launch("eval.tinyface", ["--root", str(tinyface_root), *model, "--out", str(tmp_path / "tf1")], 0)
+    _launch("eval.tinyface", ["--root", str(tinyface_root), *model, "--out", str(tmp_path / "tf2")], 2)
+    ra, rb = (json.loads((tmp_path / d / "TinyFace_model.json").read_text()) for d in ("tf1", "tf2"))
+    assert ra["ranks"] == rb["ranks"] and ra["n_probe"] == rb["n_probe"]
+
+
+@pytest.mark.slow
+def test_bad_image_on_one_rank_stops_every_rank(ijb_root: Path, tmp_path: Path) -> None:
+    """Crop 20.jpg is in batch 1 (rank 1's): rank 1 names it, rank 0 stops with it instead of waiting."""
+    from tests.helpers import run_module
+
+    root = _copy(ijb_root, tmp_path)
+    (root / "IJBC" / "loose_crop" / "20.jpg").write_bytes(b"not a jpeg")
+    proc = run_module("eval.ijb", ["--model", str(root.parent / "model.pt"), "--network", "r_tiny", "--root",
+                                   str(root), "--out", str(tmp_path / "out"), *COMMON], 2, timeout=90)
+    assert proc.returncode != 0
+    assert "error: image" in proc.stderr and "20.jpg cannot be decoded" in proc.stderr
+    assert "error: rank 1 failed during embedding" in proc.stderr
+    assert not (tmp_path / "out" / "IJBC_model.json").exists()
+
+
+@pytest.mark.slow
+def test_ijbs_on_two_ranks_equals_one_process(ijbs_root: Path, tmp_path: Path) -> None:
+    args = ["--model", str(ijbs_root / "model.pt"), "--network", "r_tiny", "--protocol-dir",
+            str(ijbs_root / "protocols"), "--frames-dir", str(ijbs_root / "frames"), "--frame-list",
+            str(ijbs_root / "kept.csv"), "--device", "cpu", "--batch-size", "8", "--workers", "0", "--no-progress"]
+    _launch("eval.ijbs", [*args, "--out", str(tmp_path / "one")], 0)
+    _launch("eval.ijbs", [*args, "--out", str(tmp_path / "two")], 2)
+    ra, rb = (json.loads((tmp_path / d / "IJBS_model.json").read_text()) for d in ("one", "two"))
+    assert ra["protocols"] == rb["protocols"] and ra["n_frames"] == rb["n_frames"]

@@ -99,7 +99,8 @@ def test_compare_faces(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     diff = compare_faces.main([str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg"), "--model", str(model),
                                "--network", "r_tiny"])
     assert -1.0 <= diff < same
-    assert capsys.readouterr().out.strip().splitlines()[-1] == f"{diff:.6f}"
+    assert capsys.readouterr().out.strip().splitlines()[-2:] == [
+        f"{diff:.6f}", "no verdict: give --threshold T, or --bin SET.bin [--far F] to compute T for this model"]
     cv2.imwrite(str(tmp_path / "small.jpg"), np.zeros((64, 64, 3), np.uint8))
     from eval.common import EvalInputError
 

@@ -1,8 +1,9 @@
-"""utils.optim.decay_param_groups: which parameters are decayed."""
+"""utils.optim: which parameters are decayed; optimizers built from the registry or from a spec (stage 1's)."""
+import pytest
 import torch
 
 from backbones import get_model
-from utils.optim import build_optimizer, decay_param_groups
+from utils.optim import GENERATOR_OPTIMIZER, build_optimizer, decay_param_groups
 
 
 def test_default_decays_everything_as_arcface_torch() -> None:
@@ -34,3 +35,15 @@ def test_exclusions_vit_and_iresnet() -> None:
     opt.step()
     assert all(torch.equal(p, before[id(p)]) for p in free["params"])
     assert all(not torch.equal(p, before[id(p)]) for p in decayed["params"])
+
+
+def test_stage1_optimizer_is_built_from_its_spec_with_the_gen_keys() -> None:
+    """Stage 1 builds G's and D's optimizers with build_optimizer too: Adam reading gen_lr / gen_betas (a config
+    list becomes the tuple torch expects); the stage-2 keys lr / weight_decay are not read."""
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    opt = build_optimizer(GENERATOR_OPTIMIZER, params, {"gen_lr": 2e-4, "gen_betas": [0.5, 0.999], "lr": 0.1})
+    assert isinstance(opt, torch.optim.Adam)
+    assert opt.param_groups[0]["lr"] == 2e-4 and opt.param_groups[0]["betas"] == (0.5, 0.999)
+    assert opt.param_groups[0]["weight_decay"] == 0
+    with pytest.raises(ValueError, match="choices are 'sgd', 'adamw'"):
+        build_optimizer("adam", params, {"lr": 0.1})

@@ -1,16 +1,13 @@
 """PartialFC: fixture equality, equivalence with F.cross_entropy, a real 2-process gloo run equal to 1 rank,
 class-sample reuse, and per-rank checkpoints."""
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from losses import AdaFace, ArcFace, CombinedMarginLoss, CosFace
 from partial_fc import DistCrossEntropy, PartialFC, shard_range
 from tests._rule_weights import fixture, rel_err
+from tests.helpers import spawn_ranks
 
 MARGINS = {
     "cfsm_arcface": lambda: ArcFace(64.0, 0.5),
@@ -130,29 +127,23 @@ def _run(rank, world, emb, labels, weight, margin, compensate=False, sample_rate
     return out
 
 
-def _worker(rank, world, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        emb, labels, weight = _problem()
-        res = {}
-        for margin in _margins():
-            res[margin] = _run(rank, world, emb, labels, weight, margin)
-        res["compensated"] = _run(rank, world, emb, labels, weight, "arcface", compensate=True)
-        res["sampled"] = _run(rank, world, emb, labels, weight, "arcface", sample_rate=0.5)
-        # a PartialFC built without rank/world takes them from the process group
-        res["auto"] = (PartialFC(ArcFace(), DIM, CLASSES).rank, PartialFC(ArcFace(), DIM, CLASSES).world_size)
-        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, world):
+    emb, labels, weight = _problem()
+    res = {}
+    for margin in _margins():
+        res[margin] = _run(rank, world, emb, labels, weight, margin)
+    res["compensated"] = _run(rank, world, emb, labels, weight, "arcface", compensate=True)
+    res["sampled"] = _run(rank, world, emb, labels, weight, "arcface", sample_rate=0.5)
+    # a PartialFC built without rank/world takes them from the process group
+    res["auto"] = (PartialFC(ArcFace(), DIM, CLASSES).rank, PartialFC(ArcFace(), DIM, CLASSES).world_size)
+    return res
 
 
 @pytest.mark.slow
 def test_two_process_gloo_equals_one_rank(tmp_path):
     """(b) 2 gloo ranks on the global batch == 1 rank: same loss on both ranks, weight-shard gradients are the
     1-rank rows, embedding gradients are the 1-rank rows (×W with ddp_grad_compensation)."""
-    mp.spawn(_worker, args=(WORLD, str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
-    res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    res = spawn_ranks(_worker, tmp_path, WORLD, world=WORLD)
     emb, labels, weight = _problem()
     n = N_GLOBAL // WORLD
     for margin in list(_margins()) + ["compensated"]:

@@ -2,7 +2,7 @@
 
 Audit (stage 2 = train.py, stage 1 = train_generator.py). "Collective" below means anything that must be issued by
 every rank in the same order: Partial FC (all-gathers, all-reduces in forward and backward), DDP (gradient
-all-reduce, buffer broadcast), barriers, all_ranks_ok.
+all-reduce, buffer broadcast), barriers, agree_all.
 
 Dangerous, fixed, and exercised here with 2 real gloo processes whose inputs differ:
 1. CFSM attack precision retries (cfsm/attack.py `_attack_grad`): under fp16, retry at a smaller loss scale or
@@ -10,19 +10,19 @@ Dangerous, fixed, and exercised here with 2 real gloo processes whose inputs dif
    hang, or collectives paired with the wrong partner. Now every attempt's flags (non-finite, underflow) are
    combined over ranks (`adversarial_mix(agree=...)`, `utils.distributed.agree_any`): all ranks take the path of
    the worst rank. Test: one rank's gradient overflows, the other's does not.
-2. Non-finite step (train.py): the skip is agreed (`all_ranks_ok` over loss and both gradient norms), but its
+2. Non-finite step (train.py): the skip is agreed (`agree_all` over loss and both gradient norms), but its
    forward had already written NaN into BatchNorm running stats, AdaFace's EMA and advanced Partial FC's sampling
    counter, on the rank with the NaN batch only (and DDP then broadcasts rank 0's buffers to all). Now a
    `utils.step_state.StepState` snapshot (buffers + module extra state) is taken before the step and restored on
    every rank when the agreed flag says skip. Test: a NaN batch on one rank of two.
 3. Data errors and end of epoch (train.py / train_generator.py loops): a rank whose loader raises (bad record) or runs
    out of batches while the other still has one left the other rank blocked in its next collective until
-   `dist_timeout_s`. Now `utils.distributed.agreed_batches` wraps the loader: one all-reduce per batch of
+   `dist_timeout_s`. Now `utils.distributed.agree_batches` wraps the loader: one all-reduce per batch of
    (error, exhausted); every rank raises (naming the failing rank) or stops together. Test: one rank's loader
    raises, one rank's loader is shorter.
 4. Verification (train.py `run_verification`): only rank 0 verifies; an exception there left the other ranks in
-   the barrier until `dist_timeout_s`. Now the outcome is agreed with `all_ranks_ok` in place of the barrier and
-   every rank raises. Exercised through `utils.distributed.agreed_call` with 2 gloo ranks.
+   the barrier until `dist_timeout_s`. Now the outcome is agreed with `agree_all` in place of the barrier and
+   every rank raises. Exercised through `utils.distributed.agree_call` with 2 gloo ranks.
 
 Safe as they are (why):
 5. Non-finite guard counter / stop (utils.run.Run.check_finite and final_save): fed the agreed flag,
@@ -42,7 +42,7 @@ Safe as they are (why):
    returns at the stop step before reading another batch, on every rank.
 10. Logging, TensorBoard, image grids, attack statistics' window, summary: rank 0 only, no collectives inside.
 11. Stage 1 (train_generator.py): with fp16 the GradScaler decides from gradients that DDP already all-reduced
-   (identical on all ranks); without fp16 each skip is agreed with `all_ranks_ok`. Its networks have no running
+   (identical on all ranks); without fp16 each skip is agreed with `agree_all`. Its networks have no running
    statistics that a forward writes (AdaIN's running_* buffers exist for loading only; the identity network is
    frozen in eval mode), so a skip leaves nothing to restore. Its batches go through Run.step_batches (item 3).
 12. The folder rules (utils.run.Run): "already complete" (rank 0's summary decides, gathered), "another run in this
@@ -54,20 +54,18 @@ Safe as they are (why):
 """
 from __future__ import annotations
 
-import datetime
 import os
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from backbones import get_model
 from cfsm import Generator
 from cfsm.attack import adversarial_mix, frozen_stats
 from losses import ArcFace
 from partial_fc import PartialFC
+from tests.helpers import spawn_ranks
 
 WORLD = 2
 NUM_CLASSES = 8
@@ -75,20 +73,8 @@ PG_TIMEOUT_S = 20  # a mismatched collective sequence fails (or times out) withi
 
 
 def _spawn(fn, tmp_path, *args) -> list[dict]:
-    """Run fn(rank, *args) on 2 gloo processes; return each rank's result dict (or raise its error)."""
-    mp.spawn(_entry, args=(fn, str(tmp_path), args), nprocs=WORLD, join=True)
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-
-
-def _entry(rank: int, fn, out_dir: str, args) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'pg_init')}", rank=rank,
-                            world_size=WORLD, timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
-    try:
-        result = fn(rank, *args)
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    """fn(rank, *args) on 2 gloo processes; each rank's result dict (or its error)."""
+    return spawn_ranks(fn, tmp_path, *args, world=WORLD, timeout_s=PG_TIMEOUT_S)
 
 
 # ---- 1. CFSM attack: precision retries decided together -------------------------------------------------------
@@ -167,9 +153,10 @@ def _model_state(backbone: torch.nn.Module, pfc: PartialFC, optimizer: torch.opt
 def _skip_worker(rank: int, nan_rank: int) -> dict:
     import train
     from losses import AdaFace
-    from utils.config import base_config
+    from configs.loader import base_config
     from utils.distributed import DistEnv
-    from utils.optim import PolyScheduler, mixed_precision
+    from utils.optim import PolyScheduler
+    from utils.precision import mixed_precision
 
     cfg = base_config()
     cfg.update(rs_ratio=0.5, k=1, epsilon=0.3, alpha=0.3, fp16=False, clip_grad_norm=5.0, channels_last=False)
@@ -193,13 +180,13 @@ def _skip_worker(rank: int, nan_rank: int) -> dict:
             images[1] = float("nan")
         return [(images, torch.randint(0, 24, (4,), generator=g))]
 
-    finite = [train_step(batch(0))["finite"]]
+    finite = [train_step(batch(0)).finite]
     before = _model_state(backbone, pfc, optimizer)
-    finite.append(train_step(batch(1, nan=rank == nan_rank))["finite"])
+    finite.append(train_step(batch(1, nan=rank == nan_rank)).finite)
     after_skip = _model_state(backbone, pfc, optimizer)
-    stats = train_step(batch(2))
-    finite.append(stats["finite"])
-    return {"finite": finite, "before": before, "after_skip": after_skip, "loss3": stats["loss"],
+    result = train_step(batch(2))
+    finite.append(result.finite)
+    return {"finite": finite, "before": before, "after_skip": after_skip, "loss3": result.loss,
             "after3": _model_state(backbone, pfc, optimizer)}
 
 
@@ -243,8 +230,8 @@ def _outcome(fn) -> dict:
 
 
 def _stop_worker(rank: int, out_dir: str) -> dict:
-    from utils.config import base_config
-    from utils.distributed import DistEnv, agreed_call
+    from configs.loader import base_config
+    from utils.distributed import DistEnv, agree_call
     from utils.run import Run, plan_steps
 
     env = DistEnv(rank=rank, local_rank=rank, world_size=WORLD, device=torch.device("cpu"), backend="gloo")
@@ -270,7 +257,7 @@ def _stop_worker(rank: int, out_dir: str) -> dict:
         # equal shards: both run the 3 steps
         "even": _outcome(lambda: train_over(_batches(3))),
         # rank 0's verification fails (a bad .bin): rank 1 stops with it rather than at a barrier's timeout
-        "verification": _outcome(lambda: agreed_call(
+        "verification": _outcome(lambda: agree_call(
             env, (lambda: (_ for _ in ()).throw(_BadRecord("lfw.bin: 3 pairs, 10 folds need 20"))) if rank == 0
             else (lambda: {}), "verification")),
     }

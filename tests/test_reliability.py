@@ -1,9 +1,7 @@
 """Failure behaviour as a feature: elastic restart after a killed rank, no hangs on a bad record, non-finite stop."""
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -11,17 +9,14 @@ import pytest
 import torch
 
 import train
-from tests.test_train import REPO, free_port, load_model, tiny_args
+from tests.helpers import REPO, free_port, launch_env, load_model, tiny_args, torchrun
 from utils.recordio import IndexedRecordReader
 
 
-def torchrun(mini_toy_or_rec, out, extra, max_restarts=0):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--max-restarts={max_restarts}",
-           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "train.py",
-           *tiny_args(mini_toy_or_rec, out, *extra)]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+def start_train(mini_toy_or_rec, out, extra, max_restarts=0):
+    cmd = torchrun(["train.py", *tiny_args(mini_toy_or_rec, out, *extra)], 2, [
+        f"--max-restarts={max_restarts}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}"])
+    return subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
 
@@ -48,11 +43,11 @@ def test_elastic_restart_after_killed_rank_is_bitwise_identical(mini_toy, tmp_pa
     (resume="auto") and ends with exactly the weights of an uninterrupted run."""
     extra = ("max_steps=14", "save_every=3", "num_epoch=4", "keep_checkpoints=10", "verbose=0",
              "val_targets=[]")
-    ref = torchrun(mini_toy, tmp_path / "ref", extra)
+    ref = start_train(mini_toy, tmp_path / "ref", extra)
     out_ref, _ = ref.communicate(timeout=600)
     assert ref.returncode == 0, out_ref[-3000:]
 
-    proc = torchrun(mini_toy, tmp_path / "elastic", extra, max_restarts=1)
+    proc = start_train(mini_toy, tmp_path / "elastic", extra, max_restarts=1)
     marker = tmp_path / "elastic" / "checkpoints" / "step_00000003" / "COMPLETE"
     deadline = time.time() + 300
     while not marker.exists():
@@ -88,7 +83,7 @@ def test_bad_record_on_one_rank_stops_every_rank(mini_toy, tmp_path):
         f.seek(offset + 8 + 24 + 4)
         f.write(b"\xff" * (payload_len - 24 - 8))
     start = time.time()
-    proc = torchrun(bad, tmp_path / "out", ("max_steps=20", "num_workers=1", "val_targets=[]",
+    proc = start_train(bad, tmp_path / "out", ("max_steps=20", "num_workers=1", "val_targets=[]",
                                             "dist_timeout_s=60"))
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0

@@ -9,8 +9,9 @@ import torch
 
 from losses import CombinedMarginLoss
 from partial_fc import PartialFC, shard_range
-from utils import run_state
+from utils import rng_state, run_folder, run_state
 from utils.checkpoint import CheckpointError, atomic_save
+from utils.distributed import Ranks
 from utils.optim import PolyScheduler, build_optimizer
 from utils.reshard import ReshardError, load_resharded, merged_class_centres, needed_old_ranks, reshard_states
 
@@ -48,7 +49,7 @@ def rank_states(world: int, optimizer: str = "sgd", step: int = 5, seed: int = 0
         torch.manual_seed(100 + r)
         states[r] = {"backbone": bb.state_dict(), "partial_fc": pfc.state_dict(), "optimizer": opt.state_dict(),
                      "scheduler": sched.state_dict(), "scaler": {}, "step": step,
-                     "rng": run_state.capture_rng_state({"style": style}),
+                     "rng": rng_state.capture_rng_state({"style": style}),
                      "data_position": {"epoch": 1, "consumed": 40, "world_size": world, "batch_size": 4}}
     # the full optimizer state of the centres, from a 1-rank run of the same steps
     pfc1 = torch.nn.Parameter(full.clone())
@@ -169,7 +170,7 @@ def test_new_rng_streams_are_distinct_and_deterministic():
         g = torch.Generator()
         g.set_state(a[r]["rng"]["generators"]["style"])
         draws.append(torch.rand(4, generator=g))
-        run_state.restore_rng_state(a[r]["rng"], {"style": torch.Generator()})  # the format restore expects
+        rng_state.restore_rng_state(a[r]["rng"], {"style": torch.Generator()})  # the format restore expects
     assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
 
 
@@ -199,19 +200,19 @@ def test_bad_inputs_are_named():
 # ---- from a checkpoint folder, as resume reads it ----
 
 def write_folder(tmp_path, states: dict, world: int, step: int = 5, config: dict | None = None):
-    directory = run_state.step_dir(tmp_path, step)
+    directory = run_folder.step_dir(tmp_path, step)
     sizes = {}
     for r, st in states.items():
-        atomic_save(st, run_state.rank_file(directory, r))
-        sizes[str(r)] = run_state.rank_file(directory, r).stat().st_size
-    run_state.mark_complete(directory, {"step": step, "world_size": world, "kind": "recognition", "finite": True,
+        atomic_save(st, run_folder.rank_file(directory, r))
+        sizes[str(r)] = run_folder.rank_file(directory, r).stat().st_size
+    run_folder.mark_complete(directory, {"step": step, "world_size": world, "kind": "recognition", "finite": True,
                                         "sizes": sizes, "config": {"num_classes": C, "seed": 0, "world_size": world,
                                                                    **(config or {})}})
     return directory
 
 
-def ranks_of(world: int, rank: int) -> run_state.Ranks:
-    return run_state.Ranks(rank=rank, world_size=world, gather=lambda obj: [obj] * world)
+def ranks_of(world: int, rank: int) -> Ranks:
+    return Ranks(rank=rank, world_size=world, gather=lambda obj: [obj] * world)
 
 
 @pytest.mark.parametrize("old, new", [(2, 1), (1, 2), (3, 2)])
@@ -231,7 +232,7 @@ def test_resume_on_another_world_size_reads_the_files_it_needs(tmp_path, old, ne
 def test_missing_rank_file_is_refused_with_the_way_forward(tmp_path):
     states, _, _ = rank_states(2)
     directory = write_folder(tmp_path, states, 2)
-    run_state.rank_file(directory, 1).unlink()  # e.g. rank 1's node kept it on its own disk
+    run_folder.rank_file(directory, 1).unlink()  # e.g. rank 1's node kept it on its own disk
     with pytest.raises(CheckpointError, match=r"rank_1\.pt is missing.*tools\.reshard .*--world-size 1.*or resume "
                                               r"with 2 ranks"):
         run_state.resume(tmp_path, "auto", ranks_of(1, 0), "recognition", {"num_classes": C, "world_size": 1})
@@ -243,7 +244,7 @@ def test_damaged_old_rank_file_falls_back_to_an_older_checkpoint(tmp_path, caplo
     states, _, _ = rank_states(2, step=5)
     write_folder(tmp_path, states, 2, step=5)
     newer = write_folder(tmp_path, {r: {**s, "step": 9} for r, s in states.items()}, 2, step=9)
-    with open(run_state.rank_file(newer, 1), "ab") as f:
+    with open(run_folder.rank_file(newer, 1), "ab") as f:
         f.write(b"x")
     resumed = run_state.resume(tmp_path, True, ranks_of(1, 0), "recognition", {"num_classes": C, "world_size": 1})
     assert resumed.step == 5 and "rank_1.pt has" in caplog.text
@@ -254,7 +255,7 @@ def test_class_count_change_and_other_kinds_still_refuse(tmp_path):
     write_folder(tmp_path, states, 2)
     with pytest.raises(CheckpointError, match=r"num_classes: 11 -> 12"):
         run_state.resume(tmp_path, True, ranks_of(1, 0), "recognition", {"num_classes": 12, "world_size": 1})
-    marker = run_state.step_dir(tmp_path, 5) / run_state.COMPLETE
+    marker = run_folder.step_dir(tmp_path, 5) / run_folder.COMPLETE
     marker.write_text(marker.read_text().replace('"recognition"', '"cfsm_stage1"'))
     with pytest.raises(CheckpointError, match=r"written by 2 ranks but this run has 1.*same world size only"):
         run_state.resume(tmp_path, True, ranks_of(1, 0), "cfsm_stage1", {"num_classes": C, "world_size": 1})
@@ -288,7 +289,7 @@ def test_tool_bad_inputs_are_one_line_errors(tmp_path):
     src = write_folder(tmp_path / "run", states, 2)
     with pytest.raises(UsageError, match=r"11 class centres but --num-classes 12: the data does not match"):
         tool.main([str(src), "--world-size", "1", "--out", str(tmp_path / "o1"), "--num-classes", "12"])
-    atomic_save({**states[1], "step": 9}, run_state.rank_file(src, 1))
+    atomic_save({**states[1], "step": 9}, run_folder.rank_file(src, 1))
     with pytest.raises(UsageError, match=r"ranks of different steps \(.*rank_0\.pt step 5, .*rank_1\.pt step 9\)"):
         tool.main([str(src), "--world-size", "1", "--out", str(tmp_path / "o2")])
     with pytest.raises(UsageError, match=r"COMPLETE does not exist"):
@@ -312,7 +313,7 @@ def test_tool_runs_as_module_and_as_path(tmp_path, as_path):
         assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["COMPLETE", "rank_0.pt", "rank_1.pt",
                                                                       "rank_2.pt"]
     else:  # a missing rank file: one error line naming it, exit 2
-        run_state.rank_file(src, 1).unlink()
+        run_folder.rank_file(src, 1).unlink()
         proc = subprocess.run([sys.executable, *entry, str(src), "--world-size", "1", "--out", str(tmp_path / "o")],
                               cwd=repo, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr

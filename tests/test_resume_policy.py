@@ -19,16 +19,17 @@ import pytest
 import torch
 
 import train
-from tests.test_train import REPO, free_port, tiny_args
-from utils import run_state as rs
+from tests.helpers import REPO, start_ranks, tiny_args
+from utils import config_policy, output_lock, rng_state, run_folder, run_state as rs
+from utils.distributed import Ranks
 from utils.checkpoint import CheckpointError
 from utils.optim import PolyScheduler
 
-SINGLE = rs.Ranks()
+SINGLE = Ranks()
 
 
 def save(out: Path, step: int, value: float = 0.0, config: dict | None = None, keep: int = 5,
-         ranks: rs.Ranks = SINGLE, kind: str = "test") -> Path:
+         ranks: Ranks = SINGLE, kind: str = "test") -> Path:
     state = {"w": torch.full((64,), value), "step": step}
     return rs.save_run_checkpoint(out, step, state, ranks, keep, kind, config or {"lr": 0.1})
 
@@ -38,18 +39,18 @@ def save(out: Path, step: int, value: float = 0.0, config: dict | None = None, k
 def test_layout_marker_records_config_sizes_and_finiteness(tmp_path):
     for step in (10, 20, 30):
         save(tmp_path, step, keep=2, config={"network": "r_tiny", "lr": 0.1})
-    partial = rs.step_dir(tmp_path, 40)
+    partial = run_folder.step_dir(tmp_path, 40)
     partial.mkdir()
     (partial / "rank_0.pt").write_bytes(b"half")  # a crash before COMPLETE
-    assert [s for s, _, _ in rs.complete_checkpoints(tmp_path)] == [20, 30]
-    step, directory, meta = rs.latest_complete(tmp_path)
+    assert [s for s, _, _ in run_folder.complete_checkpoints(tmp_path)] == [20, 30]
+    step, directory, meta = run_folder.latest_complete(tmp_path)
     assert step == 30 and meta["world_size"] == 1 and meta["finite"] is True
     assert meta["config"] == {"network": "r_tiny", "lr": 0.1}
-    assert meta["sizes"] == {"0": rs.rank_file(directory, 0).stat().st_size}
+    assert meta["sizes"] == {"0": run_folder.rank_file(directory, 0).stat().st_size}
     resumed = rs.resume(tmp_path, "auto", SINGLE, "test", {})
     assert (resumed.step, resumed.directory, resumed.state["step"]) == (30, directory, 30)
     with pytest.raises(CheckpointError, match="written by 1 ranks but this run has 2"):
-        rs.resume(tmp_path, "auto", rs.Ranks(world_size=2, gather=lambda o: [o, o]), "test", {})
+        rs.resume(tmp_path, "auto", Ranks(world_size=2, gather=lambda o: [o, o]), "test", {})
     with pytest.raises(CheckpointError, match="not 'recognition'"):
         rs.resume(tmp_path, True, SINGLE, "recognition", {})
     assert rs.resume(tmp_path, False, SINGLE, "test", {}) is None
@@ -60,12 +61,12 @@ def test_pruning_keeps_the_newest_finite_checkpoint(tmp_path):
     save(tmp_path, 10, value=1.0, keep=1)
     for step in (20, 30, 40):
         save(tmp_path, step, value=float("nan"), keep=1)
-    found = {s: meta for s, _, meta in rs.complete_checkpoints(tmp_path)}
+    found = {s: meta for s, _, meta in run_folder.complete_checkpoints(tmp_path)}
     assert sorted(found) == [10, 40]
     assert found[40]["finite"] is False and found[40]["nonfinite"] == {"0": "w"}
-    assert rs.last_finite_checkpoint(tmp_path) == rs.step_dir(tmp_path, 10)
+    assert run_folder.last_finite_checkpoint(tmp_path) == run_folder.step_dir(tmp_path, 10)
     save(tmp_path, 50, value=2.0, keep=1)  # a finite one again: the old finite one may go
-    assert [s for s, _, _ in rs.complete_checkpoints(tmp_path)] == [50]
+    assert [s for s, _, _ in run_folder.complete_checkpoints(tmp_path)] == [50]
 
 
 def test_first_nonfinite_names_the_key():
@@ -107,7 +108,7 @@ def test_stop_message_names_only_a_finite_checkpoint(mini_toy, tmp_path):
         train.main(tiny_args(mini_toy, out, "lr=1e30", "clip_grad_norm=0.0", "max_nonfinite_steps=2",
                              "max_steps=20", "save_every=1", "val_targets=[]",
                              f"pretrained_backbone_model={tmp_path / 'nan_bn.pt'}"))
-    markers = rs.complete_checkpoints(out)
+    markers = run_folder.complete_checkpoints(out)
     assert markers and all(meta["finite"] is False for _, _, meta in markers)
 
 
@@ -118,15 +119,15 @@ def test_changed_state_keys_are_refused_with_every_change_listed(tmp_path):
     directory = tmp_path / "checkpoints" / "step_00000100"
     current = {**saved, "network": "r100", "batch_size": 64, "frequent": 50}
     with pytest.raises(CheckpointError) as err:
-        rs.check_config(saved, current, directory, "recognition")
+        config_policy.check_config(saved, current, directory, "recognition")
     message = str(err.value)
     assert "network: 'r50' -> 'r100'" in message and "batch_size: 128 -> 64" in message
     assert str(directory) in message and "pretrained_backbone_model" in message and "frequent" not in message
-    assert rs.check_config(saved, {**saved, "lr": 0.05, "frequent": 1, "output": "x"}, directory,
+    assert config_policy.check_config(saved, {**saved, "lr": 0.05, "frequent": 1, "output": "x"}, directory,
                            "recognition") == [("lr", 0.1, 0.05)]
     stage1 = {"gen_dim": 64, "gen_lr": 1e-4}
     with pytest.raises(CheckpointError, match="gen_dim: 64 -> 32"):
-        rs.check_config(stage1, {**stage1, "gen_dim": 32}, directory, "cfsm_stage1")
+        config_policy.check_config(stage1, {**stage1, "gen_dim": 32}, directory, "cfsm_stage1")
 
 
 def test_resume_with_another_architecture_names_the_keys(mini_toy, tmp_path):
@@ -187,11 +188,11 @@ def test_longer_num_epoch_trains_the_added_steps(mini_toy, tmp_path):
 def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
     for step in (10, 20, 30):
         save(tmp_path, step, value=step)
-    newest = rs.rank_file(rs.step_dir(tmp_path, 30), 0)
+    newest = run_folder.rank_file(run_folder.step_dir(tmp_path, 30), 0)
     newest.write_bytes(newest.read_bytes()[:100])  # truncated (size differs from COMPLETE)
-    middle = rs.rank_file(rs.step_dir(tmp_path, 20), 0)
+    middle = run_folder.rank_file(run_folder.step_dir(tmp_path, 20), 0)
     middle.write_bytes(b"\0" * middle.stat().st_size)  # same size, unreadable: found only by loading
-    marker = rs.step_dir(tmp_path, 20) / rs.COMPLETE
+    marker = run_folder.step_dir(tmp_path, 20) / run_folder.COMPLETE
     meta = json.loads(marker.read_text())
     del meta["sha256"]  # a marker of an older version: sizes only
     marker.write_text(json.dumps(meta))
@@ -201,9 +202,9 @@ def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
     assert "step_00000030 is damaged (rank_0.pt has 100 bytes" in caplog.text
     assert "step_00000020 could not be loaded" in caplog.text
     # the damaged steps are moved aside: kept for inspection, never resumed, never counted by pruning
-    assert sorted(d.name for d in rs.checkpoint_root(tmp_path).iterdir()) == [
+    assert sorted(d.name for d in run_folder.checkpoint_root(tmp_path).iterdir()) == [
         "step_00000010", "step_00000020.damaged", "step_00000030.damaged"]
-    rs.rank_file(rs.step_dir(tmp_path, 10), 0).unlink()
+    run_folder.rank_file(run_folder.step_dir(tmp_path, 10), 0).unlink()
     for policy in (True, "auto"):  # never a silent restart at step 0 next to another run's checkpoints
         with pytest.raises(CheckpointError, match="none is complete and intact.*step 10: rank_0.pt is missing"):
             rs.resume(tmp_path, policy, SINGLE, "test", {})
@@ -212,7 +213,7 @@ def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
 def test_train_resumes_from_the_newest_intact_checkpoint(mini_toy, tmp_path):
     out = tmp_path / "out"
     train.main(tiny_args(mini_toy, out, "max_steps=3", "save_every=2", "keep_checkpoints=3", "val_targets=[]"))
-    rank0 = rs.rank_file(rs.step_dir(out, 3), 0)
+    rank0 = run_folder.rank_file(run_folder.step_dir(out, 3), 0)
     rank0.write_bytes(rank0.read_bytes()[: rank0.stat().st_size // 2])  # a copy cut short
     summary = train.main(tiny_args(mini_toy, out, "max_steps=4", "val_targets=[]"))
     assert summary["steps"] == 4
@@ -235,7 +236,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, m
     with pytest.raises(CheckpointError, match=r"step_00000020/rank_0\.pt: no space left"):
         save(tmp_path, 20, value=2.0)
     monkeypatch.undo()
-    assert [s for s, _, _ in rs.complete_checkpoints(tmp_path)] == [10]
+    assert [s for s, _, _ in run_folder.complete_checkpoints(tmp_path)] == [10]
     assert float(rs.resume(tmp_path, True, SINGLE, "test", {}).state["w"][0]) == 1.0
 
 
@@ -245,7 +246,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, m
 def test_second_job_in_the_same_output_fails_at_once(mini_toy, tmp_path):
     out = tmp_path / "busy"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from utils.run_state import lock_output; "
+        [sys.executable, "-c", "import sys, time; from utils.output_lock import lock_output; "
                                f"lock = lock_output({str(out)!r}); print('locked', flush=True); time.sleep(120)"],
         cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
@@ -267,10 +268,10 @@ def test_rng_state_roundtrip_through_weights_only(tmp_path):
     from utils.checkpoint import atomic_save, safe_load
 
     g = torch.Generator().manual_seed(5)
-    state = rs.capture_rng_state({"g": g})
+    state = rng_state.capture_rng_state({"g": g})
     atomic_save(state, tmp_path / "rng.pt")
     expected = (torch.rand(3), random.random(), np.random.rand(), torch.rand(2, generator=g))
-    rs.restore_rng_state(safe_load(tmp_path / "rng.pt"), {"g": g})
+    rng_state.restore_rng_state(safe_load(tmp_path / "rng.pt"), {"g": g})
     got = (torch.rand(3), random.random(), np.random.rand(), torch.rand(2, generator=g))
     assert torch.equal(expected[0], got[0]) and expected[1] == got[1] and expected[2] == got[2]
     assert torch.equal(expected[3], got[3])
@@ -281,12 +282,12 @@ def test_rng_state_roundtrip_through_weights_only(tmp_path):
 WORKER = textwrap.dedent("""
     import errno, json, os, sys, traceback
     import torch, torch.distributed as dist
-    from utils import run_state as rs
-    from utils.distributed import DistEnv
+    from utils import output_lock, run_folder, run_state as rs
+    from utils.distributed import DistEnv, Ranks
 
     rank, folder, result_file = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    ranks = rs.Ranks.from_env(DistEnv(rank, 0, 2, torch.device("cpu"), "gloo"))  # local rank 0: own node
+    ranks = Ranks.from_env(DistEnv(rank, 0, 2, torch.device("cpu"), "gloo"))  # local rank 0: own node
     results = {}
 
     def scenario(name, fn):
@@ -300,7 +301,7 @@ WORKER = textwrap.dedent("""
         return str(rs.save_run_checkpoint(out, step, state, ranks, keep, "recognition", {"batch_size": 8}))
 
     def markers(out):
-        return [s for s, _, _ in rs.complete_checkpoints(out)]
+        return [s for s, _, _ in run_folder.complete_checkpoints(out)]
 
     def resumed_step(out):
         found = rs.resume(out, "auto", ranks, "recognition", {"batch_size": 8})
@@ -319,9 +320,9 @@ WORKER = textwrap.dedent("""
     for s in (10, 20, 30):
         save(damaged, s, s)
     if rank == 1:
-        f = rs.rank_file(rs.step_dir(damaged, 30), 1)
+        f = run_folder.rank_file(run_folder.step_dir(damaged, 30), 1)
         f.write_bytes(f.read_bytes()[:50])
-        g = rs.rank_file(rs.step_dir(damaged, 20), 1)
+        g = run_folder.rank_file(run_folder.step_dir(damaged, 20), 1)
         g.write_bytes(b"\\0" * g.stat().st_size)
     scenario("fallback", lambda: resumed_step(damaged))
 
@@ -342,7 +343,7 @@ WORKER = textwrap.dedent("""
     scenario("nonfinite", lambda: rs.require_finite({"w": torch.tensor([float("nan") if rank else 0.0])}, 7,
                                                     ranks, agree))
     # another job holds rank 0's folder: both ranks stop at once
-    scenario("lock", lambda: rs.lock_output(os.path.join(folder, "locked"), ranks) and "locked")
+    scenario("lock", lambda: output_lock.lock_output(os.path.join(folder, "locked"), ranks) and "locked")
     # a changed batch size is refused on both ranks
     scenario("config", lambda: rs.resume(agree, "auto", ranks, "recognition", {"batch_size": 16}) and "resumed")
     with open(result_file, "w") as f:
@@ -358,16 +359,13 @@ def two_nodes(tmp_path_factory):
     folders = [root / "node0", root / "node1"]
     (folders[0] / "locked").mkdir(parents=True)
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from utils.run_state import lock_output; import time; "
+        [sys.executable, "-c", f"from utils.output_lock import lock_output; import time; "
                                f"l = lock_output({str(folders[0] / 'locked')!r}); print('locked', flush=True); "
                                f"time.sleep(300)"], cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
     try:
-        procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(r), str(folders[r]), str(root / f"{r}.json")],
-                                  cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for r in range(2)]
+        procs = start_ranks([[sys.executable, "-c", WORKER, str(r), str(folders[r]), str(root / f"{r}.json")]
+                             for r in range(2)])
         outputs = [p.communicate(timeout=300)[0] for p in procs]
     finally:
         holder.kill()
@@ -417,28 +415,28 @@ def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
     for step in (10, 20, 30):
         save(tmp_path, step, keep=2)
     save(tmp_path, 5, keep=2)  # e.g. a run that went back: the newest numbers must not push out what it wrote
-    assert [s for s, _, _ in rs.complete_checkpoints(tmp_path)] == [5, 20, 30]
+    assert [s for s, _, _ in run_folder.complete_checkpoints(tmp_path)] == [5, 20, 30]
 
 
 def test_unreadable_markers_warn_fall_back_and_do_not_count_towards_keep(tmp_path, caplog):
     for step in (10, 20, 30):
         save(tmp_path, step, value=step)
-    (rs.step_dir(tmp_path, 30) / rs.COMPLETE).write_text("[1, 2]")
-    (rs.step_dir(tmp_path, 20) / rs.COMPLETE).write_text('{"step": 2')
+    (run_folder.step_dir(tmp_path, 30) / run_folder.COMPLETE).write_text("[1, 2]")
+    (run_folder.step_dir(tmp_path, 20) / run_folder.COMPLETE).write_text('{"step": 2')
     with caplog.at_level(logging.WARNING):
         resumed = rs.resume(tmp_path, "auto", SINGLE, "test", {})
     assert resumed.step == 10
     assert "COMPLETE holds a list, not a JSON object): falling back to" in caplog.text
     assert "COMPLETE is not readable JSON (JSONDecodeError)): falling back to" in caplog.text
     save(tmp_path, 40, value=40, keep=2)  # the damaged newer steps were set aside: step 10 is still kept
-    assert [s for s, _, _ in rs.complete_checkpoints(tmp_path)] == [10, 40]
+    assert [s for s, _, _ in run_folder.complete_checkpoints(tmp_path)] == [10, 40]
 
 
 def test_every_config_key_has_exactly_one_resume_rule_in_each_stage():
-    from utils.config import base_config
+    from configs.loader import base_config
 
     keys = set(base_config()) | {"config_name", "world_size", "num_classes", "num_image"}
-    for kind, policy in rs.CONFIG_POLICY.items():
+    for kind, policy in config_policy.CONFIG_POLICY.items():
         groups = [set(policy.refuse), set(policy.apply), set(policy.free)]
         assert keys - set.union(*groups) == set(), kind
         assert all(not (a & b) for i, a in enumerate(groups) for b in groups[i + 1:]), kind
@@ -446,8 +444,8 @@ def test_every_config_key_has_exactly_one_resume_rule_in_each_stage():
 
 def test_stage1_refusals_name_the_stage1_way_forward(tmp_path):
     with pytest.raises(CheckpointError, match=r"gen_dim: 64 -> 32\).*init_generator=.*rank_0.pt"):
-        rs.check_config({"gen_dim": 64, "seed": 1}, {"gen_dim": 32, "seed": 1}, tmp_path, "cfsm_stage1")
-    changes = rs.check_config({"lambda_rec": 1.0, "frequent": 10}, {"lambda_rec": 10.0, "frequent": 1}, tmp_path,
+        config_policy.check_config({"gen_dim": 64, "seed": 1}, {"gen_dim": 32, "seed": 1}, tmp_path, "cfsm_stage1")
+    changes = config_policy.check_config({"lambda_rec": 1.0, "frequent": 10}, {"lambda_rec": 10.0, "frequent": 1}, tmp_path,
                               "cfsm_stage1")
     assert changes == [("lambda_rec", 1.0, 10.0)]  # applied and listed; monitoring keys change freely
 
@@ -457,9 +455,15 @@ def test_a_stale_lock_is_taken_over_at_once_and_a_busy_folder_is_a_user_error(tm
 
     out = tmp_path / "run"
     out.mkdir()
-    (out / rs.LOCK_NAME).write_text("pid 999999 on a-host-that-died since 2026-01-01 00:00:00\n")  # no flock held
+    (out / output_lock.LOCK_NAME).write_text("pid 999999 on a-host-that-died since 2026-01-01 00:00:00\n")  # no flock held
     start = time.time()
-    lock = rs.lock_output(out)
-    assert time.time() - start < 1 and f"pid {os.getpid()}" in (out / rs.LOCK_NAME).read_text()
-    assert is_user_error(rs.OutputBusyError("busy"))  # a second job: one `error:` line, exit 2
+    lock = output_lock.lock_output(out)
+    assert time.time() - start < 1 and f"pid {os.getpid()}" in (out / output_lock.LOCK_NAME).read_text()
+    assert is_user_error(output_lock.OutputBusyError("busy"))  # a second job: one `error:` line, exit 2
     lock.release()
+
+
+def test_the_generator_shape_keys_are_all_refused_on_a_stage1_resume():
+    from cfsm.loading import GENERATOR_CONFIG_KEYS
+
+    assert set(GENERATOR_CONFIG_KEYS.values()) <= set(config_policy.CONFIG_POLICY["cfsm_stage1"].refuse)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils.config import ConfigError, base_config
+from configs.loader import ConfigError, base_config
 from utils.distributed import DistEnv
 from utils.run import Run, plan_steps
 
@@ -116,7 +116,7 @@ def test_benchmarks_time_the_training_step_itself():
 # ---- the run folder never lies (a damaged, mixed, re-run or all-skipped run never ends "done" with exit 0) ----
 
 def _tiny(rec, out, *extra):
-    from tests.test_train import tiny_args
+    from tests.helpers import tiny_args
 
     return tiny_args(rec, out, *extra)
 
@@ -257,7 +257,7 @@ def test_resume_drift_refuses_the_seed_and_lists_applied_keys_in_one_line(mini_t
 RUN_WORKER = """
 import json, sys
 import torch, torch.distributed as dist
-from utils.config import base_config
+from configs.loader import base_config
 from utils.distributed import DistEnv
 from utils.run import Run
 
@@ -303,14 +303,11 @@ dist.destroy_process_group()
 @pytest.mark.slow
 def test_two_ranks_whose_folders_differ_agree_on_the_folder_rules(tmp_path):
     """A branch one rank's disk decides (another run there, a finished summary, a missing input) is taken by both."""
-    from tests.test_train import free_port
+    from tests.helpers import start_ranks
 
     (tmp_path / "mixing" / "node1" / "checkpoints" / "step_00000003").mkdir(parents=True)  # node 1 only
     (tmp_path / "weights0.pt").write_bytes(b"rank 0's disk only")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, "-c", RUN_WORKER, str(r), str(tmp_path)], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    procs = start_ranks([[sys.executable, "-c", RUN_WORKER, str(r), str(tmp_path)] for r in range(2)])
     outputs = [p.communicate(timeout=240)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
     results = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]

@@ -13,10 +13,10 @@ import torch
 import train
 from cfsm import load_generator
 from eval.common import load_backbone
-from tests.test_train import tiny_args
+from tests.helpers import tiny_args
 from utils.checkpoint import CheckpointError
 from utils.checkpoint import file_sha256
-from utils.run_state import COMPLETE, rank_file, step_dir
+from utils.run_folder import COMPLETE, rank_file, step_dir
 
 
 class _Payload:

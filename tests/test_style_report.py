@@ -106,7 +106,7 @@ def test_cli_writes_json_png_and_prints_json_last(tmp_path, mini_toy, capsys):
 def test_stage1_writes_the_report_and_checks_recipe_keys(tmp_path):
     import train_generator
     from backbones import get_model
-    from utils.config import ConfigError
+    from configs.loader import ConfigError
     from utils.toyface import ensure_toy_data
 
     data = ensure_toy_data(tmp_path / "toy", num_identities=4, images_per_identity=4, num_eval_identities=2,

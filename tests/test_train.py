@@ -1,34 +1,15 @@
 """train.py end to end on the miniature toy data: overrides, CFSM wiring, resume equality, launchers, bad inputs."""
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import train
 from backbones import get_model
+from configs.loader import ConfigError
 from partial_fc import PartialFC
+from tests.helpers import load_model, run, tiny_args, torchrun
 from utils.checkpoint import CheckpointError
-from utils.config import ConfigError
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_args(rec, output, *extra):
-    return ["configs/toy", f"rec={rec}", f"output={output}", "generate_toy_data=False", "network=r_tiny",
-            "embedding_size=32", "batch_size=16", "num_workers=0", "num_epoch=2", "warmup_epoch=0", "frequent=1",
-            "verbose=0", "val_targets=['toy_clean']", "val_batch_size=16", "image_every=2", *extra]
-
-
-def load_model(path):
-    model = get_model("r_tiny", num_features=32)
-    state = torch.load(path, weights_only=True)
-    model.load_state_dict(state, strict=True)  # a plain state dict, as InsightFace tools expect
-    return state
 
 
 def test_plain_run_writes_model_summary_and_uses_overrides(mini_toy, tmp_path):
@@ -78,6 +59,7 @@ def test_cfsm_wiring_generator_frozen_shared_negatives(mini_toy, tmp_path, tiny_
                          "rs_ratio=0.75", "k=2", "sample_rate=0.5", "loss=adaface", "m=0.4"))
     gen = captured["generator"]
     assert not any(p.requires_grad for p in gen.parameters()) and not gen.training
+    assert (tmp_path / "ours" / "clean_vs_synth.png").is_file()  # a first look at what the generator made
     assert not ({id(p) for p in gen.parameters()} & captured["params"])
     # per step: one sample, k=2 attack forwards on the synthesized quarter (4 of 16), the attack-gain forward at o*
     # (4), one update forward of 16
@@ -160,25 +142,13 @@ def test_generator_file_of_wrong_format(mini_toy, tmp_path):
                              f"pretrained_synthesis_model={bad}"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(module_args, mini_toy, out, extra=()):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", *module_args, "--nproc_per_node=2", f"--master_port={free_port()}", "train.py",
-           *tiny_args(mini_toy, out, "max_steps=2", *extra)]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", [["torch.distributed.run"], ["torch.distributed.launch"]])
+@pytest.mark.parametrize("launcher", ["torch.distributed.run", "torch.distributed.launch"])
 def test_two_process_gloo_launchers(mini_toy, tmp_path, tiny_generator_file, launcher):
-    out = tmp_path / launcher[0].split(".")[-1]
-    proc = launch(launcher, mini_toy, out, (f"pretrained_synthesis_model={tiny_generator_file}", "rs_ratio=0.75"))
+    out = tmp_path / launcher.split(".")[-1]
+    proc = run(torchrun(["train.py", *tiny_args(mini_toy, out, "max_steps=2", "rs_ratio=0.75",
+                                                f"pretrained_synthesis_model={tiny_generator_file}")],
+                        launcher=launcher))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and "world size 2" in (out / "train.log").read_text()

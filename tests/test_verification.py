@@ -12,8 +12,8 @@ from torch import nn
 from eval import verification
 from eval.verification import embed_images, evaluate_verification
 from eval.verification_callback import CallBackVerification, open_verification_sets, verification_for_run
-from utils.binfile import write_bin
-from utils.config import ConfigError
+from eval.binfile import write_bin
+from configs.loader import ConfigError
 
 
 class HalfMeans(nn.Module):
@@ -76,7 +76,7 @@ def test_evaluate_verification_known_answer_and_xnorm() -> None:
 
 
 def test_load_bin_is_reexported() -> None:
-    from utils.binfile import load_bin
+    from eval.binfile import load_bin
 
     assert verification.load_bin is load_bin
 
@@ -212,3 +212,36 @@ def test_a_bad_val_target_on_rank_0_stops_every_rank_at_once(tmp_path: Path) -> 
     assert all(float(seconds) < 30 for seconds, _ in results)  # agreed at once, not a process-group timeout
 
 
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch_size", [16, 64])
+def test_verification_cli_on_two_ranks_equals_one_process(tmp_path: Path, batch_size: int) -> None:
+    """21 pairs = 42 images. Batches of 16: rank 0 embeds 16 + 10 images, rank 1 16; one batch of 64: rank 1 has
+    nothing to embed and still takes part in the gather. Accuracy, std and xnorm equal one process's."""
+    import json
+
+    from backbones import get_model
+    from tests.helpers import run_module
+
+    _write_toy_bin(tmp_path / "v.bin", 21, 4)
+    torch.manual_seed(0)
+    torch.save(get_model("r_tiny", num_features=32).state_dict(), tmp_path / "m.pt")
+    args = ["--model", str(tmp_path / "m.pt"), "--network", "r_tiny", "--bin", str(tmp_path / "v.bin"),
+            "--device", "cpu", "--batch-size", str(batch_size), "--no-progress"]
+    results = []
+    for nproc, out in ((0, "one"), (2, "two")):
+        proc = run_module("eval.verification", [*args, "--out", str(tmp_path / out)], nproc)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("v: accuracy") == 1  # rank 0 alone reports
+        results.append(json.loads((tmp_path / out / "verification.json").read_text()))
+    assert results[0] == results[1] and results[0]["v"]["xnorm"] > 0
+
+
+def test_val_targets_may_be_bin_paths_named_by_their_stem(tmp_path: Path) -> None:
+    _write_toy_bin(tmp_path / "elsewhere" / "lfw_small.bin", 12, 1)
+    _write_toy_bin(tmp_path / "toy_a.bin", 12, 1)
+    sets = open_verification_sets(["toy_a", str(tmp_path / "elsewhere" / "lfw_small.bin")], tmp_path)
+    assert set(sets) == {"toy_a", "lfw_small"}
+    with pytest.raises(ConfigError, match="a second set named 'toy_a'"):
+        open_verification_sets(["toy_a", str(tmp_path / "toy_a.bin")], tmp_path)

@@ -1,7 +1,7 @@
 """Compare two faces: print the cosine similarity of their embeddings and, given a threshold, a verdict.
 
-    python -m tools.compare_faces face1.png face2.png --model model.pt --network r50 [--no-flip] [--bgr]
-    python -m tools.compare_faces photo1.jpg photo2.jpg --align --model model.pt --network r50 \\
+    python -m tools.compare_faces face1.png face2.png --model model.pt [--no-flip] [--bgr]
+    python -m tools.compare_faces photo1.jpg photo2.jpg --align --model model.pt \\
         --bin data/lfw.bin --far 1e-3        # or --threshold 0.3
 
 Without ``--align`` the images must already be aligned 112x112 crops (as in the ``.bin`` sets or from
@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from eval.align import FaceDetector, add_align_args, align_photo, crops_tensor, detector_from_args
-from eval.common import FaceImages, embed_batches, embed_dataset, flip_fuse, load_backbone, resolve_device
+from eval.common import FaceImages, add_network_args, embed_batches, embed_dataset, flip_fuse, load_backbone, \
+    resolve_device
 from utils.cli import ArgumentParser, UsageError, expanded_path, run_command
 
 
@@ -60,7 +61,7 @@ def compare_photos(backbone: torch.nn.Module, path_a: str, path_b: str, which: s
 
 def load_threshold_set(bin_path: Path, far: float) -> tuple[torch.Tensor, np.ndarray]:
     """A ``.bin`` set's images and labels, checked to have enough impostor pairs to measure ``far``."""
-    from utils.binfile import load_bin
+    from eval.binfile import load_bin
 
     images, issame = load_bin(bin_path)
     impostors = int(np.count_nonzero(~issame))
@@ -106,9 +107,7 @@ def main(argv: list[str] | None = None) -> float:
     ap.add_argument("image_b", type=expanded_path, help="second face: an aligned 112x112 crop (a photo with --align)")
     ap.add_argument("--model", required=True,
                     help="plain state dict of the backbone (torch.save(backbone.state_dict()))")
-    ap.add_argument("--network", default="r50", help="backbones.get_model name, e.g. r50, r100, mbf")
-    ap.add_argument("--embedding-size", type=int, default=None,
-                    help="default: read from the model file (last BatchNorm size)")
+    add_network_args(ap)
     ap.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
     ap.add_argument("--no-flip", action="store_true", help="original image only (default: add the mirror's embedding)")
     ap.add_argument("--bgr", action="store_true", help="feed BGR (AdaFace-family models)")

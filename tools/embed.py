@@ -1,8 +1,8 @@
 """Embeddings of aligned faces (or, with ``--align``, of the faces in raw photos): the step before any custom
 evaluation.
 
-    python -m tools.embed IMAGES --model model.pt --network r50 --out DIR [--no-flip] [--normalize] [--bgr]
-    python -m tools.embed PHOTOS --align [--face largest|all|N] --model model.pt --network r50 --out DIR
+    python -m tools.embed IMAGES --model model.pt --out DIR [--no-flip] [--normalize] [--bgr]
+    python -m tools.embed PHOTOS --align [--face largest|all|N] --model model.pt --out DIR
 
 IMAGES is a folder (searched recursively for .jpg/.jpeg/.png/.bmp/.webp, in sorted order), a .txt list with one
 image path per line (relative paths are relative to the list's folder) or one image file. The images must be aligned
@@ -16,6 +16,7 @@ and ``--normalize`` L2-normalises the rows (compare them with a dot product).
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -25,11 +26,12 @@ if __name__ == "__main__" and not __package__:  # run as a path: import the repo
 
 import numpy as np
 
-from eval.align import add_align_args, detector_from_args, align_photos, crops_tensor, require_faces, write_faces_csv
+from eval.align import add_align_args, align_photos, crops_tensor, detector_from_args, require_faces, write_faces_csv
 from eval.common import EvalInputError, FaceImages, add_model_args, check_output_folder, embed_batches, \
-    embed_dataset, flip_fuse, iter_chunks, model_from_args
+    embed_dataset, eval_ranks, flip_fuse, iter_chunks, model_from_args
 from eval.metrics import l2_normalize
-from utils.cli import ArgumentParser, add_out_arg, expanded_path, run_command
+from utils.cli import ArgumentParser, UsageError, add_out_arg, expanded_path, run_command
+from utils.distributed import DistEnv
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 PHOTO_SUFFIXES = IMAGE_SUFFIXES + (".tif", ".tiff")  # raw photos (read by PIL): camera / scanner TIFFs too
@@ -80,9 +82,18 @@ def main(argv: list[str] | None = None) -> Path:
                     help="IMAGES are raw photos: detect and align the faces first (as tools.align)")
     add_align_args(ap, default_face="largest")
     args = ap.parse_args(argv)
+    with eval_ranks(args.device) as env:  # one process, or one rank of torchrun
+        return embed(args, env)
+
+
+def embed(args: argparse.Namespace, env: DistEnv) -> Path | None:
+    """Embed on this rank: every rank its share, rank 0 writes the files (others: None)."""
     out = check_output_folder(args.out)  # before any work
     paths = list_images(args.images, PHOTO_SUFFIXES if args.align else IMAGE_SUFFIXES)
-    backbone, device = model_from_args(args)
+    if args.align and env.distributed:
+        raise UsageError("--align runs in one process: align first with python -m tools.align PHOTOS --out DIR, "
+                         "then embed DIR on N processes")
+    backbone, device = model_from_args(args, env)
     if args.align:
         detector = detector_from_args(args)
         items, skipped = align_photos(detector, paths, args.face, progress=not args.no_progress)
@@ -95,9 +106,12 @@ def main(argv: list[str] | None = None) -> Path:
         orig, flipped = embed_batches(backbone, batches, len(crops), device, flip=not args.no_flip,
                                       amp=not args.no_amp, progress=not args.no_progress, desc="embed")
     else:
-        orig, flipped = embed_dataset(backbone, FaceImages(paths, None, bgr=args.bgr), batch_size=args.batch_size,
-                                      workers=min(args.workers, len(paths)), device=device, flip=not args.no_flip,
-                                      amp=not args.no_amp, progress=not args.no_progress, desc="embed")
+        embedded = embed_dataset(backbone, FaceImages(paths, None, bgr=args.bgr), batch_size=args.batch_size,
+                                 workers=min(args.workers, len(paths)), device=device, flip=not args.no_flip,
+                                 amp=not args.no_amp, progress=not args.no_progress, desc="embed", env=env)
+        if embedded is None:
+            return None  # another rank than 0: rank 0 has every row and writes the results
+        orig, flipped = embedded
     embeddings = flip_fuse(orig, flipped)
     if args.normalize:
         embeddings = l2_normalize(embeddings)

@@ -1,6 +1,6 @@
 """Export a backbone to ONNX (dynamic batch axis) and check onnxruntime against PyTorch.
 
-    python -m tools.export_onnx --model model.pt --network r50 --out DIR [--bgr] [--opset 17] [--tolerance 1e-4]
+    python -m tools.export_onnx --model model.pt --out DIR [--bgr] [--opset 17] [--tolerance 1e-4]
 
 Writes ``DIR/<model file stem>.onnx`` (``--name`` to choose). Uses the TorchScript-based exporter
 (``torch.onnx.export(..., dynamo=False)``): the dynamo exporter needs the ``onnxscript`` package, which is not a
@@ -28,7 +28,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from backbones import BACKBONE_NAMES
 from utils.cli import ArgumentParser, add_bgr_arg, add_out_arg, expanded_path, run_command
 
 
@@ -80,7 +79,8 @@ def check_onnx(
             ref = backbone(x).double().numpy()
         got = sess.run(None, {"input": x.numpy()})[0].astype(np.float64)
         if not (np.isfinite(ref).all() and np.isfinite(got).all()):  # NaN would pass every `<=` test below
-            raise EvalInputError(f"{getattr(backbone, 'source_file', path)}: the model gives non-finite outputs (PyTorch finite: "
+            source = getattr(backbone, "source_file", path)
+            raise EvalInputError(f"{source}: the model gives non-finite outputs (PyTorch finite: "
                                  f"{bool(np.isfinite(ref).all())}, ONNX finite: {bool(np.isfinite(got).all())}): "
                                  f"not a usable model; nothing is kept")
         if got.shape != ref.shape:
@@ -93,15 +93,21 @@ def check_onnx(
     return result
 
 
+def _opset_range() -> tuple[int, int]:
+    """The ONNX opsets this torch's exporter writes (its own constants; 7..20 if a future torch moves them)."""
+    try:
+        from torch.onnx import _constants
+        return int(_constants.ONNX_MIN_OPSET), int(_constants.ONNX_MAX_OPSET)
+    except (ImportError, AttributeError):
+        return 7, 20
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    from eval.common import check_output_folder, load_backbone
+    from eval.common import add_network_args, check_output_folder, load_backbone
 
     ap = ArgumentParser(description=__doc__)
     ap.add_argument("--model", required=True, type=expanded_path, help="plain state dict of the backbone")
-    ap.add_argument("--network", default="r50", choices=BACKBONE_NAMES, metavar="NETWORK",
-                    help=f"backbone architecture: {', '.join(BACKBONE_NAMES)}")
-    ap.add_argument("--embedding-size", type=int, default=None,
-                    help="default: read from the model file (last BatchNorm size)")
+    add_network_args(ap)
     add_out_arg(ap, "the .onnx file")
     ap.add_argument("--name", default=None, help="file name in --out (default: the model file's stem + .onnx)")
     add_bgr_arg(ap)
@@ -110,8 +116,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     help="largest allowed max abs difference / embedding L2 norm (per row)")
     args = ap.parse_args(argv)
     # checked before the export runs: torch's own errors name no option, a bad --tolerance failed only at the end
-    if args.opset < 7:
-        ap.error(f"argument --opset: ONNX opset versions start at 7 (torch exports 7 and up), got {args.opset}")
+    low, high = _opset_range()
+    if not low <= args.opset <= high:
+        ap.error(f"argument --opset: this torch ({torch.__version__}) exports ONNX opsets {low}..{high}, got "
+                 f"{args.opset}")
     if not args.tolerance > 0:
         ap.error(f"argument --tolerance: must be > 0 (a relative error), got {args.tolerance}")
     if args.name is not None and (not args.name or Path(args.name).name != args.name):

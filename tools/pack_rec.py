@@ -28,11 +28,10 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from dataset import DataError, scan_image_folder  # noqa: E402
+from dataset import IMAGE_SIZE, DataError, decode_image, scan_image_folder  # noqa: E402
 from utils.cli import ArgumentParser, UsageError, add_workers_arg, expanded_path, run_command  # noqa: E402
 from utils.recordio import cache_path_for, write_face_rec  # noqa: E402
 
-IMAGE_SIZE = (112, 112)
 PACK_FILES = ("train.rec", "train.idx", "property")
 
 
@@ -49,15 +48,10 @@ def encode_file(args: tuple[str, int]) -> bytes:
         buf = Path(path).read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot read image: {e}") from None
-    # OpenCV asserts (``!buf.empty()``, naming nothing) on an empty buffer instead of returning None.
-    img = cv2.imdecode(np.frombuffer(buf, dtype=np.uint8), cv2.IMREAD_COLOR) if buf else None
-    if img is None:
-        raise DataError(f"{path}: could not decode image ({len(buf)} bytes)")
-    if img.shape[:2] != IMAGE_SIZE:
-        raise DataError(f"{path}: image is {img.shape[1]}x{img.shape[0]}, expected aligned 112x112 faces")
+    rgb = decode_image(buf, path)  # the training reader's own decode and checks: what packs, reads
     if buf[:3] == b"\xff\xd8\xff":
         return buf
-    ok, enc = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])  # img is BGR, as MXNet's tools
+    ok, enc = cv2.imencode(".jpg", np.ascontiguousarray(rgb[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
         raise DataError(f"{path}: JPEG encoding failed")
     return enc.tobytes()

@@ -143,7 +143,7 @@ def main(argv=None) -> dict:
     ]
     # every training stage's config and overrides, checked before the first stage runs: a typo in --set or
     # --generator-set would otherwise stop the pipeline minutes later, inside a stage's subprocess
-    from utils.config import load_config
+    from configs.loader import load_config
 
     for _, _, cmd in stages:
         if cmd[1] in ("train.py", "train_generator.py"):

@@ -22,7 +22,7 @@ from pathlib import Path
 if __name__ == "__main__" and not __package__:  # run as a path: import the repo's packages, not this folder's
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from utils.checkpoint import CheckpointError, atomic_save, file_sha256, safe_load
+from utils.checkpoint import atomic_save, file_sha256, safe_load
 from utils.cli import ArgumentParser, UsageError, expanded_path, positive_int, run_command
 
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     from utils.elastic import saved_course
     from utils.reshard import ReshardError, reshard_states
-    from utils.run_state import mark_complete
+    from utils.run_folder import mark_complete
 
     meta, states = read_folder(args.checkpoint)
     old_world = int(meta["world_size"])

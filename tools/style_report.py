@@ -1,4 +1,4 @@
-"""Is a CFSM generator's style space controllable? Measures (issue 12) as a JSON last line, plus a PNG.
+"""Is a CFSM generator's style space controllable? Its measures as a JSON last line, plus a PNG.
 
     python -m tools.style_report runs/toy/generator/generator.pth --faces data/toy \\
         --id-model runs/toy/baseline/model.pt --id-network r_tiny --id-embedding-size 128 \\
@@ -25,12 +25,13 @@ from utils.cli import ArgumentParser, UsageError, resolve_device, run_command
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from eval.common import add_network_args
+
     p = ArgumentParser(description=__doc__)
     p.add_argument("generator", help="CFSM generator file (released format: dict with 'G_state_dict')")
     p.add_argument("--faces", required=True, help="clean faces: toy/RecordIO folder, .rec, image folder or .txt")
     p.add_argument("--id-model", required=True, help="identity network weights (stage 1's id_model)")
-    p.add_argument("--id-network", required=True, help="its architecture, e.g. r_tiny, r50")
-    p.add_argument("--id-embedding-size", type=int, default=None, help="embedding size (default: from the file)")
+    add_network_args(p, prefix="id-")  # --id-network (default auto), --id-embedding-size
     p.add_argument("--target-faces", required=True, help="real target-domain faces (folder or .txt list)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--num-faces", type=int, default=32, help="clean faces measured (>= 32 recommended)")

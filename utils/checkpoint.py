@@ -14,10 +14,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from utils.errors import UserError
+
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint file is missing, unreadable, unwritable or of the wrong kind; the message names the file."""
 
 

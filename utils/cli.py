@@ -23,29 +23,19 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from utils.errors import RunFailedError, UserError
+
 TRACEBACK_ENV = "CFSM_TRACEBACK"
 USAGE_ERROR_EXIT = 2
 
 # (module, class) of the errors that mean "the user gave a wrong input"; looked up in sys.modules only, so this
 # module imports none of them (a class whose module was never imported cannot have been raised).
-_USER_ERRORS: tuple[tuple[str, str], ...] = (
-    ("utils.config", "ConfigError"),
-    ("utils.binfile", "BinFileError"),
-    ("utils.recordio", "RecordIOError"),
-    ("utils.checkpoint", "CheckpointError"),
-    ("utils.degrade", "DegradeConfigError"),
-    ("dataset", "DataError"),
-    ("eval.common", "EvalInputError"),
-    ("utils.toyface", "ToyDataError"),
-)
-# the run itself failed (non-finite state, too many skipped updates): one line too, but exit 1
-_RUN_FAILURES: tuple[tuple[str, str], ...] = (("utils.run_state", "RunFailedError"),)
-RUN_FAILED_EXIT = 1
+RUN_FAILED_EXIT = 1  # the run itself failed (utils.errors.RunFailedError): one line too
 INTERRUPTED_EXIT = 130  # as a shell reports a process ended by SIGINT
 _USER_OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
-class UsageError(ValueError):
+class UsageError(UserError, ValueError):
     """A command-line value is wrong (e.g. `--device cuda` without CUDA); the message names the flag and the fix."""
 
 
@@ -151,21 +141,23 @@ def resolve_device(name: str | None = "auto") -> "torch.device":  # noqa: F821 -
     return device
 
 
-def _is_one_of(exc: BaseException, classes: tuple[tuple[str, str], ...]) -> bool:
-    for module_name, class_name in classes:
-        cls = getattr(sys.modules.get(module_name), class_name, None)
-        if cls is not None and isinstance(exc, cls):
-            return True
-    return False
-
-
 def is_user_error(exc: BaseException) -> bool:
     """True for the errors that report a wrong input (their messages name the file / key and the fix)."""
-    return isinstance(exc, _USER_OS_ERRORS + (UsageError,)) or _is_one_of(exc, _USER_ERRORS)
+    return isinstance(exc, _USER_OS_ERRORS + (UserError,))
+
+
+_WORKER_TRACEBACK = "Original Traceback (most recent call last):"
 
 
 def one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    """`error: <message>` on one line. An error re-raised from a DataLoader worker carries the worker's whole
+    traceback in its message; the user gets the original error's own line."""
+    message = str(exc)
+    if _WORKER_TRACEBACK in message:
+        last = [line for line in message.split(_WORKER_TRACEBACK, 1)[1].splitlines() if line.strip()][-1]
+        prefix = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+        message = last.split(prefix, 1)[1] if prefix in last else last.split(": ", 1)[-1]
+    text = " ".join(message.split()) or type(exc).__name__
     if isinstance(exc, OSError) and exc.filename is not None and str(exc.filename) not in text:
         text = f"{text}: {exc.filename}"
     return f"error: {text}"
@@ -184,7 +176,7 @@ def run_command(main: Callable[..., Any], argv: list[str] | None = None) -> None
         print("interrupted", file=sys.stderr)  # a trainer has logged the step reached and how to continue
         raise SystemExit(INTERRUPTED_EXIT) from None
     except Exception as exc:  # noqa: BLE001 - classified below; anything not a user error is re-raised untouched
-        failed = _is_one_of(exc, _RUN_FAILURES)
+        failed = isinstance(exc, RunFailedError)
         if not (failed or is_user_error(exc)) or traceback_wanted:
             raise
         print(one_line(exc), file=sys.stderr)

@@ -19,15 +19,24 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-__all__ = ["Degradation", "DEGRADE_KEYS"]
+from utils.errors import UserError
+
+__all__ = ["Degradation", "DEGRADE_KEYS", "DEGRADE_BOUNDS"]
 
 DEGRADE_KEYS = ("degrade_resize_prob", "degrade_resize_range", "degrade_blur_prob", "degrade_blur_sigma",
                 "degrade_color_prob", "degrade_color_strength", "degrade_noise_prob", "degrade_noise_std",
                 "degrade_jpeg_prob", "degrade_jpeg_quality")
+# The (min, max) ranges' bounds, declared once: config validation (configs/loader.py NUMERIC_RULES) reads them too.
+DEGRADE_BOUNDS: dict[str, tuple[float, float, str]] = {
+    "degrade_resize_range": (4, 112, "sides in pixels"),
+    "degrade_blur_sigma": (0.05, 20.0, "sigmas in pixels"),
+    "degrade_noise_std": (0.0, 128.0, "std on the 0..255 scale"),
+    "degrade_jpeg_quality": (1, 100, "JPEG quality"),
+}
 _INTERPOLATIONS = (cv2.INTER_NEAREST, cv2.INTER_LINEAR, cv2.INTER_CUBIC, cv2.INTER_AREA)
 
 
-class DegradeConfigError(ValueError):
+class DegradeConfigError(UserError, ValueError):
     """A bad degrade_* config value; the message names the key."""
 
 
@@ -38,7 +47,8 @@ def _prob(cfg, key: str) -> float:
     return float(value)
 
 
-def _range(cfg, key: str, default: tuple[float, float], low: float, high: float) -> tuple[float, float]:
+def _range(cfg, key: str, default: tuple[float, float]) -> tuple[float, float]:
+    low, high, _ = DEGRADE_BOUNDS[key]
     value = cfg.get(key, default)
     try:
         a, b = (float(v) for v in value)
@@ -76,14 +86,14 @@ class Degradation:
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength < 1.0:
             raise DegradeConfigError(f"config key 'degrade_color_strength' = {strength!r}: must be in [0, 1)")
         deg = cls(resize_prob=_prob(cfg, "degrade_resize_prob"),
-                  resize_range=_range(cfg, "degrade_resize_range", (16, 64), 4, 112),
+                  resize_range=_range(cfg, "degrade_resize_range", (16, 64)),
                   blur_prob=_prob(cfg, "degrade_blur_prob"),
-                  blur_sigma=_range(cfg, "degrade_blur_sigma", (0.5, 2.0), 0.05, 20.0),
+                  blur_sigma=_range(cfg, "degrade_blur_sigma", (0.5, 2.0)),
                   color_prob=_prob(cfg, "degrade_color_prob"), color_strength=float(strength),
                   noise_prob=_prob(cfg, "degrade_noise_prob"),
-                  noise_std=_range(cfg, "degrade_noise_std", (2.0, 10.0), 0.0, 128.0),
+                  noise_std=_range(cfg, "degrade_noise_std", (2.0, 10.0)),
                   jpeg_prob=_prob(cfg, "degrade_jpeg_prob"),
-                  jpeg_quality=_range(cfg, "degrade_jpeg_quality", (10, 60), 1, 100), seed=int(seed))
+                  jpeg_quality=_range(cfg, "degrade_jpeg_quality", (10, 60)), seed=int(seed))
         return deg if deg.enabled else None
 
     @property

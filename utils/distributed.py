@@ -1,16 +1,26 @@
 """Process-group setup from the launcher's environment (torchrun, torch.distributed.launch, or none).
 
 The same code runs on CPU/gloo and GPU/NCCL: the backend and device follow from what the machine has.
+
+Cross-rank agreement, one family (`agree_*`): a branch one rank could take alone is agreed before a collective.
+
+    agree_all(env, ok)            True only if `ok` on every rank (AND)
+    agree_any(flags)              int flags OR-ed over the ranks (a tensor of several flags, one all-reduce)
+    agree_call(env, fn, what)     fn() on every rank; if it raised on any rank, every rank raises
+    agree_batches(env, batches)   the batches while every rank has one; an error or early end stops all ranks
+    gather_objects(env, obj)      every rank's picklable object, by rank (what Ranks below is built from)
 """
 from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from utils.errors import LaunchError, UserError
 
 T = TypeVar("T")
 
@@ -39,7 +49,8 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+        raise LaunchError(f"environment variable {name}={value!r} is not an integer: unset it, or start with torchrun "
+                          f"(which sets it)") from None
 
 
 def init_distributed(device: str = "auto", timeout_s: float = 600.0, local_rank_arg: int | None = None) -> DistEnv:
@@ -52,14 +63,17 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0, local_rank_
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", local_rank_arg if local_rank_arg is not None else 0)
     if not 0 <= rank < world_size:
-        raise ValueError(f"RANK={rank} is outside [0, WORLD_SIZE={world_size})")
+        raise LaunchError(f"RANK={rank} is outside [0, WORLD_SIZE={world_size}): unset RANK/WORLD_SIZE for one "
+                          f"process, or start with torchrun (which sets both)")
 
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("config device='cuda' but CUDA is not available on this machine")
+        raise LaunchError("config device='cuda' but CUDA is not available on this machine: use device=auto or "
+                          "device=cpu")
     if use_cuda:
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices")
+            raise LaunchError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices: start at "
+                              f"most that many processes per node (--nproc_per_node)")
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     else:
@@ -84,8 +98,8 @@ def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> d
     """
     for name in ("MASTER_ADDR", "MASTER_PORT"):
         if not os.environ.get(name):
-            raise RuntimeError(f"WORLD_SIZE={world_size} but {name} is not set: start with torchrun or "
-                               f"torch.distributed.launch, or export {name}")
+            raise LaunchError(f"WORLD_SIZE={world_size} but {name} is not set: start with torchrun or "
+                              f"torch.distributed.launch, or export {name}")
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
     store = dist.TCPStore(os.environ["MASTER_ADDR"], _env_int("MASTER_PORT", 0), world_size,
                           is_master=rank == 0 and not agent_store, timeout=timeout)
@@ -101,7 +115,7 @@ def barrier(env: DistEnv) -> None:
             dist.barrier()
 
 
-def all_ranks_ok(env: DistEnv, ok: bool) -> bool:
+def agree_all(env: DistEnv, ok: bool) -> bool:
     """True only if `ok` on every rank: lets ranks agree to stop together instead of hanging."""
     if not env.distributed:
         return ok
@@ -120,8 +134,18 @@ def agree_any(flags: torch.Tensor) -> torch.Tensor:
     return flags
 
 
-class PeerRankError(RuntimeError):
-    """Raised on the ranks that did not fail when another rank failed at a point all ranks agreed on."""
+def gather_objects(env: DistEnv, obj: T) -> list[T]:
+    """Every rank's `obj` (picklable), indexed by rank; `[obj]` without a process group."""
+    if not env.distributed:
+        return [obj]
+    out: list = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class PeerRankError(UserError, RuntimeError):
+    """Raised on the ranks that did not fail when another rank failed at a point all ranks agreed on (one line: the
+    failing rank prints its own error)."""
 
 
 def _stop_together(env: DistEnv, error: BaseException | None, what: str, more_flags: tuple[bool, ...] = ()) \
@@ -139,7 +163,7 @@ def _stop_together(env: DistEnv, error: BaseException | None, what: str, more_fl
     return tuple(bool(v) for v in agreed[1:])
 
 
-def agreed_call(env: DistEnv, fn: Callable[[], T], what: str) -> T:
+def agree_call(env: DistEnv, fn: Callable[[], T], what: str) -> T:
     """fn() on this rank, then an agreement in place of a barrier: if fn raised on any rank, every rank raises
     (instead of the others waiting at the next collective until the process-group timeout)."""
     try:
@@ -150,7 +174,7 @@ def agreed_call(env: DistEnv, fn: Callable[[], T], what: str) -> T:
     return result
 
 
-def agreed_batches(batches: Iterable[T], env: DistEnv) -> Iterator[T]:
+def agree_batches(env: DistEnv, batches: Iterable[T]) -> Iterator[T]:
     """Yield the items of `batches` while every rank has one, with one all-reduce per item of (error, exhausted,
     not exhausted). A rank whose loader raises (a bad record) re-raises, the others raise PeerRankError; when
     every rank is exhausted all stop together; when only some are (uneven shards) every rank raises, instead of
@@ -172,6 +196,30 @@ def agreed_batches(batches: Iterable[T], env: DistEnv) -> Iterator[T]:
         if exhausted:
             return
         yield item
+
+
+# The ranks as the few collectives the run's file handling needs (utils.run_state, utils.output_lock); a test passes
+# plain functions for a fake world.
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    agree_all: Callable[[bool], bool] = field(default=lambda ok: ok)  # True only if True on every rank
+    gather: Callable[[Any], list] = field(default=lambda obj: [obj])  # every rank's object, by rank
+
+    @property
+    def writes_markers(self) -> bool:
+        """Rank 0 and the first rank of every node: each node's folder gets its markers and pruning."""
+        return self.rank == 0 or self.local_rank == 0
+
+    @classmethod
+    def from_env(cls, env) -> "Ranks":
+        """`agree_all` / `gather_objects` over the default process group of `env`."""
+        if not env.distributed:
+            return cls(env.rank, env.world_size, env.local_rank)
+        return cls(env.rank, env.world_size, env.local_rank, lambda ok: agree_all(env, ok),
+                   lambda obj: gather_objects(env, obj))
 
 
 def cleanup(env: DistEnv) -> None:

@@ -54,13 +54,29 @@ def open_log_file(logger: logging.Logger, output: str | Path, name: str) -> logg
 
 
 def summary_writer(output: str | Path, enabled: bool = True, purge_step: int | None = None):
-    """A TensorBoard SummaryWriter in `output/tensorboard` (None when disabled). `purge_step`: the step a resumed run
-    continues from; TensorBoard hides the earlier attempt's events from that step on, so one curve stays one run."""
+    """A TensorBoard SummaryWriter in `output/tensorboard` (None when disabled). `purge_step`: the first step a
+    resumed run logs; TensorBoard hides the earlier attempt's events from that step on, so one curve stays one run."""
     if not enabled:
         return None
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(log_dir=str(Path(output) / "tensorboard"), purge_step=purge_step)
+
+
+def run_writer(output: str | Path, cfg, resumed: bool = False, purge_step: int | None = None):
+    """The writer of a training run (rank 0): TensorBoard (`tensorboard`), wandb (`wandb`, utils/wandb_logging.py),
+    both behind one `FanOutWriter`, or None. `resumed`: the run continues from a checkpoint (wandb continues its
+    run); `purge_step`: the first step it logs (TensorBoard hides the replaced attempt's later events)."""
+    writers = [w for w in (summary_writer(output, cfg.tensorboard, purge_step),) if w is not None]
+    if cfg.get("wandb"):
+        from utils.wandb_logging import WandbWriter
+
+        writers.append(WandbWriter(output, cfg, resumed))
+    if len(writers) > 1:
+        from utils.wandb_logging import FanOutWriter
+
+        return FanOutWriter(writers)
+    return writers[0] if writers else None
 
 
 class SpeedMeter:

@@ -22,14 +22,23 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "sgd": OptimizerSpec(torch.optim.SGD, {"lr": "lr", "momentum": "momentum", "weight_decay": "weight_decay"}),
     "adamw": OptimizerSpec(torch.optim.AdamW, {"lr": "lr", "weight_decay": "weight_decay"}),
 }
+# Stage 1's optimizer (train_generator.py): Adam for G and D, reading gen_lr / gen_betas
+GENERATOR_OPTIMIZER = OptimizerSpec(torch.optim.Adam, {"gen_lr": "lr", "gen_betas": "betas"})
 
 
-def build_optimizer(name: str, param_groups: Iterable[dict], config: Mapping[str, Any]) -> torch.optim.Optimizer:
-    """Optimizer `name` over `param_groups`, reading its declared config keys from `config` (any key -> value map)."""
-    if name not in OPTIMIZERS:
+def build_optimizer(name: str | OptimizerSpec, param_groups: Iterable, config: Mapping[str, Any]) \
+        -> torch.optim.Optimizer:
+    """Optimizer `name` (a registered name, or a spec such as stage 1's) over `param_groups` (groups or parameters),
+    reading its declared config keys from `config` (any key -> value map; a list value is passed as a tuple)."""
+    if isinstance(name, OptimizerSpec):
+        spec = name
+    elif name in OPTIMIZERS:
+        spec = OPTIMIZERS[name]
+    else:
         raise ValueError(f"config key 'optimizer' = {name!r}: choices are {', '.join(map(repr, OPTIMIZERS))}")
-    spec = OPTIMIZERS[name]
-    return spec.build(list(param_groups), **{kw: config[key] for key, kw in spec.config_keys.items()})
+    kwargs = {kw: tuple(config[key]) if isinstance(config[key], list) else config[key]
+              for key, kw in spec.config_keys.items()}
+    return spec.build(list(param_groups), **kwargs)
 
 
 def decay_param_groups(module: torch.nn.Module, exclude: bool) -> list[dict]:
@@ -68,20 +77,3 @@ class PolyScheduler(torch.optim.lr_scheduler.LRScheduler):
     def get_lr(self) -> list[float]:
         f = self.factor(self.last_epoch)
         return [base * f for base in self.base_lrs]
-
-
-def low_precision_dtype(device_type: str) -> torch.dtype:
-    """The project's one mixed-precision policy for "fp16": float16 on CUDA (with loss scaling), bfloat16 elsewhere
-    (CPU float16 kernels are slow or missing, and bfloat16 needs no scaler). Training, the backbones' `fp16` flag,
-    evaluation and the benchmarks all ask this function."""
-    return torch.float16 if device_type == "cuda" else torch.bfloat16
-
-
-def mixed_precision(fp16: bool, bf16: bool, device_type: str) -> tuple[torch.dtype | None, torch.amp.GradScaler,
-                                                                           dict]:
-    """(autocast dtype or None, a GradScaler enabled only for float16, keyword arguments for torch.autocast)."""
-    dtype = low_precision_dtype(device_type) if fp16 else torch.bfloat16 if bf16 else None
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
-    # a disabled autocast still needs a dtype the device accepts; bfloat16 is valid on CPU and CUDA
-    autocast = dict(device_type=device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
-    return dtype, scaler, autocast

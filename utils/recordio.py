@@ -17,6 +17,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from utils.errors import UserError
+
 __all__ = [
     "RecordIOError",
     "IRHeader",
@@ -43,7 +45,7 @@ IR_SIZE = _IR_STRUCT.size  # 24
 _FULL, _FIRST, _MIDDLE, _LAST = 0, 1, 2, 3
 
 
-class RecordIOError(ValueError):
+class RecordIOError(UserError, ValueError):
     """Malformed or missing RecordIO data; the message names the file, key and offending value."""
 
 

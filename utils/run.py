@@ -1,9 +1,9 @@
 """The run scaffold both trainers share; each trainer owns only its step function.
 
-`Run` does what every training run does around its steps: output folder, logger, seeds, toy data, the loader and
-its step counts, resume, checkpoints, the non-finite guard agreed by all ranks, progress logs and the summary.
-`train.py` (stage 2) and `train_generator.py` (stage 1) build their models, a `train_step(batch) -> stats`, and
-loop over `Run.step_batches`.
+`Run` does what every training run does around its steps: output folder, logger, seeds, toy data, the step counts
+of the loader its trainer built, resume, checkpoints, the non-finite guard agreed by all ranks, progress logs and
+the summary. `train.py` (stage 2) and `train_generator.py` (stage 1) build their models, their loaders (through
+`dataset`), a `train_step(batch) -> result`, and loop over `Run.step_batches`.
 """
 from __future__ import annotations
 
@@ -21,14 +21,14 @@ import torch
 from easydict import EasyDict
 
 from utils import checkpoint as ckpt
-from utils import elastic, run_state
-from utils.config import ConfigError
-from utils.distributed import DistEnv, agreed_batches, all_ranks_ok, barrier
-from utils.logging import SpeedMeter, format_eta, open_log_file, setup_logger, summary_writer
-from utils.run_state import RunFailedError
+from utils import config_policy, elastic, output_lock, rng_state, run_folder, run_state
+from utils.errors import ConfigError
+from utils.distributed import DistEnv, Ranks, agree_batches, agree_call, barrier
+from utils.errors import RunFailedError, UserError
+from utils.logging import SpeedMeter, format_eta, open_log_file, run_writer, setup_logger
 
 
-class MissingInputError(FileNotFoundError):
+class MissingInputError(UserError, FileNotFoundError):
     """Input files named by config keys do not exist; the message lists every one of them."""
 
 
@@ -84,10 +84,12 @@ class Run:
         self.cfg, self.env, self.kind = cfg, env, kind
         self.start_time = time.time()
         self.output = Path(cfg.output or Path("work_dirs") / cfg.config_name)
+        if self.output.exists() and not self.output.is_dir():
+            raise ConfigError(f"output={str(self.output)!r} is a file, not a folder: set output= to a folder")
         self.log_name = log_name
         self.log = setup_logger(env.rank, self.output, name=log_name, defer_file=True)
-        self.ranks = run_state.Ranks.from_env(env)
-        self.lock: run_state.OutputLock | None = None  # taken when the folder is opened (`resume`)
+        self.ranks = Ranks.from_env(env)
+        self.lock: output_lock.OutputLock | None = None  # taken when the folder is opened (`resume`)
         self.log_file = None
         self.tensorboard_prefix = tensorboard_prefix
         self.save_each_epoch = save_each_epoch
@@ -101,9 +103,9 @@ class Run:
         self.saved_step = -1
         self.start_step = self.step = 0
         self.skipped = self.skipped_in_a_row = 0  # non-finite updates skipped, over the whole run (resumes too)
-        self.config = run_state.run_config(cfg, world_size=env.world_size)  # stored in every checkpoint
+        self.config = config_policy.run_config(cfg, world_size=env.world_size)  # stored in every checkpoint
         # rank 0's folder decides (with a folder per node only it holds the summary)
-        self.finished = self.ranks.gather(run_state.finished_summary(self.output, cfg) if env.is_main else None)[0]
+        self.finished = self.ranks.gather(config_policy.finished_summary(self.output, cfg) if env.is_main else None)[0]
         if self.finished is not None:
             self.log.info(f"already complete at step {self.finished['steps']} ({self.output}): nothing to do; "
                           f"raise max_steps / num_epoch to train on, or set another output")
@@ -122,7 +124,7 @@ class Run:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is KeyboardInterrupt and self.env.is_main:
-                newest = run_state.latest_complete(self.output) if self.lock is not None else None
+                newest = run_folder.latest_complete(self.output) if self.lock is not None else None
                 self.log.warning(
                     f"interrupted at step {self.step}; newest checkpoint: {newest[1] if newest else 'none'}; "
                     f"continue with the same command ({'it resumes from there' if newest else 'it starts over'}): "
@@ -138,7 +140,7 @@ class Run:
 
     def refuse_other_run(self, why: str) -> None:
         """All ranks raise when any rank's folder holds another run's checkpoints or results."""
-        held = self.ranks.gather(run_state.run_files(self.output))
+        held = self.ranks.gather(run_folder.run_files(self.output))
         listing = "; ".join(f"rank {r}: {', '.join(files)}" for r, files in enumerate(held) if files)
         if listing:
             raise ConfigError(
@@ -162,25 +164,20 @@ class Run:
 
     def open_folder(self) -> None:
         """Create the output folder, take its lock (a second job stops here) and start the log file."""
-        self.lock = run_state.lock_output(self.output, self.ranks)
+        self.lock = output_lock.lock_output(self.output, self.ranks)
         self.log_file = open_log_file(self.log, self.output, self.log_name)
 
     # ---- data and step counts ----
 
-    def loader(self, dataset, micro_per_step: int = 1):
-        """The training loader of this rank (CUDA prefetching on GPU) and the run's `StepPlan` (`self.plan`)."""
-        from dataset import CUDAPrefetcher, get_dataloader
-
+    def use_loader(self, loader, dataset, micro_per_step: int = 1) -> StepPlan:
+        """Plan the run's steps (`self.plan`) on the loader the trainer built (`dataset.training_loader`): its
+        sampler's batches per epoch, `micro_per_step` loader batches per optimizer step."""
         cfg, env = self.cfg, self.env
-        loader = get_dataloader(dataset, cfg.batch_size, cfg.seed, cfg.num_workers, env.rank, env.world_size,
-                                env.device)
-        if env.device.type == "cuda":
-            loader = CUDAPrefetcher(loader, env.device)  # overlaps host-to-device copies with compute
         self.dataset_len = len(dataset)
         where = f"batch_size={cfg.batch_size} x {env.world_size} ranks on {dataset.num_images} images of {cfg.rec}"
         self.plan = plan_steps(loader.sampler.batches_per_epoch, micro_per_step, cfg.num_epoch, cfg.warmup_epoch,
                                cfg.max_steps, where)
-        return loader
+        return self.plan
 
     def step_batches(self, loader, step: int,
                      open_epoch: Callable[[int, int], Iterable] | None = None) -> Iterator[tuple[int, list]]:
@@ -206,7 +203,7 @@ class Run:
             else:
                 batches = open_epoch(epoch, first_batch)
             # one all-reduce per batch: a loader error or an early end on one rank stops every rank together
-            for item in agreed_batches(batches, self.env):
+            for item in agree_batches(self.env, batches):
                 micro += 1
                 batch.append(item)
                 if len(batch) == plan.micro_per_step:
@@ -223,7 +220,7 @@ class Run:
         it (`resumed.state` is this rank's file; the RNG part is restored here). `derived`: values the run read
         from its data (num_classes, ...), stored with the config and compared on resume."""
         self.open_folder()
-        self.config = run_state.run_config(self.cfg, world_size=self.env.world_size, **derived)
+        self.config = config_policy.run_config(self.cfg, world_size=self.env.world_size, **derived)
         resumed = run_state.resume(self.output, self.cfg.resume, self.ranks, self.kind, self.config, self.log)
         if resumed is None:
             self.refuse_other_run("starting at step 0")
@@ -236,7 +233,7 @@ class Run:
                 f"(max_steps={self.cfg.max_steps}, num_epoch={self.cfg.num_epoch}): raise them to continue that "
                 f"run, or set output= to a new folder")
         load(resumed)
-        run_state.restore_rng_state(resumed.state["rng"], self.rngs)
+        rng_state.restore_rng_state(resumed.state["rng"], self.rngs)
         counters = resumed.state.get("run_counters", {})
         self.skipped, self.skipped_in_a_row = int(counters.get("skipped", 0)), int(counters.get("in_a_row", 0))
         self.start_step = self.step = self.saved_step = step  # that checkpoint is this step's: not written again
@@ -285,7 +282,7 @@ class Run:
         """Every rank writes `state` plus its step and RNG state; the step is marked complete once all did."""
         epoch, consumed = self.position(step)
         counters = {"skipped": self.skipped, "in_a_row": self.skipped_in_a_row}
-        state = {**state, "rng": run_state.capture_rng_state(self.rngs), "step": step, "run_counters": counters,
+        state = {**state, "rng": rng_state.capture_rng_state(self.rngs), "step": step, "run_counters": counters,
                  "data_position": elastic.position_record(epoch, consumed, self.env.world_size, self.cfg.batch_size)}
         run_state.save_run_checkpoint(self.output, step, state, self.ranks, self.cfg.keep_checkpoints, self.kind,
                                       self.config, {"config_name": self.cfg.config_name, "epoch": epoch,
@@ -300,17 +297,13 @@ class Run:
             raise RunFailedError(
                 f"{self.skipped} of {step} updates were skipped as non-finite: the model is not trained, so no final "
                 f"checkpoint or model file was written. Last finite checkpoint: "
-                f"{run_state.last_finite_checkpoint(self.output) or 'none'}. Lower lr, check the data or the "
+                f"{run_folder.last_finite_checkpoint(self.output) or 'none'}. Lower lr, check the data or the "
                 f"pretrained weights, or disable fp16")
         run_state.require_finite(finite_check, step, self.ranks, self.output)
         if self.saved_step != step:
             self.save(step, state)
 
     # ---- non-finite guard ----
-
-    def all_ranks_ok(self, ok: bool) -> bool:
-        """True only when `ok` holds on every rank: a skip one rank takes, all take (one all-reduce)."""
-        return all_ranks_ok(self.env, ok)
 
     def check_finite(self, step: int, finite: bool, values: Mapping[str, torch.Tensor | float]) -> None:
         """Count a skipped step (already agreed by all ranks); stop after `max_nonfinite_steps` in a row, naming
@@ -330,14 +323,15 @@ class Run:
             raise RunFailedError(
                 f"{self.skipped_in_a_row} consecutive non-finite steps (max_nonfinite_steps="
                 f"{self.cfg.max_nonfinite_steps}) at step {step}, loss {loss:.4g}; last good checkpoint: "
-                f"{run_state.last_finite_checkpoint(self.output) or 'none'}. Lower lr, check the data, or disable fp16.")
+                f"{run_folder.last_finite_checkpoint(self.output) or 'none'}. Lower lr, check the data, or disable fp16.")
 
     # ---- monitoring ----
 
     def start(self, step: int, description: str) -> None:
-        """Open TensorBoard (rank 0) and the speed meter, and log what this run will do."""
+        """Open TensorBoard / wandb (rank 0) and the speed meter, and log what this run will do."""
         cfg, env, plan = self.cfg, self.env, self.plan
-        self.writer = summary_writer(self.output, cfg.tensorboard, purge_step=step) if env.is_main else None
+        self.writer = agree_call(env, lambda: run_writer(self.output, cfg, resumed=step > 0, purge_step=step + 1)
+                                  if env.is_main else None, "opening TensorBoard / wandb")  # a failure stops all ranks
         self.meter = SpeedMeter(cfg.batch_size * env.world_size * plan.micro_per_step, plan.stop_step, step)
         self.log.info(f"{cfg.config_name}: {description}, world size {env.world_size}, device {env.device}, "
                       f"{plan.total_steps} steps ({plan.batches_per_epoch} batches/epoch), stopping at "
@@ -379,7 +373,7 @@ class Run:
                        **results(), "skipped_steps": self.skipped,
                        "samples_per_sec": self.meter.mean(step) if trained else None,
                        "wall_s": time.time() - self.start_time}
-            path = self.output / run_state.SUMMARY
+            path = self.output / run_folder.SUMMARY
             if not trained and path.is_file():  # finishing a run whose last step was saved: keep its figures
                 try:
                     before = json.loads(path.read_text())

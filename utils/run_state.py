@@ -1,4 +1,6 @@
-"""A training run's state on disk and the resume policy (file I/O itself is `utils.checkpoint`).
+"""Saving a training run's checkpoints across ranks and resuming from them (file I/O itself is `utils.checkpoint`;
+the folder layout and markers `utils.run_folder`; the config policy `utils.config_policy`; the lock
+`utils.output_lock`; RNG state `utils.rng_state`).
 
 Layout of a run's output folder::
 
@@ -22,175 +24,29 @@ Rules (they hold with one shared output folder and with one folder per node):
 """
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
 import math
 import os
-import random
-import shutil
-import socket
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
-import numpy as np
 import torch
 
 from utils import reshard
-from utils.checkpoint import CheckpointError, atomic_save, file_sha256, recorded_file_problem, safe_load, \
-    write_json
+from utils.checkpoint import CheckpointError, atomic_save, file_sha256, recorded_file_problem, safe_load
+from utils.config_policy import check_config, json_form
+from utils.distributed import Ranks
+from utils.errors import RunFailedError
+from utils.run_folder import COMPLETE, checkpoint_root, last_finite_checkpoint, mark_complete, prune, rank_file, scan_checkpoints, \
+    set_aside, step_dir
 
-COMPLETE = "COMPLETE"
-LOCK_NAME = ".lock"
 
 _log = logging.getLogger(__name__)
 
 
-class RunFailedError(RuntimeError):
-    """The run ended without a model worth keeping (non-finite state, too many skipped updates); the message says
-    why and names the newest usable checkpoint. Commands print it as one `error:` line and exit 1."""
-
-
 class NonFiniteStateError(RunFailedError):
     """Weights or buffers hold NaN/Inf at the end of a run: nothing is written as a success."""
-
-
-class OutputBusyError(CheckpointError):
-    """Another live job holds the output folder's lock."""
-
-
-# ---- the ranks, as the few collectives this module needs (a test passes plain functions) ----
-
-@dataclass(frozen=True)
-class Ranks:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    agree: Callable[[bool], bool] = field(default=lambda ok: ok)  # True only if True on every rank
-    gather: Callable[[Any], list] = field(default=lambda obj: [obj])  # every rank's object, by rank
-
-    @property
-    def writes_markers(self) -> bool:
-        """Rank 0 and the first rank of every node: each node's folder gets its markers and pruning."""
-        return self.rank == 0 or self.local_rank == 0
-
-    @classmethod
-    def from_env(cls, env) -> "Ranks":
-        """From utils.distributed.DistEnv: all-reduce / all-gather over the default process group when there is one."""
-        if not env.distributed:
-            return cls(env.rank, env.world_size, env.local_rank)
-        import torch.distributed as dist
-
-        def agree(ok: bool) -> bool:
-            flag = torch.tensor([0 if ok else 1], device=env.device)
-            dist.all_reduce(flag)
-            return int(flag.item()) == 0
-
-        def gather(obj: Any) -> list:
-            out: list = [None] * env.world_size
-            dist.all_gather_object(out, obj)
-            return out
-
-        return cls(env.rank, env.world_size, env.local_rank, agree, gather)
-
-
-# ---- layout ----
-
-def checkpoint_root(output: str | os.PathLike) -> Path:
-    return Path(output) / "checkpoints"
-
-
-def step_dir(output: str | os.PathLike, step: int) -> Path:
-    return checkpoint_root(output) / f"step_{step:08d}"
-
-
-def rank_file(directory: Path, rank: int) -> Path:
-    return directory / f"rank_{rank}.pt"
-
-
-def mark_complete(directory: Path, meta: dict) -> None:
-    write_json(meta, directory / COMPLETE)
-
-
-def scan_checkpoints(output: str | os.PathLike) -> list[tuple[int, Path, dict | None, str | None]]:
-    """(step, dir, meta or None, what is wrong) of every `step_N` folder holding a COMPLETE marker, oldest first.
-    A marker that is not a JSON object (truncated, hand-edited, a list) gives meta None and the problem."""
-    root = checkpoint_root(output)
-    found = []
-    if root.is_dir():
-        for d in root.glob("step_*"):
-            marker = d / COMPLETE
-            try:
-                step = int(d.name[len("step_"):])
-            except ValueError:
-                continue  # step_N.damaged and other leftovers
-            if not marker.is_file():
-                continue
-            meta, problem = None, None
-            try:
-                meta = json.loads(marker.read_text())
-            except (OSError, ValueError) as exc:
-                problem = f"{marker} is not readable JSON ({type(exc).__name__})"
-            if meta is not None and not isinstance(meta, dict):
-                meta, problem = None, f"{marker} holds a {type(meta).__name__}, not a JSON object"
-            found.append((step, d, meta, problem))
-    return sorted(found, key=lambda t: t[0])
-
-
-def complete_checkpoints(output: str | os.PathLike) -> list[tuple[int, Path, dict]]:
-    """(step, dir, meta) of every checkpoint with a readable COMPLETE marker, oldest first."""
-    return [(step, d, meta) for step, d, meta, _ in scan_checkpoints(output) if meta is not None]
-
-
-def set_aside(directory: Path) -> Path | None:
-    """Rename a damaged step folder to `<name>.damaged` (kept for inspection; never resumed or counted)."""
-    target = directory.with_name(directory.name + ".damaged")
-    n = 1
-    while target.exists():
-        n += 1
-        target = directory.with_name(f"{directory.name}.damaged{n}")
-    try:
-        os.replace(directory, target)
-    except OSError:  # another node's marker writer moved it first (shared storage)
-        return None
-    return target
-
-
-def latest_complete(output: str | os.PathLike) -> tuple[int, Path, dict] | None:
-    found = complete_checkpoints(output)
-    return found[-1] if found else None
-
-
-def last_finite_checkpoint(output: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint whose marker records finite weights, buffers and optimizer state."""
-    finite = [d for _, d, meta in complete_checkpoints(output) if meta.get("finite") is True]
-    return finite[-1] if finite else None
-
-
-def prune(output: str | os.PathLike, keep: int, written: int | None = None) -> None:
-    """Keep the newest `keep` complete checkpoints, the step just `written` and the newest finite one; delete older
-    ones and incomplete leftovers older than the oldest kept."""
-    found = complete_checkpoints(output)
-    if not found:
-        return
-    kept = {d for _, d, _ in found[-max(keep, 1):]}
-    kept |= {d for s, d, _ in found if s == written}  # never the checkpoint this run has just written
-    finite = [d for _, d, meta in found if meta.get("finite") is True]
-    if finite:
-        kept.add(finite[-1])  # NaN checkpoints never push out the last one worth resuming from
-    for _, d, _ in found:
-        if d not in kept:
-            shutil.rmtree(d, ignore_errors=True)
-    oldest_kept = min(int(d.name[len("step_"):]) for d in kept)
-    for d in checkpoint_root(output).glob("step_*"):
-        try:
-            step = int(d.name[len("step_"):])
-        except ValueError:
-            continue
-        if not (d / COMPLETE).exists() and step < oldest_kept:
-            shutil.rmtree(d, ignore_errors=True)
 
 
 # ---- finiteness ----
@@ -221,7 +77,7 @@ def require_finite(states: Mapping[str, Any], step: int, ranks: Ranks, output: s
 
     Call before writing the final checkpoint and model file, so a broken model is never saved as a success."""
     bad = first_nonfinite(states)
-    if ranks.agree(bad is None):
+    if ranks.agree_all(bad is None):
         return
     where = [f"rank {r}: {name}" for r, name in enumerate(ranks.gather(bad)) if name is not None]
     last = last_finite_checkpoint(output)
@@ -229,116 +85,6 @@ def require_finite(states: Mapping[str, Any], step: int, ranks: Ranks, output: s
         f"step {step}: the final weights/buffers are not finite ({'; '.join(where)}); no final checkpoint or "
         f"model file was written. Last finite checkpoint: {last or 'none'}. Lower lr, check the data, or "
         f"disable fp16, then resume from it")
-
-
-# ---- the run config stored in every checkpoint and compared on resume ----
-
-@dataclass(frozen=True)
-class ConfigPolicy:
-    """How a changed config key is treated on resume; every key of configs/base.py is in one of the three."""
-    refuse: tuple[str, ...]  # give the saved state its meaning (or the data order): a change is an error
-    apply: tuple[str, ...]   # change the training from the resumed step on: applied, listed in one warning line
-    free: tuple[str, ...]    # where and how the run is watched, or keys the other stage reads: no word
-    init_key: str            # the key that starts a new run from a checkpoint's weights (named in refusals)
-
-
-_RUN_CONTROL = ("output", "config_name", "resume", "device", "dist_timeout_s", "num_workers", "max_steps",
-                "save_every", "keep_checkpoints", "max_nonfinite_steps", "frequent", "verbose", "image_every",
-                "tensorboard", "generate_toy_data", "val_targets", "val_batch_size")
-_DEGRADE = ("degrade_resize_prob", "degrade_resize_range", "degrade_blur_prob", "degrade_blur_sigma",
-            "degrade_color_prob", "degrade_color_strength", "degrade_noise_prob", "degrade_noise_std",
-            "degrade_jpeg_prob", "degrade_jpeg_quality")
-_STAGE1_ONLY = ("target", "id_network", "id_model", "id_embedding_size", "gen_dim", "gen_n_downsample",
-                "gen_n_residual", "gen_latent_dim", "gen_style_dim", "gen_input_skip", "init_generator", "gen_lr",
-                "gen_betas", "lambda_id_schedule", "id_distance_range", "lambda_rec", "lambda_diversity",
-                "style_sampling", "dis_dim", "style_report_faces")
-_STAGE2_ONLY = ("network", "embedding_size", "dropout", "use_checkpoint", "channels_last", "loss", "s", "m",
-                "margin_list", "adaface_h", "adaface_t_alpha", "sample_rate", "optimizer", "lr", "momentum",
-                "weight_decay", "gradient_acc", "warmup_epoch", "lr_power", "clip_grad_norm",
-                "pretrained_synthesis_model", "rs_ratio", "epsilon", "alpha", "k", "pretrained_backbone_model",
-                "weight_decay_exclude", *_DEGRADE)
-
-CONFIG_POLICY: dict[str, ConfigPolicy] = {
-    "recognition": ConfigPolicy(
-        # world_size may change: the state is re-sharded on resume (utils/reshard.py, utils/elastic.py)
-        refuse=("network", "embedding_size", "loss", "optimizer", "batch_size", "gradient_acc", "sample_rate", "num_classes", "num_image", "fp16", "seed", "weight_decay_exclude"),
-        apply=("lr", "num_epoch", "warmup_epoch", "lr_power", "momentum", "weight_decay", "s", "m", "margin_list",
-               "adaface_h", "adaface_t_alpha", "clip_grad_norm", "dropout", "use_checkpoint", "channels_last",
-               "bf16", "rec", "pretrained_synthesis_model", "rs_ratio", "epsilon", "alpha", "k", *_DEGRADE),
-        free=(*_RUN_CONTROL, "world_size", "pretrained_backbone_model", *_STAGE1_ONLY),  # world: logged by elastic
-        init_key="pretrained_backbone_model"),
-    "cfsm_stage1": ConfigPolicy(
-        refuse=("gen_dim", "gen_n_downsample", "gen_n_residual", "gen_latent_dim", "gen_style_dim", "gen_input_skip",
-                "dis_dim", "id_network", "id_embedding_size", "batch_size", "world_size", "num_classes", "num_image",
-                "fp16", "seed"),
-        apply=("gen_lr", "gen_betas", "num_epoch", "lambda_id_schedule", "id_distance_range", "lambda_rec",
-               "lambda_diversity", "style_sampling", "id_model", "target", "rec", "bf16"),
-        free=(*_RUN_CONTROL, "init_generator", "style_report_faces",
-              *_STAGE2_ONLY),
-        init_key="init_generator"),
-}
-
-
-def _plain(value: Any) -> Any:
-    """The JSON form of a value (tuples become lists), so a saved and a live config compare equal."""
-    return json.loads(json.dumps(value, default=str))
-
-
-def run_config(cfg: Mapping[str, Any], **derived: Any) -> dict:
-    """The config as stored in COMPLETE: every key, plus values the run derived (world_size, num_classes, ...)."""
-    return _plain({**dict(cfg), **derived})
-
-
-def check_config(saved: Mapping[str, Any], current: Mapping[str, Any], directory: Path,
-                 kind: str) -> list[tuple[str, Any, Any]]:
-    """Raise for changed keys that give the state its meaning; return the (key, old, new) changes that apply
-    from the resumed step (listed by the caller in one warning). A key no policy names counts as applied."""
-    policy = CONFIG_POLICY.get(kind, ConfigPolicy((), (), (), "pretrained_backbone_model"))
-    current = _plain(dict(current))
-    changed = [(k, saved[k], current[k]) for k in current  # in config order
-               if k in saved and saved[k] != current[k] and k not in policy.free]
-    refused = [c for c in changed if c[0] in policy.refuse]
-    if refused:
-        listing = ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in refused)
-        raise CheckpointError(
-            f"cannot resume from {directory}: the config changed keys its saved state depends on ({listing}). "
-            f"Restore those values to resume, or start a fresh `output` folder with "
-            f"{policy.init_key}={rank_file(directory, 0)} (or resume=False in a new folder)")
-    return changed
-
-
-# ---- what an output folder already holds ----
-
-SUMMARY = "summary.json"
-MODEL_FILES = ("model.pt", "generator.pth")  # the stages' final model files
-_RERUN_FREE = ("output", "resume", "device", "dist_timeout_s", "num_workers", "frequent", "tensorboard",
-               "keep_checkpoints", "save_every", "image_every", "generate_toy_data")  # a re-run may change these
-
-
-def run_files(output: str | os.PathLike) -> list[str]:
-    """What of a run `output` holds: checkpoints (damaged ones too), the summary, the model files; [] for none."""
-    output = Path(output)
-    found = []
-    steps = sorted(d.name for d in checkpoint_root(output).glob("step_*")) if checkpoint_root(output).is_dir() else []
-    if steps:
-        found.append(f"{len(steps)} checkpoint folder(s) up to {steps[-1]}")
-    found += [name for name in (SUMMARY, *MODEL_FILES) if (output / name).exists()]
-    return found
-
-
-def finished_summary(output: str | os.PathLike, cfg: Mapping[str, Any]) -> dict | None:
-    """The summary of a run that already finished in `output` with this config (keys a re-run may change aside),
-    else None: re-running a finished command is then a no-op."""
-    path = Path(output) / SUMMARY
-    try:
-        summary = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(summary, dict) or not isinstance(summary.get("config"), dict) or "steps" not in summary:
-        return None
-    saved = {k: v for k, v in summary["config"].items() if k not in _RERUN_FREE}
-    current = {k: v for k, v in _plain(dict(cfg)).items() if k not in _RERUN_FREE}
-    return summary if saved == current else None
 
 
 # ---- save ----
@@ -376,11 +122,11 @@ def save_run_checkpoint(output: str | os.PathLike, step: int, state: dict, ranks
                 "nonfinite": {str(r): rep["nonfinite"] for r, rep in enumerate(reports) if rep["nonfinite"]},
                 "sizes": {str(r): rep["size"] for r, rep in enumerate(reports)},
                 "sha256": {str(r): rep["sha256"] for r, rep in enumerate(reports)},
-                "config": _plain(dict(config))})
+                "config": json_form(dict(config))})
             prune(output, keep, written=step)
         except Exception as exc:
             marker_error = exc
-    if not ranks.agree(marker_error is None):
+    if not ranks.agree_all(marker_error is None):
         if marker_error is not None:
             raise marker_error
         raise CheckpointError(f"another node could not write {directory / COMPLETE} (see its error)")
@@ -447,13 +193,13 @@ def resume(output: str | os.PathLike, policy: bool | str, ranks: Ranks, kind: st
             _require_resharded_files(directory, meta, ranks)
         except CheckpointError as exc:
             error = exc
-        if not ranks.agree(error is None):  # the same markers give the same verdict; agree anyway, never hang
+        if not ranks.agree_all(error is None):  # the same markers give the same verdict; agree anyway, never hang
             raise error or CheckpointError(f"another rank refused {directory} (see its error)")
         try:
             state = _load_rank_state(directory, meta, ranks)
         except CheckpointError as exc:
             state, last_error = None, exc
-        if not ranks.agree(state is not None):
+        if not ranks.agree_all(state is not None):
             log.warning(f"checkpoint {directory} could not be loaded on every rank"
                         f"{f' ({last_error})' if state is None else ''}: falling back to an older one")
             continue
@@ -559,108 +305,3 @@ def load_scheduler_keeping_config(scheduler: torch.optim.lr_scheduler.LRSchedule
     for group, lr in zip(scheduler.optimizer.param_groups, lrs):
         group["lr"] = lr
     scheduler._last_lr = list(lrs)
-
-
-# ---- one job per output folder ----
-
-class OutputLock:
-    """flock on <output>/.lock, held by rank 0 from start to exit; the kernel releases it if the process dies."""
-
-    def __init__(self, fd: int | None, path: Path | None = None) -> None:
-        self._fd = fd
-        self._path = path
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
-            self._fd = None
-            if _HELD.get(self._path) is self:
-                del _HELD[self._path]
-
-    def __del__(self) -> None:
-        self.release()
-
-    def __enter__(self) -> "OutputLock":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def lock_output(output: str | os.PathLike, ranks: Ranks = Ranks(), wait_s: float | None = None) -> OutputLock:
-    """Take the output folder's lock on rank 0; every rank raises at once when another job holds it.
-
-    After an elastic restart (TORCHELASTIC_RESTART_COUNT > 0) rank 0 waits up to 60 s for the previous
-    attempt's process to be gone; otherwise a held lock fails immediately."""
-    output = Path(output)
-    fd, holder = None, ""
-    if ranks.rank == 0:
-        key = output.resolve() / LOCK_NAME
-        if key in _HELD:  # runs in one process are sequential: a lock this process still holds is a finished
-            _HELD[key].release()  # run's (e.g. kept alive by a traceback), not another job's
-        if wait_s is None:
-            wait_s = 60.0 if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0 else 0.0
-        output.mkdir(parents=True, exist_ok=True)
-        path = output / LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-                    os.close(fd)
-                    fd = None
-                    break
-                time.sleep(0.2)
-        if fd is not None:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
-                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
-    if not ranks.agree(ranks.rank != 0 or fd is not None):
-        raise OutputBusyError(f"output folder {output} is in use by another run ({holder or 'see its ' + LOCK_NAME}): "
-                           f"two jobs in one folder would interleave checkpoints. Wait for it, stop it, or set "
-                           f"another `output`")
-    lock = OutputLock(fd, output.resolve() / LOCK_NAME)
-    if fd is not None:
-        _HELD[lock._path] = lock
-    return lock
-
-
-_HELD: dict[Path, OutputLock] = {}  # this process's output locks, by lock file
-
-
-# ---- RNG state in weights_only-loadable form ----
-
-def capture_rng_state(generators: dict[str, torch.Generator] | None = None) -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
-                  float(np_state[4])),
-        "generators": {name: g.get_state() for name, g in (generators or {}).items()},
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def restore_rng_state(state: dict, generators: dict[str, torch.Generator] | None = None) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_as_python_random_state(state["python"]))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    for name, g in (generators or {}).items():
-        if name in state["generators"]:
-            g.set_state(state["generators"][name])
-
-
-def _as_python_random_state(obj):
-    # pickling round-trips random's state tuple as tuple/list mixes; random.setstate needs tuples
-    version, internal, gauss = obj
-    return version, tuple(internal), gauss

@@ -33,6 +33,8 @@ from typing import Iterator
 import cv2
 import numpy as np
 
+from utils.errors import UserError
+
 __all__ = [
     "ARCFACE_TEMPLATE",
     "sample_identity",
@@ -464,7 +466,7 @@ def _locked(lock_path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-class ToyDataError(ValueError):
+class ToyDataError(UserError, ValueError):
     """The toy data folder holds something else, or toy data made with other settings; the message names it."""
 
 
@@ -551,7 +553,7 @@ def ensure_toy_data(
 
 
 def _generate(out: Path, cfg: dict, seed: int, workers: int, verbose: bool) -> dict:
-    from utils.binfile import write_bin
+    from eval.binfile import write_bin
     from utils.recordio import write_face_rec
 
     n_id, per_id = cfg["num_identities"], cfg["images_per_identity"]
@@ -605,7 +607,7 @@ def ensure_toy_domains(root: str | os.PathLike, names: list[str] | tuple[str, ..
     ``target_faces/``, of the same held-out identities), then ``toy_<name>.json`` last (marks completion). Files
     of ``ensure_toy_data`` are never rewritten, so ``toy_target.bin`` and the training set stay bit-identical.
     """
-    from utils.binfile import write_bin
+    from eval.binfile import write_bin
 
     root = Path(os.path.expanduser(root))
     unknown = [n for n in names if n not in DOMAINS]

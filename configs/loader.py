@@ -1,4 +1,5 @@
-"""Config loading: `configs/base.py` holds every key; a job config overrides some; `key=value` overrides last.
+"""Config loading, next to the configs it loads (it reads the model registries, so it is not in utils/, which
+imports no model code): `configs/base.py` holds every key; a job config overrides some; `key=value` overrides last.
 
 Unknown keys are an error everywhere (a typo must not silently train with a default), and every value is checked at
 load (`validate`): numeric ranges (`NUMERIC_RULES`, one rule per numeric key of base.py) and the choices of
@@ -14,6 +15,7 @@ import importlib.util
 import math
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -22,9 +24,13 @@ from easydict import EasyDict
 # The registries are plain name -> (class, declared config keys) tables; importing them builds no model.
 from backbones import BACKBONE_CONFIG_KEYS, BACKBONES
 from losses import MARGIN_LOSSES, margin_loss_from_config
+from utils.config_policy import STAGE1_KEYS, STAGE2_KEYS
+from utils.degrade import DEGRADE_BOUNDS
+from utils.errors import ConfigError  # re-exported: `from configs.loader import ConfigError`
 from utils.optim import OPTIMIZERS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+NOT_CONFIGS = ("__init__", "loader")  # modules of configs/ that are not job configs
 
 # Keys whose value may legitimately change type (documented in configs/base.py).
 _FLEXIBLE_TYPES: dict[str, tuple[type, ...]] = {
@@ -45,8 +51,24 @@ PATH_KEYS: tuple[str, ...] = ("rec", "output", "pretrained_synthesis_model", "pr
                               "id_model", "init_generator")
 
 
-class ConfigError(ValueError):
-    """A config file, key or value is wrong; the message names it."""
+STAGE_SCRIPTS = {"recognition": "train.py", "cfsm_stage1": "train_generator.py"}
+
+
+def refuse_other_stage(cfg: EasyDict, kind: str) -> None:
+    """A key only the other stage reads (utils.config_policy STAGE1_KEYS / STAGE2_KEYS), set away from its
+    default, is a mistake: it would be ignored silently."""
+    other, script = (STAGE1_KEYS, "train_generator.py") if kind == "recognition" else (STAGE2_KEYS, "train.py")
+    defaults = base_config()
+    given = [k for k in other if _plain_value(cfg[k]) != _plain_value(defaults[k])]
+    if given:
+        listing = ", ".join(f"{k}={cfg[k]!r}" for k in given)
+        raise ConfigError(f"{listing}: {'stage-1' if kind == 'recognition' else 'stage-2'} key(s) that "
+                          f"{STAGE_SCRIPTS[kind]} does not read ({script} does); remove them from "
+                          f"{cfg.get('config_name', 'the config')} / the command line")
+
+
+def _plain_value(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _numbers(value: Any, count: int | None = None) -> bool:
@@ -103,7 +125,7 @@ NUMERIC_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lr": _range(0, low_open=True),
     "momentum": _range(0, 1, high_open=True, note="momentum >= 1 makes SGD diverge"),
     "weight_decay": _range(0),
-    "batch_size": _range(1),
+    "batch_size": _range(2, note="BatchNorm needs at least 2 images per rank"),
     "gradient_acc": _range(1),
     "num_epoch": _range(1),
     "warmup_epoch": _range(0),
@@ -139,15 +161,12 @@ NUMERIC_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dis_dim": _range(1),
     "style_report_faces": _range(0, note="0 = no style report"),
     "degrade_resize_prob": _range(0, 1, note="a probability"),
-    "degrade_resize_range": _interval(1, 112, "sides in pixels"),
+    **{key: _interval(low, high, what) for key, (low, high, what) in DEGRADE_BOUNDS.items()},
     "degrade_blur_prob": _range(0, 1, note="a probability"),
-    "degrade_blur_sigma": _interval(0, None, "sigmas in pixels", low_open=True),
     "degrade_color_prob": _range(0, 1, note="a probability"),
     "degrade_color_strength": _range(0, 1, high_open=True, note="factors ~ U(1 - strength, 1 + strength)"),
     "degrade_noise_prob": _range(0, 1, note="a probability"),
-    "degrade_noise_std": _interval(0, None, "std on the 0..255 scale"),
     "degrade_jpeg_prob": _range(0, 1, note="a probability"),
-    "degrade_jpeg_quality": _interval(1, 100, "JPEG quality"),
 }
 
 
@@ -168,17 +187,31 @@ def _import_config_module(name_or_path: str):
         candidates.append(REPO_ROOT / "configs" / f"{text.split('.')[-1]}.py")
     if str(REPO_ROOT) not in sys.path:  # job configs may build on each other (`from configs.toy import config`)
         sys.path.insert(0, str(REPO_ROOT))
-    for name in [m for m in sys.modules if m.startswith("configs.")]:
+    for name in [m for m in sys.modules if m.startswith("configs.") and m != __name__]:
         del sys.modules[name]  # each load sees the files as they are now, never an object mutated by a caller
     for path in candidates:
         if path.is_file():
             spec = importlib.util.spec_from_file_location(f"_cfg_{path.stem}", path)
             module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)  # type: ignore[union-attr]
+            try:
+                spec.loader.exec_module(module)  # type: ignore[union-attr]
+            except SyntaxError as exc:
+                raise ConfigError(f"{exc.filename or path}:{exc.lineno}: {exc.msg} (a Python syntax error in the "
+                                  f"config)") from None
+            except Exception as exc:  # noqa: BLE001 - the config file (or one it imports) raised: name where
+                frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename.endswith(".py")
+                          and Path(f.filename).resolve().parent.name == "configs" or Path(f.filename) == path]
+                where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else str(path)
+                raise ConfigError(f"{where}: {type(exc).__name__}: {exc} (raised while loading the config)") from None
             return module, path
-    available = sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.py") if p.stem != "__init__")
+    available = available_configs()
     raise ConfigError(f"config '{name_or_path}' not found (looked at {[str(c) for c in candidates]}); "
                       f"available configs: {', '.join(available)}")
+
+
+def available_configs() -> list[str]:
+    """The job configs in configs/ (every .py file but the package's own modules)."""
+    return sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.py") if p.stem not in NOT_CONFIGS)
 
 
 def base_config() -> EasyDict:
@@ -202,6 +235,8 @@ def parse_value(key: str, text: str, current: Any) -> Any:
             return False
         if not allowed:
             raise ConfigError(f"override {key}={text}: expected a boolean (True/False)")
+    if key == "val_targets" and not text.strip().startswith(("[", "(")):  # a plain comma list: lfw,cfp_fp
+        return [part.strip() for part in text.split(",") if part.strip()]
     if isinstance(current, str) and not allowed:
         return text
     try:
@@ -262,7 +297,10 @@ def load_config(config: str, overrides: Iterable[str] = ()) -> EasyDict:
     apply_overrides(cfg, overrides)
     for key in PATH_KEYS:
         if isinstance(cfg.get(key), str):
-            cfg[key] = os.path.expanduser(cfg[key])
+            value = cfg[key].strip()  # ' /data/x' from a shell quote would be a folder named ' '
+            if not value and key in ("rec", "output"):
+                raise ConfigError(f"config key '{key}' is empty: give a folder, or leave the key out for its default")
+            cfg[key] = os.path.expanduser(value)
     validate(cfg)
     return cfg
 
@@ -292,12 +330,22 @@ def validate(cfg: EasyDict) -> None:
     need(cfg.resume in (True, False, "auto"), "resume", "must be False, True or \"auto\"")
     need(not (cfg.fp16 and cfg.bf16), "fp16", "fp16 and bf16 cannot both be True")
     need(cfg.device in ("auto", "cpu", "cuda"), "device", "choices: auto, cpu, cuda")
+    need(isinstance(cfg.wandb_project, str) and bool(cfg.wandb_project.strip()), "wandb_project",
+         "must be a non-empty project name")
+    need(cfg.wandb_entity is None or isinstance(cfg.wandb_entity, str) and bool(cfg.wandb_entity.strip()),
+         "wandb_entity", "must be a wandb user or team name, or None (your default entity)")
+    if cfg.wandb:  # checked on every rank before any work: rank 0 alone would fail later, the others would wait
+        from utils.wandb_logging import wandb_installed
+
+        need(wandb_installed(), "wandb", "the wandb package is not installed: `pip install wandb` (an optional "
+             "dependency, see docs/monitoring.md), or set wandb=False")
     from cfsm.attack import STYLE_SEARCHES
 
     need(cfg.style_search in STYLE_SEARCHES, "style_search", f"choices: {', '.join(STYLE_SEARCHES)}")
     need(cfg.warmup_epoch <= cfg.num_epoch, "warmup_epoch", f"must be <= num_epoch ({cfg.num_epoch})")
     need(isinstance(cfg.val_targets, (list, tuple)) and all(isinstance(v, str) and v for v in cfg.val_targets),
-         "val_targets", "must be a list of .bin set names, e.g. ['lfw', 'cfp_fp'] (files <rec>/<name>.bin)")
+         "val_targets", "must be a list of .bin set names or .bin paths, e.g. ['lfw', 'cfp_fp'] (files "
+         "<rec>/<name>.bin) or lfw,cfp_fp on the command line")
     if cfg.rs_ratio < 1.0:
         need(bool(cfg.pretrained_synthesis_model), "pretrained_synthesis_model",
              "rs_ratio < 1 synthesizes faces and needs a generator file (train one with "

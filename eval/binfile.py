@@ -16,10 +16,12 @@ import cv2
 import numpy as np
 import torch
 
+from utils.errors import UserError
+
 __all__ = ["BinFileError", "load_bin", "write_bin", "restricted_loads"]
 
 
-class BinFileError(ValueError):
+class BinFileError(UserError, ValueError):
     """Malformed, unsafe or inconsistent ``.bin`` file; the message names the file."""
 
 
@@ -96,7 +98,7 @@ def _issame_array(issame_list, path: Path) -> np.ndarray:
         else:
             raise BinFileError(
                 f"{path}: issame_list[{i}] is {x!r} ({type(x).__name__}); each pair label must be True/False "
-                f"(or 0/1): re-create the file with utils.binfile.write_bin"
+                f"(or 0/1): re-create the file with eval.binfile.write_bin"
             )
     return out
 
@@ -127,7 +129,7 @@ def load_bin(path: str | os.PathLike, image_size: tuple[int, int] = (112, 112)) 
         )
     if len(issame_list) == 0:  # would otherwise surface as "embedded 0 images, expected 0", naming no file
         raise BinFileError(f"{path}: holds no pairs (empty bins and issame_list): nothing to verify; re-create it "
-                           f"(utils.binfile.write_bin) or remove it from val_targets / --bin")
+                           f"(eval.binfile.write_bin) or remove it from val_targets / --bin")
     issame = _issame_array(issame_list, path)  # before decoding thousands of images
     images = np.empty((len(bins), 3, image_size[0], image_size[1]), dtype=np.uint8)
     for i, buf in enumerate(bins):
