@@ -224,3 +224,9 @@ def test_val_targets_take_a_plain_comma_list_of_names_or_bin_paths():
     cfg = load_config("configs/toy", ["val_targets=toy_clean, ~/sets/lfw.bin"])
     assert cfg.val_targets == ["toy_clean", "~/sets/lfw.bin"]
     assert load_config("configs/toy", ["val_targets=['a', 'b']"]).val_targets == ["a", "b"]
+
+
+def test_the_toy_config_verifies_on_every_toy_set():
+    from utils.toyface import VERIFICATION_SETS
+
+    assert load_config("configs/toy").val_targets == list(VERIFICATION_SETS)

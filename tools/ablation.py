@@ -7,7 +7,7 @@ Methods (every run: `train.py` with the toy schedule, same steps, same seed list
   baseline         configs/toy (clean images only)
   handcrafted      configs/toy plus AdaFace-style degradations (utils/degrade.py) on the same share of images
   random           configs/toy_ours with k=0: a quarter of each batch restyled with a random style o0 ~ N(0, I)
-  adv_k1, adv_k3   configs/toy_ours, k = 1 / 3 with epsilon = alpha = 0.314 (the paper's setting; issue 12's table)
+  adv_k1, adv_k3   configs/toy_ours, k = 1 / 3 with epsilon = alpha = 0.314 (the paper's setting)
   adv_e<E>_k<K>    the budget sweep: k = K sign-gradient steps of alpha = E / K, |o - o0|_inf <= epsilon = E
   rand_e<E>_k<K>   its control, "farther but not harder": the same K steps of alpha = E / K from the same kind of o0,
                    each in a random sign direction (style_search=random_sign), so o moves as far from o0 as under
@@ -42,10 +42,10 @@ if __name__ == "__main__" and not __package__:  # run as a path: import the repo
 import numpy as np
 
 from utils.checkpoint import write_json
+from utils.toyface import VERIFICATION_SETS as TARGETS
 from utils.cli import ArgumentParser, UsageError, non_negative_int, run_command
 
 REPO = Path(__file__).resolve().parents[1]
-TARGETS = ("toy_clean", "toy_target")
 # the degradation share matches CFSM's synthesized share (1 - rs_ratio = 0.25): each op fires with this probability
 HANDCRAFTED = ["degrade_resize_prob=0.25", "degrade_blur_prob=0.25", "degrade_color_prob=0.25",
                "degrade_noise_prob=0.25", "degrade_jpeg_prob=0.25"]

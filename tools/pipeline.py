@@ -28,10 +28,10 @@ if __name__ == "__main__" and not __package__:  # run as a path: import the repo
 from tqdm import tqdm
 
 from utils.checkpoint import write_json
+from utils.toyface import VERIFICATION_SETS as TARGETS
 from utils.cli import ArgumentParser, non_negative_int, run_command
 
 REPO = Path(__file__).resolve().parents[1]
-TARGETS = ("toy_clean", "toy_target")
 
 
 def run_stage(name: str, cmd: list[str], log_path: Path, bar: tqdm) -> None:

@@ -8,7 +8,7 @@ imitates surveillance capture: low resolution, blur, noise, colour cast and heav
 ``ensure_toy_data(root)`` writes the training ``.rec``, the ``toy_clean.bin``/``toy_target.bin`` pair files over
 held-out identities and a folder of unlabelled target-style faces, once, safely under concurrent callers.
 
-Further target domains (``DOMAINS``; issue 22) are made by processes that the hand-crafted augmentation of
+Further target domains (``DOMAINS``) are made by processes that the hand-crafted augmentation of
 ``utils/degrade.py`` (resize, Gaussian blur, global colour jitter, i.i.d. noise, JPEG) does not contain:
 ``camera`` (one fixed random "camera" per toy universe: spatially varying random blur kernels, a fixed sensor
 pattern, vignetting and a tone curve), ``motion`` (motion blur along a random direction) and ``illumination``
@@ -297,9 +297,10 @@ def degrade_target(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Target domains no hand-crafted recipe contains (issue 22)
+# Target domains no hand-crafted recipe contains
 
 DOMAINS = ("camera", "motion", "illumination")
+VERIFICATION_SETS = ("toy_clean", "toy_target")  # the toy .bin sets every toy set holds (names in `rec`)
 _CAMERA_KERNELS = 4  # random point-spread functions, blended across the frame
 
 
