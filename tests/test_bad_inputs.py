@@ -763,6 +763,8 @@ ROWS += [
         "tools.make_toy_data --seed"),
     Row("toy_workers_negative", lambda c: _toy(c, "--workers", "-1"), SystemExit, lambda c: ["--workers", "got -1"],
         "tools.make_toy_data --workers"),  # 0 = render in this process, as --workers means for every command
+    Row("toy_unknown_domain", lambda c: _toy(c, "--domains", "bogus"), SystemExit,
+        lambda c: ["--domains", "'bogus'", "camera"], "tools.make_toy_data --domains"),
 ]
 
 # Commands whose every non-flag input must have a row above ("eval" rows cover eval.common.add_model_args once).
