@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 from utils.checkpoint import CheckpointError
 from utils.degrade import DEGRADE_KEYS
-from utils.run_folder import SUMMARY, rank_file
+from utils.run_folder import rank_file, read_summary
 
 
 @dataclass(frozen=True)
@@ -100,12 +100,8 @@ _RERUN_FREE = ("output", "resume", "device", "dist_timeout_s", "num_workers", "f
 def finished_summary(output: str | os.PathLike, cfg: Mapping[str, Any]) -> dict | None:
     """The summary of a run that already finished in `output` with this config (keys a re-run may change aside),
     else None: re-running a finished command is then a no-op."""
-    path = Path(output) / SUMMARY
-    try:
-        summary = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(summary, dict) or not isinstance(summary.get("config"), dict) or "steps" not in summary:
+    summary = read_summary(output)
+    if summary is None or not isinstance(summary.get("config"), dict) or "steps" not in summary:
         return None
     saved = {k: v for k, v in summary["config"].items() if k not in _RERUN_FREE}
     current = {k: v for k, v in json_form(dict(cfg)).items() if k not in _RERUN_FREE}

@@ -8,8 +8,8 @@ the summary. `train.py` (stage 2) and `train_generator.py` (stage 1) build their
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
+import os
 import shlex
 import sys
 import time
@@ -22,9 +22,8 @@ from easydict import EasyDict
 
 from utils import checkpoint as ckpt
 from utils import config_policy, elastic, output_lock, rng_state, run_folder, run_state
-from utils.errors import ConfigError
 from utils.distributed import DistEnv, Ranks, agree_batches, agree_call, barrier
-from utils.errors import RunFailedError, UserError
+from utils.errors import ConfigError, RunFailedError, UserError
 from utils.logging import SpeedMeter, format_eta, open_log_file, run_writer, setup_logger
 
 
@@ -149,8 +148,6 @@ class Run:
 
     def require_inputs(self, paths: Mapping[str, str | None]) -> None:
         """Every config key -> path given (None: not needed) must exist on every rank; one error lists them all."""
-        import os
-
         missing = [f"{key}={value!r}" for key, value in paths.items()
                    if value is not None and not Path(os.path.expanduser(str(value))).exists()]
         every = self.ranks.gather(missing)
@@ -374,11 +371,8 @@ class Run:
                        "samples_per_sec": self.meter.mean(step) if trained else None,
                        "wall_s": time.time() - self.start_time}
             path = self.output / run_folder.SUMMARY
-            if not trained and path.is_file():  # finishing a run whose last step was saved: keep its figures
-                try:
-                    before = json.loads(path.read_text())
-                except ValueError:
-                    before = {}
+            before = run_folder.read_summary(self.output) if not trained else None
+            if before is not None:  # finishing a run whose last step was saved: keep its figures
                 summary.update({k: before[k] for k, v in summary.items() if v is None and k in before})
             ckpt.write_json(summary, path)
             self.log.info(f"finished at step {step}: {self.skipped} of {step} updates skipped as non-finite; "

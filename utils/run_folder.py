@@ -123,6 +123,15 @@ def prune(output: str | os.PathLike, keep: int, written: int | None = None) -> N
 
 SUMMARY = "summary.json"
 MODEL_FILES = ("model.pt", "generator.pth")  # the stages' final model files
+def read_summary(output: str | os.PathLike) -> dict | None:
+    """`output/summary.json` as a dict, or None when it is missing, unreadable or not a JSON object."""
+    try:
+        summary = json.loads((Path(output) / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
 def run_files(output: str | os.PathLike) -> list[str]:
     """What of a run `output` holds: checkpoints (damaged ones too), the summary, the model files; [] for none."""
     output = Path(output)
