@@ -25,7 +25,8 @@ from cfsm import Generator, MultiDiscriminator
 from cfsm.loading import check_stage1_files, init_generator_from_file, load_identity_network, \
     stage1_generator_config
 from cfsm.stage1 import STYLE_SAMPLINGS, check_lambda_schedule, identity_loss, is_synthesis_step, lambda_id_at, \
-    lsgan_loss, mode_seeking_loss, sample_style, split_outputs, target_distance
+    append_basis_probes, basis_diversity_loss, lsgan_loss, mode_seeking_loss, sample_style, split_outputs, \
+    target_distance
 from cfsm.style_report import report_from_datasets, report_scalars
 from cfsm.target_data import TargetBatchSampler, TargetFaceDataset
 from cfsm.visualize import save_png, training_samples_grid
@@ -121,6 +122,11 @@ def make_train_step(cfg: EasyDict, env: DistEnv, G: torch.nn.Module, D: torch.nn
                                  distance_range[1]).to(env.device)
         else:
             style = torch.zeros(sources.shape[0], G.style_dim, device=env.device)
+        basis = synthesis and cfg.lambda_basis > 0
+        if basis:  # the first face again at o = 0 and at c e_i for a few i: rows [first_probe:] (cfsm.stage1)
+            first_probe = sources.shape[0]
+            sources, style = append_basis_probes(sources, style.cpu(), style_rng)
+            style = style.to(env.device)
         with torch.autocast(**autocast):
             _, fake, regu = G_train(sources, style)
 
@@ -152,6 +158,10 @@ def make_train_step(cfg: EasyDict, env: DistEnv, G: torch.nn.Module, D: torch.nn
                 loss_div = mode_seeking_loss(fake[:half], fake[half:2 * half], style[:half], style[half:2 * half])
                 loss_g = loss_g + cfg.lambda_diversity * loss_div
                 losses["div"] = loss_div.detach()
+            if basis:
+                loss_basis = basis_diversity_loss(fake[first_probe:])
+                loss_g = loss_g + cfg.lambda_basis * loss_basis
+                losses["basis"] = loss_basis.detach()
         else:
             loss_rec = (fake.float() - sources.float()).abs().mean()
             loss_g = cfg.lambda_rec * loss_rec + regu.float()

@@ -154,7 +154,7 @@ def _identity_state(path: str | os.PathLike, network: str, embedding_size: int,
         found = identify_backbone(state)
         fix = (f"the file holds a {found[0]} with {found[1]}-d embeddings: set id_network={found[0]} "
                f"id_embedding_size={found[1]}" if found else
-               f"the file matches no backbone of backbones.BACKBONE_NAMES at its embedding size")
+               "the file matches no backbone of backbones.BACKBONE_NAMES at its embedding size")
         raise CheckpointError(f"config key '{key}' = {path} does not fit id_network={network} "
                               f"id_embedding_size={embedding_size}: {problem}; {fix}")
     return state

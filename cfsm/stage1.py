@@ -2,7 +2,8 @@
 
 * synthesis iteration: ``L_G = LSGAN(D(G(x, o)) -> 1) + lambda_id * mean((1 - cos(f(x), f(G(x, o))) - d*)^2) + regu``
   with ``d* = lm + (|o| - la) (um - lm) / (ua - la)``;
-  (+ ``lambda_diversity * mode_seeking_loss`` when set: half the batch is the other half's faces with other styles);
+  (+ ``lambda_diversity * mode_seeking_loss`` when set: half the batch is the other half's faces with other styles;
+  + ``lambda_basis * basis_diversity_loss`` when set: one face decoded at o = 0 and at c e_i for a few basis vectors);
 * reconstruction iteration (o = 0): ``L_G = mean|x - G(x, 0)| + regu``;
 * discriminator (every iteration): ``LSGAN(D(target) -> 1) + LSGAN(D(G(.).detach()) -> 0)``.
 """
@@ -14,9 +15,12 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["lambda_id_at", "check_lambda_schedule", "target_distance", "identity_loss", "lsgan_loss",
-           "mode_seeking_loss", "split_outputs", "is_synthesis_step", "sample_style", "STYLE_SAMPLINGS"]
+           "mode_seeking_loss", "append_basis_probes", "basis_diversity_loss", "BASIS_COEFFICIENT",
+           "BASIS_DIRECTIONS", "split_outputs", "is_synthesis_step", "sample_style", "STYLE_SAMPLINGS"]
 
 STYLE_SAMPLINGS = ("gaussian", "uniform_magnitude")
+BASIS_COEFFICIENT = 3.0  # c of the basis probes: the style report measures each direction e_i at the same c * e_i
+BASIS_DIRECTIONS = 4     # basis vectors probed per synthesis iteration (6 pairs; all 45 pairs of 10 are met in ~40)
 
 
 def check_lambda_schedule(schedule: Sequence, key: str = "lambda_id_schedule") -> list[tuple[int, float]]:
@@ -66,6 +70,31 @@ def mode_seeking_loss(fake_a: torch.Tensor, fake_b: torch.Tensor, style_a: torch
     image_change = (fake_a.float() - fake_b.float()).abs().mean()
     style_change = (style_a.float() - style_b.float()).abs().mean()
     return 1.0 / (image_change / style_change.clamp_min(eps) + eps)
+
+
+def append_basis_probes(sources: torch.Tensor, style: torch.Tensor, rng: torch.Generator,
+                        directions: int = BASIS_DIRECTIONS,
+                        coefficient: float = BASIS_COEFFICIENT) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sources, style)`` with ``1 + directions`` rows appended: the first face with o = 0, then with o = c e_i for
+    ``directions`` basis vectors i drawn from ``rng`` (a CPU generator) without replacement. The probes are ordinary
+    synthesis samples for the other terms (|o| = 0 and c); `basis_diversity_loss` reads the last rows."""
+    dim = style.shape[1]
+    chosen = torch.randperm(dim, generator=rng)[:directions]
+    probe = torch.zeros(1 + chosen.numel(), dim)
+    probe[torch.arange(1, 1 + chosen.numel()), chosen] = float(coefficient)
+    faces = sources[:1].expand(1 + chosen.numel(), *sources.shape[1:])
+    return torch.cat([sources, faces]), torch.cat([style, probe.to(style)])
+
+
+def basis_diversity_loss(probes: torch.Tensor) -> torch.Tensor:
+    """Mean over pairs i != j of cos^2(d_i, d_j), d_i = G(x, c e_i) - G(x, 0); ``probes`` = [G(x, 0), G(x, c e_i),
+    ...] (the rows `append_basis_probes` added). Zero when the basis vectors change the face in orthogonal ways.
+    Unlike mode seeking (random pairs of styles), it acts on the basis itself, which is what collapses: the ten
+    directions drifting to one look. Scale-free: it cannot be met by shrinking the changes."""
+    changes = F.normalize((probes[1:] - probes[:1]).flatten(1).float(), dim=1)
+    gram = changes @ changes.t()
+    off_diagonal = ~torch.eye(gram.shape[0], dtype=torch.bool, device=gram.device)
+    return gram[off_diagonal].pow(2).mean()
 
 
 def split_outputs(outputs) -> list[torch.Tensor]:

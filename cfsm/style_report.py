@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cfsm.stage1 import BASIS_COEFFICIENT
 from utils.checkpoint import write_json
 
 __all__ = ["style_report", "write_style_report", "report_from_datasets", "evenly_spaced", "spearman", "sharpness", "REPORT_MAGNITUDES", "GOALS", "report_scalars"]
@@ -68,7 +69,7 @@ def _target_distance(magnitude: float, distance_range: Sequence[float]) -> float
 @torch.no_grad()
 def style_report(generator, id_net: Callable[[torch.Tensor], torch.Tensor], faces: torch.Tensor,
                  target_faces: torch.Tensor, distance_range: Sequence[float] = (0.0, 6.0, 0.05, 0.65),
-                 magnitudes: Sequence[float] = REPORT_MAGNITUDES, directions: int = 3, coefficient: float = 3.0,
+                 magnitudes: Sequence[float] = REPORT_MAGNITUDES, directions: int = 3, coefficient: float = BASIS_COEFFICIENT,
                  batch_size: int = 32, seed: int = 0) -> dict:
     """All measures of the module docstring for ``generator`` (``encode``/``decode``/``style_dim``) on ``faces``.
 

@@ -158,6 +158,7 @@ NUMERIC_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "id_distance_range": (lambda v: _numbers(v, 4) and v[0] != v[1], "must be four numbers (la, ua, lm, um), la != ua"),
     "lambda_rec": _range(0, note="weight of the reconstruction loss"),
     "lambda_diversity": _range(0, note="weight of the mode-seeking term"),
+    "lambda_basis": _range(0, note="weight of the basis term"),
     "dis_dim": _range(1),
     "style_report_faces": _range(0, note="0 = no style report"),
     "degrade_resize_prob": _range(0, 1, note="a probability"),

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from cfsm.stage1 import check_lambda_schedule, identity_loss, is_synthesis_step, lambda_id_at, lsgan_loss, \
-    mode_seeking_loss, target_distance
+from cfsm.stage1 import BASIS_COEFFICIENT, BASIS_DIRECTIONS, append_basis_probes, basis_diversity_loss, \
+    check_lambda_schedule, identity_loss, is_synthesis_step, lambda_id_at, lsgan_loss, mode_seeking_loss, \
+    target_distance
 from cfsm.target_data import TargetBatchSampler, TargetFaceDataset, list_target_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,6 +55,42 @@ def test_mode_seeking_loss_rewards_styles_that_change_the_image():
     fa = a.clone().requires_grad_(True)
     mode_seeking_loss(fa, b, sa, sb).backward()
     assert (fa.grad > 0).all()  # lowering the loss pushes G(x, a) away from G(x, b)
+
+
+def test_basis_probes_are_the_first_face_at_zero_and_at_c_times_basis_vectors():
+    sources, style = torch.randn(6, 3, 4, 4), torch.randn(6, 10)
+    rng = torch.Generator().manual_seed(0)
+    probed, probe_style = append_basis_probes(sources, style, rng)
+    assert probed.shape[0] == probe_style.shape[0] == 6 + 1 + BASIS_DIRECTIONS
+    assert torch.equal(probed[:6], sources) and torch.equal(probe_style[:6], style)  # the batch is untouched
+    assert all(torch.equal(face, sources[0]) for face in probed[6:])
+    probes = probe_style[6:]
+    assert torch.equal(probes[0], torch.zeros(10))  # o = 0, then c e_i for distinct i
+    assert torch.equal(probes[1:].abs().sum(dim=1), torch.full((BASIS_DIRECTIONS,), BASIS_COEFFICIENT))
+    chosen = probes[1:].argmax(dim=1)
+    assert len(set(chosen.tolist())) == BASIS_DIRECTIONS
+    # the report measures directions at the same c
+    from cfsm.style_report import style_report
+    import inspect
+    assert inspect.signature(style_report).parameters["coefficient"].default == BASIS_COEFFICIENT
+
+
+def test_basis_diversity_loss_is_zero_for_orthogonal_changes_and_one_for_a_collapsed_basis():
+    base = torch.randn(1, 3, 4, 4)
+    orthogonal = torch.zeros(3, 3, 4, 4)
+    for i in range(3):
+        orthogonal.view(3, -1)[i, i] = 2.0 + i  # disjoint pixels: orthogonal whatever the sizes
+    assert basis_diversity_loss(torch.cat([base, base + orthogonal])).item() == pytest.approx(0.0, abs=1e-6)
+    change = torch.randn(1, 3, 4, 4)
+    collapsed = torch.cat([base, base + change, base + 3 * change, base - change])  # one look, any sign or size
+    assert basis_diversity_loss(collapsed).item() == pytest.approx(1.0, abs=1e-5)
+    # scale-free: shrinking every change leaves it unchanged, so it cannot be met by changing less
+    mixed = torch.cat([base, base + torch.randn(3, 3, 4, 4)])
+    scaled = torch.cat([base, base + 0.01 * (mixed[1:] - base)])
+    assert basis_diversity_loss(scaled).item() == pytest.approx(basis_diversity_loss(mixed).item(), rel=1e-4)
+    leaf = collapsed.clone().requires_grad_(True)
+    basis_diversity_loss(leaf).backward()
+    assert leaf.grad.abs().sum() > 0
 
 
 def test_target_sampler_no_repeats_across_ranks_and_resumable():
@@ -197,7 +234,12 @@ def test_mode_seeking_term_pairs_faces_with_two_styles(tiny):
     summary = _run(_overrides(tiny, tiny["root"] / "div", max_steps=2, lambda_diversity=0.5))
     assert summary["finite"] and summary["losses"]["div"] > 0  # the synthesis step (step 0) used the pairs
     plain = _run(_overrides(tiny, tiny["root"] / "nodiv", max_steps=2, lambda_diversity=0.0))
-    assert "div" not in plain["losses"]
+    assert "div" not in plain["losses"] and "basis" not in plain["losses"]
+
+
+def test_basis_term_runs_on_synthesis_steps(tiny):
+    summary = _run(_overrides(tiny, tiny["root"] / "basis", max_steps=2, lambda_basis=1.0, lambda_diversity=0.5))
+    assert summary["finite"] and 0 < summary["losses"]["basis"] <= 1 and summary["losses"]["div"] > 0
 
 
 def test_clear_errors(tiny, tmp_path):

@@ -133,9 +133,12 @@ def seeds_needed(sd_diff: float, difference: float, alpha: float = ALPHA_POWER, 
     return None
 
 
-def paired_statistics(per_seed: dict[str, dict[int, float]], reference: str, resolve: float = 0.01) -> dict:
+def paired_statistics(per_seed: dict[str, dict[int, float]], reference: str, resolve: float = 0.01,
+                      bits: dict[str, dict[int, np.ndarray]] | None = None) -> dict:
     """Per method: mean, SE over seeds, and against ``reference`` on the seeds both ran: the mean paired difference,
-    its SE, the minimum detectable difference (80 % power, alpha 0.05) and the seeds needed to resolve ``resolve``."""
+    its SE, the minimum detectable difference (80 % power, alpha 0.05) and the seeds needed to resolve ``resolve``.
+    With ``bits`` (per-pair right/wrong of every run): ``pair_share``, the part of the variance of the paired
+    differences that the evaluation pairs alone explain (`pair_noise`; the rest is training noise)."""
     out = {}
     ref = per_seed.get(reference, {})
     for method, values in per_seed.items():
@@ -149,27 +152,56 @@ def paired_statistics(per_seed: dict[str, dict[int, float]], reference: str, res
             row.update(diff=d_mean, diff_se=d_se, diff_n=len(common),
                        detectable=detectable_difference(d_se, len(common)),
                        seeds_needed=seeds_needed(sd, resolve))
+            have = [s for s in common if bits and s in bits.get(method, {}) and s in bits.get(reference, {})]
+            if have and math.isfinite(sd) and sd > 0:
+                row["pair_share"] = pair_noise([bits[method][s] for s in have],
+                                               [bits[reference][s] for s in have]) / sd ** 2
         out[method] = row
     return out
 
 
 def verify(run: Path, targets: list[str], data: Path) -> dict[str, float]:
-    """10-fold accuracy of the run's model on each target; cached in RUN/verification.json (per target)."""
+    """10-fold accuracy of the run's model on each target, and which pairs it got right (the folds' thresholds):
+    cached in RUN/verification.json as {target: {"accuracy", "correct": "0110..."}}. The per-pair bits let
+    `pair_noise` separate the evaluation's own sampling noise (which pairs) from the training's (which seed)."""
     from eval.common import load_backbone
-    from eval.verification import evaluate_verification, load_bin
+    from eval.metrics import l2_normalize, verification_folds
+    from eval.verification import embed_images, load_bin
 
     cache_path = run / "verification.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
-    missing = [t for t in targets if t not in cache]
+    missing = [t for t in targets if not isinstance(cache.get(t), dict)]  # a bare number: written before the bits
     if missing:
         cfg = json.loads((run / "summary.json").read_text())["config"]
         backbone = load_backbone(run / "model.pt", cfg["network"], embedding_size=cfg["embedding_size"],
                                  device="cpu")
         for target in missing:
             images, issame = load_bin(data / f"{target}.bin")
-            cache[target] = evaluate_verification(backbone, images, issame, batch_size=128)["accuracy"]
+            emb = l2_normalize(embed_images(backbone, images, batch_size=128, flip=True))
+            folds = verification_folds(emb[0::2], emb[1::2], issame)
+            correct = np.zeros(len(issame), dtype=bool)
+            for test, threshold in zip(np.array_split(np.arange(len(issame)), len(folds["accuracies"])),
+                                       folds["thresholds"]):
+                correct[test] = (folds["dist"][test] < threshold) == np.asarray(issame, dtype=bool)[test]
+            cache[target] = {"accuracy": float(np.mean(folds["accuracies"])),
+                             "correct": "".join("1" if c else "0" for c in correct)}
         write_json(cache, cache_path)
-    return {t: cache[t] for t in targets}
+    return {t: cache[t]["accuracy"] for t in targets}
+
+
+def correct_bits(run: Path, target: str) -> np.ndarray | None:
+    """The per-pair right/wrong bits `verify` cached for ``target`` (None when not cached)."""
+    entry = json.loads((run / "verification.json").read_text()).get(target) if (run / "verification.json").is_file() \
+        else None
+    return np.frombuffer(entry["correct"].encode(), dtype=np.uint8) - ord("0") if isinstance(entry, dict) else None
+
+
+def pair_noise(bits_a: list[np.ndarray], bits_b: list[np.ndarray]) -> float:
+    """Variance of a paired accuracy difference that comes from the evaluation pairs alone: per seed, the difference
+    of two models on the same N pairs is a mean of N per-pair differences, variance var(per-pair diff) / N; averaged
+    over seeds. Compare with the variance of the differences across seeds (which also holds the training noise)."""
+    per_seed = [np.var(a.astype(np.float64) - b, ddof=1) / a.size for a, b in zip(bits_a, bits_b)]
+    return float(np.mean(per_seed)) if per_seed else float("nan")
 
 
 def plot(table: dict, targets: list[str], path: Path) -> None:
@@ -299,9 +331,9 @@ def main(argv=None) -> dict:
         ensure_toy_domains(data, args.domains, verbose=True)
     targets = [*TARGETS, *(f"toy_{d}" for d in args.domains)]
     runs: dict[str, dict[int, dict]] = {}
-    for method in args.methods:
-        config, extra = method_recipe(method)
-        for seed in args.seeds:
+    for seed in args.seeds:  # seed-major: a study stopped part-way leaves whole seeds, which pair
+        for method in args.methods:
+            config, extra = method_recipe(method)
             run = out / method / f"seed_{seed}"
             if not (run / "summary.json").is_file():
                 if args.only_finished:
@@ -335,7 +367,7 @@ def main(argv=None) -> dict:
     table: dict = {"seeds": seeds, "steps": args.steps or "config", "generator": str(gen),
                    "generator_target": generator_target, "targets": targets, "reference": args.reference,
                    "resolve_points": args.resolve,
-                   "methods": {}, "statistics": {}}
+                   "methods": {}, "statistics": {}, "controls": {}}
     for method, per_seed in runs.items():
         row = {"per_seed": per_seed}
         for target in targets:
@@ -345,10 +377,19 @@ def main(argv=None) -> dict:
         row["attack_gain"] = mean_se(gains) if gains else None
         row["style_norm"] = mean_se(norms) if norms else None
         table["methods"][method] = row
+    bits = {t: {m: {s: b for s in per_seed if (b := correct_bits(out / m / f"seed_{s}", t)) is not None}
+                for m, per_seed in runs.items()} for t in targets}
     for target in targets:
-        table["statistics"][target] = paired_statistics(
-            {m: {s: r[target] for s, r in per_seed.items()} for m, per_seed in runs.items()}, args.reference,
-            args.resolve / 100)
+        accuracy = {m: {s: r[target] for s, r in per_seed.items()} for m, per_seed in runs.items()}
+        table["statistics"][target] = paired_statistics(accuracy, args.reference, args.resolve / 100, bits[target])
+        # harder, not only farther: each adv_e<E>_k<K> against its own random-sign control, paired by seed
+        table["controls"].setdefault(target, {})
+        for method in runs:
+            control = "rand" + method[3:] if SWEEP_NAME.match(method) and method.startswith("adv") else None
+            if control in runs:
+                table["controls"][target][method] = paired_statistics(
+                    {method: accuracy[method], control: accuracy[control]}, control, args.resolve / 100,
+                    bits[target])[method] | {"control": control}
     if style_report is not None:
         table["style_report"] = {k: style_report[k] for k in (
             "id_distance_o0", "id_distance_by_magnitude", "magnitude_spearman", "recon_l1", "direction_effect",
