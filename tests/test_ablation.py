@@ -2,6 +2,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 
 from tools import ablation
@@ -56,6 +57,17 @@ def test_statistics_on_known_numbers():
     assert ablation.seeds_needed(float("nan"), 0.01) is None and ablation.detectable_difference(1.0, 1) != 1.0
 
 
+def test_pair_noise_on_known_bits():
+    # per-pair differences (0, 1, 0, 0): sample variance 0.25, over 4 pairs 0.0625; a second seed with none: 0
+    a, b = np.array([1, 1, 0, 0], np.uint8), np.array([1, 0, 0, 0], np.uint8)
+    assert ablation.pair_noise([a], [b]) == pytest.approx(0.0625)
+    assert ablation.pair_noise([a, a], [b, a]) == pytest.approx(0.03125)
+    per_seed = {"ref": {0: 0.5, 1: 0.6}, "m": {0: 0.75, 1: 0.6}}
+    stats = ablation.paired_statistics(per_seed, "ref", bits={"ref": {0: b, 1: a}, "m": {0: a, 1: a}})
+    sd2 = np.var([0.25, 0.0], ddof=1)
+    assert stats["m"]["pair_share"] == pytest.approx(0.03125 / sd2)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--epsilons", "0"], "--epsilons"), (["--ks", "0"], "--ks"), (["--seeds", "1", "1"], "--seeds"),
     (["--methods", "adv_k2"], "--methods"), (["--methods", "random", "random"], "--methods"),
@@ -80,10 +92,10 @@ def test_missing_inputs_are_named(tmp_path, mini_toy):
 @pytest.mark.slow
 def test_runs_and_tabulates(tmp_path, mini_toy, tiny_generator_file, capsys):
     args = ["--out", str(tmp_path / "abl"), "--generator", str(tiny_generator_file), "--data", str(mini_toy),
-            "--seeds", "0", "1", "--steps", "2", "--methods", "baseline", "random", "rand_e1_k1", "handcrafted",
+            "--seeds", "0", "1", "--steps", "2", "--methods", "baseline", "random", "rand_e1_k1", "adv_e1_k1", "handcrafted",
             "--domains", "motion", "--set", "network=r_tiny", "batch_size=16", "num_workers=0", "val_targets=[]"]
     table = ablation.main(args)
-    assert set(table["methods"]) == {"baseline", "random", "rand_e1_k1", "handcrafted"}
+    assert set(table["methods"]) == {"baseline", "random", "rand_e1_k1", "adv_e1_k1", "handcrafted"}
     assert table["targets"] == ["toy_clean", "toy_target", "toy_motion"]
     for row in table["methods"].values():
         assert set(row["per_seed"]) == {0, 1} and all(0 <= row[t][0] <= 1 for t in table["targets"])
@@ -100,6 +112,18 @@ def test_runs_and_tabulates(tmp_path, mini_toy, tiny_generator_file, capsys):
     assert "| rand_e1_k1 |" in (tmp_path / "abl" / "ablation.md").read_text()
     cached = json.loads((tmp_path / "abl" / "random" / "seed_0" / "verification.json").read_text())
     assert set(cached) == set(table["targets"])
+    for entry in cached.values():  # the per-pair bits are the 10-fold accuracy, pair by pair
+        bits = [int(c) for c in entry["correct"]]
+        assert len(bits) == 20 and sum(bits) / 20 == pytest.approx(entry["accuracy"], abs=1e-12)
+    # the adversarial search is paired with its own control, seed by seed
+    control = table["controls"]["toy_clean"]["adv_e1_k1"]
+    assert control["control"] == "rand_e1_k1" and control["diff_n"] == 2
+    assert control["diff"] == pytest.approx(sum(
+        table["methods"]["adv_e1_k1"]["per_seed"][s]["toy_clean"] - rand["per_seed"][s]["toy_clean"]
+        for s in (0, 1)) / 2)
+    shares = [row["pair_share"] for row in table["statistics"]["toy_clean"].values() if "pair_share" in row]
+    assert all(v >= 0 for v in shares)
+    assert "harder, not only farther" in (tmp_path / "abl" / "ablation.md").read_text()
     again = ablation.main([*args, "--only-finished"])  # nothing trains: the same numbers from the cache
     assert {m: r["per_seed"] for m, r in again["methods"].items()} == \
         {m: r["per_seed"] for m, r in table["methods"].items()}

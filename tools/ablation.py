@@ -243,18 +243,32 @@ def format_tables(table: dict, targets: list[str], reference: str) -> list[str]:
     """Markdown tables: accuracy mean +- SE, paired difference against the reference +- SE, detectable difference;
     then the attack gain and |o*| per method."""
     pct = lambda v: "-" if v is None or not math.isfinite(v) else f"{100 * v + 0.0:.2f}"  # noqa: E731
+    share = lambda row: f"{row['pair_share']:.2f}" if "pair_share" in row else "-"  # noqa: E731
     lines = []
     for target in targets:
         stats = table["statistics"][target]
         lines += [f"**{target}** (accuracy %, seeds {', '.join(map(str, table['seeds']))}; difference = method - "
                   f"{reference}, paired by seed)", "",
                   f"| method | mean | SE | diff vs ref | SE diff | detectable (80 %) | "
-                  f"seeds for {table.get('resolve_points', 1.0):g} pt |",
-                  "|---|---|---|---|---|---|---|"]
+                  f"seeds for {table.get('resolve_points', 1.0):g} pt | pairs' share of the variance |",
+                  "|---|---|---|---|---|---|---|---|"]
         for m, row in stats.items():
             lines.append(f"| {m} | {pct(row['mean'])} | {pct(row['se'])} | {pct(row.get('diff'))} | "
                          f"{pct(row.get('diff_se'))} | {pct(row.get('detectable'))} | "
-                         f"{row.get('seeds_needed') or '-'} |")
+                         f"{row.get('seeds_needed') or '-'} | {share(row)} |")
+        lines.append("")
+    controls = table.get("controls", {})
+    if any(controls.values()):
+        lines += ["**harder, not only farther**: each adversarial search minus its own random-sign control (same "
+                  "epsilon, k and alpha), paired by seed; accuracy points", "",
+                  "| method - control | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
+        for m in next(c for c in controls.values() if c):
+            cells = []
+            for target in targets:
+                row = controls[target].get(m)
+                cells.append("-" if row is None else f"{pct(row['diff'])} +- {pct(row['diff_se'])} "
+                             f"(det. {pct(row['detectable'])}, n {row['diff_n']})")
+            lines.append(f"| {m} - {controls[targets[0]][m]['control']} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["| method | attack gain (mean +- SE) | mean abs(o*) |", "|---|---|---|"]
     for m, row in table["methods"].items():
