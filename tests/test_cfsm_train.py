@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from cfsm.stage1 import BASIS_COEFFICIENT, BASIS_DIRECTIONS, append_basis_probes, basis_diversity_loss, \
+from cfsm.stage1 import BASIS_COEFFICIENT, BASIS_COS_MARGIN, BASIS_DIRECTIONS, append_basis_probes, basis_diversity_loss, \
     check_lambda_schedule, identity_loss, is_synthesis_step, lambda_id_at, lsgan_loss, mode_seeking_loss, \
     target_distance
 from cfsm.target_data import TargetBatchSampler, TargetFaceDataset, list_target_images
@@ -75,7 +75,7 @@ def test_basis_probes_are_the_first_face_at_zero_and_at_c_times_basis_vectors():
     assert inspect.signature(style_report).parameters["coefficient"].default == BASIS_COEFFICIENT
 
 
-def test_basis_diversity_loss_is_zero_for_orthogonal_changes_and_one_for_a_collapsed_basis():
+def test_basis_diversity_loss_is_zero_for_distinct_changes_and_largest_for_a_collapsed_basis():
     base = torch.randn(1, 3, 4, 4)
     orthogonal = torch.zeros(3, 3, 4, 4)
     for i in range(3):
@@ -83,9 +83,16 @@ def test_basis_diversity_loss_is_zero_for_orthogonal_changes_and_one_for_a_colla
     assert basis_diversity_loss(torch.cat([base, base + orthogonal])).item() == pytest.approx(0.0, abs=1e-6)
     change = torch.randn(1, 3, 4, 4)
     collapsed = torch.cat([base, base + change, base + 3 * change, base - change])  # one look, any sign or size
-    assert basis_diversity_loss(collapsed).item() == pytest.approx(1.0, abs=1e-5)
+    assert basis_diversity_loss(collapsed).item() == pytest.approx(1.0 - BASIS_COS_MARGIN ** 2, abs=1e-5)
+    # a floor, not a maximum: two changes with |cos| below the margin cost nothing
+    u, v = torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4)
+    u.view(-1)[0], v.view(-1)[0], v.view(-1)[1] = 1.0, 0.4, (1 - 0.4 ** 2) ** 0.5  # cos(u, v) = 0.4
+    assert basis_diversity_loss(torch.cat([base, base + u, base + v])).item() == 0.0
+    assert basis_diversity_loss(torch.cat([base, base + u, base + v]), margin=0.3).item() == pytest.approx(
+        0.4 ** 2 - 0.3 ** 2, abs=1e-6)
     # scale-free: shrinking every change leaves it unchanged, so it cannot be met by changing less
-    mixed = torch.cat([base, base + torch.randn(3, 3, 4, 4)])
+    mixed = torch.cat([base, base + change + 0.5 * torch.randn(3, 3, 4, 4)])  # alike, not identical
+    assert basis_diversity_loss(mixed).item() > 0.05
     scaled = torch.cat([base, base + 0.01 * (mixed[1:] - base)])
     assert basis_diversity_loss(scaled).item() == pytest.approx(basis_diversity_loss(mixed).item(), rel=1e-4)
     leaf = collapsed.clone().requires_grad_(True)

@@ -137,8 +137,10 @@ def paired_statistics(per_seed: dict[str, dict[int, float]], reference: str, res
                       bits: dict[str, dict[int, np.ndarray]] | None = None) -> dict:
     """Per method: mean, SE over seeds, and against ``reference`` on the seeds both ran: the mean paired difference,
     its SE, the minimum detectable difference (80 % power, alpha 0.05) and the seeds needed to resolve ``resolve``.
-    With ``bits`` (per-pair right/wrong of every run): ``pair_share``, the part of the variance of the paired
-    differences that the evaluation pairs alone explain (`pair_noise`; the rest is training noise)."""
+    With ``bits`` (per-pair right/wrong of every run): ``pair_share``, the part of the seed-to-seed variance of the
+    paired differences that pairs flipping between right and wrong explains (`pair_noise` / observed variance): the
+    part a larger pair set would remove (it shrinks as 1 / pairs); the rest is whole-model shifts that only more
+    seeds average out. An estimate: with few seeds the observed variance is itself noisy (the share can exceed 1)."""
     out = {}
     ref = per_seed.get(reference, {})
     for method, values in per_seed.items():
@@ -250,7 +252,7 @@ def format_tables(table: dict, targets: list[str], reference: str) -> list[str]:
         lines += [f"**{target}** (accuracy %, seeds {', '.join(map(str, table['seeds']))}; difference = method - "
                   f"{reference}, paired by seed)", "",
                   f"| method | mean | SE | diff vs ref | SE diff | detectable (80 %) | "
-                  f"seeds for {table.get('resolve_points', 1.0):g} pt | pairs' share of the variance |",
+                  f"seeds for {table.get('resolve_points', 1.0):g} pt | share more pairs would remove |",
                   "|---|---|---|---|---|---|---|---|"]
         for m, row in stats.items():
             lines.append(f"| {m} | {pct(row['mean'])} | {pct(row['se'])} | {pct(row.get('diff'))} | "
