@@ -95,6 +95,8 @@ def basis_diversity_loss(probes: torch.Tensor, margin: float = BASIS_COS_MARGIN)
     maximum: pushing all the way to orthogonal cost the identity-distance goal (docs/toy_results.md). Scale-free: it
     cannot be met by shrinking the changes."""
     changes = F.normalize((probes[1:] - probes[:1]).flatten(1).float(), dim=1)
+    if changes.shape[0] < 2:  # a one-dimensional style space has no pair of directions
+        return changes.sum() * 0.0
     gram = changes @ changes.t()
     off_diagonal = ~torch.eye(gram.shape[0], dtype=torch.bool, device=gram.device)
     return (gram[off_diagonal].pow(2) - float(margin) ** 2).clamp_min(0).mean()
