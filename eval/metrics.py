@@ -60,7 +60,8 @@ def _accuracy_per_threshold(dist: np.ndarray, same: np.ndarray, thresholds: np.n
 def verification_folds(
     emb_a: np.ndarray, emb_b: np.ndarray, issame: Sequence[bool] | np.ndarray, nfolds: int = 10
 ) -> dict[str, np.ndarray]:
-    """Per-fold details of :func:`verification_accuracy`: ``accuracies``, ``thresholds`` (chosen per fold), ``dist``."""
+    """Per-fold details of :func:`verification_accuracy`: ``accuracies``, ``thresholds`` (chosen per fold), ``dist``,
+    and ``correct`` (per pair: right under its fold's threshold; with equal folds its mean is the accuracy)."""
     a = np.asarray(emb_a)
     b = np.asarray(emb_b)
     same = np.asarray(issame).astype(bool).reshape(-1)
@@ -78,6 +79,7 @@ def verification_folds(
     folds = _contiguous_folds(same.size, nfolds)
     accs = np.zeros(nfolds, dtype=np.float64)
     best = np.zeros(nfolds, dtype=np.float64)
+    correct = np.zeros(same.size, dtype=bool)
     all_idx = np.arange(same.size)
     for i, test in enumerate(folds):
         train = np.setdiff1d(all_idx, test, assume_unique=True)
@@ -85,7 +87,8 @@ def verification_folds(
         j = int(np.argmax(acc_train))  # first maximum == smallest threshold among ties, like the reference
         best[i] = thresholds[j]
         accs[i] = _accuracy_per_threshold(dist[test], same[test], thresholds[j : j + 1])[0]
-    return {"accuracies": accs, "thresholds": best, "dist": dist}
+        correct[test] = (dist[test] < best[i]) == same[test]
+    return {"accuracies": accs, "thresholds": best, "dist": dist, "correct": correct}
 
 
 def verification_accuracy(

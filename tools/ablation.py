@@ -181,12 +181,8 @@ def verify(run: Path, targets: list[str], data: Path) -> dict[str, float]:
             images, issame = load_bin(data / f"{target}.bin")
             emb = l2_normalize(embed_images(backbone, images, batch_size=128, flip=True))
             folds = verification_folds(emb[0::2], emb[1::2], issame)
-            correct = np.zeros(len(issame), dtype=bool)
-            for test, threshold in zip(np.array_split(np.arange(len(issame)), len(folds["accuracies"])),
-                                       folds["thresholds"]):
-                correct[test] = (folds["dist"][test] < threshold) == np.asarray(issame, dtype=bool)[test]
             cache[target] = {"accuracy": float(np.mean(folds["accuracies"])),
-                             "correct": "".join("1" if c else "0" for c in correct)}
+                             "correct": "".join("1" if c else "0" for c in folds["correct"])}
         write_json(cache, cache_path)
     return {t: cache[t]["accuracy"] for t in targets}
 
