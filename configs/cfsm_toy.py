@@ -10,9 +10,8 @@ The toy recipe (measured by `tools/style_report.py`, docs/toy_results.md): the i
 encoder at half resolution (`gen_input_skip="half"`: the released architecture cannot reconstruct toy faces at o = 0
 in a few hundred steps, and half resolution starts the decoder at the target style's sharpness), reconstruction
 weighted 10x, styles sampled with |o| ~ U(0, 6) so the identity term (weight 15) has to make distance grow with |o|,
-a basis term so that the ten basis directions stay distinct variations on every seed (mode seeking, on random pairs
-of styles, kept them distinct on 2 of 3 seeds), a discriminator of width 16 (the released width 64 is ten times the
-toy generator), lr 1e-3.
+a mode-seeking term so that the basis directions stay distinct variations, a discriminator of width 16 (the released
+width 64 is ten times the toy generator), lr 1e-3.
 """
 from pathlib import Path
 
@@ -39,7 +38,7 @@ config.image_every = 60
 config.fp16 = False
 config.gen_lr = 1e-3                     # faster than the published 1e-4: the toy budget is a few hundred steps
 config.gen_input_skip = "half"           # the input at half resolution, added before tanh (docs/toy_results.md)
-config.lambda_basis = 1.0                # without it every direction drifts to one look (distinctness 0.19; docs/toy_results.md)
+config.lambda_diversity = 0.05           # mode seeking: without it every direction drifts to one look (distinctness 0.19)
 config.lambda_rec = 10.0                 # o = 0 must give the input back (identity distance at o = 0 <= 0.15)
 config.style_sampling = "uniform_magnitude"  # |o| ~ U(0, 6): the identity target d*(|o|) spans its range each batch
 config.dis_dim = 16                      # the released width 64 is a 8.3M-parameter D against a 0.85M toy G
