@@ -199,7 +199,10 @@ def test_ctrl_c_is_one_line_naming_the_step_checkpoint_and_command(mini_toy, tmp
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "train.py", *_tiny(mini_toy, out, "save_every=2", "max_steps=1000",
                                                                "num_epoch=200")],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a shell's background job inherits SIGINT ignored (and Python then keeps it so): a
+                            # suite started with `&` would see the run finish with 0; Ctrl-C reaches a foreground one
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in proc.stdout:
             if "step 5/" in line:
