@@ -25,7 +25,7 @@ from cfsm import Generator, MultiDiscriminator
 from cfsm.loading import check_stage1_files, init_generator_from_file, load_identity_network, \
     stage1_generator_config
 from cfsm.stage1 import STYLE_SAMPLINGS, check_lambda_schedule, identity_loss, is_synthesis_step, lambda_id_at, \
-    append_basis_probes, basis_diversity_loss, lsgan_loss, mode_seeking_loss, sample_style, split_outputs, \
+    append_basis_probes, basis_diversity_loss, lr_at, lsgan_loss, mode_seeking_loss, sample_style, split_outputs, \
     target_distance
 from cfsm.style_report import report_from_datasets, report_scalars
 from cfsm.target_data import TargetBatchSampler, TargetFaceDataset
@@ -274,11 +274,14 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
         latest, result = {}, None  # newest value of every loss (synthesis and reconstruction steps alternate)
         for epoch, batch in run.step_batches(loader, step, open_epoch):
             lambda_id = lambda_id_at(cfg.lambda_id_schedule, epoch)
+            lr = lr_at(step, run.plan.stop_step, cfg.gen_lr, cfg.gen_lr_decay)
+            for group in (*nets.opt_g.param_groups, *nets.opt_d.param_groups):
+                group["lr"] = lr
             result = train_step(batch, step, lambda_id)
             latest.update(result.losses)
             step += 1
             run.check_finite(step, result.finite, {"loss D": latest["d"], "loss G": latest["g"]})
-            run.log_progress(step, epoch, {"lambda_id": lambda_id, **{f"loss_{k}": v for k, v in latest.items()}})
+            run.log_progress(step, epoch, {"lambda_id": lambda_id, "gen_lr": lr, **{f"loss_{k}": v for k, v in latest.items()}})
             if run.image_due(step):
                 run.writer.add_image("stage1/source_synth_target", samples_grid(G, result, step), step,
                                      dataformats="HWC")

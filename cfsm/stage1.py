@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 __all__ = ["lambda_id_at", "check_lambda_schedule", "target_distance", "identity_loss", "lsgan_loss",
            "mode_seeking_loss", "append_basis_probes", "basis_diversity_loss", "BASIS_COEFFICIENT",
-           "BASIS_DIRECTIONS", "BASIS_COS_MARGIN", "split_outputs", "is_synthesis_step", "sample_style", "STYLE_SAMPLINGS"]
+           "BASIS_DIRECTIONS", "BASIS_COS_MARGIN", "split_outputs", "is_synthesis_step", "sample_style", "STYLE_SAMPLINGS",
+           "lr_at"]
 
 STYLE_SAMPLINGS = ("gaussian", "uniform_magnitude")
 BASIS_COEFFICIENT = 3.0  # c of the basis probes: the style report measures each direction e_i at the same c * e_i
@@ -47,6 +48,19 @@ def lambda_id_at(schedule: Sequence, epoch: int) -> float:
         if epoch >= start:
             value = lam
     return float(value)  # epoch >= 0 always matches the first entry
+
+
+def lr_at(step: int, stop_step: int, base_lr: float, decay: float) -> float:
+    """The G and D learning rate of iteration ``step`` (0-based) in a run that stops at ``stop_step``: ``base_lr``,
+    then falling linearly to 0 over the last ``decay`` share of the steps (``gen_lr_decay``; 0 = constant, as CFSM).
+    Why: the generator a short run writes is a snapshot of a noisy GAN trajectory (batch 8 on the toy); letting the
+    steps shrink at the end settles it instead of leaving it wherever the last few batches pushed it."""
+    if decay <= 0 or stop_step <= 0:
+        return float(base_lr)
+    start = stop_step * (1.0 - float(decay))
+    if step < start:
+        return float(base_lr)
+    return float(base_lr) * max(0.0, (stop_step - step) / (stop_step - start))
 
 
 def target_distance(style: torch.Tensor, distance_range: Sequence[float]) -> torch.Tensor:

@@ -151,6 +151,7 @@ NUMERIC_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "gen_latent_dim": _range(1),
     "gen_style_dim": _range(1),
     "gen_lr": _range(0, low_open=True),
+    "gen_lr_decay": _range(0, 1, high_open=True, note="the share of the run over which lr falls to 0"),
     "gen_betas": (lambda v: _numbers(v, 2) and all(0 <= b < 1 for b in v), "must be two numbers in [0, 1)"),
     "lambda_id_schedule": (lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(
         _numbers(item, 2) and item[0] >= 0 and item[1] >= 0 for item in v),

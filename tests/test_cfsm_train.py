@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cfsm.stage1 import BASIS_COEFFICIENT, BASIS_COS_MARGIN, BASIS_DIRECTIONS, append_basis_probes, basis_diversity_loss, \
-    check_lambda_schedule, identity_loss, is_synthesis_step, lambda_id_at, lsgan_loss, mode_seeking_loss, \
+    check_lambda_schedule, identity_loss, is_synthesis_step, lambda_id_at, lr_at, lsgan_loss, mode_seeking_loss, \
     target_distance
 from cfsm.target_data import TargetBatchSampler, TargetFaceDataset, list_target_images
 
@@ -27,6 +27,14 @@ def test_published_lambda_schedule():
     for bad in ([(1, 8.0)], [(0, 8.0), (0, 5.0)], [(0, -1.0)], [], [(0,)]):
         with pytest.raises(ValueError, match="lambda_id_schedule"):
             check_lambda_schedule(bad)
+
+
+def test_lr_is_constant_then_falls_linearly_over_the_last_share_of_the_run():
+    assert [lr_at(s, 400, 1e-3, 0.0) for s in (0, 399)] == [1e-3, 1e-3]  # 0: constant, as CFSM
+    lrs = [lr_at(s, 400, 1e-3, 0.25) for s in range(400)]
+    assert lrs[:301] == [1e-3] * 301  # the first 75 % at the base lr
+    assert lrs[350] == pytest.approx(0.5e-3) and lrs[399] == pytest.approx(1e-3 / 100)
+    assert all(b < a for a, b in zip(lrs[300:], lrs[301:]))  # then strictly down towards 0 at the stop step
 
 
 def test_target_distance_and_losses():
@@ -231,6 +239,21 @@ def test_steps_checkpoint_and_exact_resume(tiny):
     _run(_overrides(tiny, tuned, max_steps=1, init_generator=straight / "generator.pth"))
     start = torch.load(tuned / "generator.pth", weights_only=True)["G_state_dict"]["pca.U"]
     assert (start - final["G_state_dict"]["pca.U"]).abs().max() < 1e-2  # one Adam step of 1e-4 away
+
+
+def test_lr_decay_follows_the_step_and_survives_a_resume(tiny):
+    straight = _run(_overrides(tiny, tiny["root"] / "decay", max_steps=4, gen_lr=1e-3, gen_lr_decay=0.5))
+    log = (tiny["root"] / "decay" / "cfsm_train.log").read_text()
+    assert "step 2/4 epoch 0 lambda_id 8 gen_lr 0.001 " in log and "step 4/4 epoch 0 lambda_id 8 gen_lr 0.0005 " in log
+    final = torch.load(tiny["root"] / "decay" / "generator.pth", weights_only=True)
+    assert [g["lr"] for g in final["optimizerG_state_dict"]["param_groups"]] == [0.0005]  # the last step's
+    _run(_overrides(tiny, tiny["root"] / "decay_parted", max_steps=2, gen_lr=1e-3, gen_lr_decay=0.5))
+    # (its 2 steps ran at 1e-3, as the straight run's first 2); the resumed half decays as the straight run did: lr
+    # comes from the step and the stop step, not from the saved optimizer (whose lr is the configured one)
+    resumed = _run(_overrides(tiny, tiny["root"] / "decay_parted", max_steps=4, gen_lr=1e-3, gen_lr_decay=0.5))
+    assert resumed["losses"] == straight["losses"]
+    again = torch.load(tiny["root"] / "decay_parted" / "generator.pth", weights_only=True)
+    assert all(torch.equal(t, again["G_state_dict"][k]) for k, t in final["G_state_dict"].items())
 
 
 def test_bf16_steps_finite(tiny):
