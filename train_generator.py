@@ -281,7 +281,8 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
             latest.update(result.losses)
             step += 1
             run.check_finite(step, result.finite, {"loss D": latest["d"], "loss G": latest["g"]})
-            run.log_progress(step, epoch, {"lambda_id": lambda_id, "gen_lr": lr, **{f"loss_{k}": v for k, v in latest.items()}})
+            run.log_progress(step, epoch, {"lambda_id": lambda_id, "gen_lr": lr,
+                                           **{f"loss_{k}": v for k, v in latest.items()}})
             if run.image_due(step):
                 run.writer.add_image("stage1/source_synth_target", samples_grid(G, result, step), step,
                                      dataformats="HWC")

@@ -106,7 +106,7 @@ config.gen_input_skip = "none"           # none (released) | color | image: inpu
 config.init_generator = None             # start stage 1 from this generator file (shared origin => comparable bases)
 config.gen_lr = 1e-4                     # Adam lr of generator and discriminator
 config.gen_betas = (0.5, 0.999)          # Adam betas
-config.gen_lr_decay = 0.0                # 0 = constant lr (CFSM); f = lr falls linearly to 0 over the last f of the run's steps
+config.gen_lr_decay = 0.0                # 0 = constant (CFSM); f = lr falls linearly to 0 over the run's last f
 config.lambda_id_schedule = [(0, 8.0), (5, 5.0), (8, 2.0)]  # (start_epoch, lambda_id) steps of the identity loss
 config.id_distance_range = (0.0, 6.0, 0.05, 0.65)  # (la, ua, lm, um): target distance d* grows with |o|
 config.lambda_rec = 1.0                  # weight of the L1 reconstruction at o = 0 (odd iterations)

@@ -31,8 +31,8 @@ _RUN_CONTROL = ("output", "config_name", "resume", "device", "dist_timeout_s", "
 STAGE1_KEYS: tuple[str, ...] = (
     "target", "id_network", "id_model", "id_embedding_size", "gen_dim", "gen_n_downsample", "gen_n_residual",
     "gen_latent_dim", "gen_style_dim", "gen_input_skip", "init_generator", "gen_lr", "gen_lr_decay",
-    "gen_betas", "lambda_id_schedule", "id_distance_range", "lambda_rec", "lambda_diversity", "lambda_basis", "style_sampling",
-    "dis_dim", "style_report_faces")
+    "gen_betas", "lambda_id_schedule", "id_distance_range", "lambda_rec", "lambda_diversity", "lambda_basis",
+    "style_sampling", "dis_dim", "style_report_faces")
 STAGE2_KEYS: tuple[str, ...] = (
     "network", "embedding_size", "dropout", "use_checkpoint", "channels_last", "loss", "s", "m", "margin_list",
     "adaface_h", "adaface_t_alpha", "sample_rate", "optimizer", "lr", "momentum", "weight_decay",
