@@ -185,7 +185,8 @@ def _overrides(tiny: dict, output: Path, **extra) -> list[str]:
                 id_model=tiny["id_model"], id_network="r_tiny", id_embedding_size=32, gen_dim=4, gen_latent_dim=16,
                 gen_style_dim=4, batch_size=4, num_epoch=2, max_steps=0, num_workers=0, tensorboard=False,
                 image_every=0, save_every=0, frequent=1, output=output, seed=3,
-                lambda_id_schedule="[(0, 8.0), (1, 2.0)]")
+                lambda_id_schedule="[(0, 8.0), (1, 2.0)]",
+                gen_lr_decay=0.0)  # a decay spans the run's steps: raising max_steps on a resume moves it (test below)
     keys.update(extra)
     return [f"{k}={v}" for k, v in keys.items()]
 
