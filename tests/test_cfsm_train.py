@@ -304,7 +304,8 @@ def test_two_process_gloo(tiny):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a script path at the repo root: no PYTHONPATH needed
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_generator.py",
-           "configs/cfsm_toy", *_overrides(tiny, out, max_steps=2, device="cpu", batch_size=2)]
+           "configs/cfsm_toy", *_overrides(tiny, out, max_steps=2, device="cpu", batch_size=2, gen_lr=1e-3,
+                                             gen_lr_decay=0.75)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     step_dir = out / "checkpoints" / "step_00000002"
@@ -312,6 +313,9 @@ def test_two_process_gloo(tiny):
     rank1 = torch.load(step_dir / "rank_1.pt", weights_only=True)
     assert {"G_state_dict", "optimizerG_state_dict", "step", "rng"} <= set(rank1)  # full state on every rank:
     # with one output folder per node, each node resumes from its own files
+    rank0 = torch.load(step_dir / "rank_0.pt", weights_only=True)
+    for state in (rank0, rank1):  # the decayed lr of step 1 (of 2, decay from 0.5), the same on both ranks
+        assert [g["lr"] for g in state["optimizerG_state_dict"]["param_groups"]] == [pytest.approx(1e-3 / 1.5)]
     from cfsm import load_generator
 
     load_generator(out / "generator.pth")
