@@ -159,7 +159,7 @@ def make_train_step(cfg: EasyDict, env: DistEnv, G: torch.nn.Module, D: torch.nn
                 loss_g = loss_g + cfg.lambda_diversity * loss_div
                 losses["div"] = loss_div.detach()
             if basis:
-                loss_basis = basis_diversity_loss(fake[first_probe:])
+                loss_basis = basis_diversity_loss(fake[first_probe:], cfg.basis_cos_margin)
                 loss_g = loss_g + cfg.lambda_basis * loss_basis
                 losses["basis"] = loss_basis.detach()
         else:

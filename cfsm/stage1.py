@@ -16,13 +16,12 @@ import torch.nn.functional as F
 
 __all__ = ["lambda_id_at", "check_lambda_schedule", "target_distance", "identity_loss", "lsgan_loss",
            "mode_seeking_loss", "append_basis_probes", "basis_diversity_loss", "BASIS_COEFFICIENT",
-           "BASIS_DIRECTIONS", "BASIS_COS_MARGIN", "split_outputs", "is_synthesis_step", "sample_style", "STYLE_SAMPLINGS",
+           "BASIS_DIRECTIONS", "split_outputs", "is_synthesis_step", "sample_style", "STYLE_SAMPLINGS",
            "lr_at"]
 
 STYLE_SAMPLINGS = ("gaussian", "uniform_magnitude")
 BASIS_COEFFICIENT = 3.0  # c of the basis probes: the style report measures each direction e_i at the same c * e_i
 BASIS_DIRECTIONS = 4     # basis vectors probed per synthesis iteration (6 pairs; all 45 pairs of 10 are met in ~40)
-BASIS_COS_MARGIN = 0.5   # |cos| between two directions' changes above which the basis term pushes them apart
 
 
 def check_lambda_schedule(schedule: Sequence, key: str = "lambda_id_schedule") -> list[tuple[int, float]]:
@@ -101,9 +100,9 @@ def append_basis_probes(sources: torch.Tensor, style: torch.Tensor, rng: torch.G
     return torch.cat([sources, faces]), torch.cat([style, probe.to(style)])
 
 
-def basis_diversity_loss(probes: torch.Tensor, margin: float = BASIS_COS_MARGIN) -> torch.Tensor:
+def basis_diversity_loss(probes: torch.Tensor, margin: float) -> torch.Tensor:
     """Mean over pairs i != j of max(0, cos^2(d_i, d_j) - margin^2), d_i = G(x, c e_i) - G(x, 0); ``probes`` =
-    [G(x, 0), G(x, c e_i), ...] (the rows `append_basis_probes` added). Zero once every two basis vectors change
+    [G(x, 0), G(x, c e_i), ...] (the rows `append_basis_probes` added); ``margin`` = ``basis_cos_margin``. Zero once every two basis vectors change
     the face in ways at most ``margin`` alike (|cos| <= margin). Unlike mode seeking (random pairs of styles), it
     acts on the basis itself, which is what collapses: the ten directions drifting to one look. A floor, not a
     maximum: pushing all the way to orthogonal cost the identity-distance goal (docs/toy_results.md). Scale-free: it

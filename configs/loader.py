@@ -160,6 +160,7 @@ NUMERIC_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lambda_rec": _range(0, note="weight of the reconstruction loss"),
     "lambda_diversity": _range(0, note="weight of the mode-seeking term"),
     "lambda_basis": _range(0, note="weight of the basis term"),
+    "basis_cos_margin": _range(0, 1, high_open=True, note="a |cos| below 1"),
     "dis_dim": _range(1),
     "style_report_faces": _range(0, note="0 = no style report"),
     "degrade_resize_prob": _range(0, 1, note="a probability"),

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from cfsm.stage1 import BASIS_COEFFICIENT, BASIS_COS_MARGIN, BASIS_DIRECTIONS, append_basis_probes, basis_diversity_loss, \
+from cfsm.stage1 import BASIS_COEFFICIENT, BASIS_DIRECTIONS, append_basis_probes, basis_diversity_loss, \
     check_lambda_schedule, identity_loss, is_synthesis_step, lambda_id_at, lr_at, lsgan_loss, mode_seeking_loss, \
     target_distance
 from cfsm.target_data import TargetBatchSampler, TargetFaceDataset, list_target_images
@@ -88,24 +88,25 @@ def test_basis_diversity_loss_is_zero_for_distinct_changes_and_largest_for_a_col
     orthogonal = torch.zeros(3, 3, 4, 4)
     for i in range(3):
         orthogonal.view(3, -1)[i, i] = 2.0 + i  # disjoint pixels: orthogonal whatever the sizes
-    assert basis_diversity_loss(torch.cat([base, base + orthogonal])).item() == pytest.approx(0.0, abs=1e-6)
+    assert basis_diversity_loss(torch.cat([base, base + orthogonal]), 0.5).item() == pytest.approx(0.0, abs=1e-6)
     change = torch.randn(1, 3, 4, 4)
     collapsed = torch.cat([base, base + change, base + 3 * change, base - change])  # one look, any sign or size
-    assert basis_diversity_loss(collapsed).item() == pytest.approx(1.0 - BASIS_COS_MARGIN ** 2, abs=1e-5)
+    assert basis_diversity_loss(collapsed, 0.5).item() == pytest.approx(1.0 - 0.5 ** 2, abs=1e-5)
+    assert basis_diversity_loss(collapsed, 0.8).item() == pytest.approx(1.0 - 0.8 ** 2, abs=1e-5)
     # a floor, not a maximum: two changes with |cos| below the margin cost nothing
     u, v = torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4)
     u.view(-1)[0], v.view(-1)[0], v.view(-1)[1] = 1.0, 0.4, (1 - 0.4 ** 2) ** 0.5  # cos(u, v) = 0.4
-    assert basis_diversity_loss(torch.cat([base, base + u, base + v])).item() == 0.0
+    assert basis_diversity_loss(torch.cat([base, base + u, base + v]), 0.5).item() == 0.0
     assert basis_diversity_loss(torch.cat([base, base + u, base + v]), margin=0.3).item() == pytest.approx(
         0.4 ** 2 - 0.3 ** 2, abs=1e-6)
     # scale-free: shrinking every change leaves it unchanged, so it cannot be met by changing less
     mixed = torch.cat([base, base + change + 0.5 * torch.randn(3, 3, 4, 4)])  # alike, not identical
-    assert basis_diversity_loss(mixed).item() > 0.05
+    assert basis_diversity_loss(mixed, 0.5).item() > 0.05
     scaled = torch.cat([base, base + 0.01 * (mixed[1:] - base)])
-    assert basis_diversity_loss(scaled).item() == pytest.approx(basis_diversity_loss(mixed).item(), rel=1e-4)
-    assert basis_diversity_loss(collapsed[:2]).item() == 0.0  # one direction: no pair
+    assert basis_diversity_loss(scaled, 0.5).item() == pytest.approx(basis_diversity_loss(mixed, 0.5).item(), rel=1e-4)
+    assert basis_diversity_loss(collapsed[:2], 0.5).item() == 0.0  # one direction: no pair
     leaf = collapsed.clone().requires_grad_(True)
-    basis_diversity_loss(leaf).backward()
+    basis_diversity_loss(leaf, 0.5).backward()
     assert leaf.grad.abs().sum() > 0
 
 
@@ -270,8 +271,9 @@ def test_mode_seeking_term_pairs_faces_with_two_styles(tiny):
 
 
 def test_basis_term_runs_on_synthesis_steps(tiny):
-    summary = _run(_overrides(tiny, tiny["root"] / "basis", max_steps=2, lambda_basis=1.0, lambda_diversity=0.5))
-    assert summary["finite"] and 0 <= summary["losses"]["basis"] <= 1 - BASIS_COS_MARGIN ** 2  # present: it ran
+    summary = _run(_overrides(tiny, tiny["root"] / "basis", max_steps=2, lambda_basis=1.0, lambda_diversity=0.5,
+                              basis_cos_margin=0.9))
+    assert summary["finite"] and 0 <= summary["losses"]["basis"] <= 1 - 0.9 ** 2  # present, under the set margin
     assert summary["losses"]["div"] > 0
 
 

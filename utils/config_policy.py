@@ -32,7 +32,7 @@ STAGE1_KEYS: tuple[str, ...] = (
     "target", "id_network", "id_model", "id_embedding_size", "gen_dim", "gen_n_downsample", "gen_n_residual",
     "gen_latent_dim", "gen_style_dim", "gen_input_skip", "init_generator", "gen_lr", "gen_lr_decay",
     "gen_betas", "lambda_id_schedule", "id_distance_range", "lambda_rec", "lambda_diversity", "lambda_basis",
-    "style_sampling", "dis_dim", "style_report_faces")
+    "basis_cos_margin", "style_sampling", "dis_dim", "style_report_faces")
 STAGE2_KEYS: tuple[str, ...] = (
     "network", "embedding_size", "dropout", "use_checkpoint", "channels_last", "loss", "s", "m", "margin_list",
     "adaface_h", "adaface_t_alpha", "sample_rate", "optimizer", "lr", "momentum", "weight_decay",
@@ -57,7 +57,8 @@ CONFIG_POLICY: dict[str, ConfigPolicy] = {
                 "dis_dim", "id_network", "id_embedding_size", "batch_size", "world_size", "num_classes", "num_image",
                 "fp16", "seed"),
         apply=("gen_lr", "gen_lr_decay", "gen_betas", "num_epoch", "lambda_id_schedule", "id_distance_range",
-               "lambda_rec", "lambda_diversity", "lambda_basis", "style_sampling", "id_model", "target", "rec", "bf16"),
+               "lambda_rec", "lambda_diversity", "lambda_basis", "basis_cos_margin", "style_sampling", "id_model", "target",
+               "rec", "bf16"),
         free=(*_RUN_CONTROL, "init_generator", "style_report_faces", *STAGE2_KEYS),
         init_key="init_generator"),
 }
