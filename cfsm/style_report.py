@@ -9,6 +9,8 @@ On clean faces x and an identity network f (the stage-1 identity network):
 * ``direction_effect``: mean over basis vectors e_i of mean ``|G(x, c e_i) - G(x, 0)|`` (c = 3);
 * ``direction_distinctness``: mean over pairs i<j of mean ``|d_i - d_j|`` / mean_i mean ``|d_i|``,
   d_i = ``G(x, c e_i) - G(x, 0)``;
+* ``direction_abs_cos`` (reported, not a goal): mean over faces and pairs i<j of ``|cos(d_i, d_j)|``. Distinctness
+  also counts directions that make one change at different strengths; near 1 here means they do;
 * ``sharpness``: mean log variance of the Laplacian of the grey image (0..255) of clean faces, real target faces
   and ``G(x, o ~ N(0, I))``.
 
@@ -93,7 +95,7 @@ def style_report(generator, id_net: Callable[[torch.Tensor], torch.Tensor], face
     random_styles = torch.randn(n, dim, generator=rng)
 
     dist = torch.zeros(n, len(magnitudes), directions)
-    recon_err, effects, pair_diffs = [], torch.zeros(dim), torch.zeros(dim, dim)
+    recon_err, effects, pair_diffs, pair_cos = [], torch.zeros(dim), torch.zeros(dim, dim), torch.zeros(dim, dim)
     synth_random = []
     for lo in range(0, n, batch_size):
         x = faces[lo:lo + batch_size].to(device).float()
@@ -116,10 +118,12 @@ def style_report(generator, id_net: Callable[[torch.Tensor], torch.Tensor], face
             effects[i] += deltas[i].abs().mean(dim=(1, 2, 3)).sum()
             for k in range(i + 1, dim):
                 pair_diffs[i, k] += (deltas[i] - deltas[k]).abs().mean(dim=(1, 2, 3)).sum()
+                pair_cos[i, k] += F.cosine_similarity(deltas[i].flatten(1), deltas[k].flatten(1), dim=1).abs().sum()
         synth_random.append(generator.decode(content, random_styles[lo:lo + b].to(device)).float().cpu())
 
     effects /= n
     pair_diffs /= n
+    pair_cos /= n
     mean_effect = float(effects.mean())
     pairs = [float(pair_diffs[i, k]) for i in range(dim) for k in range(i + 1, dim)]
     distinct = float(np.mean(pairs)) / mean_effect if pairs and mean_effect > 0 else float("nan")
@@ -144,6 +148,8 @@ def style_report(generator, id_net: Callable[[torch.Tensor], torch.Tensor], face
         "direction_effect": mean_effect,
         "direction_effect_by_basis": [float(v) for v in effects],
         "direction_distinctness": distinct,
+        "direction_abs_cos": float(np.mean([float(pair_cos[i, k]) for i in range(dim) for k in range(i + 1, dim)]))
+        if dim > 1 else float("nan"),
         "sharpness": sharp,
     }
     gap = abs(sharp["clean"] - sharp["target"])
@@ -183,7 +189,8 @@ def _nan(value) -> bool:
 def report_scalars(report: dict) -> dict[str, float]:
     """The report's headline numbers as flat ``name -> float`` (for TensorBoard / summaries)."""
     out = {k: float(report[k]) for k in ("id_distance_o0", "distance_vs_target", "magnitude_spearman", "recon_l1",
-                                          "direction_effect", "direction_distinctness", "sharpness_gap_fraction")}
+                                          "direction_effect", "direction_distinctness", "direction_abs_cos",
+                                          "sharpness_gap_fraction")}
     out.update({f"sharpness_{k}": float(v) for k, v in report["sharpness"].items()})
     out["goals_met"] = float(sum(g["met"] for g in report["goals"].values()))
     return out

@@ -65,6 +65,18 @@ def test_report_separates_a_controllable_generator_from_an_inert_one():
     json.dumps(good)
 
 
+def test_direction_abs_cos_tells_one_change_at_three_strengths_from_three_changes():
+    faces, targets = _faces(), _faces(3) * 0.5
+    one_look = _StyleShift(strength=0.02)
+    with torch.no_grad():  # basis i = (i + 1) x one colour pattern: distinct strengths, the same change
+        one_look.pattern.copy_(torch.arange(1.0, 4.0)[:, None, None, None] * one_look.pattern[:1])
+    same = style_report(one_look, _Pixels(), faces, targets, directions=2)
+    varied = style_report(_StyleShift(strength=0.02), _Pixels(), faces, targets, directions=2)
+    assert same["direction_distinctness"] > 0.5  # the distinctness goal alone is met by strengths
+    assert same["direction_abs_cos"] == pytest.approx(1.0, abs=1e-3)
+    assert varied["direction_abs_cos"] < 0.9
+
+
 def test_sample_style_uniform_magnitude_spreads_norms():
     rng = torch.Generator().manual_seed(0)
     gauss = sample_style(4000, 10, rng, "gaussian").norm(dim=1)

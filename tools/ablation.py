@@ -405,7 +405,7 @@ def main(argv=None) -> dict:
     if style_report is not None:
         table["style_report"] = {k: style_report[k] for k in (
             "id_distance_o0", "id_distance_by_magnitude", "magnitude_spearman", "recon_l1", "direction_effect",
-            "direction_distinctness", "sharpness", "goals_met") if k in style_report}
+            "direction_distinctness", "direction_abs_cos", "sharpness", "goals_met") if k in style_report}
     write_json(table, out / "ablation.json")  # atomic: a stopped run never leaves half a table
     lines = [f"seeds {seeds}, steps {table['steps']}, generator {gen} (stage-1 target: {generator_target}); "
              f"SE = standard error over seeds; detectable = paired difference found with 80 % power at alpha 0.05",
@@ -414,7 +414,8 @@ def main(argv=None) -> dict:
         r = style_report
         lines.append(f"\ngenerator: recon_l1 {r['recon_l1']:.3f}, id distance at o=0 {r['id_distance_o0']:.3f}, "
                      f"Spearman {r['magnitude_spearman']:.2f}, direction effect {r['direction_effect']:.3f}, "
-                     f"distinctness {r['direction_distinctness']:.2f}")
+                     f"distinctness {r['direction_distinctness']:.2f}"
+                     + (f" (|cos| {r['direction_abs_cos']:.2f})" if "direction_abs_cos" in r else ""))
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
     plot(table, targets, out / "ablation.png")
     print("\n".join(lines) + f"\n\ntables: {out / 'ablation.md'}, plot: {out / 'ablation.png'}, "
