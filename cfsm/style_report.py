@@ -125,7 +125,8 @@ def style_report(generator, id_net: Callable[[torch.Tensor], torch.Tensor], face
     pair_diffs /= n
     pair_cos /= n
     mean_effect = float(effects.mean())
-    pairs = [float(pair_diffs[i, k]) for i in range(dim) for k in range(i + 1, dim)]
+    upper = tuple(torch.triu_indices(dim, dim, offset=1))  # the pairs i < k
+    pairs, pair_abs_cos = pair_diffs[upper].tolist(), pair_cos[upper].tolist()
     distinct = float(np.mean(pairs)) / mean_effect if pairs and mean_effect > 0 else float("nan")
     by_mag = dist.mean(dim=(0, 2))
     targets = [_target_distance(float(m), distance_range) for m in magnitudes]
@@ -148,8 +149,7 @@ def style_report(generator, id_net: Callable[[torch.Tensor], torch.Tensor], face
         "direction_effect": mean_effect,
         "direction_effect_by_basis": [float(v) for v in effects],
         "direction_distinctness": distinct,
-        "direction_abs_cos": float(np.mean([float(pair_cos[i, k]) for i in range(dim) for k in range(i + 1, dim)]))
-        if dim > 1 else float("nan"),
+        "direction_abs_cos": float(np.mean(pair_abs_cos)) if pair_abs_cos else float("nan"),
         "sharpness": sharp,
     }
     gap = abs(sharp["clean"] - sharp["target"])

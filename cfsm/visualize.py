@@ -183,8 +183,8 @@ def style_report_figure(report: dict, samples: np.ndarray, path: str | Path) -> 
     ax.axhline(GOALS["direction_effect_min"], color="k", ls="--", lw=1, label="goal")
     ax.set_ylabel(f"mean |G(x, {report['coefficient']:g} e_i) - G(x, 0)|")
     s = report["sharpness"]
-    ax.set_title(f"distinctness {report['direction_distinctness']:.2f} (|cos| {report['direction_abs_cos']:.2f}); sharpness clean {s['clean']:.2f} "
-                 f"target {s['target']:.2f} synth {s['synth']:.2f}", fontsize=9)
+    ax.set_title(f"distinctness {report['direction_distinctness']:.2f} (|cos| {report['direction_abs_cos']:.2f}); "
+                 f"sharpness clean {s['clean']:.2f} target {s['target']:.2f} synth {s['synth']:.2f}", fontsize=9)
     ax.legend(fontsize=8)
     ax = fig.add_subplot(grid[1, :])
     ax.imshow(samples)

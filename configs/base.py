@@ -111,8 +111,8 @@ config.lambda_id_schedule = [(0, 8.0), (5, 5.0), (8, 2.0)]  # (start_epoch, lamb
 config.id_distance_range = (0.0, 6.0, 0.05, 0.65)  # (la, ua, lm, um): target distance d* grows with |o|
 config.lambda_rec = 1.0                  # weight of the L1 reconstruction at o = 0 (odd iterations)
 config.lambda_diversity = 0.0            # weight of a mode-seeking term on synthesis iterations (0 = off, as CFSM)
-config.lambda_basis = 0.0                # weight of the basis term: changes of c*e_i kept at |cos| <= basis_cos_margin (0 = off, as CFSM)
-config.basis_cos_margin = 0.5            # |cos| between two basis directions' changes above which the basis term acts
+config.lambda_basis = 0.0                # weight of the basis term on two c*e_i changes' |cos| (0 = off, as CFSM)
+config.basis_cos_margin = 0.5            # |cos| of two directions' changes above which the basis term acts
 config.style_sampling = "gaussian"       # synthesis styles: gaussian (o ~ N(0, I)) | uniform_magnitude (|o| ~ U(0, ua))
 config.dis_dim = 64                      # discriminator first-layer width (released discriminators: 64)
 config.style_report_faces = 32           # source faces of the end-of-run style report (cfsm/style_report.py; 0 = skip)

@@ -57,8 +57,8 @@ CONFIG_POLICY: dict[str, ConfigPolicy] = {
                 "dis_dim", "id_network", "id_embedding_size", "batch_size", "world_size", "num_classes", "num_image",
                 "fp16", "seed"),
         apply=("gen_lr", "gen_lr_decay", "gen_betas", "num_epoch", "lambda_id_schedule", "id_distance_range",
-               "lambda_rec", "lambda_diversity", "lambda_basis", "basis_cos_margin", "style_sampling", "id_model", "target",
-               "rec", "bf16"),
+               "lambda_rec", "lambda_diversity", "lambda_basis", "basis_cos_margin", "style_sampling", "id_model",
+               "target", "rec", "bf16"),
         free=(*_RUN_CONTROL, "init_generator", "style_report_faces", *STAGE2_KEYS),
         init_key="init_generator"),
 }
