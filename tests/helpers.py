@@ -1,5 +1,6 @@
 """What several test modules share: the repository root, a free port, one launcher for multi-process runs (torchrun,
-or N plain processes that meet through MASTER_ADDR/MASTER_PORT), and the tiny train.py command line."""
+or N plain processes that meet through MASTER_ADDR/MASTER_PORT), the tiny train.py command line, and `headroom`,
+the one place a subprocess timeout is sized."""
 from __future__ import annotations
 
 import os
@@ -13,6 +14,19 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+TIMEOUT_SCALE_ENV = "CFSM_TEST_TIMEOUT_SCALE"  # a slower machine than any measured: multiply every limit by this
+HEADROOM = 3.0  # fixed limits (1x) failed 6 subprocess tests on 2 cores at a load of 2
+
+
+def headroom(base_s: float) -> float:
+    """The timeout for a subprocess that takes well under `base_s` seconds on an idle machine: `base_s` x 3, x the
+    load per core when above 1 (measured now: the suite shares the machine), x $CFSM_TEST_TIMEOUT_SCALE (default 1).
+    A timeout only stops a hung test; a generous one costs nothing when the test passes."""
+    try:
+        load = os.getloadavg()[0] / (os.cpu_count() or 1)
+    except OSError:  # no load average on this platform
+        load = 1.0
+    return base_s * HEADROOM * max(1.0, load) * float(os.environ.get(TIMEOUT_SCALE_ENV) or 1)
 
 
 def free_port() -> int:
@@ -38,15 +52,18 @@ def torchrun(args: Sequence[str], nproc: int = 2, options: Sequence[str] | None 
     return [sys.executable, "-m", launcher, f"--nproc_per_node={nproc}", *options, *args]
 
 
-def run(cmd: Sequence[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    """`cmd` in the repository root with `launch_env()`, output captured as text."""
-    return subprocess.run(list(cmd), cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout)
+def run(cmd: Sequence[str], timeout: float | None = None) -> subprocess.CompletedProcess:
+    """`cmd` in the repository root with `launch_env()`, output captured as text (timeout: `headroom(600)`)."""
+    return subprocess.run(list(cmd), cwd=REPO, env=launch_env(), capture_output=True, text=True,
+                          timeout=headroom(600) if timeout is None else timeout)
 
 
-def run_module(module: str, args: Sequence[str], nproc: int = 1, timeout: float = 120) -> subprocess.CompletedProcess:
-    """`python -m module args` (nproc 0: no launcher) or the same under torchrun with `nproc` CPU ranks."""
+def run_module(module: str, args: Sequence[str], nproc: int = 1,
+               timeout: float | None = None) -> subprocess.CompletedProcess:
+    """`python -m module args` (nproc 0: no launcher) or the same under torchrun with `nproc` CPU ranks
+    (timeout: `headroom(120)`)."""
     cmd = [sys.executable, "-m", module, *args] if nproc == 0 else torchrun(["-m", module, *args], nproc)
-    return run(cmd, timeout)
+    return run(cmd, headroom(120) if timeout is None else timeout)
 
 
 def start_ranks(argv: Sequence[Sequence[str]]) -> list[subprocess.Popen]:

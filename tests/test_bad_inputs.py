@@ -27,7 +27,7 @@ from eval.align import NoFaceError
 from eval.common import EvalInputError
 from losses import ArcFace
 from partial_fc import PartialFC
-from tests.helpers import tiny_args
+from tests.helpers import headroom, tiny_args
 from eval.binfile import BinFileError, load_bin
 from utils.checkpoint import CheckpointError, safe_load
 from utils.cli import UsageError
@@ -996,7 +996,7 @@ def test_probe_table_through_the_real_command_line(mini_toy: Path, tmp_path: Pat
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                                 "MASTER_PORT", "CFSM_TRACEBACK")}
         env.update({k: v for k, v in extra.items() if v}, OMP_NUM_THREADS="1")
-        return name, subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        return name, subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=headroom(300))
 
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(run, _probe_rows(tmp_path, mini_toy)))

@@ -15,6 +15,7 @@ from cfsm.stage1 import BASIS_COEFFICIENT, BASIS_DIRECTIONS, append_basis_probes
     check_lambda_schedule, identity_loss, is_synthesis_step, lambda_id_at, lr_at, lsgan_loss, mode_seeking_loss, \
     target_distance
 from cfsm.target_data import TargetBatchSampler, TargetFaceDataset, list_target_images
+from tests.helpers import headroom
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -308,7 +309,7 @@ def test_two_process_gloo(tiny):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_generator.py",
            "configs/cfsm_toy", *_overrides(tiny, out, max_steps=2, device="cpu", batch_size=2, gen_lr=1e-3,
                                              gen_lr_decay=0.75)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=headroom(240))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     step_dir = out / "checkpoints" / "step_00000002"
     assert json.loads((step_dir / "COMPLETE").read_text())["world_size"] == 2

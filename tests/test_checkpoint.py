@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from utils import checkpoint as ckpt
+from tests.helpers import headroom
 
 
 def test_atomic_save_roundtrip_and_no_temp_left(tmp_path):
@@ -65,7 +66,7 @@ def test_killed_writer_leaves_previous_checkpoint_intact(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "writing"
     proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    proc.wait(timeout=headroom(30))
     assert torch.equal(ckpt.safe_load(path)["v"], torch.zeros(4))
 
 

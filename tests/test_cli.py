@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from utils import cli
+from tests.helpers import headroom
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -136,7 +137,7 @@ SMOKE_ENTRY_POINTS = ["tools/embed.py", "eval/verification.py", "bench/modules.p
 def test_help_runs_as_path_and_as_module(path):
     env = {**os.environ, "PYTHONPATH": ""}
     for command in ([sys.executable, path, "--help"], [sys.executable, "-m", _module_name(path), "--help"]):
-        run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=headroom(120))
         assert run.returncode == 0, f"{' '.join(command[1:])}: {run.stderr[-2000:]}"
         assert "usage:" in run.stdout
 
@@ -146,19 +147,19 @@ def test_user_error_is_one_line_exit_2_and_traceback_on_request(tmp_path):
     command = [sys.executable, "tools/export_onnx.py", "--model", str(tmp_path / "missing.pt"), "--network", "r_tiny",
                "--out", str(tmp_path / "onnx")]
     env = {k: v for k, v in os.environ.items() if k != cli.TRACEBACK_ENV}
-    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=headroom(120))
     assert run.returncode == 2
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "missing.pt" in lines[0], run.stderr
     run = subprocess.run(command, cwd=REPO, env={**env, cli.TRACEBACK_ENV: "1"}, capture_output=True, text=True,
-                         timeout=120)
+                         timeout=headroom(120))
     assert run.returncode != 0 and "Traceback" in run.stderr
 
 
 @pytest.mark.slow
 def test_config_typo_in_train_is_one_line(tmp_path):
     run = subprocess.run([sys.executable, "train.py", "configs/toy", "btch_size=3"], cwd=REPO, capture_output=True,
-                         text=True, timeout=120)
+                         text=True, timeout=headroom(120))
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == [
         "error: unknown config key 'btch_size' in override 'btch_size=3'. Did you mean: batch_size, val_batch_size, "

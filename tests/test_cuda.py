@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tests.helpers import headroom
 
 REPO = Path(__file__).resolve().parents[1]
 NO_CUDA = "no CUDA device (torch.cuda.is_available() is False): run bench/gpu_check.sh on a GPU machine"
@@ -40,7 +41,7 @@ def test_torchrun_single_gpu_amp_with_cfsm(mini_toy: Path, tiny_generator_file: 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py",
            *cuda_args(mini_toy, out, f"{amp}=True", "rs_ratio=0.75", "k=1",
                       f"pretrained_synthesis_model={tiny_generator_file}")]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=headroom(300))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and math.isfinite(summary["final_loss"])

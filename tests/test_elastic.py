@@ -7,6 +7,7 @@ import pytest
 from dataset import FaceSampler
 from utils.elastic import DataCourse, describe_change, position_record, saved_course, schedule_after_change
 from utils.run import plan_steps
+from tests.helpers import headroom
 
 
 def epoch_reads(n: int, batch: int, world: int, epoch: int, start_sample: int, batches: int | None = None) -> list:
@@ -109,7 +110,7 @@ def run_train(world: int, mini_toy, out, *extra) -> None:
     if world == 1:
         train.main(args)
         return
-    proc = run(torchrun(["train.py", *args], world), timeout=300)
+    proc = run(torchrun(["train.py", *args], world), timeout=headroom(300))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
@@ -206,7 +207,7 @@ def test_torchrun_elastic_restart_continues_on_fewer_ranks(mini_toy, tmp_path, t
             time.sleep(0.05)
         for pid in reversed(_process_tree(agents[1].pid)):  # the node leaves: its agent and its worker die
             os.kill(pid, signal.SIGKILL)
-        assert agents[0].wait(timeout=240) == 0, (tmp_path / "agent_0.log").read_text()[-3000:]
+        assert agents[0].wait(timeout=headroom(240)) == 0, (tmp_path / "agent_0.log").read_text()[-3000:]
     finally:
         for agent in agents:
             if agent.poll() is None:
@@ -222,7 +223,7 @@ def test_torchrun_elastic_restart_continues_on_fewer_ranks(mini_toy, tmp_path, t
     tool.main([str(out / "checkpoints" / f"step_{resumed_step:08d}"), "--world-size", "1", "--out",
                str(reference / "checkpoints" / f"step_{resumed_step:08d}")])
     proc = subprocess.run([sys.executable, "train.py", *tiny_args(mini_toy, reference, *common, "resume=True")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=headroom(300))
     assert proc.returncode == 0, proc.stderr[-3000:]
     expected = loss_lines(reference / "train.log")
     assert after and after == {s: v for s, v in expected.items() if s > resumed_step}

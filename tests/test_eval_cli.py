@@ -20,6 +20,7 @@ from eval import ijb, ijbs, tinyface
 from eval.common import EvalInputError, FaceImages, align_face
 from utils.checkpoint import CheckpointError
 from utils.toyface import identity_params, render_face
+from tests.helpers import headroom
 
 SEED = 11
 
@@ -607,7 +608,7 @@ def test_bad_image_on_one_rank_stops_every_rank(ijb_root: Path, tmp_path: Path) 
     root = _copy(ijb_root, tmp_path)
     (root / "IJBC" / "loose_crop" / "20.jpg").write_bytes(b"not a jpeg")
     proc = run_module("eval.ijb", ["--model", str(root.parent / "model.pt"), "--network", "r_tiny", "--root",
-                                   str(root), "--out", str(tmp_path / "out"), *COMMON], 2, timeout=90)
+                                   str(root), "--out", str(tmp_path / "out"), *COMMON], 2, timeout=headroom(90))
     assert proc.returncode != 0
     assert "error: image" in proc.stderr and "20.jpg cannot be decoded" in proc.stderr
     assert "error: rank 1 failed during embedding" in proc.stderr

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from tests.helpers import REPO, free_port, launch_env, load_model, tiny_args, torchrun
+from tests.helpers import REPO, free_port, headroom, launch_env, load_model, tiny_args, torchrun
 from utils.recordio import IndexedRecordReader
 
 
@@ -44,7 +44,7 @@ def test_elastic_restart_after_killed_rank_is_bitwise_identical(mini_toy, tmp_pa
     extra = ("max_steps=14", "save_every=3", "num_epoch=4", "keep_checkpoints=10", "verbose=0",
              "val_targets=[]")
     ref = start_train(mini_toy, tmp_path / "ref", extra)
-    out_ref, _ = ref.communicate(timeout=600)
+    out_ref, _ = ref.communicate(timeout=headroom(600))
     assert ref.returncode == 0, out_ref[-3000:]
 
     proc = start_train(mini_toy, tmp_path / "elastic", extra, max_restarts=1)
@@ -57,7 +57,7 @@ def test_elastic_restart_after_killed_rank_is_bitwise_identical(mini_toy, tmp_pa
     assert len(pids) == 2, pids
     os.kill(pids[1], signal.SIGKILL)
     killed_at = max(int(p.name.split("_")[1]) for p in (tmp_path / "elastic" / "checkpoints").glob("step_*"))
-    out, _ = proc.communicate(timeout=600)
+    out, _ = proc.communicate(timeout=headroom(600))
     assert proc.returncode == 0, out[-3000:]
     assert killed_at < 14, "the kill came too late to test anything"
     log = (tmp_path / "elastic" / "train.log").read_text()
@@ -85,7 +85,7 @@ def test_bad_record_on_one_rank_stops_every_rank(mini_toy, tmp_path):
     start = time.time()
     proc = start_train(bad, tmp_path / "out", ("max_steps=20", "num_workers=1", "val_targets=[]",
                                             "dist_timeout_s=60"))
-    out, _ = proc.communicate(timeout=300)
+    out, _ = proc.communicate(timeout=headroom(300))
     assert proc.returncode != 0
     assert time.time() - start < 240
     assert f"key {key}" in out or f"key={key}" in out or f"record {key}" in out, out[-3000:]

@@ -14,6 +14,7 @@ from utils.checkpoint import CheckpointError, atomic_save
 from utils.distributed import Ranks
 from utils.optim import PolyScheduler, build_optimizer
 from utils.reshard import ReshardError, load_resharded, merged_class_centres, needed_old_ranks, reshard_states
+from tests.helpers import headroom
 
 C, D = 11, 6  # 11 classes do not split evenly over 2, 3 or 4 ranks
 
@@ -308,13 +309,13 @@ def test_tool_runs_as_module_and_as_path(tmp_path, as_path):
     entry = [str(repo / "tools" / "reshard.py")] if as_path else ["-m", "tools.reshard"]
     if as_path:  # a good run
         proc = subprocess.run([sys.executable, *entry, str(src), "--world-size", "3", "--out", str(tmp_path / "o")],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                              cwd=tmp_path, capture_output=True, text=True, timeout=headroom(300))
         assert proc.returncode == 0, proc.stderr
         assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["COMPLETE", "rank_0.pt", "rank_1.pt",
                                                                       "rank_2.pt"]
     else:  # a missing rank file: one error line naming it, exit 2
         run_folder.rank_file(src, 1).unlink()
         proc = subprocess.run([sys.executable, *entry, str(src), "--world-size", "1", "--out", str(tmp_path / "o")],
-                              cwd=repo, capture_output=True, text=True, timeout=300)
+                              cwd=repo, capture_output=True, text=True, timeout=headroom(300))
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
         assert proc.stderr.startswith("error: ") and "rank_1.pt missing of the 2 rank files" in proc.stderr

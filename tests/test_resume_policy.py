@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import train
-from tests.helpers import REPO, start_ranks, tiny_args
+from tests.helpers import REPO, headroom, start_ranks, tiny_args
 from utils import config_policy, output_lock, rng_state, run_folder, run_state as rs
 from utils.distributed import Ranks
 from utils.checkpoint import CheckpointError
@@ -366,7 +366,7 @@ def two_nodes(tmp_path_factory):
     try:
         procs = start_ranks([[sys.executable, "-c", WORKER, str(r), str(folders[r]), str(root / f"{r}.json")]
                              for r in range(2)])
-        outputs = [p.communicate(timeout=300)[0] for p in procs]
+        outputs = [p.communicate(timeout=headroom(300))[0] for p in procs]
     finally:
         holder.kill()
         holder.wait()

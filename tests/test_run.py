@@ -14,6 +14,7 @@ import torch
 from configs.loader import ConfigError, base_config
 from utils.distributed import DistEnv
 from utils.run import Run, plan_steps
+from tests.helpers import headroom
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,7 +98,7 @@ def test_stage1_trainer_runs_as_path_and_module_from_anywhere(tmp_path, command)
     """No PYTHONPATH, no sys.path rewrite: the script path works from another folder, -m from the repo root."""
     target = [str(REPO / command[0])] if command[0].endswith(".py") else command
     proc = subprocess.run([sys.executable, *target, "--help"], cwd=tmp_path if len(command) == 1 else REPO,
-                          capture_output=True, text=True, timeout=120,
+                          capture_output=True, text=True, timeout=headroom(120),
                           env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage: train_generator.py" in proc.stdout and "configs/cfsm_toy" in proc.stdout
@@ -185,7 +186,7 @@ def test_a_run_whose_updates_were_mostly_skipped_fails_without_a_model(mini_toy,
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "train.py", *_tiny(mini_toy, out, "max_steps=3",
                                                              f"pretrained_backbone_model={weights}")],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, capture_output=True, text=True, timeout=headroom(300))
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("error: 3 of 3 updates were skipped as non-finite")
     assert "Traceback" not in proc.stderr and not (out / "model.pt").exists()
@@ -208,7 +209,7 @@ def test_ctrl_c_is_one_line_naming_the_step_checkpoint_and_command(mini_toy, tmp
             if "step 5/" in line:
                 break
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=headroom(120))
     finally:
         proc.kill()
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
@@ -311,7 +312,7 @@ def test_two_ranks_whose_folders_differ_agree_on_the_folder_rules(tmp_path):
     (tmp_path / "mixing" / "node1" / "checkpoints" / "step_00000003").mkdir(parents=True)  # node 1 only
     (tmp_path / "weights0.pt").write_bytes(b"rank 0's disk only")
     procs = start_ranks([[sys.executable, "-c", RUN_WORKER, str(r), str(tmp_path)] for r in range(2)])
-    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    outputs = [p.communicate(timeout=headroom(240))[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
     results = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
     for r in results:
