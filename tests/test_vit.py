@@ -95,21 +95,62 @@ def test_vit_t_eval_matches_reference(vit_t: VisionTransformer, ref: dict) -> No
         assert rel_err(cl(input_x().contiguous(memory_format=torch.channels_last)), ref["vit_t_eval"]) < 1e-5
 
 
-def test_vit_t_train_mode_matches_reference(vit_t: VisionTransformer, ref: dict) -> None:
-    """Masking and drop path with the same random draws as arcface_torch; the head's BN statistics move alike."""
-    vit_t.train()
-    torch.manual_seed(123)
+# Train-mode tolerance. Train mode ends in BatchNorm1d over a batch of two, which maps each feature to about ±1
+# whatever the two values were: where a feature's two values nearly agree, a last-bit difference from another
+# CPU's kernels (summation order, SIMD width, thread count) becomes a visible one. Measured relative errors against
+# the reference for the *right* draws: < 1e-5 on the machine that wrote it, 2.5e-3 (outputs) and 1.1e-3 (gradients)
+# on a 2-core AMD EPYC, 3.1e-3 / 7.3e-3 on a 2-core Intel Xeon at 1, 2 and 4 threads (torch 2.14.1). Measured for
+# *wrong* draws (seed 124 / 8 instead of 123 / 7, no masking, 20 % masking, no drop path, drop path 0.2): 0.99 to
+# 2.2, because one different token kept or one block dropped changes every feature. TRAIN_TOL sits ~7x above the
+# worst rounding seen and ~20x below the smallest wrong-draw error; test_wrong_draws_fail_at_train_tol keeps the
+# second margin checked on every machine. BatchNorm running statistics are averages (no ±1 amplification):
+# 2e-5 seen, 1e-3 allowed, a wrong draw moves them by more (checked below too).
+TRAIN_TOL = 5e-2
+BN_STATS_TOL = 1e-3
+HEAD_BN_STATS = ("feature.1.running_mean", "feature.1.running_var", "feature.3.running_mean", "feature.3.running_var")
+
+
+def _train_forward(seed: int, **overrides) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """vit_t with rule weights, one no-grad train-mode forward after torch.manual_seed(seed); `overrides` set
+    mask_ratio / drop_path_rate on the built model (to make a wrong draw on purpose)."""
+    model = get_model("vit_t")
+    model.load_state_dict(rule_state_dict(model))
+    if "mask_ratio" in overrides:
+        model.mask_ratio = overrides["mask_ratio"]
+    if "drop_path_rate" in overrides:
+        for block in model.blocks:
+            block.drop_path.p = overrides["drop_path_rate"]
+    model.train()
+    torch.manual_seed(seed)
     with torch.no_grad():
-        y = vit_t(input_x())
-    assert rel_err(y, ref["vit_t_train_seed123"]) < 1e-5
-    sd = vit_t.state_dict()
-    for k in ("feature.1.running_mean", "feature.1.running_var", "feature.3.running_mean", "feature.3.running_var"):
-        assert rel_err(sd[k], ref[f"vit_t_train_after__{k}"]) < 1e-5, k
+        y = model(input_x())
+    return y, model.state_dict()
+
+
+def test_vit_t_train_mode_matches_reference(ref: dict) -> None:
+    """Masking and drop path with the same random draws as arcface_torch; the head's BN statistics move alike."""
+    y, sd = _train_forward(123)
+    assert rel_err(y, ref["vit_t_train_seed123"]) < TRAIN_TOL
+    for k in HEAD_BN_STATS:
+        assert rel_err(sd[k], ref[f"vit_t_train_after__{k}"]) < BN_STATS_TOL, k
+
+
+@pytest.mark.parametrize("wrong", [dict(seed=124), dict(mask_ratio=0.0), dict(mask_ratio=0.2),
+                                   dict(drop_path_rate=0.0), dict(drop_path_rate=0.2)],
+                         ids=["other_seed", "no_mask", "mask_0.2", "no_drop_path", "drop_path_0.2"])
+def test_wrong_draws_fail_at_train_tol(ref: dict, wrong: dict) -> None:
+    """The tolerance above still tells a wrong draw, mask or drop path from the right one, by a wide margin."""
+    y, sd = _train_forward(wrong.pop("seed", 123), **wrong)
+    assert rel_err(y, ref["vit_t_train_seed123"]) > 10 * TRAIN_TOL
+    if "seed" in wrong or wrong.get("mask_ratio") == 0.0:  # statistics of other tokens
+        assert max(rel_err(sd[k], ref[f"vit_t_train_after__{k}"]) for k in HEAD_BN_STATS) > 10 * BN_STATS_TOL
 
 
 @pytest.mark.parametrize("use_checkpoint", [False, True])
 def test_vit_t_gradients_match_reference(ref: dict, use_checkpoint: bool) -> None:
-    """Backward through masking, drop path and the head; with checkpointing the recompute replays the draws."""
+    """Backward through masking, drop path and the head; with checkpointing the recompute replays the draws.
+    Same tolerance and reasoning as the train-mode forward (gradients flow back through the same batch-of-two BN;
+    a wrong draw gives errors of 1.0-2.2 here too: seed 8, or drop path off)."""
     model = get_model("vit_t", use_checkpoint=use_checkpoint)
     model.load_state_dict(rule_state_dict(model))
     model.train()
@@ -117,10 +158,11 @@ def test_vit_t_gradients_match_reference(ref: dict, use_checkpoint: bool) -> Non
     x = input_x().requires_grad_()
     y = model(x)
     _weighted_sum(y).backward()
-    assert rel_err(y, ref["vit_t_train_seed7"]) < 1e-5
-    assert rel_err(x.grad.reshape(-1)[:1024], ref["vit_t_train_seed7_grad_x_first1024"]) < 1e-4
-    assert rel_err(model.pos_embed.grad.reshape(-1)[:1024], ref["vit_t_train_seed7_grad_pos_embed_first1024"]) < 1e-4
-    assert rel_err(model.mask_token.grad.reshape(-1), ref["vit_t_train_seed7_grad_mask_token"]) < 1e-4
+    assert rel_err(y, ref["vit_t_train_seed7"]) < TRAIN_TOL
+    assert rel_err(x.grad.reshape(-1)[:1024], ref["vit_t_train_seed7_grad_x_first1024"]) < TRAIN_TOL
+    grad_pos = model.pos_embed.grad.reshape(-1)[:1024]
+    assert rel_err(grad_pos, ref["vit_t_train_seed7_grad_pos_embed_first1024"]) < TRAIN_TOL
+    assert rel_err(model.mask_token.grad.reshape(-1), ref["vit_t_train_seed7_grad_mask_token"]) < TRAIN_TOL
 
 
 def test_masking_is_training_only() -> None:
