@@ -30,7 +30,11 @@ SAME_EVAL_NETWORK: dict[str, str] = {  # arcface_torch's ViT variants: drop path
 
 def embedding_size_of(state: Mapping[str, torch.Tensor]) -> int | None:
     """Embedding size of a backbone state dict: the length of its last BatchNorm ``running_var`` (the feature BN of
-    IResNet / MobileFaceNet / arcface_torch's ViT head), or None when there is none."""
+    IResNet / MobileFaceNet / arcface_torch's ViT head), or None when there is none. AdaFace's IR networks list
+    their ``output_layer`` before the ``body``, so there the feature BN is ``output_layer.4`` by name."""
+    adaface = state.get("output_layer.4.running_var")
+    if adaface is not None and adaface.ndim == 1:
+        return int(adaface.shape[0])
     last = None
     for key, value in state.items():
         if key.endswith("running_var") and value.ndim == 1:
