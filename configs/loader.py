@@ -201,6 +201,9 @@ def _import_config_module(name_or_path: str):
             except SyntaxError as exc:
                 raise ConfigError(f"{exc.filename or path}:{exc.lineno}: {exc.msg} (a Python syntax error in the "
                                   f"config)") from None
+            except SystemExit as exc:  # not an Exception: it would end the command with its code and no output
+                raise ConfigError(f"config file {path} exits while being loaded (SystemExit({exc.code!r})): a config "
+                                  f"only defines `config = dict(...)`; remove the exit") from None
             except Exception as exc:  # noqa: BLE001 - the config file (or one it imports) raised: name where
                 frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename.endswith(".py")
                           and Path(f.filename).resolve().parent.name == "configs" or Path(f.filename) == path]
@@ -291,6 +294,10 @@ def load_config(config: str, overrides: Iterable[str] = ()) -> EasyDict:
     job = getattr(module, "config", None)
     if job is None:
         raise ConfigError(f"config file {path} defines no `config` object")
+    if not isinstance(job, dict):  # a list, a module, ...: its .items() would be an AttributeError traceback
+        shown = f"the module {job.__name__}" if isinstance(job, type(os)) else f"a {type(job).__name__} ({job!r:.60})"
+        raise ConfigError(f"config file {path}: `config` is {shown}, not a dict of config keys: write "
+                          f"`config = dict(key=value, ...)` (the keys are in configs/base.py)")
     if path.resolve() != (REPO_ROOT / "configs" / "base.py").resolve():
         for key, value in job.items():
             if key not in cfg:

@@ -230,3 +230,27 @@ def test_the_toy_config_verifies_on_every_toy_set():
     from utils.toyface import VERIFICATION_SETS
 
     assert load_config("configs/toy").val_targets == list(VERIFICATION_SETS)
+
+
+@pytest.mark.parametrize("body, said", [
+    ("config = [1, 2]\n", "`config` is a list ([1, 2]), not a dict of config keys"),
+    ("import os\nconfig = os\n", "`config` is the module os, not a dict of config keys"),
+    ("raise SystemExit(0)\n", "exits while being loaded (SystemExit(0))"),
+    ("import sys\nsys.exit()\n", "exits while being loaded (SystemExit(None))"),
+], ids=["list", "module", "SystemExit(0)", "sys.exit()"])
+def test_a_config_module_that_is_not_a_config_is_one_error_line(tmp_path, body, said):
+    """Through the command: no AttributeError traceback, and a config that exits by itself is no silent success
+    (exit 0, no output, no run)."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, headroom, launch_env
+
+    path = tmp_path / "job.py"
+    path.write_text(body)
+    proc = subprocess.run([sys.executable, "train.py", str(path), f"output={tmp_path / 'run'}"], cwd=REPO,
+                          env=launch_env(), capture_output=True, text=True, timeout=headroom(60))
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: config file {path}") and said in line and "config = dict(" in line, line
+    assert not (tmp_path / "run").exists()
