@@ -4,8 +4,10 @@ Preprocessing follows ``docs/eval_protocols.md`` §1: a least-squares similarity
 five landmarks to the 112x112 ArcFace template, ``cv2.warpAffine`` with bilinear interpolation and a black border,
 then ``(x / 255 - 0.5) / 0.5``. The mirror image is the horizontal flip of the aligned crop.
 
-Channel order: our models (like the CFSM / arcface_torch ones) are trained on RGB, so RGB is the default; AdaFace-
-family models are trained on BGR, pass ``--bgr`` for them.
+Channel order: our models (like the CFSM / arcface_torch ones) are trained on RGB; AdaFace-family files (AdaFace's
+IR layout, its ``.ckpt`` files, CVLFace files whose ``color_space`` is BGR) are fed BGR without a flag
+(:meth:`BackboneChoice.channels`). ``--bgr`` / ``--rgb`` say it where the file does not; against the file they are an
+error.
 
 Network: ``--network auto`` (the default) takes it from the run's ``summary.json`` beside a ``model.pt``, else
 detects it from the file's keys and shapes (``backbones/detect.py``; ``docs/evaluation.md``).
@@ -29,7 +31,7 @@ import tempfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -42,6 +44,9 @@ from utils.cli import UsageError, positive_int, resolve_device
 from utils.distributed import DistEnv, agree_call, cleanup, init_distributed
 from utils.errors import UserError
 from utils.precision import low_precision_dtype  # resolve_device re-exported: one meaning of --device
+
+if TYPE_CHECKING:
+    from utils.model_file import ModelFile
 
 IMAGE_SIZE = 112
 
@@ -159,11 +164,42 @@ AUTO_NETWORK = "auto"
 @dataclass(frozen=True)
 class BackboneChoice:
     """The network a model file is loaded as, and where that came from (``--network``, the run's summary.json, or
-    its keys and shapes)."""
+    its keys and shapes); the channel order its weights expect and whether the file tells it (``channel_told``: an
+    explicit ``--bgr`` / ``--rgb`` against it is an error) or it is only the convention of its family (RGB for
+    InsightFace / CFSM layouts: ``--bgr`` may say otherwise); what the file was and what was done to reach the
+    backbone (``file_kind``, ``notes``)."""
 
     network: str
     embedding_size: int
     source: str
+    channel_order: str = "rgb"
+    channel_told: bool = False
+    channel_reason: str = "the InsightFace / CFSM convention"
+    file_kind: str = "state dict"
+    notes: tuple[str, ...] = ()
+
+    def line(self, model_path: str | os.PathLike) -> str:
+        """The one line every command prints about its model: network, source, embedding size, channel order."""
+        from backbones import BACKBONES
+
+        family = BACKBONES[self.network].family if self.network in BACKBONES else "?"
+        source = {"--network": "as --network says", "its keys and shapes": "detected from its keys and shapes"}.get(
+            self.source, f"from {self.source}")
+        what = self.file_kind + (f": {'; '.join(self.notes)}" if self.notes else "")
+        return (f"model: {model_path}: {self.network} ({family} layout, {source}; {what}), {self.embedding_size}-d "
+                f"embeddings, {self.channel_order.upper()} input ({self.channel_reason})")
+
+    def channels(self, bgr: bool = False, rgb: bool = False, model_path: str | os.PathLike = "the model") -> bool:
+        """True to feed BGR: the file's order unless the user's ``--bgr`` / ``--rgb`` says otherwise; a flag that
+        contradicts what the file tells is an error (not a silent override)."""
+        if bgr and rgb:
+            raise UsageError("--bgr and --rgb contradict each other; give at most one (default: the file's order)")
+        wanted = "bgr" if bgr else "rgb" if rgb else None
+        if wanted and wanted != self.channel_order and self.channel_told:
+            raise UsageError(f"--{wanted} contradicts {model_path}: it expects {self.channel_order.upper()} input "
+                             f"({self.channel_reason}); leave --{wanted} out (the channel order is read from the "
+                             f"file)")
+        return (wanted or self.channel_order) == "bgr"
 
 
 def run_files_network(model_path: str | os.PathLike) -> tuple[str, int | None, Path] | None:
@@ -186,28 +222,42 @@ def run_files_network(model_path: str | os.PathLike) -> tuple[str, int | None, P
 
 
 def choose_backbone(model_path: str | os.PathLike, state: dict[str, torch.Tensor], network: str = AUTO_NETWORK,
-                    embedding_size: int | None = None) -> BackboneChoice:
-    """The network and embedding size to build for ``state`` (read from ``model_path``).
+                    embedding_size: int | None = None, model_file: "ModelFile | None" = None) -> BackboneChoice:
+    """The network, embedding size and channel order to use for ``state`` (read from ``model_path``).
 
     ``network`` other than "auto" is used as given. "auto": the run's ``summary.json`` beside a ``model.pt``, else
     the one registered network whose layout the file has (:mod:`backbones.detect`); none or several is an error
     naming what the file holds. The embedding size: ``embedding_size``, else the file's last BatchNorm, else the
-    summary's, else 512."""
-    from backbones import BACKBONE_NAMES
+    summary's, else 512. The channel order: the file's own metadata (CVLFace's ``color_space``), else RGB for a run
+    of ``train.py`` (it feeds RGB), else the network family's (``backbones.BackboneSpec.channel_order``: BGR for
+    AdaFace's IR layout, which the file's keys prove; RGB by convention otherwise)."""
+    from backbones import BACKBONE_NAMES, BACKBONES
     from backbones.detect import detect_network
     from utils.checkpoint import CheckpointError
 
     size = embedding_size or infer_embedding_size(state)
+    kind, notes = (model_file.kind, model_file.notes) if model_file is not None else ("state dict", ())
     if network != AUTO_NETWORK:
-        return BackboneChoice(network, size or 512, "--network")
-    run = run_files_network(model_path)
-    if run is not None:
-        return BackboneChoice(run[0], size or run[1] or 512, str(run[2]))
-    found = detect_network(state)
-    if found.network is None:
-        raise CheckpointError(f"{model_path}: cannot tell its architecture from its keys and shapes: it holds "
-                              f"{found.describe()}; pass --network (one of {', '.join(BACKBONE_NAMES)})")
-    return BackboneChoice(found.network, size or found.embedding_size or 512, "its keys and shapes")
+        picked, source, size = network, "--network", size or 512
+    elif (run := run_files_network(model_path)) is not None:
+        picked, source, size = run[0], str(run[2]), size or run[1] or 512
+    else:
+        found = detect_network(state)
+        if found.network is None:
+            raise CheckpointError(f"{model_path}: cannot tell its architecture from its keys and shapes: it holds "
+                                  f"{found.describe()}; pass --network (one of {', '.join(BACKBONE_NAMES)})")
+        picked, source, size = found.network, "its keys and shapes", size or found.embedding_size or 512
+    spec = BACKBONES.get(picked)
+    if model_file is not None and model_file.channel_order is not None:
+        order, told, reason = model_file.channel_order, True, f"color_space in {model_file.channel_source}"
+    elif source not in ("--network", "its keys and shapes"):
+        order, told, reason = "rgb", True, "a train.py run: train.py feeds RGB"
+    elif spec is not None and spec.channel_order != "rgb":
+        order, told = spec.channel_order, True
+        reason = f"{spec.family} networks are trained on {order.upper()}"
+    else:
+        order, told, reason = "rgb", False, "the InsightFace / CFSM convention; --bgr for a BGR-trained one"
+    return BackboneChoice(picked, size, source, order, told, reason, kind, notes)
 
 
 def load_backbone_choice(
@@ -219,15 +269,17 @@ def load_backbone_choice(
     """:func:`load_backbone` that also returns the :class:`BackboneChoice` it built."""
     from backbones import get_model
     from backbones.detect import detect_network
-    from utils.checkpoint import CheckpointError, load_state_dict_file, load_state_dict_strict
+    from utils.checkpoint import CheckpointError, load_state_dict_strict
+    from utils.model_file import read_model_file
     from utils.run_state import first_nonfinite
 
-    state = load_state_dict_file(model_path)
+    found_file = read_model_file(model_path)
+    state = found_file.state
     bad = first_nonfinite(state)
     if bad is not None:
         raise EvalInputError(f"{model_path}: weight '{bad}' holds NaN/Inf: a non-finite model cannot be evaluated "
                              f"(its scores would be meaningless); use the run's last finite checkpoint")
-    choice = choose_backbone(model_path, state, network, embedding_size)
+    choice = choose_backbone(model_path, state, network, embedding_size, found_file)
     model = get_model(choice.network, num_features=choice.embedding_size)
     try:
         load_state_dict_strict(model, state, source=str(model_path))
@@ -236,6 +288,8 @@ def load_backbone_choice(
         fix = f"use --network {found.network}" if found.network else "pass the --network it was trained with"
         if found.network and embedding_size and found.embedding_size != embedding_size:
             fix += f" --embedding-size {found.embedding_size} (or leave it out)"
+        if choice.source == "--network" and found.network:
+            fix += " or leave --network out (auto reads it from the file)"
         said = f"{choice.source} says network={choice.network}, embedding size {choice.embedding_size}"
         raise CheckpointError(f"{e} {said}, but the file holds {found.describe()}: {fix}") from None
     model.source_file = str(model_path)  # named when its embeddings turn out non-finite (embed_batches)
@@ -251,9 +305,9 @@ def load_backbone(
     """Build ``backbones.get_model(network, num_features=...)`` and strictly load a plain state dict into it.
 
     ``network="auto"`` (the CLIs' default): the run's ``summary.json`` beside ``model.pt``, else detected from the
-    file's keys and shapes (:func:`choose_backbone`). The file is read with ``torch.load(weights_only=True)``
-    (``utils.checkpoint``; a DDP ``module.`` prefix and the arcface_torch ``state_dict_backbone`` wrapper are
-    accepted). A file of another architecture raises an error that names the first mismatching key and what the
+    file's keys and shapes (:func:`choose_backbone`). The file is read without executing anything from it
+    (``utils.model_file``: plain state dicts, arcface_torch / train.py checkpoints, Lightning and AdaFace ``.ckpt``,
+    CVLFace ``.safetensors``; ``module.`` / ``model.`` / ``net.`` prefixes stripped, a training head dropped). A file of another architecture raises an error that names the first mismatching key and what the
     file holds. Returns the model in eval mode on ``device``.
     """
     return load_backbone_choice(model_path, network, embedding_size, device)[0]
@@ -523,7 +577,9 @@ def add_model_args(parser: argparse.ArgumentParser, image_workers: bool = True) 
     ``image_workers=False`` for commands whose images are already in memory (``.bin`` sets): no ``--workers``."""
     from utils.cli import add_bgr_arg, add_device_arg, add_workers_arg
 
-    parser.add_argument("--model", required=True, help="plain state dict (torch.save(backbone.state_dict()))")
+    parser.add_argument("--model", required=True,
+                        help="model file: a state dict (.pt/.pth), a train.py run's model.pt, an arcface_torch "
+                             "checkpoint, a Lightning / AdaFace .ckpt or a CVLFace .safetensors")
     add_network_args(parser)
     add_device_arg(parser)
     parser.add_argument("--batch-size", type=positive_int, default=128, help="images per forward (x2 with the mirror)")
@@ -535,14 +591,27 @@ def add_model_args(parser: argparse.ArgumentParser, image_workers: bool = True) 
 
 
 def model_from_args(args: argparse.Namespace, env: DistEnv | None = None) -> tuple[nn.Module, torch.device]:
-    """The ``--model`` backbone on ``env``'s device (default: ``--device``); ``args.network`` becomes the network it
-    was loaded as ("auto" resolved). With a process group every rank loads it and all ranks agree that it loaded
-    (a rank that cannot read it stops them all)."""
+    """The ``--model`` backbone on ``env``'s device (default: ``--device``), for every command that loads one.
+
+    ``args.network`` becomes the network it was loaded as ("auto" resolved) and ``args.bgr`` the channel order to
+    feed (the file's, unless ``--bgr`` / ``--rgb`` say otherwise where the file does not tell; a contradiction is an
+    error). Rank 0 prints the one line saying what was loaded and why (:meth:`BackboneChoice.line`). With a process
+    group every rank loads it and all ranks agree that it loaded (a rank that cannot read it stops them all)."""
+    import sys
+
     if env is None:
-        env = single_process_env(resolve_device(args.device))
-    model, choice = agree_call(
-        env, lambda: load_backbone_choice(args.model, args.network, args.embedding_size, env.device), "model loading")
+        env = single_process_env(resolve_device(getattr(args, "device", "auto")))
+
+    def load() -> tuple[nn.Module, BackboneChoice, bool]:
+        model, choice = load_backbone_choice(args.model, args.network, args.embedding_size, env.device)
+        return model, choice, choice.channels(bool(getattr(args, "bgr", False)), bool(getattr(args, "rgb", False)),
+                                              args.model)
+
+    model, choice, bgr = agree_call(env, load, "model loading")
+    if env.is_main:
+        print(choice.line(args.model), file=sys.stderr, flush=True)
     args.network = choice.network  # what the results files record
+    args.bgr = bgr
     return model, env.device
 
 

@@ -1,6 +1,6 @@
 """Compare two faces: print the cosine similarity of their embeddings and, given a threshold, a verdict.
 
-    python -m tools.compare_faces face1.png face2.png --model model.pt [--no-flip] [--bgr]
+    python -m tools.compare_faces face1.png face2.png --model model.pt [--no-flip] [--bgr | --rgb]
     python -m tools.compare_faces photo1.jpg photo2.jpg --align --model model.pt \\
         --bin data/lfw.bin --far 1e-3        # or --threshold 0.3
 
@@ -27,9 +27,8 @@ import numpy as np
 import torch
 
 from eval.align import FaceDetector, add_align_args, align_photo, crops_tensor, detector_from_args
-from eval.common import FaceImages, add_network_args, embed_batches, embed_dataset, flip_fuse, load_backbone, \
-    resolve_device
-from utils.cli import ArgumentParser, UsageError, expanded_path, run_command
+from eval.common import FaceImages, add_network_args, embed_batches, embed_dataset, flip_fuse, model_from_args
+from utils.cli import ArgumentParser, UsageError, add_bgr_arg, expanded_path, run_command
 
 
 def _cosine(orig: np.ndarray, flipped: np.ndarray | None) -> float:
@@ -106,11 +105,12 @@ def main(argv: list[str] | None = None) -> float:
     ap.add_argument("image_a", type=expanded_path, help="first face: an aligned 112x112 crop (a photo with --align)")
     ap.add_argument("image_b", type=expanded_path, help="second face: an aligned 112x112 crop (a photo with --align)")
     ap.add_argument("--model", required=True,
-                    help="plain state dict of the backbone (torch.save(backbone.state_dict()))")
+                    help="model file: a state dict, a train.py model.pt, a Lightning / AdaFace .ckpt, a CVLFace "
+                         ".safetensors")
     add_network_args(ap)
     ap.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
     ap.add_argument("--no-flip", action="store_true", help="original image only (default: add the mirror's embedding)")
-    ap.add_argument("--bgr", action="store_true", help="feed BGR (AdaFace-family models)")
+    add_bgr_arg(ap)
     ap.add_argument("--align", action="store_true", help="the images are raw photos: detect and align a face in each")
     add_align_args(ap, default_face="largest")
     ap.add_argument("--threshold", type=float, default=None,
@@ -127,8 +127,7 @@ def main(argv: list[str] | None = None) -> float:
         raise UsageError("--face all: compare_faces compares one face per photo; use --face largest or an index")
     if args.bin is not None and not args.bin.is_file():
         raise UsageError(f"--bin {args.bin} does not exist; give a verification .bin set such as lfw.bin")
-    device = resolve_device(args.device)
-    backbone = load_backbone(args.model, args.network, args.embedding_size, device)
+    backbone, device = model_from_args(args)  # prints what it loaded; args.bgr: the file's channel order
     threshold_set = load_threshold_set(args.bin, args.far) if args.bin is not None else None  # checked up front
     if args.align:
         cos = compare_photos(backbone, str(args.image_a), str(args.image_b), args.face, detector_from_args(args),

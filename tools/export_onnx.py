@@ -1,6 +1,6 @@
 """Export a backbone to ONNX (dynamic batch axis) and check onnxruntime against PyTorch.
 
-    python -m tools.export_onnx --model model.pt --out DIR [--bgr] [--opset 17] [--tolerance 1e-4]
+    python -m tools.export_onnx --model model.pt --out DIR [--bgr | --rgb] [--opset 17] [--tolerance 1e-4]
 
 Writes ``DIR/<model file stem>.onnx`` (``--name`` to choose). Uses the TorchScript-based exporter
 (``torch.onnx.export(..., dynamo=False)``): the dynamo exporter needs the ``onnxscript`` package, which is not a
@@ -12,7 +12,8 @@ between the two outputs is printed too. A failed check exits 1 and leaves no fil
 a temporary name and renamed only once it passes).
 
 Input: float32 [B, 3, 112, 112] in [-1, 1] (``(x / 255 - 0.5) / 0.5``) in **RGB** order for every exported model:
-with ``--bgr`` (models trained on BGR input, e.g. AdaFace) the graph reverses the channels first. Output: the raw
+for models trained on BGR input (AdaFace-family files, told by the file; ``--bgr`` for others) the graph reverses
+the channels first. Output: the raw
 embedding [B, D] (not normalised).
 """
 from __future__ import annotations
@@ -103,10 +104,12 @@ def _opset_range() -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    from eval.common import add_network_args, check_output_folder, load_backbone
+    from eval.common import add_network_args, check_output_folder, model_from_args, single_process_env
 
     ap = ArgumentParser(description=__doc__)
-    ap.add_argument("--model", required=True, type=expanded_path, help="plain state dict of the backbone")
+    ap.add_argument("--model", required=True, type=expanded_path,
+                    help="model file: a state dict, a train.py model.pt, a Lightning / AdaFace .ckpt, a CVLFace "
+                         ".safetensors")
     add_network_args(ap)
     add_out_arg(ap, "the .onnx file")
     ap.add_argument("--name", default=None, help="file name in --out (default: the model file's stem + .onnx)")
@@ -126,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         ap.error(f"argument --name: a file name inside --out, without folders, got {args.name!r}")
     out_dir = check_output_folder(args.out)
     path = out_dir / (args.name or f"{args.model.stem}.onnx")
-    backbone = load_backbone(args.model, args.network, args.embedding_size, "cpu")
+    backbone, _ = model_from_args(args, single_process_env(torch.device("cpu")))  # args.bgr: the file's order
     if args.bgr:
         backbone = _ChannelsReversed(backbone)
     partial = path.with_name(f".{path.name}.partial")

@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -159,17 +160,17 @@ def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu")
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A plain state dict (InsightFace backbone.pth / model.pt); strips a DDP `module.` prefix if present."""
-    obj = safe_load(path)
-    if isinstance(obj, dict) and "state_dict_backbone" in obj:  # arcface_torch full checkpoint
-        obj = obj["state_dict_backbone"]
-    elif isinstance(obj, dict) and isinstance(obj.get("backbone"), dict):  # our run checkpoint (rank_0.pt)
-        obj = obj["backbone"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path} is not a plain state dict of tensors")
-    if obj and all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    return obj
+    """The backbone state dict of a model file: a plain state dict (InsightFace backbone.pth / model.pt), an
+    arcface_torch or train.py checkpoint, a Lightning / AdaFace ``.ckpt`` or a CVLFace ``.safetensors``, read without
+    executing anything from it (``utils.model_file``); ``module.`` / ``model.`` / ``net.`` prefixes stripped, a
+    training head dropped. What was dropped is printed as one ``note:`` line (rank 0), so fine-tuning from a
+    Lightning file says so."""
+    from utils.model_file import read_model_file
+
+    found = read_model_file(path)
+    if found.notes and os.environ.get("RANK", "0") == "0":
+        print(f"note: {path}: {found.kind}; {'; '.join(found.notes)}", file=sys.stderr)
+    return found.state
 
 
 def state_dict_mismatch(expected: Mapping[str, Sequence[int]], state: Mapping[str, torch.Tensor]) -> str | None:

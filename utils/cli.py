@@ -3,7 +3,7 @@
 * `ArgumentParser`: `--help` shows every argument with its default; a bad command line prints one line and exits 2;
   `~` is expanded in every argument value that starts with it.
 * Shared flags mean the same everywhere: `--device` (auto = CUDA when available), `--workers` (DataLoader worker
-  processes), `--out` (a folder), `--bgr` (feed BGR, for AdaFace-family models).
+  processes), `--out` (a folder), `--bgr` / `--rgb` (channel order; default: the model file's, BGR for AdaFace files).
 * `run_command(main)`: a user's mistake (a missing or malformed file, a bad config key or value) prints
   `error: <what>, <which file/key>, <how to fix>` on one line and exits 2; a run that failed (non-finite state,
   too many skipped updates) prints one `error:` line and exits 1; Ctrl-C exits 130 after one line. The traceback is printed only when the
@@ -106,8 +106,14 @@ def add_out_arg(parser: argparse.ArgumentParser, what: str, default: str | None 
 
 
 def add_bgr_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bgr", action="store_true",
-                        help="feed the model BGR images (AdaFace-family models); default RGB (CFSM / arcface_torch)")
+    """`--bgr` / `--rgb` (one of them at most): the channel order to feed. Neither = the model file's own order
+    (BGR for AdaFace-family files, RGB otherwise); a flag against what the file tells is an error."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--bgr", action="store_true",
+                       help="feed the model BGR images; default: the file's order (AdaFace-family files: BGR, "
+                            "read from the file; CFSM / arcface_torch: RGB)")
+    group.add_argument("--rgb", action="store_true",
+                       help="feed the model RGB images; default: the file's order")
 
 
 def positive_int(text: str) -> int:
