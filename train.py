@@ -196,7 +196,7 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
         nets.backbone.train()
         train_step = make_train_step(cfg, env, model, nets.backbone, nets.pfc, nets.generator, nets.optimizer,
                                      nets.scheduler, nets.scaler, nets.autocast, style_rng)
-        run.start(step, f"{dataset.num_classes} classes, {dataset.num_images} images")
+        run.start(step, f"{dataset.num_classes} classes, {dataset.num_images} images", nets.autocast)
         # val_targets opened and checked now, before the first step; results go to the run's log (console, train.log)
         verify = verification_for_run(cfg.val_targets, cfg.rec, cfg.val_batch_size, env, run.writer, run.log)
 
@@ -231,8 +231,7 @@ def log_step(run: Run, step: int, epoch: int, result: StepResult, nets: Stage2, 
     if run.writer is not None and run.log_due(step):
         for name, value in attack_stats.window().items():
             run.writer.add_scalar(f"cfsm/{name}", value, step)
-    if run.image_due(step) and (grid := mix_grid(result.clean, result.mix)) is not None:
-        run.writer.add_image("cfsm/clean_vs_synth", grid, step, dataformats="HWC")
+    run.add_image(step, "cfsm/clean_vs_synth", lambda: mix_grid(result.clean, result.mix))
 
 
 def write_results(run: Run, step: int, backbone: torch.nn.Module, last: StepResult | None, val: dict,
@@ -242,8 +241,8 @@ def write_results(run: Run, step: int, backbone: torch.nn.Module, last: StepResu
     ckpt.atomic_save(backbone.state_dict(), run.output / "model.pt")
     if last is not None and (grid := mix_grid(last.clean, last.mix)) is not None:  # a first look after any run
         save_png(grid, run.output / "clean_vs_synth.png")
-    shown = "n/a" if final_loss is None else f"{final_loss:.4f}"
-    run.log.info(f"done: {step} steps, final loss {shown}, val {val}, model {run.output / 'model.pt'}")
+    run.log.info(f"done: {step} steps, final loss {'n/a' if final_loss is None else f'{final_loss:.4f}'}, val {val}, "
+                 f"model {run.output / 'model.pt'}")
     return {"final_loss": final_loss, "val": val, **attack_stats.means()}
 
 

@@ -261,9 +261,12 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
         D_train = run.wrap_ddp(D, broadcast_buffers=False, find_unused_parameters=True)
         train_step = make_train_step(cfg, env, G, D, G_train, D_train, id_net, nets.opt_g, nets.opt_d, nets.scaler,
                                      nets.autocast, style_rng)
-        run.start(step, f"source {source.num_images} images ({cfg.rec}), target {len(target)} images "
-                        f"({cfg.target}); G {sum(p.numel() for p in G.parameters()):,} params, D "
-                        f"{sum(p.numel() for p in D.parameters()):,}, identity net {cfg.id_network}")
+        objectives = ["lsgan", "identity", "rec"] + ["div"] * (cfg.lambda_diversity > 0) + ["basis"] * (
+            cfg.lambda_basis > 0)  # the stage-1 terms this run optimises (cfsm.stage1)
+        run.start(step, f"source {source.num_images} images ({cfg.rec}), target {len(target)} images ({cfg.target})",
+                  nets.autocast, network=f"CFSM generator (G {sum(p.numel() for p in G.parameters()):,} params, D "
+                  f"{sum(p.numel() for p in D.parameters()):,}; identity net {cfg.id_network})",
+                  loss="+".join(objectives))
 
         def open_epoch(epoch: int, first_batch: int):
             loader.sampler.set_epoch(epoch, first_batch)
@@ -283,9 +286,7 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
             run.check_finite(step, result.finite, {"loss D": latest["d"], "loss G": latest["g"]})
             run.log_progress(step, epoch, {"lambda_id": lambda_id, "gen_lr": lr,
                                            **{f"loss_{k}": v for k, v in latest.items()}})
-            if run.image_due(step):
-                run.writer.add_image("stage1/source_synth_target", samples_grid(G, result, step), step,
-                                     dataformats="HWC")
+            run.add_image(step, "stage1/source_synth_target", lambda: samples_grid(G, result, step))
             if run.save_due(step):
                 run.save(step, nets.state(cfg, run.plan.epoch_of(step)))
 

@@ -339,3 +339,18 @@ def test_nonfinite_steps_stop_as_in_stage_2(tiny, tmp_path, monkeypatch):
                                            r"loss nan; last good checkpoint: none"):
         _run(_overrides(tiny, tmp_path / "nan", max_steps=4, max_nonfinite_steps=1))
     assert "step 1: non-finite loss D" in (tmp_path / "nan" / "cfsm_train.log").read_text()
+
+
+def test_start_up_line_as_in_stage_2(tiny, tmp_path):
+    """train_generator.py's first line: the same fields as train.py's (utils.run.startup_line), stage 1's networks
+    and objectives."""
+    cmd = [sys.executable, "train_generator.py", "configs/cfsm_toy", *_overrides(tiny, tmp_path / "o", max_steps=1)]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=headroom(120))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (line,) = [line for line in (proc.stdout + proc.stderr).splitlines() if "network " in line]
+    text = line.split("] ", 1)[1]
+    assert text.startswith("cfsm_toy: network CFSM generator (G ") and "; identity net r_tiny), loss lsgan+identity+rec" \
+        in text, text
+    assert ", world size 1, device cpu, precision fp32, effective batch 4 (4 per rank x 1 rank x 1 micro-batch); " \
+        in text, text

@@ -197,3 +197,17 @@ def test_toy_vit_trains_with_adamw_and_decay_exclusions(mini_toy, tmp_path):
     with pytest.raises(CheckpointError, match="weight_decay_exclude: True -> False"):  # the groups would differ
         train.main(tiny_args(mini_toy, out, "network=vit_toy", "max_steps=4", "resume=True", "optimizer=adamw",
                              "weight_decay_exclude=False", "fp16=True"))
+
+
+def test_start_up_line_names_network_loss_world_size_device_precision_and_effective_batch(mini_toy, tmp_path):
+    """What the user reads first (console and train.log): one line, formatted by utils.run.startup_line."""
+    import sys
+
+    proc = run([sys.executable, "train.py", *tiny_args(mini_toy, tmp_path / "o", "max_steps=1", "gradient_acc=2",
+                                                        "fp16=True", "val_targets=[]")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (line,) = [line for line in (proc.stdout + proc.stderr).splitlines() if "network " in line]
+    assert line.split("] ", 1)[1].startswith(
+        "toy: network r_tiny, loss arcface, world size 1, device cpu, precision bf16 autocast (fp16=True on cpu), "
+        "effective batch 32 (16 per rank x 1 rank x 2 micro-batches); "), line
+    assert line.split("] ", 1)[1] in (tmp_path / "o" / "train.log").read_text()

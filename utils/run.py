@@ -70,6 +70,27 @@ def plan_steps(batches_per_epoch: int, micro_per_step: int, num_epoch: int, warm
     return StepPlan(batches_per_epoch, micro_per_step, total, warmup, stop)
 
 
+def precision_name(autocast: Mapping[str, Any], fp16_asked: bool = False) -> str:
+    """What a trainer's autocast arguments (utils.precision.mixed_precision) compute in, in words."""
+    if not autocast.get("enabled"):
+        return "fp32"
+    if autocast["dtype"] == torch.float16:
+        return "fp16 autocast with loss scaling"
+    # fp16=True means bf16 off CUDA (utils.precision): say so, or a user reads "bf16" as a config mistake
+    return "bf16 autocast" + (f" (fp16=True on {autocast['device_type']})" if fp16_asked else "")
+
+
+def startup_line(cfg: Mapping[str, Any], env: DistEnv, plan: StepPlan, network: str, loss: str,
+                 autocast: Mapping[str, Any]) -> str:
+    """Both trainers' first line: network, loss, world size, device, precision, the effective batch of one optimizer
+    step (per rank x ranks x accumulated micro-batches) and the step counts."""
+    per_rank, ranks, micro = int(cfg["batch_size"]), env.world_size, plan.micro_per_step
+    return (f"{cfg['config_name']}: network {network}, loss {loss}, world size {ranks}, device {env.device}, "
+            f"precision {precision_name(autocast, bool(cfg.get('fp16')))}, effective batch {per_rank * ranks * micro} "
+            f"({per_rank} per rank x {ranks} rank{'s' * (ranks > 1)} x {micro} micro-batch{'es' * (micro > 1)}); "
+            f"{plan.total_steps} steps ({plan.batches_per_epoch} batches/epoch), stopping at {plan.stop_step}")
+
+
 class Run:
     """One training run on one rank, used as `with Run(...) as run:`.
 
@@ -324,15 +345,16 @@ class Run:
 
     # ---- monitoring ----
 
-    def start(self, step: int, description: str) -> None:
-        """Open TensorBoard / wandb (rank 0) and the speed meter, and log what this run will do."""
+    def start(self, step: int, description: str, autocast: Mapping[str, Any], network: str | None = None,
+              loss: str | None = None) -> None:
+        """Open TensorBoard / wandb (rank 0) and the speed meter, and log what this run will do (`startup_line`;
+        network and loss default to the config's `network` and `loss`, stage 2's)."""
         cfg, env, plan = self.cfg, self.env, self.plan
         self.writer = agree_call(env, lambda: run_writer(self.output, cfg, resumed=step > 0, purge_step=step + 1)
                                   if env.is_main else None, "opening TensorBoard / wandb")  # a failure stops all ranks
         self.meter = SpeedMeter(cfg.batch_size * env.world_size * plan.micro_per_step, plan.stop_step, step)
-        self.log.info(f"{cfg.config_name}: {description}, world size {env.world_size}, device {env.device}, "
-                      f"{plan.total_steps} steps ({plan.batches_per_epoch} batches/epoch), stopping at "
-                      f"{plan.stop_step}")
+        self.log.info(startup_line(cfg, env, plan, network or cfg.network, loss or cfg.loss, autocast)
+                      + f"; {description}")
 
     def log_due(self, step: int) -> bool:
         """Rank 0, every `frequent` steps and at the stop step."""
@@ -355,6 +377,12 @@ class Run:
 
     def image_due(self, step: int) -> bool:
         return self.writer is not None and bool(self.cfg.image_every) and step % self.cfg.image_every == 0
+
+    def add_image(self, step: int, tag: str, picture: Callable[[], Any]) -> None:
+        """An HWC picture for TensorBoard at `tag` when `image_due`; `picture()` (None: nothing to show) is only
+        drawn then."""
+        if self.image_due(step) and (grid := picture()) is not None:
+            self.writer.add_image(tag, grid, step, dataformats="HWC")
 
     # ---- the end ----
 
