@@ -81,7 +81,7 @@ config.dist_timeout_s = 600              # process-group timeout: a stuck or dea
 # ---- monitoring ----
 config.frequent = 10                     # console/TensorBoard log every N steps
 config.verbose = 2000                    # verification every N steps (and at the end)
-config.image_every = 500                 # clean-vs-synthesized image grid every N steps (0 = never)
+config.image_every = 500                 # clean-vs-synthesized grid every N steps and at the end (0 = never)
 config.tensorboard = True                # write TensorBoard event files in output/tensorboard
 config.wandb = False                     # also log to Weights & Biases (pip install wandb; docs/monitoring.md)
 config.wandb_project = "cfsm"            # wandb project of the run

@@ -354,3 +354,11 @@ def test_start_up_line_as_in_stage_2(tiny, tmp_path):
         in text, text
     assert ", world size 1, device cpu, precision fp32, effective batch 4 (4 per rank x 1 rank x 1 micro-batch); " \
         in text, text
+
+
+def test_a_run_shorter_than_image_every_still_shows_its_samples(tiny, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _run(_overrides(tiny, tmp_path / "o", max_steps=2, tensorboard=True, image_every=500))
+    events = EventAccumulator(str(tmp_path / "o" / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert [e.step for e in events.Images("stage1/source_synth_target")] == [2]

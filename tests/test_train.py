@@ -211,3 +211,14 @@ def test_start_up_line_names_network_loss_world_size_device_precision_and_effect
         "toy: network r_tiny, loss arcface, world size 1, device cpu, precision bf16 autocast (fp16=True on cpu), "
         "effective batch 32 (16 per rank x 1 rank x 2 micro-batches); "), line
     assert line.split("] ", 1)[1] in (tmp_path / "o" / "train.log").read_text()
+
+
+def test_a_run_shorter_than_image_every_still_shows_its_synthesized_faces(mini_toy, tmp_path, tiny_generator_file):
+    """TensorBoard gets one clean-vs-synthesized grid at the run's end, image_every=500 notwithstanding."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "short"
+    train.main(tiny_args(mini_toy, out, "max_steps=3", f"pretrained_synthesis_model={tiny_generator_file}",
+                         "rs_ratio=0.5", "k=1", "tensorboard=True", "val_targets=[]", "image_every=500"))
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert [e.step for e in events.Images("cfsm/clean_vs_synth")] == [3]

@@ -376,7 +376,9 @@ class Run:
                 self.writer.add_scalar(f"{self.tensorboard_prefix}/{name}", v, step)
 
     def image_due(self, step: int) -> bool:
-        return self.writer is not None and bool(self.cfg.image_every) and step % self.cfg.image_every == 0
+        """Every `image_every` steps and at the stop step: a run shorter than `image_every` still shows its faces."""
+        return self.writer is not None and bool(self.cfg.image_every) and (step % self.cfg.image_every == 0
+                                                                           or step == self.plan.stop_step)
 
     def add_image(self, step: int, tag: str, picture: Callable[[], Any]) -> None:
         """An HWC picture for TensorBoard at `tag` when `image_due`; `picture()` (None: nothing to show) is only
