@@ -231,3 +231,44 @@ def test_make_toy_data_adds_domains_and_refuses_unknown_ones(tmp_path, capsys):
                         "--images-per-identity", "2", "--num-eval-identities", "2", "--num-pairs", "2",
                         "--num-target-faces", "1", "--domains", "illumination"])
     assert (tmp_path / "t" / "toy_illumination.bin").is_file() and not (tmp_path / "t" / "toy_camera.bin").exists()
+
+
+def test_validation_pairs_have_their_own_identities_and_leave_the_toy_set_alone(tmp_path):
+    """toy_<style>_val.bin: pairs over identities disjoint from training, the reported pairs and the target faces,
+    the same pairs in every style; added to a set made before them without changing any of its files."""
+    import hashlib
+
+    from eval.binfile import load_bin
+    from utils.toyface import _TAG_VAL_PAIRS, VALIDATION_MARKER, VALIDATION_SETS, _make_pairs, ensure_toy_domains, \
+        validation_identities
+
+    root = ensure_toy_data(tmp_path / "toy", workers=1, **SMALL)
+    assert VALIDATION_SETS == ("toy_clean_val", "toy_target_val")
+    meta = json.loads((root / "toy_meta.json").read_text())
+    val_ids = set(validation_identities(meta))
+    taken = set(range(meta["num_classes"])) | set(range(*meta["eval_identities"])) | \
+        set(range(*meta["target_face_identities"]))
+    assert len(val_ids) == meta["num_eval_identities"] and not val_ids & taken
+    clean, same = load_bin(root / "toy_clean_val.bin")
+    target, same_t = load_bin(root / "toy_target_val.bin")
+    assert clean.shape == target.shape == (2 * meta["num_pairs"], 3, 112, 112) and np.array_equal(same, same_t)
+    reported, _ = load_bin(root / "toy_clean.bin")
+    assert not np.array_equal(clean, reported)  # other faces than the reported pairs
+    assert not np.array_equal(clean, target)  # the target style of the same renderings
+    pairs = _make_pairs(meta["seed"], sorted(val_ids), meta["num_pairs"], tag=_TAG_VAL_PAIRS)
+    assert {a for a, _, _ in pairs} <= val_ids
+
+    # a toy set from before the split: its files keep their bytes, the split comes back identical
+    val_bytes = {n: (root / f"{n}.bin").read_bytes() for n in VALIDATION_SETS}
+    for n in VALIDATION_SETS:
+        (root / f"{n}.bin").unlink()
+    (root / VALIDATION_MARKER).unlink()
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in root.iterdir() if p.is_file()}
+    ensure_toy_data(root)
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in root.iterdir()
+            if p.is_file() and p.name in before} == before
+    assert {n: (root / f"{n}.bin").read_bytes() for n in VALIDATION_SETS} == val_bytes
+    # a domain gets its validation pairs too: the same pairs in that capture
+    ensure_toy_domains(root, ["motion"], workers=1)
+    motion, same_m = load_bin(root / "toy_motion_val.bin")
+    assert motion.shape == clean.shape and np.array_equal(same_m, same)

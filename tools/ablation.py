@@ -16,7 +16,8 @@ By default the sweep runs every E of --epsilons with every K of --ks, both adv_ 
 rand_e<E>_k<K> name may be given in --methods.
 
 Every run is verified (10 folds) on toy_clean, toy_target and toy_<domain> for each of --domains: target domains
-that the hand-crafted recipe does not contain (utils/toyface.DOMAINS, added to --data when missing). The generator
+that the hand-crafted recipe does not contain (utils/toyface.DOMAINS, added to --data when missing), and on the
+validation pairs of each (toy_<name>_val: identities of their own; choose on these, report the others). The generator
 saw at most the one domain it was trained on (its stage-1 `target`, recorded in the table); the others are held out.
 
 Statistics (per target): mean and standard error over seeds, the paired difference of each method against
@@ -342,6 +343,10 @@ def main(argv=None) -> dict:
     if args.domains:
         ensure_toy_domains(data, args.domains, verbose=True)
     targets = [*TARGETS, *(f"toy_{d}" for d in args.domains)]
+    from utils.toyface import VALIDATION_SUFFIX, ensure_toy_data
+
+    ensure_toy_data(data)  # adds the validation pairs to a toy set made before them (never rewrites its files)
+    targets += [t + VALIDATION_SUFFIX for t in targets if (data / f"{t}{VALIDATION_SUFFIX}.bin").is_file()]
     runs: dict[str, dict[int, dict]] = {}
     for seed in args.seeds:  # seed-major: a study stopped part-way leaves whole seeds, which pair
         for method in args.methods:

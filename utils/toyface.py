@@ -15,6 +15,11 @@ pattern, vignetting and a tone curve), ``motion`` (motion blur along a random di
 (strong non-uniform light: a spot light and a soft cast shadow). ``ensure_toy_domains(root, names)`` adds
 ``toy_<name>.bin`` (the same pairs and the same renderings as ``toy_clean.bin``, with the domain's capture) and
 ``target_faces_<name>/`` to an existing toy folder, leaving every file ``ensure_toy_data`` wrote untouched.
+
+Validation pairs (``VALIDATION_SETS``: ``toy_clean_val.bin``, ``toy_target_val.bin``, ``toy_<domain>_val.bin``) hold
+the same styles over identities of their own, disjoint from training, from the reported pairs and from the target
+faces: choices (recipes, defaults) are made on them and the reported sets stay untouched by tuning. They are added to
+a toy folder made before they existed without rewriting any of its files.
 """
 from __future__ import annotations
 
@@ -46,6 +51,7 @@ __all__ = [
     "degrade_domain",
     "DOMAINS",
     "TOY_VERSION",
+    "VALIDATION_SETS",
 ]
 
 TOY_VERSION = 1
@@ -60,6 +66,7 @@ _ONE = 1 << _SHIFT
 # Seed-stream tags keep identities, training images, pairs and target faces independent of each other.
 _TAG_IDENTITY, _TAG_TRAIN, _TAG_PAIR_IMG, _TAG_PAIRS, _TAG_TARGET = 1, 2, 3, 4, 5
 _TAG_CAMERA = 6  # the fixed parameters of the `camera` domain (per universe seed)
+_TAG_VAL_PAIRS, _TAG_VAL_IMG = 7, 8  # the validation pairs and their images (their own identities, see below)
 
 _HAIR_COLOURS = np.array(
     [[20, 18, 16], [60, 40, 25], [110, 75, 40], [170, 130, 80], [210, 180, 120], [140, 60, 30], [150, 150, 150],
@@ -301,6 +308,12 @@ def degrade_target(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 DOMAINS = ("camera", "motion", "illumination")
 VERIFICATION_SETS = ("toy_clean", "toy_target")  # the toy .bin sets every toy set holds (names in `rec`)
+# Validation pairs: the same styles over identities of their own (numbered after the target faces' identities, so
+# disjoint from training, from VERIFICATION_SETS' pairs and from target_faces/). Recipes and defaults are chosen
+# on these; the sets above are only reported.
+VALIDATION_SUFFIX = "_val"
+VALIDATION_SETS = tuple(name + VALIDATION_SUFFIX for name in VERIFICATION_SETS)
+VALIDATION_MARKER = "toy_val.json"
 _CAMERA_KERNELS = 4  # random point-spread functions, blended across the frame
 
 
@@ -436,8 +449,8 @@ def _pool_map(jobs: list, workers: int) -> list[bytes]:
         return pool.map(_render_job, jobs, chunksize=max(16, len(jobs) // (workers * 8)))
 
 
-def _make_pairs(seed: int, ids: list[int], num_pairs: int) -> list[tuple[int, int, bool]]:
-    rng = _rng(seed, _TAG_PAIRS)
+def _make_pairs(seed: int, ids: list[int], num_pairs: int, tag: int = _TAG_PAIRS) -> list[tuple[int, int, bool]]:
+    rng = _rng(seed, tag)
     pairs = []
     for k in range(num_pairs):
         same = k % 2 == 0  # alternate genuine / impostor, like LFW folds are balanced
@@ -515,6 +528,7 @@ def ensure_toy_data(
                     f"{root}: existing toy data differs from the request (asked, found): {wrong}; "
                     f"delete {root} or use another directory"
                 )
+            _ensure_validation(root, meta, workers, verbose)  # toy sets written before the validation split
             return root
         partial = root / PARTIAL_MARKER
         held = sorted(p.name for p in root.iterdir() if p.name != PARTIAL_MARKER) if root.is_dir() else []
@@ -548,6 +562,7 @@ def ensure_toy_data(
             partial.unlink()
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        _ensure_validation(root, meta, workers, verbose)
         if verbose:
             print(f"toy data written to {root} in {meta['generation_seconds']} s", flush=True)
     return root
@@ -649,9 +664,51 @@ def ensure_toy_domains(root: str | os.PathLike, names: list[str] | tuple[str, ..
             shutil.rmtree(faces, ignore_errors=True)
             os.replace(tmp_dir, faces)
             os.replace(tmp_bin, root / f"toy_{name}.bin")
+            _write_validation_bins(root, meta, (name,), workers)
             marker.write_text(json.dumps({"domain": name, "seed": seed, "num_pairs": len(pairs),
                                           "num_target_faces": n_target,
                                           "generation_seconds": round(time.perf_counter() - t0, 2)}, indent=1))
             if verbose:
                 print(f"toy domain {name}: {root / f'toy_{name}.bin'}, {faces}", flush=True)
     return paths
+
+
+def validation_identities(meta: dict) -> list[int]:
+    """The validation pairs' identities: as many as the reported pairs have, numbered after the target faces'."""
+    first = meta["target_face_identities"][1]
+    return list(range(first, first + meta["num_eval_identities"]))
+
+
+def _write_validation_bins(root: Path, meta: dict, styles: tuple[str, ...], workers: int | None) -> None:
+    """``toy_<style>_val.bin`` for each style: ``num_pairs`` pairs over :func:`validation_identities`, the same
+    pairs and renderings in every style (as the reported sets), from seed streams of their own."""
+    from eval.binfile import write_bin
+
+    seed = meta["seed"]
+    pairs = _make_pairs(seed, validation_identities(meta), meta["num_pairs"], tag=_TAG_VAL_PAIRS)
+    base = []
+    for k, (a, b, _) in enumerate(pairs):
+        base += [(seed, a, _TAG_VAL_IMG, k, 0), (seed, b, _TAG_VAL_IMG, k, 1)]
+    encoded = _pool_map([job + (style,) for style in styles for job in base], workers or min(os.cpu_count() or 1, 8))
+    for i, style in enumerate(styles):
+        name = f"toy_{style}{VALIDATION_SUFFIX}.bin"
+        tmp = root / f".{name}.tmp"
+        write_bin(tmp, encoded[i * len(base):(i + 1) * len(base)], [s for _, _, s in pairs])
+        os.replace(tmp, root / name)
+
+
+def _ensure_validation(root: Path, meta: dict, workers: int | None, verbose: bool) -> None:
+    """Add the validation pairs (clean, target, and every domain already there) once; called under the toy lock.
+    Files written before are never touched, so a toy set made before the split keeps its bytes."""
+    marker = root / VALIDATION_MARKER
+    if marker.is_file():
+        return
+    t0 = time.perf_counter()
+    domains = tuple(n for n in DOMAINS if (root / f"toy_{n}.json").is_file())
+    _write_validation_bins(root, meta, ("clean", "target") + domains, workers)
+    marker.write_text(json.dumps({"seed": meta["seed"], "num_pairs": meta["num_pairs"],
+                                  "identities": [validation_identities(meta)[0], validation_identities(meta)[-1] + 1],
+                                  "generation_seconds": round(time.perf_counter() - t0, 2)}, indent=1))
+    if verbose:
+        print(f"toy validation pairs: {', '.join(f'toy_{n}{VALIDATION_SUFFIX}.bin' for n in ('clean', 'target') + domains)}"
+              f" in {root}", flush=True)
