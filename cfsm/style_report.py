@@ -193,17 +193,25 @@ def report_scalars(report: dict) -> dict[str, float]:
                                           "sharpness_gap_fraction")}
     out.update({f"sharpness_{k}": float(v) for k, v in report["sharpness"].items()})
     out["goals_met"] = float(sum(g["met"] for g in report["goals"].values()))
+    if "domain_gap" in report:
+        out["domain_gap"] = float(report["domain_gap"]["relative_gap"])
     return out
 
 
 def write_style_report(generator, id_net, faces: torch.Tensor, target_faces: torch.Tensor, out: str | Path,
                        distance_range: Sequence[float] = (0.0, 6.0, 0.05, 0.65), directions: int = 3,
-                       seed: int = 0) -> dict:
-    """`style_report`, written as OUT/style_report.json and OUT/style_report.png (curve, bars, samples)."""
+                       seed: int = 0, gap_faces: torch.Tensor | None = None,
+                       gap_target_faces: torch.Tensor | None = None) -> dict:
+    """`style_report`, written as OUT/style_report.json and OUT/style_report.png (curve, bars, samples); with
+    ``gap_faces`` / ``gap_target_faces`` (larger sets: means and covariances) also the generator's domain gap
+    (cfsm/domain_gap.py) as ``report["domain_gap"]``: the usefulness measure, not one of the goals."""
+    from cfsm.domain_gap import domain_gap
     from cfsm.visualize import style_report_figure, training_samples_grid
 
     out = Path(out)
     report = style_report(generator, id_net, faces, target_faces, distance_range, directions=directions, seed=seed)
+    if gap_faces is not None and gap_target_faces is not None:
+        report["domain_gap"] = domain_gap(generator, id_net, gap_faces, gap_target_faces, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     write_json(report, out / "style_report.json")
     param = next(iter(generator.parameters()), None)
@@ -225,11 +233,16 @@ def evenly_spaced(dataset, count: int) -> torch.Tensor:
 
 def report_from_datasets(generator, id_net, source, target, num_faces: int, out: str | Path,
                          distance_range: Sequence[float]) -> dict:
-    """Stage 1's end-of-run report: ``num_faces`` source and target faces, written under ``out``."""
+    """Stage 1's end-of-run report: ``num_faces`` source and target faces, written under ``out``, and the domain
+    gap on ``GAP_FACES`` of each."""
+    from cfsm.domain_gap import GAP_FACES
+
     was_training = generator.training
     generator.eval()
     try:
         return write_style_report(generator, id_net, evenly_spaced(source, num_faces),
-                                  evenly_spaced(target, num_faces), out, distance_range)
+                                  evenly_spaced(target, num_faces), out, distance_range,
+                                  gap_faces=evenly_spaced(source, GAP_FACES),
+                                  gap_target_faces=evenly_spaced(target, GAP_FACES))
     finally:
         generator.train(was_training)

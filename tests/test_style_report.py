@@ -105,9 +105,13 @@ def test_cli_writes_json_png_and_prints_json_last(tmp_path, mini_toy, capsys):
     torch.save(get_model("r_tiny", num_features=32).state_dict(), idm)
     report = cli.main([str(gen), "--faces", str(mini_toy), "--id-model", str(idm), "--id-network", "r_tiny",
                        "--target-faces", str(mini_toy / "target_faces"), "--out", str(tmp_path / "r"),
-                       "--num-faces", "3", "--num-target-faces", "2", "--directions", "1"])
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+                       "--num-faces", "3", "--num-target-faces", "2", "--directions", "1", "--gap-faces", "4"])
+    printed = capsys.readouterr()
+    last = printed.out.strip().splitlines()[-1]
     assert json.loads(last)["recon_l1"] == pytest.approx(report["recon_l1"])
+    gap = json.loads(last)["domain_gap"]  # the usefulness measure (cfsm/domain_gap.py), on its own face sets
+    assert (gap["num_faces"], gap["num_target_faces"]) == (4, 4) and gap["relative_gap"] >= 0
+    assert f"domain gap: {gap['relative_gap']:.3f}" in printed.err
     assert (tmp_path / "r" / "style_report.png").stat().st_size > 1000
     assert json.loads((tmp_path / "r" / "style_report.json").read_text())["goals"].keys() == report["goals"].keys()
     with pytest.raises(SystemExit, match="--num-faces"):
@@ -137,6 +141,7 @@ def test_stage1_writes_the_report_and_checks_recipe_keys(tmp_path):
     summary = run()
     report = summary["style_report"]
     assert report["num_faces"] == 3 and set(report["goals"]) >= {"recon_l1", "magnitude_spearman", "sharpness"}
+    assert report["domain_gap"]["num_faces"] == 16 and report["domain_gap"]["relative_gap"] >= 0  # all 16 faces
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["style_report"]["recon_l1"] == \
         pytest.approx(report["recon_l1"])
     assert (tmp_path / "out" / "style_report" / "style_report.png").is_file()

@@ -36,6 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--num-faces", type=int, default=32, help="clean faces measured (>= 32 recommended)")
     p.add_argument("--num-target-faces", type=int, default=32, help="real target faces measured")
+    p.add_argument("--gap-faces", type=int, default=256,
+                   help="clean and target faces for the domain gap (cfsm/domain_gap.py; 0 = do not measure it)")
     p.add_argument("--directions", type=int, default=3, help="random unit directions per face and |o|")
     p.add_argument("--distance-range", type=float, nargs=4, default=(0.0, 6.0, 0.05, 0.65),
                    metavar=("LA", "UA", "LM", "UM"), help="stage 1's id_distance_range (defines d*)")
@@ -58,6 +60,8 @@ def main(argv=None) -> dict:
     # checked before any model is loaded or face measured
     if args.num_target_faces < 1:
         raise UsageError(f"--num-target-faces must be >= 1, got {args.num_target_faces}")
+    if args.gap_faces == 1 or args.gap_faces < 0:
+        raise UsageError(f"--gap-faces must be 0 (off) or >= 2, got {args.gap_faces}")
     if args.directions < 1:
         raise UsageError(f"--directions must be >= 1, got {args.directions}")
     if args.distance_range[0] == args.distance_range[1]:
@@ -69,8 +73,18 @@ def main(argv=None) -> dict:
     faces = load_faces(args.faces, args.num_faces, args.seed)
     target_faces = load_faces(args.target_faces, args.num_target_faces, args.seed, "--target-faces",
                               "--num-target-faces")
+    gap = {}
+    if args.gap_faces:
+        gap = dict(gap_faces=load_faces(args.faces, args.gap_faces, args.seed, count_flag="--gap-faces"),
+                   gap_target_faces=load_faces(args.target_faces, args.gap_faces, args.seed, "--target-faces",
+                                               "--gap-faces"))
     report = write_style_report(generator, id_net, faces, target_faces, Path(args.out), tuple(args.distance_range),
-                        args.directions, args.seed)
+                                args.directions, args.seed, **gap)
+    if "domain_gap" in report:
+        g = report["domain_gap"]
+        print(f"domain gap: {g['relative_gap']:.3f} (Fréchet distance synthesized-target {g['fd_synth_target']:.4f} / "
+              f"clean-target {g['fd_clean_target']:.4f}; 0 = like the target, 1 = no closer than clean faces)",
+              file=sys.stderr)
     print(f"style report: {Path(args.out) / 'style_report.png'}", file=sys.stderr)
     print(json.dumps(json_safe(report), allow_nan=False), flush=True)  # valid JSON: NaN as null
     return report
