@@ -70,6 +70,7 @@ def generator_style_report(out: Path, data: Path, network: str, embedding_size: 
         if report is not None:
             return report
     from cfsm import load_generator
+    from cfsm.domain_gap import GAP_FACES
     from cfsm.style_report import evenly_spaced, write_style_report
     from cfsm.target_data import TargetFaceDataset
     from dataset import build_dataset
@@ -77,10 +78,12 @@ def generator_style_report(out: Path, data: Path, network: str, embedding_size: 
 
     id_net = load_backbone(out / "baseline" / "model.pt", network, embedding_size=embedding_size, device="cpu")
     stage1 = json.loads(summary.read_text())["config"] if summary.is_file() else {}
+    source, target = build_dataset(data, augment=False), TargetFaceDataset(data / "target_faces")
     return write_style_report(load_generator(out / "generator" / "generator.pth"), id_net,
-                              evenly_spaced(build_dataset(data, augment=False), 32),
-                              evenly_spaced(TargetFaceDataset(data / "target_faces"), 32), out / "style_report",
-                              stage1.get("id_distance_range", (0.0, 6.0, 0.05, 0.65)))
+                              evenly_spaced(source, 32), evenly_spaced(target, 32), out / "style_report",
+                              stage1.get("id_distance_range", (0.0, 6.0, 0.05, 0.65)),
+                              gap_faces=evenly_spaced(source, GAP_FACES),
+                              gap_target_faces=evenly_spaced(target, GAP_FACES))
 
 
 def bar_chart(results: dict, path: Path) -> None:
@@ -163,18 +166,26 @@ def main(argv=None) -> dict:
         bar.update(1)
 
     style = generator_style_report(out, data, cfg["network"], cfg["embedding_size"])
-    write_json({**results, "generator_style_report": style}, out / "results.json")
+    gain = {t: results["cfsm"][t] - results["baseline"][t] for t in TARGETS}  # the method's effect, per target
+    write_json({**results, "gain": gain, "generator_style_report": style}, out / "results.json")
     bar_chart(results, out / "results.png")
     lines = ["", f"{'method':<10}" + "".join(f"{t:>12}" for t in TARGETS)]
     lines += [f"{m:<10}" + "".join(f"{100 * r[t]:>11.2f}%" for t in TARGETS) for m, r in results.items()]
+    lines.append(f"{'gain':<10}" + "".join(f"{100 * gain[t]:>+11.2f} " for t in TARGETS)
+                 + "  (cfsm - baseline, points; same data, schedule and seed)")
     lines.append(f"\nresults: {out / 'results.json'}, chart: {out / 'results.png'}, "
                  f"style grid: {out / 'style_grid'}; {time.time() - t0:.0f} s")
+    if "domain_gap" in style:
+        g = style["domain_gap"]
+        lines.append(f"generator domain gap: {g['relative_gap']:.3f} (Fréchet distance of the identity network's "
+                     f"embeddings, synthesized vs real target faces, relative to clean vs target; "
+                     f"docs/generator_check.md)")
     met = [name for name, goal in style["goals"].items() if goal["met"]]
-    lines.append(f"generator style report: {len(met)}/{len(style['goals'])} goals met ("
+    lines.append(f"generator style report (diagnostics): {len(met)}/{len(style['goals'])} goals met ("
                  + ", ".join(f"{name} {goal['value']:.3f}{'' if goal['met'] else ' (not met)'}"
                              for name, goal in style["goals"].items()) + ")")
     print("\n".join(lines), flush=True)
-    return {**results, "generator_style_report": style}
+    return {**results, "gain": gain, "generator_style_report": style}
 
 
 if __name__ == "__main__":
