@@ -99,3 +99,44 @@ def test_bad_uses_are_named(model_file: Path, photos: dict, tmp_path: Path) -> N
 
     with pytest.raises(EvalInputError, match=r"astronaut\.png is 512x512, expected an aligned 112x112 face"):
         _main(model_file, photos["astronaut"], crop)  # a raw photo without --align
+
+
+def _readme_lines(word: str) -> list[str]:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
+    return [line for line in readme if word in line]
+
+
+@pytest.mark.slow
+def test_readme_compare_faces_lines_run_as_written_on_a_fresh_clone(tmp_path: Path) -> None:
+    """Every README compare_faces line with --bin names a set a newcomer has: the toy line runs as written (after the
+    README's photo line and the toy steps, here a small toy set and an untrained toy model), and the lfw.bin line
+    says where that file comes from."""
+    import shlex
+    import subprocess
+    import sys
+
+    import torch
+
+    from backbones import get_model
+    from tests.helpers import REPO, headroom, launch_env
+    from utils.toyface import ensure_toy_data
+
+    lines = _readme_lines("python -m tools.compare_faces")
+    readme = (REPO / "README.md").read_text()
+    lfw = [line for line in lines if "--bin data/lfw.bin" in line]
+    assert lfw and all("faces_emore" in readme.split(line, 1)[1][:400] for line in lfw), "say where lfw.bin comes from"
+    toy = [line for line in lines if "--bin data/toy/" in line]
+    assert toy, "no compare_faces line a fresh clone can run"
+    # the 300 impostor pairs of toy_clean.bin measure FAR 1e-2; 100 here are the fewest that do
+    ensure_toy_data(tmp_path / "data" / "toy", num_identities=4, images_per_identity=2, num_eval_identities=10,
+                    num_pairs=200, num_target_faces=2, workers=1)
+    (tmp_path / "work_dirs" / "toy").mkdir(parents=True)
+    torch.save(get_model("r_tiny", num_features=128).state_dict(), tmp_path / "work_dirs" / "toy" / "model.pt")
+    env = launch_env(PYTHONPATH=str(REPO))
+    (photo_line,) = _readme_lines("photos/astronaut_rot20.png')\"")
+    for line in [photo_line, *toy]:
+        command = shlex.split(line.split("  #")[0])
+        command[0] = sys.executable
+        proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=headroom(120))
+        assert proc.returncode == 0, f"{line}\n{proc.stderr[-2000:]}"
+    assert "verdict: " in proc.stdout and "on data/toy/toy_clean.bin" in proc.stdout, proc.stdout
