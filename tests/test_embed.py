@@ -109,3 +109,32 @@ def test_align_without_any_face_is_an_error(tmp_path: Path, model_file) -> None:
     with pytest.raises(NoFaceError, match=r"no face aligned from any of the 1 photo \(first: photo .*blank\.png: "
                                           r"no face found"):
         _run(str(tmp_path / "blank.png"), "--align", "--model", str(model_file), "--out", str(tmp_path / "emb"))
+
+
+def test_a_few_images_are_read_without_reader_processes(tmp_path: Path, faces, model_file) -> None:
+    """5 images: no --workers given, none are started (each costs seconds to spawn), the decision is printed, and
+    the rows equal an explicit --workers 0 run's."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, headroom, launch_env
+
+    command = [sys.executable, "-m", "tools.embed", str(tmp_path / "faces"), "--model", str(model_file),
+               "--network", "r_tiny", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "auto")]
+    proc = subprocess.run(command, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=headroom(60))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "image readers: 0 (5 images: read in the main process, faster than starting a reader process " \
+           "(--workers N to choose))" in proc.stdout.splitlines(), proc.stdout
+    explicit = _run(str(tmp_path / "faces"), "--model", str(model_file), "--out", str(tmp_path / "zero"))
+    assert np.array_equal(np.load(tmp_path / "auto" / "embeddings.npy"), np.load(explicit / "embeddings.npy"))
+
+
+def test_reader_count_follows_the_input_size() -> None:
+    import os
+
+    from utils.cli import IMAGES_PER_READER, auto_workers
+
+    assert auto_workers(None, IMAGES_PER_READER - 1)[0] == 0
+    assert auto_workers(None, IMAGES_PER_READER)[0] == 1
+    assert auto_workers(None, 100 * IMAGES_PER_READER)[0] == min(8, os.cpu_count() or 1)
+    assert auto_workers(3, 5) == (3, "--workers 3")  # the user's choice stands

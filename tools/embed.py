@@ -12,7 +12,9 @@ without a face are skipped with a ``warning:`` line), and ``DIR/faces.csv`` says
 
 Writes ``DIR/embeddings.npy`` (float32 [N, D]; row i is the i-th line of ``DIR/images.txt``). By default each row is
 the flip-fused raw embedding ``emb(x) + emb(mirror(x))`` as in the evaluation tools; ``--no-flip`` keeps ``emb(x)``
-and ``--normalize`` L2-normalises the rows (compare them with a dot product).
+and ``--normalize`` L2-normalises the rows (compare them with a dot product). Without ``--workers`` the number of
+reader processes follows the input (none below 20,000 images: starting one costs seconds); the line
+``image readers: N (why)`` says what was decided.
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ from eval.align import add_align_args, align_photos, crops_tensor, detector_from
 from eval.common import EvalInputError, FaceImages, add_model_args, check_output_folder, embed_batches, \
     embed_dataset, eval_ranks, flip_fuse, iter_chunks, model_from_args
 from eval.metrics import l2_normalize
-from utils.cli import ArgumentParser, UsageError, add_out_arg, expanded_path, run_command
+from utils.cli import ArgumentParser, UsageError, add_auto_workers_arg, add_out_arg, auto_workers, \
+    expanded_path, run_command
 from utils.distributed import DistEnv
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -74,7 +77,8 @@ def main(argv: list[str] | None = None) -> Path:
     ap = ArgumentParser(description=__doc__)
     ap.add_argument("images", type=expanded_path,
                     help="folder of aligned 112x112 faces, a .txt list of paths or one image (photos with --align)")
-    add_model_args(ap)
+    add_model_args(ap, image_workers=False)
+    add_auto_workers_arg(ap)  # from the number of images: starting readers for a handful costs seconds
     add_out_arg(ap, "embeddings.npy and images.txt")
     ap.add_argument("--no-flip", action="store_true", help="original image only (default: add the mirror's embedding)")
     ap.add_argument("--normalize", action="store_true", help="L2-normalise each embedding (default: raw)")
@@ -106,8 +110,11 @@ def embed(args: argparse.Namespace, env: DistEnv) -> Path | None:
         orig, flipped = embed_batches(backbone, batches, len(crops), device, flip=not args.no_flip,
                                       amp=not args.no_amp, progress=not args.no_progress, desc="embed")
     else:
+        workers, why = auto_workers(args.workers, -(-len(paths) // env.world_size))  # this rank's share
+        if env.is_main:
+            print(f"image readers: {workers} ({why})")
         embedded = embed_dataset(backbone, FaceImages(paths, None, bgr=args.bgr), batch_size=args.batch_size,
-                                 workers=min(args.workers, len(paths)), device=device, flip=not args.no_flip,
+                                 workers=min(workers, len(paths)), device=device, flip=not args.no_flip,
                                  amp=not args.no_amp, progress=not args.no_progress, desc="embed", env=env)
         if embedded is None:
             return None  # another rank than 0: rank 0 has every row and writes the results
