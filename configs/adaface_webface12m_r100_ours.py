@@ -1,11 +1,17 @@
-"""AdaFace R100 on WebFace12M with CFSM guided synthesis."""
+"""AdaFace R100 on WebFace12M with CFSM guided synthesis: AdaFace's own IR-101 (`ir_101`, the network of the released
+AdaFace+CFSM model), so `pretrained_backbone_model=` that `.ckpt` fine-tunes it and the eval commands read it.
+
+AdaFace's network, not InsightFace's iresnet100: AdaFace's IR layout (`input_layer` / `body.N` / `output_layer`) and
+its dropout 0.4 before the embedding layer. Caveat: train.py feeds every network RGB; AdaFace's released models were
+trained on BGR, so a fine-tune from one starts with its channels swapped (docs/backbones.md)."""
 from easydict import EasyDict as edict
 
 config = edict()
 config.rec = "/train_tmp/WebFace12M"
 config.num_classes = 617970
 config.num_image = 12720066
-config.network = "r100"
+config.network = "ir_101"
+config.dropout = 0.4  # AdaFace's output_layer dropout
 config.loss = "adaface"
 config.m = 0.4
 config.s = 64.0

@@ -111,3 +111,37 @@ def test_toy_variant_trains_a_step_with_checkpointing_and_fp16() -> None:
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
     half = get_model("ir_tiny", num_features=16, fp16=True).eval()
     assert half(x).dtype == torch.float32
+
+
+@pytest.mark.parametrize("loss", ["arcface", "cosface", "combined", "adaface"])
+def test_train_py_trains_adaface_ir_with_every_loss_and_partial_fc(mini_toy, tmp_path, loss: str) -> None:
+    """train.py, network=ir_tiny (AdaFace's IR classes), each margin loss with Partial FC sampling half the
+    centres and AdaFace's dropout 0.4: the run ends with a model.pt of AdaFace's layout."""
+    import train
+    from tests.helpers import tiny_args
+
+    out = tmp_path / loss
+    summary = train.main(tiny_args(mini_toy, out, "network=ir_tiny", f"loss={loss}", "sample_rate=0.5",
+                                   "dropout=0.4", "max_steps=2", "val_targets=[]", "image_every=0"))
+    assert summary["steps"] == 2 and np.isfinite(summary["final_loss"])
+    state = torch.load(out / "model.pt", weights_only=True)
+    assert next(iter(state)) == "input_layer.0.weight" and "output_layer.4.running_var" in state
+    get_model("ir_tiny", num_features=32).load_state_dict(state, strict=True)
+
+
+def test_train_py_fine_tunes_from_an_adaface_ckpt(mini_toy, tmp_path, capfd) -> None:
+    """pretrained_backbone_model= an AdaFace-shaped Lightning .ckpt: the backbone starts from its `model.` weights
+    and a note says the head was dropped."""
+    import train
+    from tests.helpers import tiny_args
+    from tests.test_checkpoint_lightning import write_adaface_ckpt
+
+    torch.manual_seed(3)
+    init = get_model("ir_tiny", num_features=32).state_dict()
+    path = write_adaface_ckpt(tmp_path / "adaface.ckpt", init)
+    train.main(tiny_args(mini_toy, tmp_path / "ft", "network=ir_tiny", "loss=adaface", "max_steps=1", "lr=1e-8",
+                         "val_targets=[]", "image_every=0", f"pretrained_backbone_model={path}"))
+    assert f"note: {path}: Lightning checkpoint (pytorch-lightning 1.8.6); dropped 4 tensors outside 'model.'" \
+        in capfd.readouterr().err
+    final = torch.load(tmp_path / "ft" / "model.pt", weights_only=True)
+    assert torch.allclose(final["body.0.res_layer.1.weight"], init["body.0.res_layer.1.weight"], atol=1e-5)
