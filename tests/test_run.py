@@ -14,7 +14,7 @@ import torch
 from configs.loader import ConfigError, base_config
 from utils.distributed import DistEnv
 from utils.run import Run, plan_steps
-from tests.helpers import headroom
+from tests.helpers import headroom, launch_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -173,6 +173,29 @@ def test_rerunning_a_finished_command_touches_nothing_and_a_lowered_stop_is_refu
     with pytest.raises(CheckpointError, match=r"is at step 3, past this run's stop step 2 \(max_steps=2"):
         train.main(_tiny(mini_toy, out, "max_steps=2"))
     assert "error: checkpoint" in (out / "train.log").read_text()  # a failure after the folder opened is logged
+
+
+@pytest.mark.parametrize("lowered, refusal", [
+    ("max_steps=6", "is at step 12, past this run's stop step 6 (max_steps=6, num_epoch=2)"),
+    ("num_epoch=1", "is at step 12, 2 epochs into the data, past this run's num_epoch=1: raise num_epoch to 2 or "
+                    "more to continue that run"),
+])
+def test_a_refused_rerun_prints_the_refusal_only_and_writes_nothing(mini_toy, tmp_path, lowered, refusal):
+    """A finished 2-epoch run, re-run with a lowered stop and a changed lr: one error line, no warning first that
+    changed values "apply from here on", and model.pt / summary.json as they were (a lowered num_epoch was finished
+    again as "epochs 2.0 of a 1-epoch schedule", exit 0)."""
+    import train
+
+    out = tmp_path / "run"
+    train.main(_tiny(mini_toy, out, "val_targets=[]"))
+    kept = {name: (out / name).read_bytes() for name in ("model.pt", "summary.json")}
+    proc = subprocess.run([sys.executable, "train.py", *_tiny(mini_toy, out, "val_targets=[]", "lr=0.05", lowered)],
+                          cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=headroom(120))
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "apply from here on" not in proc.stdout + proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: checkpoint {out / 'checkpoints' / 'step_00000012'} {refusal}"), line
+    assert {name: (out / name).read_bytes() for name in kept} == kept
 
 
 def test_a_run_whose_updates_were_mostly_skipped_fails_without_a_model(mini_toy, tmp_path):

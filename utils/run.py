@@ -243,13 +243,22 @@ class Run:
         if resumed is None:
             self.refuse_other_run("starting at step 0")
             return 0
-        self._continue_course(resumed)  # another world size: stop step and schedule placed by samples
+        elastic_line = self._continue_course(resumed)  # another world size: stop step, schedule placed by samples
         step = resumed.step
         if step > self.plan.stop_step:
             raise ckpt.CheckpointError(
                 f"checkpoint {resumed.directory} is at step {step}, past this run's stop step {self.plan.stop_step} "
                 f"(max_steps={self.cfg.max_steps}, num_epoch={self.cfg.num_epoch}): raise them to continue that "
                 f"run, or set output= to a new folder")
+        epochs = self.epochs_done(step)  # a course's stop step never precedes its checkpoint: the data tells
+        if epochs > self.cfg.num_epoch:
+            raise ckpt.CheckpointError(
+                f"checkpoint {resumed.directory} is at step {step}, {epochs:.4g} epochs into the data, past this "
+                f"run's num_epoch={self.cfg.num_epoch}: raise num_epoch to {math.ceil(epochs)} or more to continue "
+                f"that run, or set output= to a new folder")
+        for line in (resumed.change_line(), elastic_line):  # accepted: now say what changes, in that order
+            if line is not None:
+                self.log.warning(line)
         load(resumed)
         rng_state.restore_rng_state(resumed.state["rng"], self.rngs)
         counters = resumed.state.get("run_counters", {})
@@ -261,13 +270,13 @@ class Run:
                       f"consumed")
         return step
 
-    def _continue_course(self, resumed: run_state.Resumed) -> None:
+    def _continue_course(self, resumed: run_state.Resumed) -> str | None:
         """Place the data by the samples the checkpoint consumed. When its world size (or batch) differs from this
         run's: set the stop step and the lr schedule's position (in `resumed.state['scheduler']`) by samples and
-        log what changed (utils/elastic.py)."""
+        return the line saying what changed (utils/elastic.py; logged once the resume is accepted)."""
         saved = elastic.saved_course(resumed.state, resumed.meta)
         if saved is None:
-            return  # an old checkpoint without a record: positions follow from the step count, as it was written
+            return None  # an old checkpoint without a record: positions follow from the step count, as written
         cfg, env = self.cfg, self.env
         self.course = elastic.DataCourse(resumed.step, saved["epoch"], saved["consumed"], self.dataset_len,
                                          cfg.batch_size * env.world_size, self.plan.micro_per_step)
@@ -275,11 +284,11 @@ class Run:
                                                             cfg.max_steps)
         self.plan = dataclasses.replace(self.plan, stop_step=stop)  # the same as planned unless a change happened
         if (saved["world_size"], saved["batch_size"]) == (env.world_size, cfg.batch_size):
-            return  # the saved schedule position is already by samples
+            return None  # the saved schedule position is already by samples
         if "scheduler" in resumed.state:
             resumed.state["scheduler"] = {**resumed.state["scheduler"], "last_epoch": schedule_step}
-        self.log.warning("resume: " + elastic.describe_change(saved, self.course, env.world_size, cfg.batch_size,
-                                                              schedule_step, self.plan.total_steps, stop))
+        return "resume: " + elastic.describe_change(saved, self.course, env.world_size, cfg.batch_size,
+                                                    schedule_step, self.plan.total_steps, stop)
 
     def position(self, step: int) -> tuple[int, int]:
         """(epoch, samples of it consumed by all ranks) at `step`."""
@@ -287,6 +296,11 @@ class Run:
             return self.course.at_step(step)
         epoch, batch = divmod(step * self.plan.micro_per_step, self.plan.batches_per_epoch)
         return epoch, batch * self.cfg.batch_size * self.env.world_size
+
+    def epochs_done(self, step: int) -> float:
+        """Epochs of data consumed at `step` (by samples when resumed from a record: any world size)."""
+        epoch, consumed = self.position(step)
+        return epoch + consumed / (self.plan.batches_per_epoch * self.cfg.batch_size * self.env.world_size)
 
     def save_due(self, step: int) -> bool:
         """A checkpoint inside the run: every `save_every` steps (stage 1 also at each epoch's end)."""
@@ -394,9 +408,7 @@ class Run:
         summary = None
         if self.env.is_main:
             trained = step > self.start_step
-            epoch, consumed = self.position(step)
-            summary = {"config": dict(self.cfg), "steps": step, "epochs": epoch + consumed / (
-                self.plan.batches_per_epoch * self.cfg.batch_size * self.env.world_size),
+            summary = {"config": dict(self.cfg), "steps": step, "epochs": self.epochs_done(step),
                        **results(), "skipped_steps": self.skipped,
                        "samples_per_sec": self.meter.mean(step) if trained else None,
                        "wall_s": time.time() - self.start_time}

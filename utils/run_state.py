@@ -143,6 +143,14 @@ class Resumed:
     meta: dict        # its COMPLETE marker
     changes: list     # (key, old, new) schedule keys whose new value applies from `step` on
 
+    def change_line(self) -> str | None:
+        """The one warning naming the changed keys; logged by the caller once the resume is accepted (a refusal
+        must not be preceded by news of values that will not apply)."""
+        if not self.changes:
+            return None
+        return (f"resume from step {self.step}: config changed, the new values apply from here on: "
+                + ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in self.changes))
+
 
 def _own_file_status(directory: Path, meta: dict, rank: int) -> str | None:
     """None when this rank's file is present with the size and SHA-256 COMPLETE recorded, else what is wrong."""
@@ -203,9 +211,6 @@ def resume(output: str | os.PathLike, policy: bool | str, ranks: Ranks, kind: st
             log.warning(f"checkpoint {directory} could not be loaded on every rank"
                         f"{f' ({last_error})' if state is None else ''}: falling back to an older one")
             continue
-        if changes:
-            log.warning(f"resume from step {step}: config changed, the new values apply from here on: "
-                        + ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes))
         if meta.get("finite") is False:
             log.warning(f"resuming from {directory}, whose state is not finite ({meta.get('nonfinite')}); last "
                         f"finite checkpoint: {last_finite_checkpoint(output) or 'none'}")
