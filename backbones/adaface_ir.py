@@ -13,8 +13,9 @@ that fix the layout (so AdaFace's released ``.ckpt`` weights load strictly, afte
   Conv3x3, BN, PReLU, Conv1x1 (-> width, *the stride sits here*), BN; stage widths 256/512/1024/2048.
 * ``ir_se``: the block's ``res_layer`` gets a last module ``se_block`` (squeeze-excitation, reduction 16: average
   pool, Conv1x1 ``fc1`` no bias, ReLU, Conv1x1 ``fc2`` no bias, sigmoid, times the input).
-* ``output_layer`` (created before ``body``: its keys come first) = BatchNorm2d, Dropout (0.4 in AdaFace's training), Flatten, Linear(C*7*7 -> 512),
-  BatchNorm1d(512, affine=False) — the final BN has running statistics and no weight or bias.
+* ``output_layer`` (created before ``body``: its keys come first) = BatchNorm2d, Dropout (0.4 in AdaFace's
+  training), Flatten, Linear(C*7*7 -> 512), BatchNorm1d(512, affine=False) — the final BN has running statistics
+  and no weight or bias.
 * Every BatchNorm has eps 1e-5 (PyTorch's default).
 
 Forward: AdaFace returns ``(x / |x|, |x|)``; this returns the raw ``x`` (= their product), the embedding every

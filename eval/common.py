@@ -307,8 +307,9 @@ def load_backbone(
     ``network="auto"`` (the CLIs' default): the run's ``summary.json`` beside ``model.pt``, else detected from the
     file's keys and shapes (:func:`choose_backbone`). The file is read without executing anything from it
     (``utils.model_file``: plain state dicts, arcface_torch / train.py checkpoints, Lightning and AdaFace ``.ckpt``,
-    CVLFace ``.safetensors``; ``module.`` / ``model.`` / ``net.`` prefixes stripped, a training head dropped). A file of another architecture raises an error that names the first mismatching key and what the
-    file holds. Returns the model in eval mode on ``device``.
+    CVLFace ``.safetensors``; ``module.`` / ``model.`` / ``net.`` prefixes stripped, a training head dropped). A file
+    of another architecture raises an error that names the first mismatching key and what the file holds. Returns
+    the model in eval mode on ``device``.
     """
     return load_backbone_choice(model_path, network, embedding_size, device)[0]
 

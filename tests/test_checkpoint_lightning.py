@@ -294,3 +294,27 @@ def test_export_onnx_of_an_adaface_ckpt_reverses_channels(tmp_path: Path) -> Non
     with torch.no_grad():
         want = model(x.flip(1)).numpy()
     assert np.abs(got - want).max() < 1e-4 * np.abs(want).max()
+
+
+def test_eval_verification_prints_the_line_and_records_the_channel_order(tmp_path: Path) -> None:
+    """An eval command (eval.verification on a .bin) on an AdaFace-shaped .ckpt: the same one line on stderr, BGR fed
+    without a flag and recorded; a second rank would not print it (rank 0 only, see model_from_args)."""
+    torch.manual_seed(0)
+    path = write_adaface_ckpt(tmp_path / "tiny.ckpt", get_model("ir_tiny", num_features=16).state_dict())
+    done = _run("eval.verification", "--model", str(path), "--bin", str(FIXTURES / "mxrec" / "tiny_ver.bin"),
+                "--device", "cpu", "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert [l for l in done.stderr.splitlines() if l.startswith("model: ")] == [
+        f"model: {path}: ir_tiny (AdaFace layout, detected from its keys and shapes; Lightning checkpoint "
+        "(pytorch-lightning 1.8.6): dropped 4 tensors outside 'model.' (the training head: head.kernel [512, 10], "
+        "head.t [1] and 2 more); 'model.' prefix removed), 16-d embeddings, BGR input (AdaFace networks are trained "
+        "on BGR)"]
+    from eval.common import load_backbone_choice as load
+    from eval.verification import evaluate_verification
+    from eval.binfile import load_bin
+
+    images, issame = load_bin(FIXTURES / "mxrec" / "tiny_ver.bin")
+    model, _ = load(path)
+    bgr = evaluate_verification(model, images.flip(1), issame, batch_size=16, device=torch.device("cpu"))
+    rgb = evaluate_verification(model, images, issame, batch_size=16, device=torch.device("cpu"))
+    assert f"xnorm {bgr['xnorm']:.3f}" in done.stdout and f"{bgr['xnorm']:.3f}" != f"{rgb['xnorm']:.3f}"

@@ -163,12 +163,12 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The backbone state dict of a model file: a plain state dict (InsightFace backbone.pth / model.pt), an
     arcface_torch or train.py checkpoint, a Lightning / AdaFace ``.ckpt`` or a CVLFace ``.safetensors``, read without
     executing anything from it (``utils.model_file``); ``module.`` / ``model.`` / ``net.`` prefixes stripped, a
-    training head dropped. What was dropped is printed as one ``note:`` line (rank 0), so fine-tuning from a
-    Lightning file says so."""
+    training head dropped. Dropped tensors are named in one ``note:`` line (rank 0), so fine-tuning from a
+    Lightning file says what it left out."""
     from utils.model_file import read_model_file
 
     found = read_model_file(path)
-    if found.notes and os.environ.get("RANK", "0") == "0":
+    if any("dropped" in n for n in found.notes) and os.environ.get("RANK", "0") == "0":
         print(f"note: {path}: {found.kind}; {'; '.join(found.notes)}", file=sys.stderr)
     return found.state
 

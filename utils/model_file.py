@@ -307,11 +307,6 @@ class ModelFile:
     channel_source: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def adaface_checkpoint(self) -> bool:
-        """A Lightning checkpoint written by AdaFace's trainer (``model.`` backbone beside ``head.kernel``)."""
-        return bool(self.extra.get("adaface_head"))
-
 
 def _is_tensor(value: Any) -> bool:
     return isinstance(value, (torch.Tensor, LazyTensor))
@@ -404,12 +399,12 @@ def read_model_file(path: str | os.PathLike) -> ModelFile:
                                                           obj.items()):
         bad = next(((k, v) for k, v in obj.items() if not _is_tensor(v)), None) if isinstance(obj, Mapping) else None
         where = f" (entry '{bad[0]}' is {describe_value(bad[1])})" if bad else ""
-        raise CheckpointError(f"{path}{inert_because} holds no state dict of tensors{where}: it holds {_describe_holdings(obj)}; "
+        raise CheckpointError(f"{path}{inert_because} holds no state dict of tensors{where}: it holds "
+                              f"{_describe_holdings(obj)}; "
                               "give a backbone state dict, a train.py model.pt, an arcface_torch checkpoint, a "
                               "Lightning/AdaFace .ckpt or a CVLFace .safetensors")
     state, notes, dropped = strip_prefixes(dict(obj))
-    if "head.kernel" in dropped:
-        extra["adaface_head"] = True
+    extra["dropped"] = dropped
     loaded = {k: (v.load() if isinstance(v, LazyTensor) else v) for k, v in state.items()}
     return ModelFile(loaded, kind, tuple(notes), channel, channel_source, extra)
 
