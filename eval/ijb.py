@@ -16,7 +16,7 @@ What it does (``docs/eval_protocols.md`` §3-4):
 * Landmarks are matched to the template file **by image name** (the reference assumes equal row order); a name
   missing from, duplicated in or extra in the landmark file is an error naming it. 68-point rows are reduced to 5.
 * Each crop is aligned to the 112x112 ArcFace template and embedded with its mirror (batched, DataLoader workers,
-  float16 autocast on CUDA). Images are fed RGB (``--bgr`` for AdaFace-family models).
+  float16 autocast on CUDA). Images are fed in the model file's channel order (AdaFace-family files BGR).
 * Fusion flags, defaults as insightface (F1 N1 D1): ``--no-flip`` (orig only instead of raw orig + raw flip),
   ``--no-norm-score`` (L2-normalise each image feature, N0), ``--no-detector-score`` (do not multiply by the
   detector score, D0 -- what AdaFace's script does).

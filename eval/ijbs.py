@@ -27,8 +27,8 @@ frames. What the user must prepare (``docs/eval_protocols.md`` §5.2):
 Rules kept from the reference: no flip test (``--flip`` to add it; not the reference), template feature =
 ``mean(raw embeddings)`` L2-normalised (eps 1e-8); a template with no kept frame is a zero vector (score 0 against
 everything; their number is reported); closed set = ranks on the two galleries stacked; open set = TPIR@FPIR per
-gallery (:func:`eval.metrics.tpir_at_fpir`, k = floor(n*fpir)), averaged over G1 and G2. Images are fed RGB
-(``--bgr`` for AdaFace-family models).
+gallery (:func:`eval.metrics.tpir_at_fpir`, k = floor(n*fpir)), averaged over G1 and G2. Images are fed in the
+model file's channel order (BGR for AdaFace-family files, RGB otherwise; ``eval.common.BackboneChoice``).
 """
 from __future__ import annotations
 

@@ -16,8 +16,8 @@ The ``.mat`` protocol files are not needed (the reference reads but ignores them
 
 Protocol: label = ``int(basename.split('_')[0])`` for probe and gallery-match images, distractors get -100; feature =
 ``l2norm(raw(x) + raw(mirror(x)))``; score = inner product; a probe succeeds at rank k when any of the k best gallery
-items (match + distractors) has its label (:func:`eval.metrics.identification_ranks`). Images are fed RGB by
-default; AdaFace models were trained on BGR, pass ``--bgr`` for them. Aligned images that are not 112x112 are an
+items (match + distractors) has its label (:func:`eval.metrics.identification_ranks`). Images are fed in the
+model file's channel order (AdaFace-family files BGR, told by the file; ``--bgr`` for another BGR-trained model). Aligned images that are not 112x112 are an
 error (resizing would silently change the feature).
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Embeddings of aligned faces (or, with ``--align``, of the faces in raw photos): the step before any custom
 evaluation.
 
-    python -m tools.embed IMAGES --model model.pt --out DIR [--no-flip] [--normalize] [--bgr]
+    python -m tools.embed IMAGES --model model.pt --out DIR [--no-flip] [--normalize] [--bgr | --rgb]
     python -m tools.embed PHOTOS --align [--face largest|all|N] --model model.pt --out DIR
 
 IMAGES is a folder (searched recursively for .jpg/.jpeg/.png/.bmp/.webp, in sorted order), a .txt list with one

@@ -370,7 +370,7 @@ def read_model_file(path: str | os.PathLike) -> ModelFile:
     :class:`CheckpointError` naming the file and what it holds."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"model file not found: {path}")
+        raise CheckpointError(f"checkpoint file not found: {path}")
     kind, channel, channel_source, extra = "state dict", None, None, {}
     inert_because = ""
     if path.suffix == ".safetensors":
