@@ -33,7 +33,7 @@ from utils.degrade import Degradation
 from utils.distributed import DistEnv, agree_all, agree_any, agree_call, cleanup, init_distributed
 from utils.optim import PolyScheduler, build_optimizer, decay_param_groups
 from utils.precision import mixed_precision
-from utils.run import Run, StepPlan
+from utils.run import Run, StepPlan, rounded
 from utils.run_state import Resumed, load_optimizer_keeping_config, load_scheduler_keeping_config
 from utils.step_state import StepState
 
@@ -200,12 +200,12 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
         # val_targets opened and checked now, before the first step; results go to the run's log (console, train.log)
         verify = verification_for_run(cfg.val_targets, cfg.rec, cfg.val_batch_size, env, run.writer, run.log)
 
-        def run_verification(at_step: int) -> dict:  # rank 0 verifies; an error there stops all ranks, not a timeout
+        @run.untimed  # not training: left out of samples/s; rank 0 verifies, an error there stops all ranks
+        def run_verification(at_step: int) -> dict:
             return agree_call(env, lambda: verify(at_step, nets.backbone) if verify is not None else {}, "verification")
 
         # ---- the method: attack, forward, loss, step (make_train_step); then log, verify, checkpoint ----
-        result, val = None, {}
-        attack_stats = AttackStats()  # attack gain and |o*|: TensorBoard cfsm/*, means in summary.json
+        result, val, attack_stats = None, {}, AttackStats()  # attack gain, |o*|: TensorBoard cfsm/*, summary means
         for epoch, batch in run.step_batches(loader, step):  # ends at the plan's stop step
             result = train_step(batch)
             if result.mix is not None:
@@ -241,8 +241,8 @@ def write_results(run: Run, step: int, backbone: torch.nn.Module, last: StepResu
     ckpt.atomic_save(backbone.state_dict(), run.output / "model.pt")
     if last is not None and (grid := mix_grid(last.clean, last.mix)) is not None:  # a first look after any run
         save_png(grid, run.output / "clean_vs_synth.png")
-    run.log.info(f"done: {step} steps, final loss {'n/a' if final_loss is None else f'{final_loss:.4f}'}, val {val}, "
-                 f"model {run.output / 'model.pt'}")
+    run.log.info(f"done: {step} steps, final loss {'n/a' if final_loss is None else f'{final_loss:.4g}'}, "
+                 f"val {rounded(val)}, model {run.output / 'model.pt'}")
     return {"final_loss": final_loss, "val": val, **attack_stats.means()}
 
 

@@ -37,7 +37,7 @@ from utils.cli import run_command
 from utils.distributed import DistEnv, agree_all, agree_call, cleanup, init_distributed
 from utils.optim import GENERATOR_OPTIMIZER, build_optimizer
 from utils.precision import mixed_precision
-from utils.run import Run
+from utils.run import Run, rounded
 from utils.run_folder import rank_file
 from utils.run_state import Resumed, load_optimizer_keeping_config
 
@@ -233,7 +233,7 @@ def build_stage1(cfg: EasyDict, env: DistEnv, G: torch.nn.Module, D: torch.nn.Mo
 
 def train(cfg: EasyDict, env: DistEnv) -> dict | None:
     """Run stage 1 to completion (or `max_steps`); returns the summary on rank 0."""
-    with Run(cfg, env, kind="cfsm_stage1", log_name="cfsm_train", tensorboard_prefix="stage1",
+    with Run(cfg, env, kind="cfsm_stage1", log_name="train", tensorboard_prefix="stage1",
              save_each_epoch=True) as run:
         if run.finished is not None:  # this command already ran to its end: touch nothing
             return run.finished
@@ -307,7 +307,7 @@ def write_results(cfg: EasyDict, run: Run, step: int, nets: Stage1, id_net: torc
     if last is not None:
         save_png(samples_grid(nets.G, last, step), run.output / "samples.png")
     losses = {k: float(v) for k, v in latest.items()}
-    run.log.info(f"done: {step} steps, losses {losses}, generator {run.output / 'generator.pth'}")
+    run.log.info(f"done: {step} steps, losses {rounded(losses)}, generator {run.output / 'generator.pth'}")
     out = {"losses": losses, "finite": all(math.isfinite(v) for v in losses.values()),
            "generator": str(run.output / "generator.pth")}
     if cfg.style_report_faces:  # is the style space controllable? (cfsm/style_report.py)

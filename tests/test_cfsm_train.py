@@ -225,7 +225,7 @@ def test_steps_checkpoint_and_exact_resume(tiny):
     assert latest_complete(parted)[0] == 3
     resumed = _run(_overrides(tiny, parted, max_steps=6))
     assert resumed["steps"] == 6
-    log = (parted / "cfsm_train.log").read_text()
+    log = (parted / "train.log").read_text()
     assert "resumed from" in log and "at step 3 (epoch 0, batch 3)" in log
     assert "step 5/6 epoch 1 lambda_id 2" in log  # epoch 1 after the boundary, with its lambda
     again = torch.load(parted / "generator.pth", weights_only=True)
@@ -246,7 +246,7 @@ def test_steps_checkpoint_and_exact_resume(tiny):
 
 def test_lr_decay_follows_the_step_and_survives_a_resume(tiny):
     straight = _run(_overrides(tiny, tiny["root"] / "decay", max_steps=4, gen_lr=1e-3, gen_lr_decay=0.5))
-    log = (tiny["root"] / "decay" / "cfsm_train.log").read_text()
+    log = (tiny["root"] / "decay" / "train.log").read_text()
     assert "step 2/4 epoch 0 lambda_id 8 gen_lr 0.001 " in log and "step 4/4 epoch 0 lambda_id 8 gen_lr 0.0005 " in log
     final = torch.load(tiny["root"] / "decay" / "generator.pth", weights_only=True)
     assert [g["lr"] for g in final["optimizerG_state_dict"]["param_groups"]] == [0.0005]  # the last step's
@@ -338,7 +338,7 @@ def test_nonfinite_steps_stop_as_in_stage_2(tiny, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match=r"1 consecutive non-finite steps \(max_nonfinite_steps=1\) at step 1, "
                                            r"loss nan; last good checkpoint: none"):
         _run(_overrides(tiny, tmp_path / "nan", max_steps=4, max_nonfinite_steps=1))
-    assert "step 1: non-finite loss D" in (tmp_path / "nan" / "cfsm_train.log").read_text()
+    assert "step 1: non-finite loss D" in (tmp_path / "nan" / "train.log").read_text()
 
 
 def test_start_up_line_as_in_stage_2(tiny, tmp_path):
@@ -362,3 +362,16 @@ def test_a_run_shorter_than_image_every_still_shows_its_samples(tiny, tmp_path):
     _run(_overrides(tiny, tmp_path / "o", max_steps=2, tensorboard=True, image_every=500))
     events = EventAccumulator(str(tmp_path / "o" / "tensorboard"), size_guidance={"images": 0}).Reload()
     assert [e.step for e in events.Images("stage1/source_synth_target")] == [2]
+
+
+def test_stage_1_logs_to_train_log_and_continues_an_old_cfsm_train_log(tiny, tmp_path):
+    """Both stages name their log train.log; a folder of an older stage-1 run (cfsm_train.log) continues its log
+    under the new name. A finished run leaves no .lock."""
+    out = tmp_path / "o"
+    _run(_overrides(tiny, out, max_steps=1, save_every=1))
+    assert not (out / "cfsm_train.log").exists() and not (out / ".lock").exists()
+    (out / "train.log").rename(out / "cfsm_train.log")  # as an older version left it
+    _run(_overrides(tiny, out, max_steps=2))
+    log = (out / "train.log").read_text()
+    assert "finished at step 1" in log and "resumed from" in log and "finished at step 2" in log
+    assert sorted(p.name for p in out.iterdir() if p.suffix in (".log", ".lock")) == ["train.log"]

@@ -1,11 +1,13 @@
 """Console logging, TensorBoard and the throughput/ETA meter."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import logging.handlers
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 
 def setup_logger(rank: int, output: str | Path | None, name: str = "train", defer_file: bool = False
@@ -80,7 +82,8 @@ def run_writer(output: str | Path, cfg, resumed: bool = False, purge_step: int |
 
 
 class SpeedMeter:
-    """Samples/s over the last logging window, the run's mean, and an ETA for the remaining steps."""
+    """Samples/s over the last logging window, the run's mean, and an ETA for the remaining steps; training time
+    only: what runs inside `paused()` (verification) and after the last `mark` (final files) is not counted."""
 
     def __init__(self, global_batch: int, total_steps: int, start_step: int):
         self.global_batch = global_batch
@@ -89,6 +92,22 @@ class SpeedMeter:
         self.window_start_step = start_step
         self.run_start = self.window_start
         self.run_start_step = start_step
+        self.paused_s = 0.0  # time spent in `paused()` so far
+        self.end: tuple[float, float] | None = None  # (time, paused_s) when the newest step ended
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            spent = time.perf_counter() - start
+            self.paused_s += spent
+            self.window_start += spent  # the current window's speed leaves it out too
+
+    def mark(self) -> None:
+        """A step ended now: the run's mean is measured up to here."""
+        self.end = (time.perf_counter(), self.paused_s)
 
     def window(self, step: int) -> tuple[float, float]:
         """(samples/s since the last call, ETA in seconds)."""
@@ -100,7 +119,8 @@ class SpeedMeter:
         return speed, eta
 
     def mean(self, step: int) -> float:
-        elapsed = time.perf_counter() - self.run_start
+        end, paused = self.end or (time.perf_counter(), self.paused_s)
+        elapsed = end - self.run_start - paused
         return (step - self.run_start_step) * self.global_batch / max(elapsed, 1e-9)
 
 

@@ -1,4 +1,6 @@
-"""One job per output folder: rank 0 holds an flock on <output>/.lock for the whole run."""
+"""One job per output folder: rank 0 holds an flock on <output>/.lock for the whole run and deletes the file when
+it releases the lock, so a finished run leaves no `.lock` behind. A crash leaves the file, but never a held lock:
+the kernel drops the flock with the process, and only the flock (not the file) says the folder is busy."""
 from __future__ import annotations
 
 import fcntl
@@ -26,6 +28,10 @@ class OutputLock:
 
     def release(self) -> None:
         if self._fd is not None:
+            # unlink while still holding the flock; a job that opened the old file meanwhile sees it is no longer
+            # the path's file after it gets the flock, and opens the path again (`lock_output`)
+            if self._path is not None and _same_file(self._fd, self._path):
+                self._path.unlink()
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
             if _HELD.get(self._path) is self:
@@ -61,7 +67,11 @@ def lock_output(output: str | os.PathLike, ranks: Ranks = Ranks(), wait_s: float
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
+                if _same_file(fd, path):
+                    break
+                os.close(fd)  # its holder released and deleted it: lock the path's file now
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+                continue
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
@@ -81,6 +91,14 @@ def lock_output(output: str | os.PathLike, ranks: Ranks = Ranks(), wait_s: float
     if fd is not None:
         _HELD[lock._path] = lock
     return lock
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether the open `fd` is still the file at `path` (not deleted or replaced since it was opened)."""
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
 
 
 _HELD: dict[Path, OutputLock] = {}  # this process's output locks, by lock file

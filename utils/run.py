@@ -91,6 +91,25 @@ def startup_line(cfg: Mapping[str, Any], env: DistEnv, plan: StepPlan, network: 
             f"{plan.total_steps} steps ({plan.batches_per_epoch} batches/epoch), stopping at {plan.stop_step}")
 
 
+SIGNIFICANT_DIGITS = 4  # a summary's losses, accuracies, speeds and seconds: noise sits beyond the 4th digit
+
+
+def rounded(value: Any, digits: int = SIGNIFICANT_DIGITS) -> Any:
+    """`value` with every float (in dicts and lists too) rounded to `digits` significant digits, for logs and
+    summaries; ints, strings and non-finite floats unchanged."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}") if math.isfinite(value) else value
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(rounded(v, digits) for v in value)
+    return value
+
+
+VERBATIM_SUMMARY_KEYS = ("style_report",)  # copies of a report's own file (cfsm/style_report.py): its digits stand
+LEGACY_LOG_NAMES = ("cfsm_train",)  # stage 1's log before both stages wrote train.log: a resume continues it
+
+
 class Run:
     """One training run on one rank, used as `with Run(...) as run:`.
 
@@ -183,6 +202,10 @@ class Run:
     def open_folder(self) -> None:
         """Create the output folder, take its lock (a second job stops here) and start the log file."""
         self.lock = output_lock.lock_output(self.output, self.ranks)
+        log_path = self.output / f"{self.log_name}.log"
+        for old in (self.output / f"{name}.log" for name in LEGACY_LOG_NAMES):
+            if self.env.is_main and old.is_file() and not log_path.exists():
+                old.rename(log_path)  # one log per folder, named alike in both stages
         self.log_file = open_log_file(self.log, self.output, self.log_name)
 
     # ---- data and step counts ----
@@ -341,6 +364,8 @@ class Run:
         """Count a skipped step (already agreed by all ranks); stop after `max_nonfinite_steps` in a row, naming
         the step, the first non-finite of `values` and the newest finite checkpoint."""
         self.step = step
+        if self.meter is not None:
+            self.meter.mark()  # called after every step: the run's mean speed ends at its last step
         if finite:
             self.skipped_in_a_row = 0
             return
@@ -389,6 +414,15 @@ class Run:
             for name, v in {**numbers, "samples_per_sec": speed}.items():
                 self.writer.add_scalar(f"{self.tensorboard_prefix}/{name}", v, step)
 
+    def untimed(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """`fn` with its time left out of the speeds (verification: summary.json's samples_per_sec is training)."""
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self.meter is None:
+                return fn(*args, **kwargs)
+            with self.meter.paused():
+                return fn(*args, **kwargs)
+        return call
+
     def image_due(self, step: int) -> bool:
         """Every `image_every` steps and at the stop step: a run shorter than `image_every` still shows its faces."""
         return self.writer is not None and bool(self.cfg.image_every) and (step % self.cfg.image_every == 0
@@ -408,10 +442,12 @@ class Run:
         summary = None
         if self.env.is_main:
             trained = step > self.start_step
-            summary = {"config": dict(self.cfg), "steps": step, "epochs": self.epochs_done(step),
-                       **results(), "skipped_steps": self.skipped,
-                       "samples_per_sec": self.meter.mean(step) if trained else None,
-                       "wall_s": time.time() - self.start_time}
+            stage = results()
+            verbatim = {k: stage.pop(k) for k in VERBATIM_SUMMARY_KEYS if k in stage}
+            summary = {"config": dict(self.cfg), "steps": step, **rounded({
+                "epochs": self.epochs_done(step), **stage, "skipped_steps": self.skipped,
+                "samples_per_sec": self.meter.mean(step) if trained else None,  # training steps only
+                "wall_s": time.time() - self.start_time}), **verbatim}  # wall_s: the whole command, verification too
             path = self.output / run_folder.SUMMARY
             before = run_folder.read_summary(self.output) if not trained else None
             if before is not None:  # finishing a run whose last step was saved: keep its figures

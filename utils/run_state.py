@@ -4,7 +4,7 @@ the folder layout and markers `utils.run_folder`; the config policy `utils.confi
 
 Layout of a run's output folder::
 
-    <output>/.lock                                 # flock held by rank 0 for the whole run: one job per folder
+    <output>/.lock                                 # flock held by rank 0 while a run runs: one job per folder
     <output>/checkpoints/step_00001200/rank_0.pt   # backbone, this rank's Partial FC shard, optimizer, RNG, ...
     <output>/checkpoints/step_00001200/rank_1.pt
     <output>/checkpoints/step_00001200/COMPLETE    # JSON: step, world size, kind, run config, finite, file sizes
