@@ -318,3 +318,24 @@ def test_eval_verification_prints_the_line_and_records_the_channel_order(tmp_pat
     bgr = evaluate_verification(model, images.flip(1), issame, batch_size=16, device=torch.device("cpu"))
     rgb = evaluate_verification(model, images, issame, batch_size=16, device=torch.device("cpu"))
     assert f"xnorm {bgr['xnorm']:.3f}" in done.stdout and f"{bgr['xnorm']:.3f}" != f"{rgb['xnorm']:.3f}"
+
+
+def test_damaged_archives_are_refused_not_crashed(tmp_path: Path) -> None:
+    """A storage shorter than the file declares, a truncated safetensors file: each a CheckpointError naming the
+    file (one `error:` line in a command), never a crash or a read past the data."""
+    import zipfile
+
+    torch.save({"w": torch.zeros(4, 4)}, tmp_path / "ok.pt")
+    src = zipfile.ZipFile(tmp_path / "ok.pt")
+    with zipfile.ZipFile(tmp_path / "short.ckpt", "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            dst.writestr(info, data[:8] if info.filename.endswith("data/0") else data)
+    with pytest.raises(CheckpointError, match=r"short\.ckpt \(storage 0\): the stored data has 8 bytes"):
+        read_model_file(tmp_path / "short.ckpt")
+    net = {f"net.{k}": v for k, v in get_model("ir_tiny", num_features=16).state_dict().items()}
+    _write_safetensors(tmp_path / "m.safetensors", net)
+    raw = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CheckpointError, match=r"cut\.safetensors: tensor '.*' lies outside the file"):
+        read_model_file(tmp_path / "cut.safetensors")

@@ -134,7 +134,7 @@ class LazyTensor:
         stride = self.stride_ if self.stride_ is not None else _contiguous_strides(tuple(self.shape))
         try:
             return flat.as_strided(self.shape, stride, self.offset)
-        except RuntimeError as exc:
+        except (RuntimeError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{self.where}: shape {list(self.shape)} does not fit its stored data "
                                   f"({exc}); the file is damaged") from None
 
