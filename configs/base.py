@@ -74,7 +74,7 @@ config.max_steps = 0                     # 0 = full schedule; > 0 stops after th
 config.save_every = 2000                 # checkpoint every N optimizer steps (0 = only at the end)
 config.keep_checkpoints = 2              # complete checkpoints kept in output/checkpoints
 config.resume = "auto"                   # False | True (must exist) | "auto" (resume when a complete checkpoint exists)
-config.pretrained_backbone_model = None  # fine-tune from a state dict, model.pt, AdaFace/Lightning .ckpt or .safetensors
+config.pretrained_backbone_model = None  # fine-tune from: state dict, model.pt, AdaFace/Lightning .ckpt or .safetensors
 config.device = "auto"                   # auto (CUDA when available) | cpu | cuda
 config.dist_timeout_s = 600              # process-group timeout: a stuck or dead rank fails the job after this
 
