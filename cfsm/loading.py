@@ -96,11 +96,14 @@ def load_generator(path: str | os.PathLike, map_location: str | torch.device = "
     if not os.path.isfile(path):
         raise FileNotFoundError(f"CFSM generator file not found: {path}. {_HOW_TO_GET}")
     from utils.checkpoint import CheckpointError, safe_load  # the one weights_only load path (backbones too)
+    from utils.errors import unsafe_pickle_refusal
 
     try:
         obj = safe_load(path, map_location)
     except CheckpointError as wrapped:  # corrupt file, not a torch file, or pickled objects beyond tensors/dicts
         e = wrapped.__cause__ or wrapped
+        if unsafe_pickle_refusal(path, e) is not None:  # already one line naming the file and the class
+            raise GeneratorFileError(str(wrapped)) from e
         # torch's own text suggests weights_only=False; for a file of unknown origin that would run its code
         raise GeneratorFileError(f"cannot read CFSM generator file {path} with weights_only=True (do not retry with "
                          f"weights_only=False unless you trust its source): {type(e).__name__}: {e}") from e

@@ -313,6 +313,9 @@ def score_threshold(text: str) -> float:
     return value
 
 
+ALIGN_HINT = " (pass --align for raw photos)"  # a wrong-size image in a command that has --align (eval.common)
+
+
 def add_align_args(parser: argparse.ArgumentParser, default_face: str = "largest") -> None:
     """``--face``, ``--min-face-size``, ``--min-score``: which detected faces to keep, the smallest face searched
     for, the score a face needs."""

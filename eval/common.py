@@ -119,8 +119,10 @@ class FaceImages(torch.utils.data.Dataset):
         landmarks: np.ndarray | None = None,
         bgr: bool = False,
         image_size: int = IMAGE_SIZE,
+        unaligned_hint: str = "",
     ) -> None:
         self.paths = [str(p) for p in paths]
+        self.unaligned_hint = unaligned_hint  # appended to the wrong-size error: a command's way to align (--align)
         if landmarks is not None:
             landmarks = np.asarray(landmarks, dtype=np.float32).reshape(len(self.paths), 5, 2)
         self.landmarks = landmarks
@@ -140,7 +142,7 @@ class FaceImages(torch.utils.data.Dataset):
         elif img.shape[:2] != (self.image_size, self.image_size):
             raise EvalInputError(
                 f"image {self.paths[i]} is {img.shape[1]}x{img.shape[0]}, expected an aligned "
-                f"{self.image_size}x{self.image_size} face"
+                f"{self.image_size}x{self.image_size} face{self.unaligned_hint}"
             )
         if not self.bgr:
             img = img[:, :, ::-1]

@@ -140,3 +140,10 @@ def test_readme_compare_faces_lines_run_as_written_on_a_fresh_clone(tmp_path: Pa
         proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=headroom(120))
         assert proc.returncode == 0, f"{line}\n{proc.stderr[-2000:]}"
     assert "verdict: " in proc.stdout and "on data/toy/toy_clean.bin" in proc.stdout, proc.stdout
+
+
+def test_an_unaligned_photo_points_at_align(model_file: Path, photos: dict) -> None:
+    from eval.common import EvalInputError
+
+    with pytest.raises(EvalInputError, match=r"expected an aligned 112x112 face \(pass --align for raw photos\)$"):
+        _main(model_file, photos["astronaut"], photos["rotated"])

@@ -138,3 +138,24 @@ def test_reader_count_follows_the_input_size() -> None:
     assert auto_workers(None, IMAGES_PER_READER)[0] == 1
     assert auto_workers(None, 100 * IMAGES_PER_READER)[0] == min(8, os.cpu_count() or 1)
     assert auto_workers(3, 5) == (3, "--workers 3")  # the user's choice stands
+
+
+def test_an_unaligned_image_under_a_progress_bar_is_one_error_line_pointing_at_align(tmp_path: Path, faces,
+                                                                                      model_file) -> None:
+    """The third of five images is a raw 200x160 picture, the bar is on (2 images per batch): the error starts on a
+    line of its own after the bar and says how to embed raw photos."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, headroom, launch_env
+
+    raw = faces[2].parent / "02.png"
+    cv2.imwrite(str(raw), cv2.resize(cv2.imread(str(raw)), (200, 160)))
+    command = [sys.executable, "-m", "tools.embed", str(tmp_path / "faces"), "--model", str(model_file),
+               "--network", "r_tiny", "--device", "cpu", "--batch-size", "2", "--out", str(tmp_path / "emb")]
+    proc = subprocess.run(command, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=headroom(60))
+    assert proc.returncode == 2
+    assert "embed: " in proc.stderr  # the bar was on screen
+    errors = [line for line in proc.stderr.split("\n") if "error:" in line]
+    assert errors == [f"error: image {raw} is 200x160, expected an aligned 112x112 face (pass --align for raw "
+                      f"photos)"], proc.stderr

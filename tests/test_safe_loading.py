@@ -101,3 +101,39 @@ def test_eval_model_loader_refuses_payload(tmp_path: Path, marker: Path) -> None
     with pytest.raises(CheckpointError, match=r"evil_model\.pt.*weights_only=True"):
         load_backbone(path, "r_tiny")
     assert not marker.exists()
+
+
+def test_a_refused_pickle_is_one_line_naming_the_file_and_what_it_would_run(tmp_path: Path, marker: Path) -> None:
+    """Through a command (tools.style_grid loads a generator): one `error:` line naming the file and the function
+    the pickle would have called, not torch's paragraph about weights_only=False."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, headroom, launch_env
+
+    path = _crafted(tmp_path / "evil_generator.pth", marker, "generator")
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "tools.style_grid", str(path), "--faces", str(faces), "--out",
+                           str(tmp_path / "grid")], cwd=REPO, env=launch_env(), capture_output=True, text=True,
+                          timeout=headroom(60))
+    assert proc.returncode == 2 and not marker.exists()
+    assert proc.stderr.splitlines() == [
+        f"error: refused to load {path}: unpickling it would run posix.system (code, not tensors; torch.load with "
+        f"weights_only=True stopped it). Re-save its state dict of tensors where you trust its source"], proc.stderr
+
+
+class _Plain:
+    """A harmless class: weights_only refuses it all the same, and the line names it."""
+
+
+def test_a_refused_class_is_named(tmp_path: Path) -> None:
+    from utils.checkpoint import safe_load
+
+    path = tmp_path / "object.pt"
+    torch.save({"w": torch.zeros(1), "extra": _Plain()}, path)
+    with pytest.raises(CheckpointError) as caught:
+        safe_load(path)
+    assert str(caught.value) == (f"refused to load {path}: unpickling it would run tests.test_safe_loading._Plain "
+                                 f"(code, not tensors; torch.load with weights_only=True stopped it). Re-save its "
+                                 f"state dict of tensors where you trust its source")

@@ -26,7 +26,7 @@ if __name__ == "__main__" and not __package__:  # run as a path: import the repo
 import numpy as np
 import torch
 
-from eval.align import FaceDetector, add_align_args, align_photo, crops_tensor, detector_from_args
+from eval.align import ALIGN_HINT, FaceDetector, add_align_args, align_photo, crops_tensor, detector_from_args
 from eval.common import FaceImages, add_network_args, embed_batches, embed_dataset, flip_fuse, model_from_args
 from utils.cli import ArgumentParser, UsageError, add_bgr_arg, expanded_path, run_command
 
@@ -38,11 +38,11 @@ def _cosine(orig: np.ndarray, flipped: np.ndarray | None) -> float:
 
 
 def compare(backbone: torch.nn.Module, path_a: str, path_b: str, flip: bool = True, bgr: bool = False,
-            device: torch.device | None = None) -> float:
-    """Cosine similarity of two aligned face images."""
+            device: torch.device | None = None, unaligned_hint: str = "") -> float:
+    """Cosine similarity of two aligned face images (`unaligned_hint`: added to a wrong-size image's error)."""
     device = device or torch.device("cpu")
-    orig, flipped = embed_dataset(backbone, FaceImages([path_a, path_b], None, bgr=bgr), batch_size=2,
-                                  device=device, flip=flip)
+    faces = FaceImages([path_a, path_b], None, bgr=bgr, unaligned_hint=unaligned_hint)
+    orig, flipped = embed_dataset(backbone, faces, batch_size=2, device=device, flip=flip)
     return _cosine(orig, flipped)
 
 
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> float:
                              flip=not args.no_flip, bgr=args.bgr, device=device)
     else:
         cos = compare(backbone, str(args.image_a), str(args.image_b), flip=not args.no_flip, bgr=args.bgr,
-                      device=device)
+                      device=device, unaligned_hint=ALIGN_HINT)
     print(f"{cos:.6f}")
     if threshold_set is not None:
         threshold, source = threshold_from_bin(backbone, args.bin, args.far, device, flip=not args.no_flip,

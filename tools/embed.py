@@ -28,7 +28,8 @@ if __name__ == "__main__" and not __package__:  # run as a path: import the repo
 
 import numpy as np
 
-from eval.align import add_align_args, align_photos, crops_tensor, detector_from_args, require_faces, write_faces_csv
+from eval.align import ALIGN_HINT, add_align_args, align_photos, crops_tensor, detector_from_args, require_faces, \
+    write_faces_csv
 from eval.common import EvalInputError, FaceImages, add_model_args, check_output_folder, embed_batches, \
     embed_dataset, eval_ranks, flip_fuse, iter_chunks, model_from_args
 from eval.metrics import l2_normalize
@@ -113,8 +114,9 @@ def embed(args: argparse.Namespace, env: DistEnv) -> Path | None:
         workers, why = auto_workers(args.workers, -(-len(paths) // env.world_size))  # this rank's share
         if env.is_main:
             print(f"image readers: {workers} ({why})")
-        embedded = embed_dataset(backbone, FaceImages(paths, None, bgr=args.bgr), batch_size=args.batch_size,
-                                 workers=min(workers, len(paths)), device=device, flip=not args.no_flip,
+        embedded = embed_dataset(backbone, FaceImages(paths, None, bgr=args.bgr, unaligned_hint=ALIGN_HINT),
+                                 batch_size=args.batch_size, workers=min(workers, len(paths)), device=device,
+                                 flip=not args.no_flip,
                                  amp=not args.no_amp, progress=not args.no_progress, desc="embed", env=env)
         if embedded is None:
             return None  # another rank than 0: rank 0 has every row and writes the results

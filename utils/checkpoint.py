@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from utils.errors import UserError
+from utils.errors import UserError, unsafe_pickle_refusal
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -154,9 +154,10 @@ def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # pickle errors, zip errors, truncated files
-        raise CheckpointError(f"cannot load {path} safely (weights_only=True): {type(exc).__name__}: {exc}. "
-                              "Do not load it with weights_only=False unless you trust its source: a pickle can "
-                              "run code") from exc
+        refusal = unsafe_pickle_refusal(path, exc)  # a pickled class: one line naming it, not torch's paragraph
+        raise CheckpointError(refusal or f"cannot load {path} safely (weights_only=True): {type(exc).__name__}: "
+                              f"{exc}. Do not load it with weights_only=False unless you trust its source: a pickle "
+                              "can run code") from exc
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:

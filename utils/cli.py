@@ -192,6 +192,17 @@ def one_line(exc: BaseException) -> str:
     return f"error: {text}"
 
 
+def end_progress_bars() -> None:
+    """Close every tqdm bar still open: an error raised inside a bar's loop leaves it on screen with the cursor at
+    its end, and the `error:` line (or a traceback) would be glued to it. A closed bar ends its line."""
+    std = sys.modules.get("tqdm.std")  # no tqdm imported: no bar to end
+    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a bar that cannot draw any more must not hide the error itself
+            pass
+
+
 def run_command(main: Callable[..., Any], argv: list[str] | None = None) -> None:
     """Run an entry point's `main(argv)`; a user's mistake becomes one `error: ...` line and exit status 2.
 
@@ -200,11 +211,13 @@ def run_command(main: Callable[..., Any], argv: list[str] | None = None) -> None
     try:
         result = main(argv)
     except KeyboardInterrupt:
+        end_progress_bars()
         if traceback_wanted:
             raise
         print("interrupted", file=sys.stderr)  # a trainer has logged the step reached and how to continue
         raise SystemExit(INTERRUPTED_EXIT) from None
     except Exception as exc:  # noqa: BLE001 - classified below; anything not a user error is re-raised untouched
+        end_progress_bars()
         failed = isinstance(exc, RunFailedError)
         if not (failed or is_user_error(exc)) or traceback_wanted:
             raise

@@ -22,3 +22,16 @@ class ConfigError(UserError, ValueError):
 
 class RunFailedError(RuntimeError):
     """The run ended without a model worth keeping; the message says why and names the newest usable checkpoint."""
+
+
+def unsafe_pickle_refusal(path: object, exc: BaseException) -> str | None:
+    """The one line for `torch.load(weights_only=True)` refusing a pickled global (a class or function the file would
+    have run), naming the file and that global; None for any other load error. torch's own text is a paragraph that
+    suggests `weights_only=False`, which would run it."""
+    text = str(exc)
+    start = text.find("GLOBAL ")  # torch: "Unsupported global: GLOBAL mod.Name ..." / "unsupported GLOBAL mod.name ..."
+    if start < 0:
+        return None
+    name = text[start + len("GLOBAL "):].split()[0] if text[start + len("GLOBAL "):].split() else "?"
+    return (f"refused to load {path}: unpickling it would run {name} (code, not tensors; torch.load with "
+            f"weights_only=True stopped it). Re-save its state dict of tensors where you trust its source")
