@@ -107,9 +107,19 @@ def test_fp16_autocast_region_keeps_fp32_head(name):
 
 
 def test_channels_last_training_step():
-    model = get_model("r_tiny", num_features=16).to(memory_format=torch.channels_last)
-    x = torch.randn(2, 3, 112, 112).contiguous(memory_format=torch.channels_last)
-    model(x).sum().backward()
+    """train.py's channels_last option: the same outputs and gradients as the default memory format."""
+    torch.manual_seed(0)
+    plain = get_model("r_tiny", num_features=16)
+    last = get_model("r_tiny", num_features=16)
+    last.load_state_dict(plain.state_dict())
+    last = last.to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 112, 112)
+    y_plain, y_last = plain(x), last(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(y_last, y_plain, rtol=1e-4, atol=1e-5)
+    y_plain.sum().backward()
+    y_last.sum().backward()
+    for (name, a), b in zip(plain.named_parameters(), last.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("name", ["r_tiny", "mbf_tiny"])

@@ -88,6 +88,11 @@ def test_adaface_update_stats_false_freezes_ema(fx):
     # a non-updating call after that uses the current EMA without moving it
     _, out_frozen = _ada_call(ada, fx, update_stats=False)
     _buffers_match(ada, fx, "after_call1")
+    _, out_again = _ada_call(ada, fx, update_stats=False)
+    assert torch.equal(out_again, out_frozen)  # nothing moved between two frozen calls
+    # the frozen calls used the EMA they found: init's, then call 1's (the updating call 1 used its own update)
+    assert not torch.allclose(out, out_frozen)
+    assert rel_err(out_frozen, fx["adaface_call1_out"]) < 1e-5
 
 
 def test_adaface_needs_norms_and_is_safe_at_pm1():
