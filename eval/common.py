@@ -180,16 +180,20 @@ class BackboneChoice:
     file_kind: str = "state dict"
     notes: tuple[str, ...] = ()
 
-    def line(self, model_path: str | os.PathLike) -> str:
-        """The one line every command prints about its model: network, source, embedding size, channel order."""
+    def line(self, model_path: str | os.PathLike, bgr: bool | None = None) -> str:
+        """The one line every command prints about its model: network, source, embedding size and the channel order
+        fed (``bgr``: what :meth:`channels` resolved; a flag that chose another order than the file's says so)."""
         from backbones import BACKBONES
 
         family = BACKBONES[self.network].family if self.network in BACKBONES else "?"
         source = {"--network": "as --network says", "its keys and shapes": "detected from its keys and shapes"}.get(
             self.source, f"from {self.source}")
         what = self.file_kind + (f": {'; '.join(self.notes)}" if self.notes else "")
+        order, reason = self.channel_order, self.channel_reason
+        if bgr is not None and bgr != (order == "bgr"):
+            order, reason = ("bgr", "--bgr") if bgr else ("rgb", "--rgb")
         return (f"model: {model_path}: {self.network} ({family} layout, {source}; {what}), {self.embedding_size}-d "
-                f"embeddings, {self.channel_order.upper()} input ({self.channel_reason})")
+                f"embeddings, {order.upper()} input ({reason})")
 
     def channels(self, bgr: bool = False, rgb: bool = False, model_path: str | os.PathLike = "the model") -> bool:
         """True to feed BGR: the file's order unless the user's ``--bgr`` / ``--rgb`` says otherwise; a flag that
@@ -612,7 +616,7 @@ def model_from_args(args: argparse.Namespace, env: DistEnv | None = None) -> tup
 
     model, choice, bgr = agree_call(env, load, "model loading")
     if env.is_main:
-        print(choice.line(args.model), file=sys.stderr, flush=True)
+        print(choice.line(args.model, bgr), file=sys.stderr, flush=True)
     args.network = choice.network  # what the results files record
     args.bgr = bgr
     return model, env.device
