@@ -25,6 +25,7 @@ import torch
 from backbones import get_model
 from eval.common import load_backbone, load_backbone_choice
 from tests._rule_weights import input_x, rel_err, rule_state_dict
+from tests.helpers import headroom
 from utils.checkpoint import CheckpointError, load_state_dict_file
 from utils.model_file import InertObject, inert_load, read_model_file
 
@@ -200,7 +201,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("CFSM_TRACEBACK", None)
     return subprocess.run([sys.executable, "-m", *args], cwd=REPO_ROOT, capture_output=True, text=True, env=env,
-                          timeout=300)
+                          timeout=headroom(300))
 
 
 @pytest.fixture(scope="module")

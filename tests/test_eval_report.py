@@ -11,6 +11,7 @@ import pytest
 
 from eval import report
 from eval.common import EvalInputError
+from tests.helpers import headroom
 
 from .conftest import REPO_ROOT
 
@@ -74,7 +75,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("CFSM_TRACEBACK", None)
     done = subprocess.run([sys.executable, "-m", "eval.report", str(tmp_path / "none.json")], cwd=REPO_ROOT,
-                          capture_output=True, text=True, env=env, timeout=120)
+                          capture_output=True, text=True, env=env, timeout=headroom(120))
     assert done.returncode == 2 and done.stderr.strip() == (
         f"error: RESULTS {tmp_path / 'none.json'} does not exist; give the JSON files (or folders) the eval "
         "commands wrote")
