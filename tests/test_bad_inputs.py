@@ -728,6 +728,8 @@ ROWS += [
         lambda c: ["--num-faces", "got 1"], "tools.style_report --num-faces"),
     Row("report_no_target_faces", lambda c: _report(c, "--num-target-faces", "0"), UsageError,
         lambda c: ["--num-target-faces", "got 0"], "tools.style_report --num-target-faces"),
+    Row("report_one_gap_face", lambda c: _report(c, "--gap-faces", "1"), UsageError,
+        lambda c: ["--gap-faces", "got 1", "0 (off) or >= 2"], "tools.style_report --gap-faces"),
     Row("report_no_directions", lambda c: _report(c, "--directions", "0"), UsageError,
         lambda c: ["--directions", "got 0"], "tools.style_report --directions"),
     Row("report_distance_range_degenerate", lambda c: _report(c, "--distance-range", "2", "2", "0.1", "0.5"),
