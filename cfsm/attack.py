@@ -14,7 +14,7 @@ import torch
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Agree = Callable[[torch.Tensor], torch.Tensor]  # int flags of this rank -> the flags OR-ed (MAX) over all ranks
-# how the k steps choose their direction: the paper's gradient sign, or a random sign (the control in docs/ablation.md: the
+# how the k steps choose their direction: the paper's gradient sign, or a random sign (the control in docs/research/ablation.md: the
 # same displacement per coordinate, so "farther from o0" is separated from "harder for the model")
 STYLE_SEARCHES = ("adversarial", "random_sign")
 

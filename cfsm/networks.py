@@ -225,7 +225,7 @@ class Generator(nn.Module):
     `n_residual` is the decoder's block count; the encoder uses `n_residual_encoder` (3, as the released model,
     whose encoder ignores n_residual).
 
-    `input_skip` (``"none"`` in the released models; a stage-1 option, see docs/toy_results.md):
+    `input_skip` (``"none"`` in the released models; a stage-1 option, see docs/research/toy_record.md):
     * ``"color"``: the content encoder's InstanceNorm makes G blind to each image's mean colour
       (G(a x + b, o) = G(x, o) for any per-channel shift b and scale a > 0) and CFSM has no style encoder to carry
       it, so G(x, 0) cannot reconstruct x when mean colours vary (toy faces: L1 >= 0.24 whatever the training).

@@ -106,7 +106,7 @@ def basis_diversity_loss(probes: torch.Tensor, margin: float) -> torch.Tensor:
     once every two basis vectors change the face in ways at most ``margin`` alike (|cos| <= margin). Unlike mode
     seeking (random pairs of styles), it acts on the basis itself, which is what collapses: the ten directions
     drifting to one look. A floor, not a maximum: pushing all the way to orthogonal cost the identity-distance goal
-    (docs/toy_results.md). Scale-free: it cannot be met by shrinking the changes."""
+    (docs/research/toy_record.md). Scale-free: it cannot be met by shrinking the changes."""
     changes = F.normalize((probes[1:] - probes[:1]).flatten(1).float(), dim=1)
     if changes.shape[0] < 2:  # a one-dimensional style space has no pair of directions
         return changes.sum() * 0.0

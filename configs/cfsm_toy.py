@@ -6,7 +6,7 @@ Source = the toy training .rec (generated on first use), target = its unlabelled
 the toy baseline (r_tiny, 128-d). A narrow generator (gen_dim 16) and a step budget (max_steps) instead of epochs:
 one toy epoch at batch 8 is 900 steps, far beyond a few CPU minutes.
 
-The toy recipe (measured by `tools/style_report.py`, docs/toy_results.md): the input handed past the
+The toy recipe (measured by `tools/style_report.py`, docs/research/toy_record.md): the input handed past the
 encoder at half resolution (`gen_input_skip="half"`: the released architecture cannot reconstruct toy faces at o = 0
 in a few hundred steps, and half resolution starts the decoder at the target style's sharpness), reconstruction
 weighted 10x, styles sampled with |o| ~ U(0, 6) so the identity term (weight 15) has to make distance grow with |o|,
@@ -38,7 +38,7 @@ config.frequent = 20
 config.image_every = 60
 config.fp16 = False
 config.gen_lr = 1e-3                     # faster than the published 1e-4: the toy budget is a few hundred steps
-config.gen_input_skip = "half"           # the input at half resolution, added before tanh (docs/toy_results.md)
+config.gen_input_skip = "half"           # the input at half resolution, added before tanh (docs/research/toy_record.md)
 config.lambda_diversity = 0.05           # mode seeking: without it styles drift to one look (distinctness 0.19)
 config.lambda_basis = 1.0                # mode seeking alone left |cos| 0.94-0.99 between directions on seeds 1, 4
 config.basis_cos_margin = 0.8            # a floor that acts only on collapse: 0.5 cost the distance curve

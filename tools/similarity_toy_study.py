@@ -11,7 +11,7 @@
 
 Writes DIR/targets/<style>/, DIR/base/, DIR/<style>/generator.pth, DIR/similarity.{json,png} and DIR/study.json.
 
-Observed with the controllable toy generator (docs/toy_results.md "Dataset similarity with the controllable
+Observed with the controllable toy generator (docs/research/toy_record.md "Dataset similarity with the controllable
 generators"; base = the pipeline's generator, `--control --steps 200 --gen-lr 1e-3`): the subspace similarity does
 not separate the domains (all pairs 0.9886-0.9908, seed-noise pair among them); the offset ||mu_a - mu_b|| ranks
 them (similar 0.090 < different 0.136-0.138) but the same-domain seed-noise offset (0.112) lies between.
