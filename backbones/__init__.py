@@ -14,12 +14,14 @@ from typing import Any, Callable, Mapping
 from torch import nn
 
 from .adaface_ir import ADAFACE_IR_CONFIGS, AdaFaceIR
+from .channel_order import ChannelOrder, backbone_order, feed_in_order, identity_order
 from .iresnet import IRESNET_LAYERS, IResNet
 from .mobilefacenet import MobileFaceNet
 from .vit import VIT_CONFIGS, VisionTransformer
 
 __all__ = ["get_model", "backbone_from_config", "BACKBONES", "BACKBONE_NAMES", "BACKBONE_CONFIG_KEYS", "BackboneSpec",
-           "IResNet", "MobileFaceNet", "VisionTransformer", "AdaFaceIR", "channel_order_of"]
+           "IResNet", "MobileFaceNet", "VisionTransformer", "AdaFaceIR", "channel_order_of",
+           "ChannelOrder", "backbone_order", "identity_order", "feed_in_order"]
 
 # Config keys a backbone may read (config key -> get_model keyword). Each registered network declares the subset it
 # honours; config validation refuses a non-default value of a key the chosen network would ignore.

@@ -290,6 +290,47 @@ def _cvlface_config(path: Path) -> tuple[dict[str, str], Path] | None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The channel order a file says its network was fed
+# ----------------------------------------------------------------------------------------------------------------
+CHANNEL_ORDER_KEY = "channel_order"  # train.py's config key and summary.json entry: the order the backbone was fed
+
+
+def _recorded_order(record: Any) -> str | None:
+    return record.get(CHANNEL_ORDER_KEY) if isinstance(record, Mapping) and record.get(CHANNEL_ORDER_KEY) in (
+        "rgb", "bgr") else None
+
+
+def told_channel_order(path: str | os.PathLike) -> tuple[str, str] | None:
+    """``(order, reason)`` when the file itself (or what its run wrote beside it) says which channel order its
+    network was fed, else None: CVLFace's ``<name>.yaml`` ``color_space``; a ``train.py`` run's ``model.pt`` (its
+    ``summary.json``: ``channel_order``) or checkpoint ``rank_N.pt`` (the ``COMPLETE`` marker's config). A run
+    written before ``channel_order`` existed was fed RGB (train.py then fed every network RGB)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        config = _cvlface_config(path)
+        space = config[0].get("color_space", "").upper() if config is not None else ""
+        return (space.lower(), f"color_space in {config[1]}") if space in ("RGB", "BGR") else None
+    if path.name == "model.pt":
+        record, where, entry = path.parent / "summary.json", "its summary.json", "summary"
+    elif path.name.startswith("rank_") and path.suffix == ".pt":
+        record, where, entry = path.parent / "COMPLETE", "its checkpoint's COMPLETE marker", "meta"
+    else:
+        return None
+    try:
+        data = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    config = data.get("config") if isinstance(data, dict) else None
+    if not isinstance(config, dict) or not isinstance(config.get("network"), str) or (
+            entry == "meta" and data.get("kind") != "recognition"):
+        return None  # not a train.py run (a stage-1 run, another tool's file): the file's layout decides
+    order = (_recorded_order(data) if entry == "summary" else None) or _recorded_order(config)
+    if order is None:
+        return "rgb", "a train.py run from before channel_order: train.py fed RGB"
+    return order, f"a train.py run fed {order.upper()}, as {where} records"
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # From a file to a backbone state dict
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
