@@ -21,6 +21,7 @@ config.embedding_size = 512              # embedding dimension
 config.dropout = 0.0                     # dropout before the embedding layer
 config.use_checkpoint = False            # activation (gradient) checkpointing in the backbone, saves memory
 config.channels_last = False             # run backbone and generator in channels_last memory format
+config.channel_order = "auto"            # auto | rgb | bgr fed to the backbone; auto: the pretrained file's, else network's (ir_*: BGR)
 
 # ---- margin loss and Partial FC ----
 config.loss = "arcface"                  # arcface | cosface | combined | adaface
@@ -97,6 +98,7 @@ config.target = ""                       # unlabelled target-domain faces: a fol
 config.id_network = "r50"                # architecture of the frozen identity network
 config.id_model = None                   # its weights (InsightFace backbone.pth or a train.py model.pt)
 config.id_embedding_size = 512           # its embedding size
+config.id_channel_order = "auto"         # auto | rgb | bgr fed to the identity network; auto: id_model's, else id_network's
 config.gen_dim = 64                      # generator base width (released models: 64)
 config.gen_n_downsample = 2              # generator down/up-sampling stages
 config.gen_n_residual = 3                # residual blocks in the generator decoder

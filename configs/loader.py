@@ -4,7 +4,8 @@ imports no model code): `configs/base.py` holds every key; a job config override
 Unknown keys are an error everywhere (a typo must not silently train with a default), and every value is checked at
 load (`validate`): numeric ranges (`NUMERIC_RULES`, one rule per numeric key of base.py) and the choices of
 `network`, `loss` and `optimizer`, which come from the registries in `backbones`, `losses` and `utils.optim` (the one
-place a new architecture, margin head or optimizer is declared). `~` is expanded in every path key (`PATH_KEYS`).
+place a new architecture, margin head or optimizer is declared), and of `channel_order` / `id_channel_order`. `~` is
+expanded in every path key (`PATH_KEYS`).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from easydict import EasyDict
 
 # The registries are plain name -> (class, declared config keys) tables; importing them builds no model.
 from backbones import BACKBONE_CONFIG_KEYS, BACKBONES
+from backbones.channel_order import CHANNEL_ORDERS
 from losses import MARGIN_LOSSES, margin_loss_from_config
 from utils.config_policy import STAGE1_KEYS, STAGE2_KEYS
 from utils.degrade import DEGRADE_BOUNDS
@@ -328,6 +330,8 @@ def validate(cfg: EasyDict) -> None:
     need(cfg.id_network in BACKBONES, "id_network", f"choices: {', '.join(BACKBONES)}")
     need(cfg.loss in MARGIN_LOSSES, "loss", f"choices: {', '.join(MARGIN_LOSSES)}")
     need(cfg.optimizer in OPTIMIZERS, "optimizer", f"choices: {', '.join(OPTIMIZERS)}")
+    for key in ("channel_order", "id_channel_order"):  # auto: resolved by the trainer from the file / network
+        need(cfg[key] in CHANNEL_ORDERS, key, f"choices: {', '.join(CHANNEL_ORDERS)}")
     defaults = base_config()
     for key in BACKBONE_CONFIG_KEYS:  # a value the chosen network would silently ignore is a mistake
         need(key in BACKBONES[cfg.network].config_keys or cfg[key] == defaults[key], key,

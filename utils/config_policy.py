@@ -29,13 +29,13 @@ _RUN_CONTROL = ("output", "config_name", "resume", "device", "dist_timeout_s", "
 # Keys only one stage reads (configs/base.py holds both stages' keys): giving one to the other stage is an error
 # (configs.loader.refuse_other_stage); on resume the other stage's keys are free.
 STAGE1_KEYS: tuple[str, ...] = (
-    "target", "id_network", "id_model", "id_embedding_size", "gen_dim", "gen_n_downsample", "gen_n_residual",
-    "gen_latent_dim", "gen_style_dim", "gen_input_skip", "init_generator", "gen_lr", "gen_lr_decay",
+    "target", "id_network", "id_model", "id_embedding_size", "id_channel_order", "gen_dim", "gen_n_downsample",
+    "gen_n_residual", "gen_latent_dim", "gen_style_dim", "gen_input_skip", "init_generator", "gen_lr", "gen_lr_decay",
     "gen_betas", "lambda_id_schedule", "id_distance_range", "lambda_rec", "lambda_diversity", "lambda_basis",
     "basis_cos_margin", "style_sampling", "dis_dim", "style_report_faces")
 STAGE2_KEYS: tuple[str, ...] = (
-    "network", "embedding_size", "dropout", "use_checkpoint", "channels_last", "loss", "s", "m", "margin_list",
-    "adaface_h", "adaface_t_alpha", "sample_rate", "optimizer", "lr", "momentum", "weight_decay",
+    "network", "embedding_size", "dropout", "use_checkpoint", "channels_last", "channel_order", "loss", "s", "m",
+    "margin_list", "adaface_h", "adaface_t_alpha", "sample_rate", "optimizer", "lr", "momentum", "weight_decay",
     "weight_decay_exclude", "gradient_acc", "warmup_epoch", "lr_power", "clip_grad_norm",
     "pretrained_synthesis_model", "rs_ratio", "epsilon", "alpha", "k", "style_search", "pretrained_backbone_model",
     *DEGRADE_KEYS)
@@ -43,8 +43,10 @@ STAGE2_KEYS: tuple[str, ...] = (
 CONFIG_POLICY: dict[str, ConfigPolicy] = {
     "recognition": ConfigPolicy(
         # world_size may change: the state is re-sharded on resume (utils/reshard.py, utils/elastic.py)
+        # channel_order: the weights learnt one colour order; stored resolved (auto -> rgb/bgr), so switching auto
+        # to the order it resolved to is no change, but feeding the other order is refused
         refuse=("network", "embedding_size", "loss", "optimizer", "batch_size", "gradient_acc", "sample_rate",
-                "num_classes", "num_image", "fp16", "seed", "weight_decay_exclude"),
+                "num_classes", "num_image", "fp16", "seed", "weight_decay_exclude", "channel_order"),
         apply=("lr", "num_epoch", "warmup_epoch", "lr_power", "momentum", "weight_decay", "s", "m", "margin_list",
                "adaface_h", "adaface_t_alpha", "clip_grad_norm", "dropout", "use_checkpoint", "channels_last",
                "bf16", "rec", "pretrained_synthesis_model", "rs_ratio", "epsilon", "alpha", "k", "style_search",
@@ -58,10 +60,16 @@ CONFIG_POLICY: dict[str, ConfigPolicy] = {
                 "fp16", "seed"),
         apply=("gen_lr", "gen_lr_decay", "gen_betas", "num_epoch", "lambda_id_schedule", "id_distance_range",
                "lambda_rec", "lambda_diversity", "lambda_basis", "basis_cos_margin", "style_sampling", "id_model",
-               "target", "rec", "bf16"),
+               "id_channel_order", "target", "rec", "bf16"),  # the frozen identity network: reloaded, not saved
         free=(*_RUN_CONTROL, "init_generator", "style_report_faces", *STAGE2_KEYS),
         init_key="init_generator"),
 }
+
+
+# Keys added after runs were saved without them: the value those runs had (train.py fed every network RGB before
+# channel_order existed). A saved config lacking the key is compared with this value, so an old ir_* run is not
+# resumed on BGR silently.
+LEGACY_VALUES: dict[str, Any] = {"channel_order": "rgb", "id_channel_order": "rgb"}
 
 
 def json_form(value: Any) -> Any:
@@ -80,6 +88,7 @@ def check_config(saved: Mapping[str, Any], current: Mapping[str, Any], directory
     from the resumed step (listed by the caller in one warning). A key no policy names counts as applied."""
     policy = CONFIG_POLICY.get(kind, ConfigPolicy((), (), (), "pretrained_backbone_model"))
     current = json_form(dict(current))
+    saved = {**{k: v for k, v in LEGACY_VALUES.items() if k in current}, **saved}
     changed = [(k, saved[k], current[k]) for k in current  # in config order
                if k in saved and saved[k] != current[k] and k not in policy.free]
     refused = [c for c in changed if c[0] in policy.refuse]
