@@ -18,7 +18,7 @@ import torch
 from easydict import EasyDict
 from torch.profiler import record_function
 
-from backbones import get_model
+from backbones import ChannelOrder, backbone_order, feed_in_order, get_model
 from cfsm import load_generator
 from cfsm.attack import AttackStats, StyleMix, adversarial_mix, frozen_stats, split_counts
 from cfsm.visualize import mix_grid, save_png
@@ -91,8 +91,7 @@ def make_train_step(cfg: EasyDict, env: DistEnv, model: torch.nn.Module, backbon
                 with record_function("cfsm/adversarial_mix"):
                     mix = adversarial_mix(images, labels, generator, attack_loss, rs_ratio=cfg.rs_ratio,
                                           epsilon=cfg.epsilon, alpha=cfg.alpha, k=cfg.k, rng=style_rng,
-                                          autocast_dtype=amp_dtype,
-                                          grad_scale=scaler.get_scale() if cfg.fp16 else 1.0,
+                                          autocast_dtype=amp_dtype, grad_scale=scaler.get_scale() if cfg.fp16 else 1.0,
                                           agree=agree_any,  # precision retries: chosen by all ranks together
                                           search=cfg.style_search)
                 mixed = mix.images
@@ -134,6 +133,7 @@ class Stage2:
     scheduler: PolyScheduler
     scaler: torch.amp.GradScaler
     autocast: dict  # keyword arguments of torch.autocast (utils.precision)
+    channel: ChannelOrder  # the colour order the backbone sees (BGR: it flips the RGB batches itself)
 
     def state(self) -> dict:
         return {"backbone": self.backbone.state_dict(), "partial_fc": self.pfc.state_dict(),
@@ -154,10 +154,11 @@ def build_stage2(cfg: EasyDict, env: DistEnv, num_classes: int, synthesis: bool,
     if num_classes < env.world_size:
         raise ConfigError(f"num_classes={num_classes} ({cfg.rec}) is smaller than the world size {env.world_size}: "
                           f"every rank must hold at least one class centre")
-    # frozen, eval, never DDP
-    generator = load_generator(cfg.pretrained_synthesis_model).to(env.device) if synthesis else None
-    backbone = get_model(cfg.network, num_features=cfg.embedding_size, dropout=cfg.dropout,
-                         use_checkpoint=cfg.use_checkpoint).to(env.device)
+    channel = backbone_order(cfg)  # first: an explicit order against pretrained_backbone_model's is a config error
+    generator = load_generator(cfg.pretrained_synthesis_model).to(env.device) if synthesis else None  # frozen, no DDP
+    # RGB batches; a BGR backbone flips them itself (a hook): after synthesis, in the step, the attack and verification
+    backbone = feed_in_order(get_model(cfg.network, num_features=cfg.embedding_size, dropout=cfg.dropout,
+                                       use_checkpoint=cfg.use_checkpoint), channel.order).to(env.device)
     if cfg.pretrained_backbone_model:
         ckpt.load_state_dict_strict(backbone, ckpt.load_state_dict_file(cfg.pretrained_backbone_model),
                                     source=str(cfg.pretrained_backbone_model))
@@ -171,7 +172,7 @@ def build_stage2(cfg: EasyDict, env: DistEnv, num_classes: int, synthesis: bool,
                                 + [{"params": pfc.parameters()}], cfg)
     scheduler = PolyScheduler(optimizer, plan.total_steps, plan.warmup_steps, cfg.lr_power)
     _, scaler, autocast = mixed_precision(cfg.fp16, cfg.bf16, env.device.type)
-    return Stage2(backbone, pfc, generator, optimizer, scheduler, scaler, autocast)
+    return Stage2(backbone, pfc, generator, optimizer, scheduler, scaler, autocast, channel)
 
 
 def train(cfg: EasyDict, env: DistEnv) -> dict | None:
@@ -191,12 +192,12 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
         plan = run.use_loader(loader, dataset, micro_per_step=cfg.gradient_acc)  # the run's step counts
         nets = build_stage2(cfg, env, dataset.num_classes, synthesis, plan)
         run.rngs["style"] = style_rng = torch.Generator().manual_seed(cfg.seed * 1000 + env.rank)  # any device
-        step = run.resume(nets.load_state, num_classes=dataset.num_classes, num_image=dataset.num_images)
-        model = run.wrap_ddp(nets.backbone, bucket_cap_mb=32, find_unused_parameters=False)
-        nets.backbone.train()
+        step = run.resume(nets.load_state, num_classes=dataset.num_classes, num_image=dataset.num_images,
+                          channel_order=nets.channel.order)  # resolved (auto -> rgb/bgr): saved, a change refused
+        model = run.wrap_ddp(nets.backbone.train(), bucket_cap_mb=32, find_unused_parameters=False)
         train_step = make_train_step(cfg, env, model, nets.backbone, nets.pfc, nets.generator, nets.optimizer,
                                      nets.scheduler, nets.scaler, nets.autocast, style_rng)
-        run.start(step, f"{dataset.num_classes} classes, {dataset.num_images} images", nets.autocast)
+        run.start(step, f"{dataset.num_classes} classes, {dataset.num_images} images", nets.autocast, nets.channel)
         # val_targets opened and checked now, before the first step; results go to the run's log (console, train.log)
         verify = verification_for_run(cfg.val_targets, cfg.rec, cfg.val_batch_size, env, run.writer, run.log)
 
@@ -218,10 +219,9 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
             if run.save_due(step):
                 run.save(step, nets.state())
 
-        run.final_save(step, nets.state(), {"backbone": nets.backbone.state_dict(),
-                                            "partial_fc": nets.pfc.state_dict()})
+        run.final_save(step, state := nets.state(), {k: state[k] for k in ("backbone", "partial_fc")})
         val = run_verification(step) if cfg.val_targets else val
-        return run.finish(step, lambda: write_results(run, step, nets.backbone, result, val, attack_stats))
+        return run.finish(step, lambda: write_results(run, step, nets, result, val, attack_stats))
 
 
 def log_step(run: Run, step: int, epoch: int, result: StepResult, nets: Stage2, attack_stats: AttackStats) -> None:
@@ -234,16 +234,16 @@ def log_step(run: Run, step: int, epoch: int, result: StepResult, nets: Stage2, 
     run.add_image(step, "cfsm/clean_vs_synth", lambda: mix_grid(result.clean, result.mix))
 
 
-def write_results(run: Run, step: int, backbone: torch.nn.Module, last: StepResult | None, val: dict,
+def write_results(run: Run, step: int, nets: Stage2, last: StepResult | None, val: dict,
                   attack_stats: AttackStats) -> dict:
-    """Rank 0 at the end: `model.pt` (a plain state dict: InsightFace tools), `clean_vs_synth.png`, the summary."""
+    """Rank 0 at the end: `model.pt` (a plain state dict), `clean_vs_synth.png`, the summary (`channel_order`: eval)."""
     final_loss = float(last.loss) if last is not None else None  # None: no step in this invocation
-    ckpt.atomic_save(backbone.state_dict(), run.output / "model.pt")
+    ckpt.atomic_save(nets.backbone.state_dict(), run.output / "model.pt")
     if last is not None and (grid := mix_grid(last.clean, last.mix)) is not None:  # a first look after any run
         save_png(grid, run.output / "clean_vs_synth.png")
     run.log.info(f"done: {step} steps, final loss {'n/a' if final_loss is None else f'{final_loss:.4g}'}, "
                  f"val {rounded(val)}, model {run.output / 'model.pt'}")
-    return {"final_loss": final_loss, "val": val, **attack_stats.means()}
+    return {"final_loss": final_loss, "val": val, **attack_stats.means(), "channel_order": nets.channel.order}
 
 
 if __name__ == "__main__":

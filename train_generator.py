@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 import torch
 from easydict import EasyDict
 
+from backbones import identity_order
 from cfsm import Generator, MultiDiscriminator
 from cfsm.loading import check_stage1_files, init_generator_from_file, load_identity_network, \
     stage1_generator_config
@@ -242,7 +243,10 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
                             "id_model": cfg.id_model or None, "init_generator": cfg.init_generator or None})
         source = build_dataset(cfg.rec, augment=True, num_classes=cfg.num_classes, num_image=cfg.num_image)
         target = TargetFaceDataset(cfg.target)
-        id_net = load_identity_network(cfg.id_model, cfg.id_network, cfg.id_embedding_size, env.device)
+        # G's images are RGB; an identity network trained on BGR (AdaFace) flips them itself, right before it
+        id_order = identity_order(cfg)
+        id_net = load_identity_network(cfg.id_model, cfg.id_network, cfg.id_embedding_size, env.device,
+                                       channel_order=id_order.order)
         G, D = build_networks(cfg, env, run)
         loader = training_loader(source, cfg.batch_size, cfg.seed, cfg.num_workers, env.rank, env.world_size,
                                  env.device)
@@ -253,7 +257,8 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
         nets = build_stage1(cfg, env, G, D, batches_per_epoch)
         run.rngs["style"] = style_rng = torch.Generator().manual_seed(cfg.seed * 1000 + env.rank)  # any device
 
-        step = run.resume(nets.load_state, num_classes=source.num_classes, num_image=source.num_images)
+        step = run.resume(nets.load_state, num_classes=source.num_classes, num_image=source.num_images,
+                          id_channel_order=id_order.order)  # resolved (auto -> rgb/bgr): a change is listed
         # At 112x112 the discriminator's third scale normalises a 1x1 map to zeros, so its lower layers get no
         # gradient; DDP must be told to expect unused parameters there (the set depends on the image size).
         # Buffers (AdaIN running stats) are never read or updated: no need to broadcast them every forward.
@@ -266,7 +271,7 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
         run.start(step, f"source {source.num_images} images ({cfg.rec}), target {len(target)} images ({cfg.target})",
                   nets.autocast, network=f"CFSM generator (G {sum(p.numel() for p in G.parameters()):,} params, D "
                   f"{sum(p.numel() for p in D.parameters()):,}; identity net {cfg.id_network})",
-                  loss="+".join(objectives))
+                  loss="+".join(objectives), channel=id_order, fed="identity net")
 
         def open_epoch(epoch: int, first_batch: int):
             loader.sampler.set_epoch(epoch, first_batch)
@@ -291,7 +296,8 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
                 run.save(step, nets.state(cfg, run.plan.epoch_of(step)))
 
         run.final_save(step, nets.state(cfg, run.plan.epoch_of(step)), {"G": G.state_dict(), "D": D.state_dict()})
-        return run.finish(step, lambda: write_results(cfg, run, step, nets, id_net, source, target, latest, result))
+        return run.finish(step, lambda: {**write_results(cfg, run, step, nets, id_net, source, target, latest, result),
+                                         "id_channel_order": id_order.order})
 
 
 def samples_grid(G: torch.nn.Module, result: StepResult, step: int):

@@ -171,13 +171,15 @@ def check_identity_network_file(path: str | os.PathLike, network: str, embedding
 
 
 def load_identity_network(path: str | os.PathLike, network: str, embedding_size: int,
-                          device: str | torch.device = "cpu", key: str = "id_model") -> torch.nn.Module:
+                          device: str | torch.device = "cpu", key: str = "id_model",
+                          channel_order: str = "rgb") -> torch.nn.Module:
     """Stage 1's frozen face-recognition network f: checked (see :func:`check_identity_network_file`), strictly
-    loaded, eval mode, no parameter gradients, on ``device``."""
-    from backbones import get_model
+    loaded, eval mode, no parameter gradients, on ``device``. It takes the generator's RGB images and sees them in
+    ``channel_order`` (``backbones.identity_order``: BGR for an AdaFace network, which flips them itself)."""
+    from backbones import feed_in_order, get_model
 
     state = _identity_state(path, network, embedding_size, key)
-    net = get_model(network, num_features=embedding_size)
+    net = feed_in_order(get_model(network, num_features=embedding_size), channel_order)
     net.load_state_dict(state, strict=True)
     net.requires_grad_(False)
     return net.eval().to(device)
@@ -244,12 +246,16 @@ def stage1_generator_config(cfg: Mapping) -> dict[str, int]:
 def check_stage1_files(cfg: Mapping) -> None:
     """Every stage-1 input file, checked before any process group exists, so a bad file stops each rank at start
     (none waits in a collective for a rank that failed): target images listed and all decodable, the identity
-    network of ``id_network`` / ``id_embedding_size``, ``init_generator`` of the configured generator shape."""
+    network of ``id_network`` / ``id_embedding_size`` (and an ``id_channel_order`` it does not contradict),
+    ``init_generator`` of the configured generator shape."""
+    from backbones import identity_order
+
     from .target_data import check_target_images, list_target_images
 
     # toy data the trainer is about to generate (generate_toy_data) is not there yet, and is ours: nothing to check
     if not (cfg.get("generate_toy_data") and not os.path.exists(str(cfg["target"]))):
         check_target_images(list_target_images(cfg["target"]), source=str(cfg["target"]))
     check_identity_network_file(cfg["id_model"], cfg["id_network"], cfg["id_embedding_size"])
+    identity_order(cfg)  # an explicit id_channel_order against the file's order: one error line
     if cfg.get("init_generator"):
         check_init_generator_file(cfg["init_generator"], stage1_generator_config(cfg))

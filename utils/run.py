@@ -81,12 +81,15 @@ def precision_name(autocast: Mapping[str, Any], fp16_asked: bool = False) -> str
 
 
 def startup_line(cfg: Mapping[str, Any], env: DistEnv, plan: StepPlan, network: str, loss: str,
-                 autocast: Mapping[str, Any]) -> str:
-    """Both trainers' first line: network, loss, world size, device, precision, the effective batch of one optimizer
-    step (per rank x ranks x accumulated micro-batches) and the step counts."""
+                 autocast: Mapping[str, Any], channel: Any = None, fed: str = "backbone") -> str:
+    """Both trainers' first line: network, loss, world size, device, precision, the channel order when a network is
+    fed BGR (`channel`: a `backbones.ChannelOrder` of network `fed`; RGB, every image's order, goes unsaid), the
+    effective batch of one optimizer step (per rank x ranks x accumulated micro-batches) and the step counts."""
     per_rank, ranks, micro = int(cfg["batch_size"]), env.world_size, plan.micro_per_step
+    bgr = f", {fed} fed BGR ({channel.reason})" if channel is not None and channel.order == "bgr" else ""
     return (f"{cfg['config_name']}: network {network}, loss {loss}, world size {ranks}, device {env.device}, "
-            f"precision {precision_name(autocast, bool(cfg.get('fp16')))}, effective batch {per_rank * ranks * micro} "
+            f"precision {precision_name(autocast, bool(cfg.get('fp16')))}{bgr}, "
+            f"effective batch {per_rank * ranks * micro} "
             f"({per_rank} per rank x {ranks} rank{'s' * (ranks > 1)} x {micro} micro-batch{'es' * (micro > 1)}); "
             f"{plan.total_steps} steps ({plan.batches_per_epoch} batches/epoch), stopping at {plan.stop_step}")
 
@@ -384,15 +387,17 @@ class Run:
 
     # ---- monitoring ----
 
-    def start(self, step: int, description: str, autocast: Mapping[str, Any], network: str | None = None,
-              loss: str | None = None) -> None:
+    def start(self, step: int, description: str, autocast: Mapping[str, Any], channel: Any = None,
+              network: str | None = None, loss: str | None = None, fed: str = "backbone") -> None:
         """Open TensorBoard / wandb (rank 0) and the speed meter, and log what this run will do (`startup_line`;
-        network and loss default to the config's `network` and `loss`, stage 2's)."""
+        network and loss default to the config's `network` and `loss`, stage 2's; `channel`: the order network
+        `fed` sees)."""
         cfg, env, plan = self.cfg, self.env, self.plan
         self.writer = agree_call(env, lambda: run_writer(self.output, cfg, resumed=step > 0, purge_step=step + 1)
                                   if env.is_main else None, "opening TensorBoard / wandb")  # a failure stops all ranks
         self.meter = SpeedMeter(cfg.batch_size * env.world_size * plan.micro_per_step, plan.stop_step, step)
-        self.log.info(startup_line(cfg, env, plan, network or cfg.network, loss or cfg.loss, autocast)
+        self.log.info(startup_line(cfg, env, plan, network or cfg.network, loss or cfg.loss, autocast, channel,
+                                   fed)
                       + f"; {description}")
 
     def log_due(self, step: int) -> bool:
