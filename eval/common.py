@@ -4,10 +4,10 @@ Preprocessing follows ``docs/eval_protocols.md`` §1: a least-squares similarity
 five landmarks to the 112x112 ArcFace template, ``cv2.warpAffine`` with bilinear interpolation and a black border,
 then ``(x / 255 - 0.5) / 0.5``. The mirror image is the horizontal flip of the aligned crop.
 
-Channel order: our models (like the CFSM / arcface_torch ones) are trained on RGB; AdaFace-family files (AdaFace's
-IR layout, its ``.ckpt`` files, CVLFace files whose ``color_space`` is BGR) are fed BGR without a flag
-(:meth:`BackboneChoice.channels`). ``--bgr`` / ``--rgb`` say it where the file does not; against the file they are an
-error.
+Channel order: InsightFace / CFSM / arcface_torch models are trained on RGB; AdaFace-family files (AdaFace's IR
+layout, its ``.ckpt`` files, CVLFace files whose ``color_space`` is BGR) are fed BGR without a flag, and a
+``train.py`` run in the order its ``summary.json`` records (``channel_order``; :meth:`BackboneChoice.channels`).
+``--bgr`` / ``--rgb`` say it where the file does not; against the file they are an error.
 
 Network: ``--network auto`` (the default) takes it from the run's ``summary.json`` beside a ``model.pt``, else
 detects it from the file's keys and shapes (``backbones/detect.py``; ``docs/evaluation.md``).
@@ -234,12 +234,14 @@ def choose_backbone(model_path: str | os.PathLike, state: dict[str, torch.Tensor
     ``network`` other than "auto" is used as given. "auto": the run's ``summary.json`` beside a ``model.pt``, else
     the one registered network whose layout the file has (:mod:`backbones.detect`); none or several is an error
     naming what the file holds. The embedding size: ``embedding_size``, else the file's last BatchNorm, else the
-    summary's, else 512. The channel order: the file's own metadata (CVLFace's ``color_space``), else RGB for a run
-    of ``train.py`` (it feeds RGB), else the network family's (``backbones.BackboneSpec.channel_order``: BGR for
-    AdaFace's IR layout, which the file's keys prove; RGB by convention otherwise)."""
+    summary's, else 512. The channel order: the file's own metadata (CVLFace's ``color_space``), else what a
+    ``train.py`` run records (its ``summary.json`` / checkpoint marker: ``channel_order``; RGB for a run from before
+    that key), else the network family's (``backbones.BackboneSpec.channel_order``: BGR for AdaFace's IR layout,
+    which the file's keys prove; RGB by convention otherwise)."""
     from backbones import BACKBONE_NAMES, BACKBONES
     from backbones.detect import detect_network
     from utils.checkpoint import CheckpointError
+    from utils.model_file import told_channel_order
 
     size = embedding_size or infer_embedding_size(state)
     kind, notes = (model_file.kind, model_file.notes) if model_file is not None else ("state dict", ())
@@ -256,8 +258,8 @@ def choose_backbone(model_path: str | os.PathLike, state: dict[str, torch.Tensor
     spec = BACKBONES.get(picked)
     if model_file is not None and model_file.channel_order is not None:
         order, told, reason = model_file.channel_order, True, f"color_space in {model_file.channel_source}"
-    elif source not in ("--network", "its keys and shapes"):
-        order, told, reason = "rgb", True, "a train.py run: train.py feeds RGB"
+    elif (said := told_channel_order(model_path)) is not None:  # a train.py run says what it fed its backbone
+        order, told, reason = said[0], True, said[1]
     elif spec is not None and spec.channel_order != "rgb":
         order, told = spec.channel_order, True
         reason = f"{spec.family} networks are trained on {order.upper()}"
