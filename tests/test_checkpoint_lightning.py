@@ -253,8 +253,8 @@ def test_embed_command_reads_the_ckpt_as_bgr_and_says_so(tmp_path: Path, faces: 
 
 
 def test_run_model_and_insightface_file_lines(tmp_path: Path, faces: Path) -> None:
-    """A train.py run's model.pt: from its summary.json, RGB told (--bgr is an error); a bare InsightFace-layout
-    file: detected, RGB by convention (--bgr allowed)."""
+    """A train.py run's model.pt from before `channel_order` (its summary.json records none): RGB told, what train.py
+    fed then (--bgr is an error); a bare InsightFace-layout file: detected, RGB by convention (--bgr allowed)."""
     run = tmp_path / "run"
     run.mkdir()
     torch.manual_seed(0)
@@ -265,11 +265,11 @@ def test_run_model_and_insightface_file_lines(tmp_path: Path, faces: Path) -> No
     assert done.returncode == 0, done.stderr
     assert done.stderr.splitlines()[0] == (
         f"model: {run / 'model.pt'}: r_tiny (InsightFace layout, from {run / 'summary.json'}; state dict), 32-d "
-        "embeddings, RGB input (a train.py run: train.py feeds RGB)")
+        "embeddings, RGB input (a train.py run from before channel_order: train.py fed RGB)")
     float(done.stdout.splitlines()[0])  # stdout keeps the cosine first
     bgr = _run("tools.compare_faces", str(faces / "a.png"), str(faces / "b.png"), "--model", str(run / "model.pt"),
                "--device", "cpu", "--bgr")
-    assert bgr.returncode == 2 and "error: --bgr contradicts" in bgr.stderr and "train.py feeds RGB" in bgr.stderr
+    assert bgr.returncode == 2 and "error: --bgr contradicts" in bgr.stderr and "train.py fed RGB" in bgr.stderr
     bare = tmp_path / "backbone.pth"
     torch.save(get_model("r_tiny", num_features=32).state_dict(), bare)
     out = _run("tools.export_onnx", "--model", str(bare), "--out", str(tmp_path / "onnx"), "--bgr")
@@ -277,6 +277,34 @@ def test_run_model_and_insightface_file_lines(tmp_path: Path, faces: Path) -> No
     assert f"model: {bare}: r_tiny (InsightFace layout, detected from its keys and shapes; state dict), 32-d " \
            "embeddings, BGR input (--bgr)" in out.stderr  # the file does not tell: the flag decides, and is said
     assert "reversed to BGR inside the graph" in out.stdout
+
+
+def test_told_channel_order_reads_what_a_train_py_run_recorded(tmp_path: Path) -> None:
+    """utils.model_file.told_channel_order: a run's summary.json (its `channel_order`, else RGB: a run from before
+    the key), a checkpoint's COMPLETE marker (the resolved order in its config), CVLFace's color_space; a stage-1
+    summary or a file without a record tells nothing."""
+    from utils.model_file import told_channel_order
+
+    run = tmp_path / "run"
+    run.mkdir()
+    summary = {"config": {"network": "ir_tiny", "channel_order": "auto"}, "channel_order": "bgr"}
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert told_channel_order(run / "model.pt") == ("bgr", "a train.py run fed BGR, as its summary.json records")
+    (run / "summary.json").write_text(json.dumps({"config": {"network": "ir_tiny", "channel_order": "rgb"}}))
+    assert told_channel_order(run / "model.pt")[0] == "rgb"
+    (run / "summary.json").write_text(json.dumps({"config": {"network": "ir_tiny"}}))
+    assert told_channel_order(run / "model.pt") == ("rgb", "a train.py run from before channel_order: train.py fed RGB")
+    (run / "summary.json").write_text(json.dumps({"config": {"id_network": "ir_tiny"}, "id_channel_order": "bgr"}))
+    assert told_channel_order(run / "model.pt") is None  # a stage-1 run's summary
+    step = tmp_path / "checkpoints" / "step_00000001"
+    step.mkdir(parents=True)
+    (step / "COMPLETE").write_text(json.dumps({"kind": "recognition", "config": {"network": "ir_tiny",
+                                                                                 "channel_order": "bgr"}}))
+    assert told_channel_order(step / "rank_0.pt") == (
+        "bgr", "a train.py run fed BGR, as its checkpoint's COMPLETE marker records")
+    assert told_channel_order(tmp_path / "backbone.pth") is None
+    (tmp_path / "w.yaml").write_text("name: ir50\ncolor_space: BGR\n")
+    assert told_channel_order(tmp_path / "w.safetensors") == ("bgr", f"color_space in {tmp_path / 'w.yaml'}")
 
 
 def test_export_onnx_of_an_adaface_ckpt_reverses_channels(tmp_path: Path) -> None:

@@ -130,6 +130,35 @@ def test_changed_state_keys_are_refused_with_every_change_listed(tmp_path):
         config_policy.check_config(stage1, {**stage1, "gen_dim": 32}, directory, "cfsm_stage1")
 
 
+def test_the_channel_order_fed_cannot_change_on_resume_and_old_runs_count_as_rgb(tmp_path):
+    """The resolved order is stored (auto -> bgr for ir_*): saying the order auto resolved to is no change, the other
+    order is refused; a checkpoint from before the key (train.py fed RGB) is compared as rgb, so an old ir_* run is
+    not resumed on BGR silently. Stage 1's id_channel_order applies (listed), its identity network is not saved."""
+    directory = tmp_path / "checkpoints" / "step_00000010"
+    saved = {"network": "ir_tiny", "channel_order": "bgr", "lr": 0.1}
+    assert config_policy.check_config(saved, dict(saved), directory, "recognition") == []
+    with pytest.raises(CheckpointError, match=r"channel_order: 'bgr' -> 'rgb'"):
+        config_policy.check_config(saved, {**saved, "channel_order": "rgb"}, directory, "recognition")
+    old = {"network": "ir_tiny", "lr": 0.1}
+    with pytest.raises(CheckpointError, match=r"channel_order: 'rgb' -> 'bgr'\).*Restore those values"):
+        config_policy.check_config(old, {**old, "channel_order": "bgr"}, directory, "recognition")
+    assert config_policy.check_config({"network": "r_tiny"}, {"network": "r_tiny", "channel_order": "rgb"},
+                                      directory, "recognition") == []
+    assert config_policy.check_config({"gen_dim": 4}, {"gen_dim": 4, "id_channel_order": "bgr"}, directory,
+                                      "cfsm_stage1") == [("id_channel_order", "rgb", "bgr")]
+
+
+def test_a_resume_feeding_the_other_channel_order_is_refused(mini_toy, tmp_path):
+    out = tmp_path / "out"
+    train.main(tiny_args(mini_toy, out, "network=ir_tiny", "max_steps=1", "save_every=1", "val_targets=[]",
+                         "image_every=0"))
+    with pytest.raises(CheckpointError, match=r"channel_order: 'bgr' -> 'rgb'"):
+        train.main(tiny_args(mini_toy, out, "network=ir_tiny", "max_steps=2", "val_targets=[]", "image_every=0",
+                             "channel_order=rgb"))
+    assert train.main(tiny_args(mini_toy, out, "network=ir_tiny", "max_steps=2", "val_targets=[]", "image_every=0",
+                                "channel_order=bgr"))["steps"] == 2  # what auto resolved to: no change
+
+
 def test_resume_with_another_architecture_names_the_keys(mini_toy, tmp_path):
     """Used to fail inside load_state_dict with thousands of key names."""
     out = tmp_path / "out"
