@@ -2,8 +2,9 @@
 AdaFace+CFSM model), so `pretrained_backbone_model=` that `.ckpt` fine-tunes it and the eval commands read it.
 
 AdaFace's network, not InsightFace's iresnet100: AdaFace's IR layout (`input_layer` / `body.N` / `output_layer`) and
-its dropout 0.4 before the embedding layer. Caveat: train.py feeds every network RGB; AdaFace's released models were
-trained on BGR, so a fine-tune from one starts with its channels swapped (docs/backbones.md)."""
+its dropout 0.4 before the embedding layer. AdaFace trains on BGR: `channel_order` stays `auto`, so the backbone is fed
+BGR (flipped after CFSM synthesis, right before it), as the released model was trained; the run's summary.json
+records it for the eval commands (docs/backbones.md, "Channel order in training")."""
 from easydict import EasyDict as edict
 
 config = edict()
