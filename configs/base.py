@@ -104,16 +104,21 @@ config.gen_n_downsample = 2              # generator down/up-sampling stages
 config.gen_n_residual = 3                # residual blocks in the generator decoder
 config.gen_latent_dim = 128              # latent size of the style subspace z = o @ U + mu
 config.gen_style_dim = 10                # style coefficient dimension (basis count)
-config.gen_input_skip = "none"           # none (released) | color | image: input handed past the encoder (cfsm/networks.py)
+config.gen_input_skip = "none"           # none (released) | color | image | half | lowpass: the input handed past the
+                                         # encoder (cfsm/networks.py), so a small generator trained briefly can give o = 0
+                                         # back; the toy uses lowpass (docs/research/generator_study.md)
 config.init_generator = None             # start stage 1 from this generator file (shared origin => comparable bases)
 config.gen_lr = 1e-4                     # Adam lr of generator and discriminator
 config.gen_betas = (0.5, 0.999)          # Adam betas
-config.gen_lr_decay = 0.0                # 0 = constant (CFSM); f = lr falls linearly to 0 over the run's last f
+config.gen_lr_decay = 0.0                # 0 = constant (CFSM); f = lr falls linearly to 0 over the run's last f (for a
+                                         # short run to end settled; no stage-2 gain measured on the toy)
 config.lambda_id_schedule = [(0, 8.0), (5, 5.0), (8, 2.0)]  # (start_epoch, lambda_id) steps of the identity loss
 config.id_distance_range = (0.0, 6.0, 0.05, 0.65)  # (la, ua, lm, um): target distance d* grows with |o|
 config.lambda_rec = 1.0                  # weight of the L1 reconstruction at o = 0 (odd iterations)
-config.lambda_diversity = 0.0            # weight of a mode-seeking term on synthesis iterations (0 = off, as CFSM)
-config.lambda_basis = 0.0                # weight of the basis term on two c*e_i changes' |cos| (0 = off, as CFSM)
+config.lambda_diversity = 0.0            # weight of a mode-seeking term on synthesis iterations (0 = off, as CFSM): for
+                                         # styles of one face that differ; no stage-2 gain measured on the toy
+config.lambda_basis = 0.0                # weight of the basis term on two c*e_i changes' |cos| (0 = off, as CFSM): for
+                                         # basis directions that are different changes; no stage-2 gain measured on the toy
 config.basis_cos_margin = 0.5            # |cos| of two directions' changes above which the basis term acts
 config.style_sampling = "gaussian"       # synthesis styles: gaussian (o ~ N(0, I)) | uniform_magnitude (|o| ~ U(0, ua))
 config.dis_dim = 64                      # discriminator first-layer width (released discriminators: 64)

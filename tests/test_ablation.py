@@ -96,7 +96,9 @@ def test_runs_and_tabulates(tmp_path, mini_toy, tiny_generator_file, capsys):
             "--domains", "motion", "--set", "network=r_tiny", "batch_size=16", "num_workers=0", "val_targets=[]"]
     table = ablation.main(args)
     assert set(table["methods"]) == {"baseline", "random", "rand_e1_k1", "adv_e1_k1", "handcrafted"}
-    assert table["targets"] == ["toy_clean", "toy_target", "toy_motion"]
+    # the validation pairs of every target too (identities of their own: choose on these, report the others)
+    assert table["targets"] == ["toy_clean", "toy_target", "toy_motion", "toy_clean_val", "toy_target_val",
+                                "toy_motion_val"]
     for row in table["methods"].values():
         assert set(row["per_seed"]) == {0, 1} and all(0 <= row[t][0] <= 1 for t in table["targets"])
         assert all(r["steps"] == 2 for r in row["per_seed"].values())

@@ -31,8 +31,14 @@ def test_pipeline_stages_wired_and_resumable(mini_toy, tmp_path, capsys):
             "--generator-set", "batch_size=4", "num_workers=0", "style_report_faces=3"]
     results = pipeline.main(args)
     assert json.loads((run / "results.json").read_text()) == results
-    assert set(results) == {"baseline", "cfsm", "generator_style_report"}
+    assert set(results) == {"baseline", "cfsm", "gain", "generator_style_report"}
+    assert results["gain"] == {t: results["cfsm"][t] - results["baseline"][t] for t in ("toy_clean", "toy_target")}
+    printed = capsys.readouterr().out
+    gain_line = next(line for line in printed.splitlines() if line.startswith("gain"))
+    assert gain_line.split()[1:3] == [f"{100 * results['gain'][t]:+.2f}" for t in ("toy_clean", "toy_target")]
+    assert "generator domain gap: " in printed
     assert results["generator_style_report"]["num_faces"] == 3  # stage 1's own report of the generator
+    assert results["generator_style_report"]["domain_gap"]["relative_gap"] >= 0  # the usefulness measure
     assert set(results["generator_style_report"]["goals"]) >= {"recon_l1", "magnitude_spearman"}
 
     # stage 1 trained its generator with the baseline as identity network ...
