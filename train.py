@@ -22,7 +22,7 @@ from backbones import ChannelOrder, backbone_order, feed_in_order, get_model
 from cfsm import load_generator
 from cfsm.attack import AttackStats, StyleMix, adversarial_mix, frozen_stats, split_counts
 from cfsm.visualize import mix_grid, save_png
-from configs.loader import ConfigError, load_config, parse_launch_args, refuse_other_stage
+from configs.loader import ConfigError, load_config, parse_launch_args, refuse_other_stage, resume_policy
 from dataset import build_dataset, training_loader
 from eval.verification_callback import verification_for_run
 from losses import margin_loss_from_config
@@ -177,7 +177,7 @@ def build_stage2(cfg: EasyDict, env: DistEnv, num_classes: int, synthesis: bool,
 
 def train(cfg: EasyDict, env: DistEnv) -> dict | None:
     """Run stage 2 with a loaded config on an initialised process environment; rank 0 returns the summary."""
-    with Run(cfg, env, kind="recognition", log_name="train", tensorboard_prefix="train") as run:
+    with Run(cfg, env, resume_policy("recognition"), log_name="train", tensorboard_prefix="train") as run:
         if run.finished is not None:  # this command already ran to its end: touch nothing
             return run.finished
         # ---- inputs first: every missing or wrong file stops us before any work (and before the folder exists) ----

@@ -25,13 +25,13 @@ from backbones import identity_order
 from cfsm import Generator, MultiDiscriminator
 from cfsm.loading import check_stage1_files, init_generator_from_file, load_identity_network, \
     stage1_generator_config
-from cfsm.stage1 import STYLE_SAMPLINGS, check_lambda_schedule, identity_loss, is_synthesis_step, lambda_id_at, \
+from cfsm.stage1 import check_lambda_schedule, identity_loss, is_synthesis_step, lambda_id_at, \
     append_basis_probes, basis_diversity_loss, lr_at, lsgan_loss, mode_seeking_loss, sample_style, split_outputs, \
     target_distance
 from cfsm.style_report import report_from_datasets, report_scalars
 from cfsm.target_data import TargetBatchSampler, TargetFaceDataset
 from cfsm.visualize import save_png, training_samples_grid
-from configs.loader import ConfigError, load_config, parse_launch_args, refuse_other_stage
+from configs.loader import ConfigError, load_config, parse_launch_args, refuse_other_stage, resume_policy
 from dataset import batch_sampler_loader, build_dataset, training_loader
 from utils import checkpoint as ckpt
 from utils.cli import run_command
@@ -86,8 +86,6 @@ def validate_stage1(cfg: EasyDict) -> None:
     # numeric ranges (gen_*, lambda_*, id_distance_range, ...) are checked with every config: configs/loader.py
     need(cfg.gen_style_dim <= cfg.gen_latent_dim, "gen_style_dim", f"must be <= gen_latent_dim "
          f"({cfg.gen_latent_dim}): the basis U spans a subspace of the latent space")
-    need(cfg.gen_input_skip in Generator.INPUT_SKIPS, "gen_input_skip", f"must be one of {Generator.INPUT_SKIPS}")
-    need(cfg.style_sampling in STYLE_SAMPLINGS, "style_sampling", f"must be one of {STYLE_SAMPLINGS}")
     need(cfg.gradient_acc == 1, "gradient_acc", "stage 1 takes one batch per step; set gradient_acc=1")
     try:
         check_lambda_schedule(cfg.lambda_id_schedule)
@@ -234,7 +232,7 @@ def build_stage1(cfg: EasyDict, env: DistEnv, G: torch.nn.Module, D: torch.nn.Mo
 
 def train(cfg: EasyDict, env: DistEnv) -> dict | None:
     """Run stage 1 to completion (or `max_steps`); returns the summary on rank 0."""
-    with Run(cfg, env, kind="cfsm_stage1", log_name="train", tensorboard_prefix="stage1",
+    with Run(cfg, env, resume_policy("cfsm_stage1"), log_name="train", tensorboard_prefix="stage1",
              save_each_epoch=True) as run:
         if run.finished is not None:  # this command already ran to its end: touch nothing
             return run.finished

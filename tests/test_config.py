@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from configs.loader import ConfigError, apply_overrides, available_configs, base_config, load_config
+from tests.helpers import REPO
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -156,12 +157,13 @@ def test_unsupported_combined_margins_are_refused_at_load():
 
 # ---- value ranges (issue 10 §7): every numeric key of base.py is checked at load, naming key and value ----
 def test_every_numeric_base_key_has_a_range_rule():
-    from configs.loader import NUMERIC_RULES
+    from configs.loader import base_keys
 
-    numeric = {k for k, v in base_config().items()
-               if (isinstance(v, (int, float)) and not isinstance(v, bool)) or isinstance(v, (list, tuple)) and v
-               and all(isinstance(x, (int, float, list, tuple)) for x in v)}
-    assert numeric | {"num_classes", "num_image"} <= set(NUMERIC_RULES) <= set(base_config())
+    rows = base_keys()
+    numeric = {k for k, row in rows.items() if (isinstance(row.default, (int, float)) and not isinstance(
+        row.default, bool)) or isinstance(row.default, (list, tuple)) and row.default
+        and all(isinstance(x, (int, float, list, tuple)) for x in row.default)}
+    assert numeric | {"num_classes", "num_image"} <= {k for k, row in rows.items() if row.rule is not None}
 
 
 @pytest.mark.parametrize("override", [
@@ -186,8 +188,10 @@ def test_clip_grad_norm_zero_still_means_off_and_the_message_says_so():
 
 
 def test_tilde_is_expanded_in_every_path_key(tmp_path, monkeypatch):
-    from configs.loader import PATH_KEYS
+    from configs.loader import base_keys
 
+    PATH_KEYS = [k for k, row in base_keys().items() if row.path]
+    assert {"rec", "output", "target", "id_model", "init_generator"} <= set(PATH_KEYS)
     monkeypatch.setenv("HOME", str(tmp_path))
     gen = tmp_path / "g.pth"
     cfg = load_config("configs/toy", [f"{key}=~/x/{key}" for key in PATH_KEYS if key != "pretrained_synthesis_model"]
@@ -205,10 +209,7 @@ def test_degradation_values_are_checked(override):
 
 
 def test_a_key_of_the_other_stage_is_refused_not_ignored():
-    from configs.loader import base_config, refuse_other_stage
-    from utils.config_policy import STAGE1_KEYS, STAGE2_KEYS
-
-    assert set(STAGE1_KEYS) | set(STAGE2_KEYS) <= set(base_config()) and not set(STAGE1_KEYS) & set(STAGE2_KEYS)
+    from configs.loader import refuse_other_stage
     stage2 = load_config("configs/toy", ["gen_dim=32", "lambda_rec=2.0"])
     with pytest.raises(ConfigError, match=r"gen_dim=32, lambda_rec=2.0: stage-1 key\(s\) that train.py does not "
                                           r"read \(train_generator.py does\)"):
@@ -254,3 +255,34 @@ def test_a_config_module_that_is_not_a_config_is_one_error_line(tmp_path, body, 
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith(f"error: config file {path}") and said in line and "config = dict(" in line, line
     assert not (tmp_path / "run").exists()
+
+
+# ---- one row per key (configs/base.py, configs/schema.py): every table is derived from the rows ----
+def test_the_key_table_in_docs_is_derived_from_base_py():
+    from configs.base import KEYS, SECTIONS
+    from configs.schema import key_table_markdown
+
+    doc = (REPO / "docs" / "configs.md").read_text()
+    start, end = "<!-- key table: python -m configs.schema -->\n", "<!-- end key table -->"
+    assert doc[doc.index(start) + len(start):doc.index(end)] == key_table_markdown(KEYS, SECTIONS) + "\n", \
+        "docs/configs.md: regenerate the key table with `python -m configs.schema`"
+
+
+def test_a_choice_key_is_checked_against_the_code_that_declares_it():
+    from cfsm.networks import Generator
+    from cfsm.stage1 import STYLE_SAMPLINGS
+
+    for key, declared in (("gen_input_skip", Generator.INPUT_SKIPS), ("style_sampling", STYLE_SAMPLINGS)):
+        for value in declared:
+            assert load_config("configs/cfsm_toy", [f"{key}={value}"])[key] == value
+        with pytest.raises(ConfigError, match=rf"config key '{key}' = 'nope': choices: {', '.join(declared)}$"):
+            load_config("configs/cfsm_toy", [f"{key}=nope"])
+
+
+def test_a_row_with_an_unknown_stage_or_resume_rule_is_refused():
+    from configs.schema import Key
+
+    with pytest.raises(ValueError, match="'x': stage 'stage 3'"):
+        Key("x", 1, "a key", stage="stage 3")
+    with pytest.raises(ValueError, match="resume 'maybe' unknown"):
+        Key("x", 1, "a key", resume="maybe")

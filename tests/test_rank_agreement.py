@@ -226,7 +226,7 @@ def _outcome(fn) -> dict:
 
 
 def _stop_worker(rank: int, out_dir: str) -> dict:
-    from configs.loader import base_config
+    from configs.loader import base_config, resume_policy
     from utils.distributed import DistEnv, agree_call
     from utils.run import Run, plan_steps
 
@@ -236,7 +236,7 @@ def _stop_worker(rank: int, out_dir: str) -> dict:
 
     def train_over(loader_of_rank) -> int:
         """The trainers' loop: Run.step_batches, then a collective per step (as Partial FC / DDP issue)."""
-        with Run(cfg, env, kind="recognition", log_name="rank_agreement", tensorboard_prefix="t") as run:
+        with Run(cfg, env, resume_policy("recognition"), log_name="rank_agreement", tensorboard_prefix="t") as run:
             run.plan = plan_steps(3, 1, 1, 0, 0, "test")
             steps = 0
             for _, batch in run.step_batches(None, 0, open_epoch=lambda epoch, first: loader_of_rank):

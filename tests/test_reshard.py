@@ -14,7 +14,10 @@ from utils.checkpoint import CheckpointError, atomic_save
 from utils.distributed import Ranks
 from utils.optim import PolyScheduler, build_optimizer
 from utils.reshard import ReshardError, load_resharded, merged_class_centres, needed_old_ranks, reshard_states
+from configs.loader import resume_policy
 from tests.helpers import headroom
+
+REC, STAGE1 = resume_policy("recognition"), resume_policy("cfsm_stage1")
 
 C, D = 11, 6  # 11 classes do not split evenly over 2, 3 or 4 ranks
 
@@ -236,7 +239,8 @@ def test_missing_rank_file_is_refused_with_the_way_forward(tmp_path):
     run_folder.rank_file(directory, 1).unlink()  # e.g. rank 1's node kept it on its own disk
     with pytest.raises(CheckpointError, match=r"rank_1\.pt is missing.*tools\.reshard .*--world-size 1.*or resume "
                                               r"with 2 ranks"):
-        run_state.resume(tmp_path, "auto", ranks_of(1, 0), "recognition", {"num_classes": C, "world_size": 1})
+        run_state.resume(tmp_path, "auto", ranks_of(1, 0), "recognition",
+                         {"num_classes": C, "world_size": 1}, rules=REC)
     with pytest.raises(ReshardError, match=r"rank_1\.pt is missing"):
         load_resharded(directory, {"world_size": 2, "config": {"num_classes": C}}, 0, 1)
 
@@ -247,7 +251,8 @@ def test_damaged_old_rank_file_falls_back_to_an_older_checkpoint(tmp_path, caplo
     newer = write_folder(tmp_path, {r: {**s, "step": 9} for r, s in states.items()}, 2, step=9)
     with open(run_folder.rank_file(newer, 1), "ab") as f:
         f.write(b"x")
-    resumed = run_state.resume(tmp_path, True, ranks_of(1, 0), "recognition", {"num_classes": C, "world_size": 1})
+    resumed = run_state.resume(tmp_path, True, ranks_of(1, 0), "recognition",
+                         {"num_classes": C, "world_size": 1}, rules=REC)
     assert resumed.step == 5 and "rank_1.pt has" in caplog.text
 
 
@@ -255,11 +260,13 @@ def test_class_count_change_and_other_kinds_still_refuse(tmp_path):
     states, _, _ = rank_states(2)
     write_folder(tmp_path, states, 2)
     with pytest.raises(CheckpointError, match=r"num_classes: 11 -> 12"):
-        run_state.resume(tmp_path, True, ranks_of(1, 0), "recognition", {"num_classes": 12, "world_size": 1})
+        run_state.resume(tmp_path, True, ranks_of(1, 0), "recognition",
+                         {"num_classes": 12, "world_size": 1}, rules=REC)
     marker = run_folder.step_dir(tmp_path, 5) / run_folder.COMPLETE
     marker.write_text(marker.read_text().replace('"recognition"', '"cfsm_stage1"'))
     with pytest.raises(CheckpointError, match=r"written by 2 ranks but this run has 1.*same world size only"):
-        run_state.resume(tmp_path, True, ranks_of(1, 0), "cfsm_stage1", {"num_classes": C, "world_size": 1})
+        run_state.resume(tmp_path, True, ranks_of(1, 0), "cfsm_stage1",
+                         {"num_classes": C, "world_size": 1}, rules=STAGE1)
 
 
 # ---- tools/reshard.py ----

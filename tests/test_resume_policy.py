@@ -19,11 +19,14 @@ import pytest
 import torch
 
 import train
+from configs.loader import resume_policy
 from tests.helpers import REPO, headroom, start_ranks, tiny_args
 from utils import config_policy, output_lock, rng_state, run_folder, run_state as rs
 from utils.distributed import Ranks
 from utils.checkpoint import CheckpointError
 from utils.optim import PolyScheduler
+
+REC, STAGE1 = resume_policy("recognition"), resume_policy("cfsm_stage1")  # derived from configs/base.py
 
 SINGLE = Ranks()
 
@@ -119,15 +122,15 @@ def test_changed_state_keys_are_refused_with_every_change_listed(tmp_path):
     directory = tmp_path / "checkpoints" / "step_00000100"
     current = {**saved, "network": "r100", "batch_size": 64, "frequent": 50}
     with pytest.raises(CheckpointError) as err:
-        config_policy.check_config(saved, current, directory, "recognition")
+        config_policy.check_config(saved, current, directory, REC)
     message = str(err.value)
     assert "network: 'r50' -> 'r100'" in message and "batch_size: 128 -> 64" in message
     assert str(directory) in message and "pretrained_backbone_model" in message and "frequent" not in message
     assert config_policy.check_config(saved, {**saved, "lr": 0.05, "frequent": 1, "output": "x"}, directory,
-                           "recognition") == [("lr", 0.1, 0.05)]
+                           REC) == [("lr", 0.1, 0.05)]
     stage1 = {"gen_dim": 64, "gen_lr": 1e-4}
     with pytest.raises(CheckpointError, match="gen_dim: 64 -> 32"):
-        config_policy.check_config(stage1, {**stage1, "gen_dim": 32}, directory, "cfsm_stage1")
+        config_policy.check_config(stage1, {**stage1, "gen_dim": 32}, directory, STAGE1)
 
 
 def test_the_channel_order_fed_cannot_change_on_resume_and_old_runs_count_as_rgb(tmp_path):
@@ -136,16 +139,16 @@ def test_the_channel_order_fed_cannot_change_on_resume_and_old_runs_count_as_rgb
     not resumed on BGR silently. Stage 1's id_channel_order applies (listed), its identity network is not saved."""
     directory = tmp_path / "checkpoints" / "step_00000010"
     saved = {"network": "ir_tiny", "channel_order": "bgr", "lr": 0.1}
-    assert config_policy.check_config(saved, dict(saved), directory, "recognition") == []
+    assert config_policy.check_config(saved, dict(saved), directory, REC) == []
     with pytest.raises(CheckpointError, match=r"channel_order: 'bgr' -> 'rgb'"):
-        config_policy.check_config(saved, {**saved, "channel_order": "rgb"}, directory, "recognition")
+        config_policy.check_config(saved, {**saved, "channel_order": "rgb"}, directory, REC)
     old = {"network": "ir_tiny", "lr": 0.1}
     with pytest.raises(CheckpointError, match=r"channel_order: 'rgb' -> 'bgr'\).*Restore those values"):
-        config_policy.check_config(old, {**old, "channel_order": "bgr"}, directory, "recognition")
+        config_policy.check_config(old, {**old, "channel_order": "bgr"}, directory, REC)
     assert config_policy.check_config({"network": "r_tiny"}, {"network": "r_tiny", "channel_order": "rgb"},
-                                      directory, "recognition") == []
+                                      directory, REC) == []
     assert config_policy.check_config({"gen_dim": 4}, {"gen_dim": 4, "id_channel_order": "bgr"}, directory,
-                                      "cfsm_stage1") == [("id_channel_order", "rgb", "bgr")]
+                                      STAGE1) == [("id_channel_order", "rgb", "bgr")]
 
 
 def test_a_resume_feeding_the_other_channel_order_is_refused(mini_toy, tmp_path):
@@ -311,9 +314,11 @@ def test_rng_state_roundtrip_through_weights_only(tmp_path):
 WORKER = textwrap.dedent("""
     import errno, json, os, sys, traceback
     import torch, torch.distributed as dist
+    from configs.loader import resume_policy
     from utils import output_lock, run_folder, run_state as rs
     from utils.distributed import DistEnv, Ranks
 
+    REC = resume_policy("recognition")
     rank, folder, result_file = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     dist.init_process_group("gloo", rank=rank, world_size=2)
     ranks = Ranks.from_env(DistEnv(rank, 0, 2, torch.device("cpu"), "gloo"))  # local rank 0: own node
@@ -333,7 +338,7 @@ WORKER = textwrap.dedent("""
         return [s for s, _, _ in run_folder.complete_checkpoints(out)]
 
     def resumed_step(out):
-        found = rs.resume(out, "auto", ranks, "recognition", {"batch_size": 8})
+        found = rs.resume(out, "auto", ranks, "recognition", {"batch_size": 8}, rules=REC)
         return None if found is None else [found.step, float(found.state["w"][0])]
 
     # markers and pruning in every node's folder
@@ -374,7 +379,8 @@ WORKER = textwrap.dedent("""
     # another job holds rank 0's folder: both ranks stop at once
     scenario("lock", lambda: output_lock.lock_output(os.path.join(folder, "locked"), ranks) and "locked")
     # a changed batch size is refused on both ranks
-    scenario("config", lambda: rs.resume(agree, "auto", ranks, "recognition", {"batch_size": 16}) and "resumed")
+    scenario("config", lambda: rs.resume(agree, "auto", ranks, "recognition", {"batch_size": 16}, rules=REC)
+             and "resumed")
     with open(result_file, "w") as f:
         json.dump(results, f)
     dist.destroy_process_group()
@@ -462,20 +468,24 @@ def test_unreadable_markers_warn_fall_back_and_do_not_count_towards_keep(tmp_pat
 
 
 def test_every_config_key_has_exactly_one_resume_rule_in_each_stage():
+    """Derived from base.py's rows (one resume rule each): the other stage's keys are free, derived keys named."""
     from configs.loader import base_config
 
     keys = set(base_config()) | {"config_name", "world_size", "num_classes", "num_image"}
-    for kind, policy in config_policy.CONFIG_POLICY.items():
+    for policy in (REC, STAGE1):
         groups = [set(policy.refuse), set(policy.apply), set(policy.free)]
-        assert keys - set.union(*groups) == set(), kind
-        assert all(not (a & b) for i, a in enumerate(groups) for b in groups[i + 1:]), kind
+        assert keys - set.union(*groups) == set(), policy.kind
+        assert all(not (a & b) for i, a in enumerate(groups) for b in groups[i + 1:]), policy.kind
+        assert set(policy.inert) < set(policy.free) and {"output", "frequent"} <= set(policy.inert)
+    assert "world_size" in STAGE1.refuse and "world_size" in REC.free  # stage 2 re-shards onto another world size
+    assert "gen_dim" in REC.free and "lr" in STAGE1.free  # the other stage's keys: no word
 
 
 def test_stage1_refusals_name_the_stage1_way_forward(tmp_path):
     with pytest.raises(CheckpointError, match=r"gen_dim: 64 -> 32\).*init_generator=.*rank_0.pt"):
-        config_policy.check_config({"gen_dim": 64, "seed": 1}, {"gen_dim": 32, "seed": 1}, tmp_path, "cfsm_stage1")
+        config_policy.check_config({"gen_dim": 64, "seed": 1}, {"gen_dim": 32, "seed": 1}, tmp_path, STAGE1)
     changes = config_policy.check_config({"lambda_rec": 1.0, "frequent": 10}, {"lambda_rec": 10.0, "frequent": 1}, tmp_path,
-                              "cfsm_stage1")
+                              STAGE1)
     assert changes == [("lambda_rec", 1.0, 10.0)]  # applied and listed; monitoring keys change freely
 
 
@@ -495,4 +505,4 @@ def test_a_stale_lock_is_taken_over_at_once_and_a_busy_folder_is_a_user_error(tm
 def test_the_generator_shape_keys_are_all_refused_on_a_stage1_resume():
     from cfsm.loading import GENERATOR_CONFIG_KEYS
 
-    assert set(GENERATOR_CONFIG_KEYS.values()) <= set(config_policy.CONFIG_POLICY["cfsm_stage1"].refuse)
+    assert set(GENERATOR_CONFIG_KEYS.values()) <= set(STAGE1.refuse)

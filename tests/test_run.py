@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from configs.loader import ConfigError, base_config
+from configs.loader import ConfigError, base_config, resume_policy
 from utils.distributed import DistEnv
 from utils.run import Run, plan_steps
 from tests.helpers import headroom, launch_env
@@ -46,8 +46,8 @@ class FakeLoader:
 def make_run(tmp_path: Path, **keys) -> Run:
     cfg = base_config()
     cfg.update(output=str(tmp_path / "run"), config_name="test", **keys)
-    return Run(cfg, DistEnv(0, 0, 1, torch.device("cpu"), None), kind="recognition", log_name="test_run",
-               tensorboard_prefix="test")
+    return Run(cfg, DistEnv(0, 0, 1, torch.device("cpu"), None), resume_policy("recognition"),
+               log_name="test_run", tensorboard_prefix="test")
 
 
 def test_plan_counts_and_refuses_too_little_data():
@@ -284,7 +284,7 @@ def test_resume_drift_refuses_the_seed_and_lists_applied_keys_in_one_line(mini_t
 RUN_WORKER = """
 import json, sys
 import torch, torch.distributed as dist
-from configs.loader import base_config
+from configs.loader import base_config, resume_policy
 from utils.distributed import DistEnv
 from utils.run import Run
 
@@ -305,7 +305,7 @@ def scenario(name, fn):
         results[name] = {"error": f"{type(exc).__name__}: {exc}"}
 
 def start(cfg):
-    with Run(cfg, env, kind="recognition", log_name=f"t{rank}", tensorboard_prefix="t") as run:
+    with Run(cfg, env, resume_policy("recognition"), log_name=f"t{rank}", tensorboard_prefix="t") as run:
         return None if run.finished is None else run.finished["steps"]
 
 scenario("mixing", lambda: start(cfg_for("mixing", resume=False)))
@@ -318,7 +318,8 @@ if rank == 0:  # only node 0 holds the finished run's summary
 scenario("finished", lambda: start(done))
 
 def inputs():
-    with Run(cfg_for("inputs"), env, kind="recognition", log_name=f"t{rank}", tensorboard_prefix="t") as run:
+    with Run(cfg_for("inputs"), env, resume_policy("recognition"), log_name=f"t{rank}",
+             tensorboard_prefix="t") as run:
         run.require_inputs({"pretrained_backbone_model": f"{root}/weights{rank}.pt"})  # only weights0.pt exists
 scenario("inputs", inputs)
 with open(f"{root}/{rank}.json", "w") as f:

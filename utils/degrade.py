@@ -26,7 +26,7 @@ __all__ = ["Degradation", "DEGRADE_KEYS", "DEGRADE_BOUNDS"]
 DEGRADE_KEYS = ("degrade_resize_prob", "degrade_resize_range", "degrade_blur_prob", "degrade_blur_sigma",
                 "degrade_color_prob", "degrade_color_strength", "degrade_noise_prob", "degrade_noise_std",
                 "degrade_jpeg_prob", "degrade_jpeg_quality")
-# The (min, max) ranges' bounds, declared once: config validation (configs/loader.py NUMERIC_RULES) reads them too.
+# The (min, max) ranges' bounds, declared once: the config rows of these keys (configs/base.py) read them too.
 DEGRADE_BOUNDS: dict[str, tuple[float, float, str]] = {
     "degrade_resize_range": (4, 112, "sides in pixels"),
     "degrade_blur_sigma": (0.05, 20.0, "sigmas in pixels"),

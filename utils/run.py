@@ -121,9 +121,9 @@ class Run:
     (resume=False, or nothing to resume) never starts in a folder that holds another run's checkpoints or results;
     an error or Ctrl-C is written to the log as one line naming the step and the newest checkpoint."""
 
-    def __init__(self, cfg: EasyDict, env: DistEnv, kind: str, log_name: str, tensorboard_prefix: str,
-                 save_each_epoch: bool = False):
-        self.cfg, self.env, self.kind = cfg, env, kind
+    def __init__(self, cfg: EasyDict, env: DistEnv, policy: config_policy.ConfigPolicy, log_name: str,
+                 tensorboard_prefix: str, save_each_epoch: bool = False):
+        self.cfg, self.env, self.policy, self.kind = cfg, env, policy, policy.kind
         self.start_time = time.time()
         self.output = Path(cfg.output or Path("work_dirs") / cfg.config_name)
         if self.output.exists() and not self.output.is_dir():
@@ -147,7 +147,8 @@ class Run:
         self.skipped = self.skipped_in_a_row = 0  # non-finite updates skipped, over the whole run (resumes too)
         self.config = config_policy.run_config(cfg, world_size=env.world_size)  # stored in every checkpoint
         # rank 0's folder decides (with a folder per node only it holds the summary)
-        self.finished = self.ranks.gather(config_policy.finished_summary(self.output, cfg) if env.is_main else None)[0]
+        finished = config_policy.finished_summary(self.output, cfg, policy) if env.is_main else None
+        self.finished = self.ranks.gather(finished)[0]
         if self.finished is not None:
             self.log.info(f"already complete at step {self.finished['steps']} ({self.output}): nothing to do; "
                           f"raise max_steps / num_epoch to train on, or set another output")
@@ -265,7 +266,8 @@ class Run:
         from its data (num_classes, ...), stored with the config and compared on resume."""
         self.open_folder()
         self.config = config_policy.run_config(self.cfg, world_size=self.env.world_size, **derived)
-        resumed = run_state.resume(self.output, self.cfg.resume, self.ranks, self.kind, self.config, self.log)
+        resumed = run_state.resume(self.output, self.cfg.resume, self.ranks, self.kind, self.config, self.log,
+                                   self.policy)
         if resumed is None:
             self.refuse_other_run("starting at step 0")
             return 0

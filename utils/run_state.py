@@ -35,7 +35,7 @@ import torch
 
 from utils import reshard
 from utils.checkpoint import CheckpointError, atomic_save, file_sha256, recorded_file_problem, safe_load
-from utils.config_policy import check_config, json_form
+from utils.config_policy import ConfigPolicy, check_config, json_form
 from utils.distributed import Ranks
 from utils.errors import RunFailedError
 from utils.run_folder import COMPLETE, checkpoint_root, last_finite_checkpoint, mark_complete, prune, rank_file, scan_checkpoints, \
@@ -158,9 +158,10 @@ def _own_file_status(directory: Path, meta: dict, rank: int) -> str | None:
 
 
 def resume(output: str | os.PathLike, policy: bool | str, ranks: Ranks, kind: str, config: Mapping[str, Any],
-           log: logging.Logger | None = None) -> Resumed | None:
+           log: logging.Logger | None = None, rules: ConfigPolicy | None = None) -> Resumed | None:
     """Find, check and load the checkpoint to resume from under `policy` (False | True | "auto"), on all ranks
-    together; None when there is nothing to resume. Collective: every rank calls it.
+    together; None when there is nothing to resume. Collective: every rank calls it. `rules`: which changed
+    config keys refuse or apply (None: every change applies).
 
     Checkpoints that exist but of which none is usable are an error: restarting at step 0 in their folder would
     mix two runs. Steps newer than the one resumed are moved aside (`set_aside`) by each node's marker writer."""
@@ -197,7 +198,7 @@ def resume(output: str | os.PathLike, policy: bool | str, ranks: Ranks, kind: st
         meta = metas[step]
         error, changes = None, []
         try:
-            changes = _check_meta(directory, meta, ranks.world_size, kind, config, log)
+            changes = _check_meta(directory, meta, ranks.world_size, kind, config, log, rules)
             _require_resharded_files(directory, meta, ranks)
         except CheckpointError as exc:
             error = exc
@@ -235,7 +236,7 @@ def resume(output: str | os.PathLike, policy: bool | str, ranks: Ranks, kind: st
 
 
 def _check_meta(directory: Path, meta: dict, world_size: int, kind: str, config: Mapping[str, Any],
-                log: logging.Logger) -> list[tuple[str, Any, Any]]:
+                log: logging.Logger, rules: ConfigPolicy | None) -> list[tuple[str, Any, Any]]:
     if int(meta.get("world_size", -1)) != world_size and not (meta.get("kind") == kind
                                                                 and kind in reshard.RESHARD_KINDS):
         raise CheckpointError(
@@ -250,7 +251,7 @@ def _check_meta(directory: Path, meta: dict, world_size: int, kind: str, config:
     if "config" not in meta:
         log.warning(f"checkpoint {directory} records no config (written by an older version): not compared")
         return []
-    return check_config(meta["config"], config, directory, kind)
+    return check_config(meta["config"], config, directory, rules)
 
 
 # ---- a checkpoint of another world size (re-sharded on load: utils/reshard.py) ----
