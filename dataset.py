@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from utils.errors import UserError
-from utils.recordio import IndexedRecordReader, RecordIOError
+from utils.data.recordio import IndexedRecordReader, RecordIOError
 
 __all__ = [
     "DataError",
@@ -78,7 +78,8 @@ class _FaceDatasetBase(Dataset):
     num_classes: int
     num_images: int
     augment: bool
-    degradation = None  # optional rgb uint8 -> rgb uint8 callable (utils.degrade.Degradation), only when augmenting
+    # optional rgb uint8 -> rgb uint8 callable (utils.data.degrade.Degradation), only when augmenting
+    degradation = None
 
     def __len__(self) -> int:
         return self.num_images
@@ -332,7 +333,7 @@ class FaceSampler(Sampler):
     def set_epoch(self, epoch: int, start_batch: int = 0, start_sample: int | None = None) -> None:
         """Position at `start_batch` of this rank's batches, or after `start_sample` samples of the epoch consumed
         by all ranks together (the first `start_sample` entries of the epoch's permutation; a resume on another
-        world size continues there, see utils/elastic.py)."""
+        world size continues there, see utils/run/elastic.py)."""
         if start_sample is None:
             if not 0 <= start_batch <= self.batches_per_epoch:
                 raise ValueError(f"FaceSampler: start_batch {start_batch} not in [0, {self.batches_per_epoch}]")

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from utils.reshard import shard_range  # the class split, declared with the checkpoint resharding that reads it
+from utils.run.reshard import shard_range  # the class split, declared with the checkpoint resharding that reads it
 
 __all__ = ["PartialFC", "ClassSample", "DistCrossEntropy", "AllGather", "shard_range"]
 

@@ -5,7 +5,7 @@
 
 Per step: split the batch (rs_ratio), restyle the synthetic share with an adversarial style code from the frozen
 generator, one forward of the mixed batch, Partial FC margin loss, backward, clip, step; log / verify / checkpoint.
-The run around the steps (folder, resume, checkpoints, non-finite guard, summary) is `utils.run.Run`, shared with
+The run around the steps (folder, resume, checkpoints, non-finite guard, summary) is `utils.run.scaffold.Run`, shared with
 stage 1; `make_train_step` is the step itself, which the benchmarks in bench/ time; `train` reads as the method.
 """
 from __future__ import annotations
@@ -29,13 +29,13 @@ from losses import margin_loss_from_config
 from partial_fc import PartialFC
 from utils import checkpoint as ckpt
 from utils.cli import run_command
-from utils.degrade import Degradation
+from utils.data.degrade import Degradation
 from utils.distributed import DistEnv, agree_all, agree_any, agree_call, cleanup, init_distributed
 from utils.optim import PolyScheduler, build_optimizer, decay_param_groups
 from utils.precision import mixed_precision
-from utils.run import Run, StepPlan, rounded
-from utils.run_state import Resumed, load_optimizer_keeping_config, load_scheduler_keeping_config
-from utils.step_state import StepState
+from utils.run.scaffold import Run, StepPlan, rounded
+from utils.run.run_state import Resumed, load_optimizer_keeping_config, load_scheduler_keeping_config
+from utils.run.step_state import StepState
 
 Batch = Sequence[tuple[torch.Tensor, torch.Tensor]]  # the gradient_acc (images, labels) micro-batches of one step
 

@@ -9,7 +9,7 @@ Even s synthesise with o ~ N(0, I) (LSGAN + lambda_id * identity-distance loss +
 reconstruct at o = 0 (L1 + penalty). Checkpoints (`output/checkpoints/step_*/rank_0.pt`) and the final
 `output/generator.pth` use the released format (`G_state_dict`, `D_state_dict`, `optimizerG_state_dict`,
 `optimizerD_state_dict`), so `cfsm.load_generator` and stage-2 `train.py` read them unchanged.
-The run around the steps is `utils.run.Run`, shared with stage 2; the objectives are `cfsm.stage1`.
+The run around the steps is `utils.run.scaffold.Run`, shared with stage 2; the objectives are `cfsm.stage1`.
 """
 from __future__ import annotations
 
@@ -38,9 +38,9 @@ from utils.cli import run_command
 from utils.distributed import DistEnv, agree_all, agree_call, cleanup, init_distributed
 from utils.optim import GENERATOR_OPTIMIZER, build_optimizer
 from utils.precision import mixed_precision
-from utils.run import Run, rounded
-from utils.run_folder import rank_file
-from utils.run_state import Resumed, load_optimizer_keeping_config
+from utils.run.scaffold import Run, rounded
+from utils.run.run_folder import rank_file
+from utils.run.run_state import Resumed, load_optimizer_keeping_config
 
 RELEASED_KEYS = ("G_state_dict", "D_state_dict", "optimizerG_state_dict", "optimizerD_state_dict")
 # [((sources, labels), targets)]: one loader batch per step (stage 1 does not accumulate gradients)

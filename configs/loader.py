@@ -26,8 +26,8 @@ from easydict import EasyDict
 from backbones import BACKBONE_CONFIG_KEYS, BACKBONES
 from backbones.channel_order import CHANNEL_ORDERS
 from losses import MARGIN_LOSSES, margin_loss_from_config
-from utils.config_policy import STAGE1_KEYS, STAGE2_KEYS
-from utils.degrade import DEGRADE_BOUNDS
+from utils.data.degrade import DEGRADE_BOUNDS
+from utils.run.config_policy import STAGE1_KEYS, STAGE2_KEYS
 from utils.errors import ConfigError  # re-exported: `from configs.loader import ConfigError`
 from utils.optim import OPTIMIZERS
 

@@ -32,8 +32,8 @@ from eval.binfile import BinFileError, load_bin
 from utils.checkpoint import CheckpointError, safe_load
 from utils.cli import UsageError
 from configs.loader import ConfigError
-from utils.recordio import IndexedRecordReader, IndexedRecordWriter, RecordIOError, pack_record, unpack_record
-from utils.run_folder import COMPLETE, step_dir
+from utils.data.recordio import IndexedRecordReader, IndexedRecordWriter, RecordIOError, pack_record, unpack_record
+from utils.run.run_folder import COMPLETE, step_dir
 
 
 @dataclass

@@ -119,7 +119,7 @@ def test_readme_compare_faces_lines_run_as_written_on_a_fresh_clone(tmp_path: Pa
 
     from backbones import get_model
     from tests.helpers import REPO, headroom, launch_env
-    from utils.toyface import ensure_toy_data
+    from utils.data.toyface import ensure_toy_data
 
     lines = _readme_lines("python -m tools.compare_faces")
     readme = (REPO / "README.md").read_text()

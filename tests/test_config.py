@@ -206,7 +206,7 @@ def test_degradation_values_are_checked(override):
 
 def test_a_key_of_the_other_stage_is_refused_not_ignored():
     from configs.loader import base_config, refuse_other_stage
-    from utils.config_policy import STAGE1_KEYS, STAGE2_KEYS
+    from utils.run.config_policy import STAGE1_KEYS, STAGE2_KEYS
 
     assert set(STAGE1_KEYS) | set(STAGE2_KEYS) <= set(base_config()) and not set(STAGE1_KEYS) & set(STAGE2_KEYS)
     stage2 = load_config("configs/toy", ["gen_dim=32", "lambda_rec=2.0"])
@@ -227,7 +227,7 @@ def test_val_targets_take_a_plain_comma_list_of_names_or_bin_paths():
 
 
 def test_the_toy_config_verifies_on_every_toy_set():
-    from utils.toyface import VERIFICATION_SETS
+    from utils.data.toyface import VERIFICATION_SETS
 
     assert load_config("configs/toy").val_targets == list(VERIFICATION_SETS)
 

@@ -20,7 +20,7 @@ from dataset import (
     training_loader,
 )
 from tests.helpers import free_port
-from utils.recordio import IndexedRecordWriter, IRHeader, pack_record, write_face_rec
+from utils.data.recordio import IndexedRecordWriter, IRHeader, pack_record, write_face_rec
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def _corrupt_rec(tmp_path, bad_label=False, bad_image=False):
     samples = [(0, _jpeg(0)), (0, _jpeg(1)), (1, b"\x00not an image" if bad_image else _jpeg(2)), (1, _jpeg(3))]
     write_face_rec(tmp_path, iter(samples), 2)
     if bad_label:  # rewrite with label 7 for key 2 (num_classes stays 2)
-        from utils.recordio import IndexedRecordReader
+        from utils.data.recordio import IndexedRecordReader
 
         r = IndexedRecordReader(tmp_path / "train.rec")
         payloads = {k: r.read(k) for k in r.keys}
@@ -260,7 +260,7 @@ def test_cuda_prefetcher_matches_cpu_loader(mxrec):
 
 def _rewrite(folder, replace):
     """Re-write folder's train.rec/.idx with the payloads of `replace` ({key: payload}) swapped in."""
-    from utils.recordio import IndexedRecordReader
+    from utils.data.recordio import IndexedRecordReader
 
     r = IndexedRecordReader(folder / "train.rec")
     payloads = {int(k): r.read(k) for k in r.keys}
@@ -371,7 +371,7 @@ def test_image_folder_keeps_no_per_image_python_objects(tmp_path):
 def test_toy_data_root_with_tilde_is_expanded(tmp_path, monkeypatch, mini_toy):
     import shutil
 
-    from utils.toyface import ensure_toy_data
+    from utils.data.toyface import ensure_toy_data
 
     home = tmp_path / "home"
     shutil.copytree(mini_toy, home / "toy")

@@ -1,4 +1,4 @@
-"""utils/reshard.py: Partial FC class centres and their optimizer state re-partitioned for another world size, in
+"""utils/run/reshard.py: Partial FC class centres and their optimizer state re-partitioned for another world size, in
 memory and from a checkpoint folder (resume on another number of ranks)."""
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import torch
 
 from losses import CombinedMarginLoss
 from partial_fc import PartialFC, shard_range
-from utils import rng_state, run_folder, run_state
+from utils.run import rng_state, run_folder, run_state
 from utils.checkpoint import CheckpointError, atomic_save
 from utils.distributed import Ranks
 from utils.optim import PolyScheduler, build_optimizer
-from utils.reshard import ReshardError, load_resharded, merged_class_centres, needed_old_ranks, reshard_states
+from utils.run.reshard import ReshardError, load_resharded, merged_class_centres, needed_old_ranks, reshard_states
 from tests.helpers import headroom
 
 C, D = 11, 6  # 11 classes do not split evenly over 2, 3 or 4 ranks

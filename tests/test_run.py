@@ -1,4 +1,4 @@
-"""utils/run.py, the run scaffold both trainers share: step counts, batch grouping, resume positions, the guard."""
+"""utils/run/scaffold.py, the run scaffold both trainers share: step counts, batch grouping, resume positions, the guard."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ import torch
 
 from configs.loader import ConfigError, base_config
 from utils.distributed import DistEnv
-from utils.run import Run, plan_steps
+from utils.run.scaffold import Run, plan_steps
 from tests.helpers import headroom, launch_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -254,7 +254,7 @@ def test_a_failed_start_names_every_missing_input_and_leaves_no_folder(tmp_path)
 
 def test_toy_configs_never_write_into_a_users_data_folder(tmp_path):
     import train
-    from utils.toyface import ToyDataError
+    from utils.data.toyface import ToyDataError
 
     pack = tmp_path / "mypack"
     pack.mkdir()
@@ -286,7 +286,7 @@ import json, sys
 import torch, torch.distributed as dist
 from configs.loader import base_config
 from utils.distributed import DistEnv
-from utils.run import Run
+from utils.run.scaffold import Run
 
 rank, root = int(sys.argv[1]), sys.argv[2]
 dist.init_process_group("gloo", rank=rank, world_size=2)

@@ -198,8 +198,8 @@ def agree_batches(env: DistEnv, batches: Iterable[T]) -> Iterator[T]:
         yield item
 
 
-# The ranks as the few collectives the run's file handling needs (utils.run_state, utils.output_lock); a test passes
-# plain functions for a fake world.
+# The ranks as the few collectives the run's file handling needs (utils.run.run_state, utils.run.output_lock); a test
+# passes plain functions for a fake world.
 @dataclass(frozen=True)
 class Ranks:
     rank: int = 0

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from utils.checkpoint import CheckpointError
-from utils.degrade import DEGRADE_KEYS
-from utils.run_folder import rank_file, read_summary
+from utils.data.degrade import DEGRADE_KEYS
+from utils.run.run_folder import rank_file, read_summary
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import torch
 from easydict import EasyDict
 
 from utils import checkpoint as ckpt
-from utils import config_policy, elastic, output_lock, rng_state, run_folder, run_state
+from utils.run import config_policy, elastic, output_lock, rng_state, run_folder, run_state
 from utils.distributed import DistEnv, Ranks, agree_batches, agree_call, barrier
 from utils.errors import ConfigError, RunFailedError, UserError
 from utils.logging import SpeedMeter, format_eta, open_log_file, run_writer, setup_logger
@@ -156,7 +156,7 @@ class Run:
             self.refuse_other_run("resume=False")
         torch.manual_seed(cfg.seed + env.rank)
         if cfg.generate_toy_data:
-            from utils.toyface import ensure_toy_data
+            from utils.data.toyface import ensure_toy_data
 
             ensure_toy_data(cfg.rec)  # safe when several ranks call it at once; refuses a folder of other data
 
@@ -299,7 +299,7 @@ class Run:
     def _continue_course(self, resumed: run_state.Resumed) -> str | None:
         """Place the data by the samples the checkpoint consumed. When its world size (or batch) differs from this
         run's: set the stop step and the lr schedule's position (in `resumed.state['scheduler']`) by samples and
-        return the line saying what changed (utils/elastic.py; logged once the resume is accepted)."""
+        return the line saying what changed (utils/run/elastic.py; logged once the resume is accepted)."""
         saved = elastic.saved_course(resumed.state, resumed.meta)
         if saved is None:
             return None  # an old checkpoint without a record: positions follow from the step count, as written

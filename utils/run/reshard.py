@@ -16,7 +16,7 @@ What a rank file holds and what happens to each part when the world size changes
   W -> 1 -> W bitwise); otherwise new streams seeded from (seed, rank, step, stream name). Both are deterministic
   given the checkpoint and W', and no two ranks share a stream. The streams only draw the attack's random style
   codes and other i.i.d. noise, so new seeds change which draws are made, not their distribution. The data order
-  does not come from these streams (see `utils/elastic.py`), nor does the negative sampling (seeded by rank and
+  does not come from these streams (see `utils/run/elastic.py`), nor does the negative sampling (seeded by rank and
   `sample_step`).
 
 Only the stored layout of `train.py` is assumed: keys `partial_fc`, `optimizer` (the last param group holds just the
@@ -203,7 +203,7 @@ def merged_class_centres(states: Mapping[int, dict], old_world: int) -> torch.Te
     return reshard_states(states, old_world, 1)[0]["partial_fc"][WEIGHT]
 
 
-# ---- on disk: the checkpoint folder of utils/run_state.py (rank_R.pt + COMPLETE) ----
+# ---- on disk: the checkpoint folder of utils/run/run_state.py (rank_R.pt + COMPLETE) ----
 
 def _rank_path(directory: Path, rank: int) -> Path:
     return Path(directory) / f"rank_{rank}.pt"
