@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval.binfile import BinFileError, load_bin, write_bin
+from utils.data.binfile import BinFileError, load_bin, write_bin
 
 
 @pytest.fixture(scope="module")

@@ -59,7 +59,7 @@ def test_threshold_from_a_bin_set_at_a_far(model_file: Path, photos: dict, tmp_p
     from eval.common import load_backbone
     from eval.metrics import l2_normalize, threshold_at_far
     from eval.verification import embed_images
-    from eval.binfile import load_bin, write_bin
+    from utils.data.binfile import load_bin, write_bin
 
     rng = np.random.default_rng(0)
     base = rng.integers(0, 255, (20, 112, 112, 3), dtype=np.uint8)

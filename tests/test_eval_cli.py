@@ -474,7 +474,7 @@ def test_empty_bin_names_the_file(tmp_path: Path) -> None:
     import pickle
 
     from eval import verification
-    from eval.binfile import BinFileError
+    from utils.data.binfile import BinFileError
 
     path = tmp_path / "empty.bin"
     path.write_bytes(pickle.dumps(([], []), protocol=4))  # a valid pickle with no pair: used to embed 0 images

@@ -63,7 +63,7 @@ def test_ensure_toy_data_small_and_concurrent(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".toy.tmp")]  # temp dirs cleaned
 
     from dataset import build_dataset
-    from eval.binfile import load_bin
+    from utils.data.binfile import load_bin
 
     ds = build_dataset(str(root), num_classes=6, num_image=24)
     assert [int(ds[(i, False)][1]) for i in range(0, 24, 4)] == list(range(6))
@@ -195,7 +195,7 @@ def test_illumination_is_not_a_global_colour_transform():
 def test_ensure_toy_domains_adds_files_and_leaves_the_toy_set_alone(tmp_path):
     import hashlib
 
-    from eval.binfile import load_bin
+    from utils.data.binfile import load_bin
     from utils.data.toyface import DOMAINS, ToyDataError, ensure_toy_domains
 
     root = ensure_toy_data(tmp_path / "toy", workers=1, **SMALL)
@@ -238,7 +238,7 @@ def test_validation_pairs_have_their_own_identities_and_leave_the_toy_set_alone(
     the same pairs in every style; added to a set made before them without changing any of its files."""
     import hashlib
 
-    from eval.binfile import load_bin
+    from utils.data.binfile import load_bin
     from utils.data.toyface import _TAG_VAL_PAIRS, VALIDATION_MARKER, VALIDATION_SETS, _make_pairs, ensure_toy_domains, \
         validation_identities
 

@@ -569,7 +569,7 @@ def ensure_toy_data(
 
 
 def _generate(out: Path, cfg: dict, seed: int, workers: int, verbose: bool) -> dict:
-    from eval.binfile import write_bin
+    from utils.data.binfile import write_bin
     from utils.data.recordio import write_face_rec
 
     n_id, per_id = cfg["num_identities"], cfg["images_per_identity"]
@@ -623,7 +623,7 @@ def ensure_toy_domains(root: str | os.PathLike, names: list[str] | tuple[str, ..
     ``target_faces/``, of the same held-out identities), then ``toy_<name>.json`` last (marks completion). Files
     of ``ensure_toy_data`` are never rewritten, so ``toy_target.bin`` and the training set stay bit-identical.
     """
-    from eval.binfile import write_bin
+    from utils.data.binfile import write_bin
 
     root = Path(os.path.expanduser(root))
     unknown = [n for n in names if n not in DOMAINS]
@@ -682,7 +682,7 @@ def validation_identities(meta: dict) -> list[int]:
 def _write_validation_bins(root: Path, meta: dict, styles: tuple[str, ...], workers: int | None) -> None:
     """``toy_<style>_val.bin`` for each style: ``num_pairs`` pairs over :func:`validation_identities`, the same
     pairs and renderings in every style (as the reported sets), from seed streams of their own."""
-    from eval.binfile import write_bin
+    from utils.data.binfile import write_bin
 
     seed = meta["seed"]
     pairs = _make_pairs(seed, validation_identities(meta), meta["num_pairs"], tag=_TAG_VAL_PAIRS)
