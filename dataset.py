@@ -27,6 +27,7 @@ __all__ = [
     "MXFaceDataset",
     "ImageFolderDataset",
     "SyntheticDataset",
+    "ensure_rec",
     "build_dataset",
     "FaceSampler",
     "get_dataloader",
@@ -253,6 +254,19 @@ class SyntheticDataset(_FaceDatasetBase):
     def __getitem__(self, index) -> tuple[torch.Tensor, torch.Tensor]:
         i, _ = _split_index(index)
         return self.image, torch.tensor(i % self.num_classes, dtype=torch.long)
+
+
+def ensure_rec(rec: str | os.PathLike, generate_toy_data: bool) -> None:
+    """What a run's ``rec`` names, made so before anything reads it: with ``generate_toy_data`` the embedded toy
+    benchmark, written into ``rec`` when it is missing (``utils.data.toyface.ensure_toy_data``: refuses a folder that
+    holds other data, and toy data made with other settings); else the user's data, left as it is.
+
+    Every rank calls it (the trainers, before checking their inputs): concurrent callers are serialised by a file
+    lock, the first writes the set and the others find it there; a refusal is raised on every rank alike."""
+    if generate_toy_data:
+        from utils.data.toyface import ensure_toy_data
+
+        ensure_toy_data(rec)
 
 
 def build_dataset(

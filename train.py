@@ -23,7 +23,7 @@ from cfsm import load_generator
 from cfsm.attack import AttackStats, StyleMix, adversarial_mix, frozen_stats, split_counts
 from cfsm.visualize import mix_grid, save_png
 from configs.loader import ConfigError, load_config, parse_launch_args, refuse_other_stage
-from dataset import build_dataset, training_loader
+from dataset import build_dataset, ensure_rec, training_loader
 from eval.verification_callback import verification_for_run
 from losses import margin_loss_from_config
 from partial_fc import PartialFC
@@ -180,6 +180,7 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
     with Run(cfg, env, kind="recognition", log_name="train", tensorboard_prefix="train") as run:
         if run.finished is not None:  # this command already ran to its end: touch nothing
             return run.finished
+        ensure_rec(cfg.rec, cfg.generate_toy_data)  # every rank: the toy set is written once, under a file lock
         # ---- inputs first: every missing or wrong file stops us before any work (and before the folder exists) ----
         synthesis = split_counts(cfg.batch_size, cfg.rs_ratio)[1] > 0
         run.require_inputs({"rec": None if cfg.rec == "synthetic" else cfg.rec,

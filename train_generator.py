@@ -32,7 +32,7 @@ from cfsm.style_report import report_from_datasets, report_scalars
 from cfsm.target_data import TargetBatchSampler, TargetFaceDataset
 from cfsm.visualize import save_png, training_samples_grid
 from configs.loader import ConfigError, load_config, parse_launch_args, refuse_other_stage
-from dataset import batch_sampler_loader, build_dataset, training_loader
+from dataset import batch_sampler_loader, build_dataset, ensure_rec, training_loader
 from utils import checkpoint as ckpt
 from utils.cli import run_command
 from utils.distributed import DistEnv, agree_all, agree_call, cleanup, init_distributed
@@ -238,6 +238,7 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
              save_each_epoch=True) as run:
         if run.finished is not None:  # this command already ran to its end: touch nothing
             return run.finished
+        ensure_rec(cfg.rec, cfg.generate_toy_data)  # every rank: the toy set is written once, under a file lock
         # ---- inputs first: every missing or wrong file stops us before any work (and before the folder exists) ----
         run.require_inputs({"rec": None if cfg.rec == "synthetic" else cfg.rec, "target": cfg.target or None,
                             "id_model": cfg.id_model or None, "init_generator": cfg.init_generator or None})

@@ -379,3 +379,21 @@ def test_toy_data_root_with_tilde_is_expanded(tmp_path, monkeypatch, mini_toy):
     monkeypatch.chdir(tmp_path)  # where a literal "~" folder would appear
     assert ensure_toy_data("~/toy") == home / "toy"
     assert not (tmp_path / "~").exists()
+
+
+def test_ensure_rec_makes_toy_data_only_when_asked(tmp_path, monkeypatch, mini_toy):
+    """The dataset decides what `rec` means: generate_toy_data=True makes (or finds) the toy set there, refusing a
+    folder of other files; False leaves `rec` as it is, even when it is missing."""
+    import dataset
+    from utils.data.toyface import ToyDataError
+
+    dataset.ensure_rec(tmp_path / "missing", generate_toy_data=False)
+    assert not (tmp_path / "missing").exists()
+    mtime = (mini_toy / "train.rec").stat().st_mtime_ns
+    dataset.ensure_rec(mini_toy, generate_toy_data=True)  # already there: found, not rewritten
+    assert (mini_toy / "train.rec").stat().st_mtime_ns == mtime
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "photo.jpg").write_bytes(b"x")
+    with pytest.raises(ToyDataError, match="generate_toy_data=False"):
+        dataset.ensure_rec(other, generate_toy_data=True)

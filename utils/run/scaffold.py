@@ -1,9 +1,10 @@
 """The run scaffold both trainers share; each trainer owns only its step function.
 
-`Run` does what every training run does around its steps: output folder, logger, seeds, toy data, the step counts
-of the loader its trainer built, resume, checkpoints, the non-finite guard agreed by all ranks, progress logs and
-the summary. `train.py` (stage 2) and `train_generator.py` (stage 1) build their models, their loaders (through
-`dataset`), a `train_step(batch) -> result`, and loop over `Run.step_batches`.
+`Run` does what every training run does around its steps: output folder, logger, seeds, the step counts of the
+loader its trainer built, resume, checkpoints, the non-finite guard agreed by all ranks, progress logs and
+the summary. `train.py` (stage 2) and `train_generator.py` (stage 1) make their data ready (`dataset.ensure_rec`:
+toy data when asked), build their models, their loaders (through `dataset`), a `train_step(batch) -> result`, and
+loop over `Run.step_batches`.
 """
 from __future__ import annotations
 
@@ -155,10 +156,6 @@ class Run:
         if cfg.resume is False:
             self.refuse_other_run("resume=False")
         torch.manual_seed(cfg.seed + env.rank)
-        if cfg.generate_toy_data:
-            from utils.data.toyface import ensure_toy_data
-
-            ensure_toy_data(cfg.rec)  # safe when several ranks call it at once; refuses a folder of other data
 
     def __enter__(self) -> "Run":
         return self
