@@ -22,9 +22,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from utils.run.reshard import shard_range  # the class split, declared with the checkpoint resharding that reads it
+from utils.distributed import shard_range  # the class split (the checkpoint re-sharder reads it back)
 
-__all__ = ["PartialFC", "ClassSample", "DistCrossEntropy", "AllGather", "shard_range"]
+__all__ = ["PartialFC", "ClassSample", "DistCrossEntropy", "AllGather"]
 
 
 def _dist_on() -> bool:

@@ -5,9 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from losses import AdaFace, ArcFace, CombinedMarginLoss, CosFace
-from partial_fc import DistCrossEntropy, PartialFC, shard_range
+from partial_fc import DistCrossEntropy, PartialFC
 from tests._rule_weights import fixture, rel_err
 from tests.helpers import spawn_ranks
+from utils.distributed import shard_range
 
 MARGINS = {
     "cfsm_arcface": lambda: ArcFace(64.0, 0.5),

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from losses import CombinedMarginLoss
-from partial_fc import PartialFC, shard_range
+from partial_fc import PartialFC
 from utils.run import rng_state, run_folder, run_state
 from utils.checkpoint import CheckpointError, atomic_save
-from utils.distributed import Ranks
+from utils.distributed import Ranks, shard_range
 from utils.optim import PolyScheduler, build_optimizer
 from utils.run.reshard import ReshardError, load_resharded, merged_class_centres, needed_old_ranks, reshard_states
 from tests.helpers import headroom

@@ -33,16 +33,10 @@ import numpy as np
 import torch
 
 from utils.checkpoint import CheckpointError, recorded_file_problem, safe_load
+from utils.distributed import shard_range  # the class split Partial FC uses
 
-__all__ = ["shard_range", "ReshardError", "reshard_states", "needed_old_ranks", "load_resharded", "check_rank_files",
+__all__ = ["ReshardError", "reshard_states", "needed_old_ranks", "load_resharded", "check_rank_files",
            "merged_class_centres", "RESHARD_KINDS"]
-
-
-def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
-    """(class_start, num_local) of `rank`: Partial FC's split of the class centres (the first `num_classes %
-    world_size` ranks hold one more)."""
-    base, rem = divmod(num_classes, world_size)
-    return base * rank + min(rank, rem), base + int(rank < rem)
 
 
 RESHARD_KINDS = ("recognition",)  # checkpoint kinds whose world size may change (stage 1 keeps refusing)
