@@ -26,6 +26,12 @@ def fx():
     return out
 
 
+def _shard(full: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """Rank `rank`'s rows of a full [C, D] matrix under the class split."""
+    start, n = shard_range(full.shape[0], rank, world)
+    return full[start:start + n].clone()
+
+
 def test_shard_range():
     assert [shard_range(11, r, 3) for r in range(3)] == [(0, 4), (4, 4), (8, 3)]
     assert sum(shard_range(93431, r, 8)[1] for r in range(8)) == 93431
@@ -113,7 +119,7 @@ def _margins():
 def _run(rank, world, emb, labels, weight, margin, compensate=False, sample_rate=1.0):
     pfc = PartialFC(_margins()[margin](), DIM, CLASSES, sample_rate=sample_rate, rank=rank, world_size=world,
                     ddp_grad_compensation=compensate)
-    pfc.weight.data.copy_(PartialFC.split_weight(weight, rank, world))
+    pfc.weight.data.copy_(_shard(weight, rank, world))
     n = N_GLOBAL // world
     e = emb[rank * n:(rank + 1) * n].clone().requires_grad_()
     y = labels[rank * n:(rank + 1) * n]
@@ -219,6 +225,3 @@ def test_state_dict_per_rank_and_mismatch(tmp_path):
     c = PartialFC(ArcFace(), 8, 11, rank=0, world_size=1)
     c.load_state_dict({"weight": torch.ones(11, 8)})
     assert torch.equal(c.weight.data, torch.ones(11, 8))
-    # documented resharding path
-    full = PartialFC.merge_shards([PartialFC.split_weight(c.weight.data, r, 3) for r in range(3)])
-    assert torch.equal(full, c.weight.data)

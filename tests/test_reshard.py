@@ -19,6 +19,12 @@ from tests.helpers import headroom
 C, D = 11, 6  # 11 classes do not split evenly over 2, 3 or 4 ranks
 
 
+def _shard(full: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """Rank `rank`'s rows of a full [C, D] matrix under the class split."""
+    start, n = shard_range(full.shape[0], rank, world)
+    return full[start:start + n].clone()
+
+
 def rank_states(world: int, optimizer: str = "sgd", step: int = 5, seed: int = 0) -> tuple[dict, torch.Tensor, dict]:
     """The files a `world`-rank train.py run would write after `step` optimizer steps: one full class-centre matrix
     split by rank, the backbone and its optimizer state identical on every rank (DDP), per-rank RNG streams.
@@ -34,7 +40,7 @@ def rank_states(world: int, optimizer: str = "sgd", step: int = 5, seed: int = 0
         bb = torch.nn.Linear(4, D)
         pfc = PartialFC(CombinedMarginLoss(64.0, 1.0, 0.5, 0.0), D, C, rank=r, world_size=world, seed=7)
         with torch.no_grad():
-            pfc.weight.copy_(PartialFC.split_weight(full, r, world))
+            pfc.weight.copy_(_shard(full, r, world))
         pfc.sample_step = step
         cfg = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
         opt = build_optimizer(optimizer, [{"params": bb.parameters()}, {"params": pfc.parameters()}], cfg)
@@ -42,7 +48,7 @@ def rank_states(world: int, optimizer: str = "sgd", step: int = 5, seed: int = 0
         for g in full_grads:  # two real optimizer steps: momentum / moments are functions of the rows' gradients
             for p, gb in zip(bb.parameters(), grads_b):
                 p.grad = gb.clone()
-            pfc.weight.grad = PartialFC.split_weight(g, r, world)
+            pfc.weight.grad = _shard(g, r, world)
             opt.step()
             sched.step()
         style = torch.Generator().manual_seed(1000 + r)
@@ -138,7 +144,7 @@ def test_resharded_states_load_strictly_and_step_like_the_merged_one_rank_state(
             bb.load_state_dict(state["backbone"])
             opt = build_optimizer(optimizer, [{"params": bb.parameters()}, {"params": pfc.parameters()}], cfg)
             opt.load_state_dict(state["optimizer"])
-            pfc.weight.grad = PartialFC.split_weight(next_grad, r, world)
+            pfc.weight.grad = _shard(next_grad, r, world)
             opt.step()
             updated[world, r] = pfc.weight.detach().clone()
     assert torch.equal(torch.cat([updated[2, 0], updated[2, 1]]), updated[1, 0])

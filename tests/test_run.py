@@ -50,11 +50,14 @@ def make_run(tmp_path: Path, **keys) -> Run:
                tensorboard_prefix="test")
 
 
-def test_plan_counts_and_refuses_too_little_data():
+def test_plan_counts_and_refuses_too_little_data(tmp_path):
     plan = plan_steps(batches_per_epoch=7, micro_per_step=2, num_epoch=3, warmup_epoch=1, max_steps=0, where="x")
     assert (plan.total_steps, plan.warmup_steps, plan.stop_step) == (10, 3, 10)
     assert plan_steps(7, 2, 3, 1, max_steps=4, where="x").stop_step == 4
-    assert plan.epoch_of(4) == 1 and plan.epochs_done(7) == 2.0  # 14 micro-batches of 7 per epoch
+    assert plan.epoch_of(4) == 1  # 8 micro-batches of 7 per epoch
+    with make_run(tmp_path) as run:  # the run's epochs of data (what the summary and the resume check read)
+        run.plan = plan
+        assert run.epochs_done(7) == 2.0 and run.epochs_done(4) == 8 / 7  # 14 micro-batches of 7 per epoch
     with pytest.raises(ConfigError, match="rec=/data: 1 batches per epoch, fewer than the 2"):
         plan_steps(1, 2, 3, 0, 0, where="rec=/data")
 

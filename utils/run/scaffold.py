@@ -55,9 +55,6 @@ class StepPlan:
     def epoch_of(self, step: int) -> int:
         return step * self.micro_per_step // self.batches_per_epoch
 
-    def epochs_done(self, step: int) -> float:
-        return step * self.micro_per_step / self.batches_per_epoch
-
 
 def plan_steps(batches_per_epoch: int, micro_per_step: int, num_epoch: int, warmup_epoch: float,
                max_steps: int, where: str) -> StepPlan:
