@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from utils.errors import UserError
-from utils.recordio import IndexedRecordReader, RecordIOError
+from utils.data.recordio import IndexedRecordReader, RecordIOError
 
 __all__ = [
     "DataError",
@@ -27,6 +27,7 @@ __all__ = [
     "MXFaceDataset",
     "ImageFolderDataset",
     "SyntheticDataset",
+    "ensure_rec",
     "build_dataset",
     "FaceSampler",
     "get_dataloader",
@@ -78,7 +79,8 @@ class _FaceDatasetBase(Dataset):
     num_classes: int
     num_images: int
     augment: bool
-    degradation = None  # optional rgb uint8 -> rgb uint8 callable (utils.degrade.Degradation), only when augmenting
+    # optional rgb uint8 -> rgb uint8 callable (utils.data.degrade.Degradation), only when augmenting
+    degradation = None
 
     def __len__(self) -> int:
         return self.num_images
@@ -254,6 +256,19 @@ class SyntheticDataset(_FaceDatasetBase):
         return self.image, torch.tensor(i % self.num_classes, dtype=torch.long)
 
 
+def ensure_rec(rec: str | os.PathLike, generate_toy_data: bool) -> None:
+    """What a run's ``rec`` names, made so before anything reads it: with ``generate_toy_data`` the embedded toy
+    benchmark, written into ``rec`` when it is missing (``utils.data.toyface.ensure_toy_data``: refuses a folder that
+    holds other data, and toy data made with other settings); else the user's data, left as it is.
+
+    Every rank calls it (the trainers, before checking their inputs): concurrent callers are serialised by a file
+    lock, the first writes the set and the others find it there; a refusal is raised on every rank alike."""
+    if generate_toy_data:
+        from utils.data.toyface import ensure_toy_data
+
+        ensure_toy_data(rec)
+
+
 def build_dataset(
     rec: str | os.PathLike,
     augment: bool = True,
@@ -332,7 +347,7 @@ class FaceSampler(Sampler):
     def set_epoch(self, epoch: int, start_batch: int = 0, start_sample: int | None = None) -> None:
         """Position at `start_batch` of this rank's batches, or after `start_sample` samples of the epoch consumed
         by all ranks together (the first `start_sample` entries of the epoch's permutation; a resume on another
-        world size continues there, see utils/elastic.py)."""
+        world size continues there, see utils/run/elastic.py)."""
         if start_sample is None:
             if not 0 <= start_batch <= self.batches_per_epoch:
                 raise ValueError(f"FaceSampler: start_batch {start_batch} not in [0, {self.batches_per_epoch}]")

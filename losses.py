@@ -4,7 +4,7 @@ Every head takes cosine logits [N, C_local] (already clamped to [-1, 1]) and lab
 local class index or -1 ("this row's class lives on another rank / is not sampled"), and returns the scaled logits as
 a **new tensor**. Unlike the reference code, the caller's tensor is never modified in place: this keeps autograd
 safe (the logits can be reused, e.g. by a second forward in the CFSM attack) while giving the same values and
-gradients (checked against ../shared/fixtures/compat/margin_losses.npz).
+gradients (checked against tests/fixtures/compat/margin_losses.npz).
 """
 from __future__ import annotations
 

@@ -22,9 +22,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from utils.reshard import shard_range  # the class split, declared with the checkpoint resharding that reads it
+from utils.distributed import shard_range  # the class split (the checkpoint re-sharder reads it back)
 
-__all__ = ["PartialFC", "ClassSample", "DistCrossEntropy", "AllGather", "shard_range"]
+__all__ = ["PartialFC", "ClassSample", "DistCrossEntropy", "AllGather"]
 
 
 def _dist_on() -> bool:
@@ -251,14 +251,3 @@ class PartialFC(nn.Module):
             state_dict[prefix + "_extra_state"] = self.get_extra_state()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-
-    @staticmethod
-    def merge_shards(weights: list[torch.Tensor]) -> torch.Tensor:
-        """Full [num_classes, D] centre matrix from the per-rank `weight` shards, in rank order."""
-        return torch.cat(list(weights), dim=0)
-
-    @staticmethod
-    def split_weight(full: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-        """This rank's shard of a full centre matrix (for resuming on a different number of ranks)."""
-        start, n = shard_range(full.shape[0], rank, world_size)
-        return full[start:start + n].clone()

@@ -5,7 +5,7 @@
 
 Per step: split the batch (rs_ratio), restyle the synthetic share with an adversarial style code from the frozen
 generator, one forward of the mixed batch, Partial FC margin loss, backward, clip, step; log / verify / checkpoint.
-The run around the steps (folder, resume, checkpoints, non-finite guard, summary) is `utils.run.Run`, shared with
+The run around the steps (folder, resume, checkpoints, non-finite guard, summary) is `utils.run.scaffold.Run`, shared with
 stage 1; `make_train_step` is the step itself, which the benchmarks in bench/ time; `train` reads as the method.
 """
 from __future__ import annotations
@@ -23,19 +23,19 @@ from cfsm import load_generator
 from cfsm.attack import AttackStats, StyleMix, adversarial_mix, frozen_stats, split_counts
 from cfsm.visualize import mix_grid, save_png
 from configs.loader import ConfigError, load_config, parse_launch_args, refuse_other_stage, resume_policy
-from dataset import build_dataset, training_loader
+from dataset import build_dataset, ensure_rec, training_loader
 from eval.verification_callback import verification_for_run
 from losses import margin_loss_from_config
 from partial_fc import PartialFC
 from utils import checkpoint as ckpt
 from utils.cli import run_command
-from utils.degrade import Degradation
+from utils.data.degrade import Degradation
 from utils.distributed import DistEnv, agree_all, agree_any, agree_call, cleanup, init_distributed
 from utils.optim import PolyScheduler, build_optimizer, decay_param_groups
 from utils.precision import mixed_precision
-from utils.run import Run, StepPlan, rounded
-from utils.run_state import Resumed, load_optimizer_keeping_config, load_scheduler_keeping_config
-from utils.step_state import StepState
+from utils.run.scaffold import Run, StepPlan, rounded
+from utils.run.run_state import Resumed, load_optimizer_keeping_config, load_scheduler_keeping_config
+from utils.run.step_state import StepState
 
 Batch = Sequence[tuple[torch.Tensor, torch.Tensor]]  # the gradient_acc (images, labels) micro-batches of one step
 
@@ -180,6 +180,7 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
     with Run(cfg, env, resume_policy("recognition"), log_name="train", tensorboard_prefix="train") as run:
         if run.finished is not None:  # this command already ran to its end: touch nothing
             return run.finished
+        ensure_rec(cfg.rec, cfg.generate_toy_data)  # every rank: the toy set is written once, under a file lock
         # ---- inputs first: every missing or wrong file stops us before any work (and before the folder exists) ----
         synthesis = split_counts(cfg.batch_size, cfg.rs_ratio)[1] > 0
         run.require_inputs({"rec": None if cfg.rec == "synthetic" else cfg.rec,

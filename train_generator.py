@@ -9,7 +9,7 @@ Even s synthesise with o ~ N(0, I) (LSGAN + lambda_id * identity-distance loss +
 reconstruct at o = 0 (L1 + penalty). Checkpoints (`output/checkpoints/step_*/rank_0.pt`) and the final
 `output/generator.pth` use the released format (`G_state_dict`, `D_state_dict`, `optimizerG_state_dict`,
 `optimizerD_state_dict`), so `cfsm.load_generator` and stage-2 `train.py` read them unchanged.
-The run around the steps is `utils.run.Run`, shared with stage 2; the objectives are `cfsm.stage1`.
+The run around the steps is `utils.run.scaffold.Run`, shared with stage 2; the objectives are `cfsm.stage1`.
 """
 from __future__ import annotations
 
@@ -32,15 +32,15 @@ from cfsm.style_report import report_from_datasets, report_scalars
 from cfsm.target_data import TargetBatchSampler, TargetFaceDataset
 from cfsm.visualize import save_png, training_samples_grid
 from configs.loader import ConfigError, load_config, parse_launch_args, refuse_other_stage, resume_policy
-from dataset import batch_sampler_loader, build_dataset, training_loader
+from dataset import batch_sampler_loader, build_dataset, ensure_rec, training_loader
 from utils import checkpoint as ckpt
 from utils.cli import run_command
 from utils.distributed import DistEnv, agree_all, agree_call, cleanup, init_distributed
 from utils.optim import GENERATOR_OPTIMIZER, build_optimizer
 from utils.precision import mixed_precision
-from utils.run import Run, rounded
-from utils.run_folder import rank_file
-from utils.run_state import Resumed, load_optimizer_keeping_config
+from utils.run.scaffold import Run, rounded
+from utils.run.run_folder import rank_file
+from utils.run.run_state import Resumed, load_optimizer_keeping_config
 
 RELEASED_KEYS = ("G_state_dict", "D_state_dict", "optimizerG_state_dict", "optimizerD_state_dict")
 # [((sources, labels), targets)]: one loader batch per step (stage 1 does not accumulate gradients)
@@ -236,6 +236,7 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
              save_each_epoch=True) as run:
         if run.finished is not None:  # this command already ran to its end: touch nothing
             return run.finished
+        ensure_rec(cfg.rec, cfg.generate_toy_data)  # every rank: the toy set is written once, under a file lock
         # ---- inputs first: every missing or wrong file stops us before any work (and before the folder exists) ----
         run.require_inputs({"rec": None if cfg.rec == "synthetic" else cfg.rec, "target": cfg.target or None,
                             "id_model": cfg.id_model or None, "init_generator": cfg.init_generator or None})

@@ -9,7 +9,7 @@ Toy nets for CPU training (same classes, fewer channels/blocks): r_tiny, mbf_tin
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 from torch import nn
 
@@ -19,7 +19,7 @@ from .iresnet import IRESNET_LAYERS, IResNet
 from .mobilefacenet import MobileFaceNet
 from .vit import VIT_CONFIGS, VisionTransformer
 
-__all__ = ["get_model", "backbone_from_config", "BACKBONES", "BACKBONE_NAMES", "BACKBONE_CONFIG_KEYS", "BackboneSpec",
+__all__ = ["get_model", "BACKBONES", "BACKBONE_NAMES", "BACKBONE_CONFIG_KEYS", "BackboneSpec",
            "IResNet", "MobileFaceNet", "VisionTransformer", "AdaFaceIR", "channel_order_of",
            "ChannelOrder", "backbone_order", "identity_order", "feed_in_order"]
 
@@ -112,14 +112,6 @@ def get_model(name: str, num_features: int = 512, dropout: float = 0.0, fp16: bo
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone name {name!r}; choices: {', '.join(BACKBONE_NAMES)}")
     return BACKBONES[name].build(num_features, dropout, fp16, **kw)
-
-
-def backbone_from_config(name: str, values: Mapping[str, Any]) -> nn.Module:
-    """Build backbone `name` reading the config keys it declares from `values` (any key -> value map)."""
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone name {name!r}; choices: {', '.join(BACKBONE_NAMES)}")
-    options = {BACKBONE_CONFIG_KEYS[key]: values[key] for key in BACKBONES[name].config_keys}
-    return get_model(name, **options)
 
 
 def channel_order_of(name: str) -> str:

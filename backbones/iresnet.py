@@ -1,7 +1,7 @@
 """IResNet backbones (ArcFace "improved ResNet"), checkpoint-compatible with InsightFace / CFSM releases.
 
 The module layout (names, order, shapes) matches the released `backbone.pth` files exactly so they load with
-`strict=True`; see ../shared/fixtures/compat/manifests/iresnet*.json. Width-reduced variants (toy nets for CPU
+`strict=True`; see tests/fixtures/compat/manifests/iresnet*.json. Width-reduced variants (toy nets for CPU
 training) use the same classes with other `widths`.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """MobileFaceNet (InsightFace `get_mbf`), checkpoint-compatible with the released files.
 
-Layout: ../shared/fixtures/compat/manifests/mobilefacenet.json. `channels` scales every width, so the toy net
+Layout: tests/fixtures/compat/manifests/mobilefacenet.json. `channels` scales every width, so the toy net
 `mbf_tiny` is the same code with fewer channels and blocks.
 """
 from __future__ import annotations

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="passes of the single-process measurement (best reported)")
     args = ap.parse_args(argv)
     if args.rec is None:
-        from utils.toyface import ensure_toy_data
+        from utils.data.toyface import ensure_toy_data
 
         args.rec = ensure_toy_data(REPO / "data" / "toy")
     torch.set_num_threads(1)

@@ -5,7 +5,7 @@
 
 For each record count it writes, in a temporary folder, a real ``train.idx`` (``key\\toffset`` lines as MXNet
 writes them) and a sparse ``train.rec`` of the matching size (no data blocks on disk), then opens it with
-``utils.recordio.IndexedRecordReader`` in fresh processes:
+``utils.data.recordio.IndexedRecordReader`` in fresh processes:
 
 * ``parse``: no cache yet (the open parses the ``.idx`` and writes ``train.idx.npcache``);
 * ``cached``: a second fresh process that finds the cache.
@@ -43,7 +43,7 @@ _PROBE = r"""
 import json, os, sys, time
 import numpy as np
 sys.path.insert(0, sys.argv[1])
-from utils.recordio import IndexedRecordReader
+from utils.data.recordio import IndexedRecordReader
 
 def rss_mb():
     with open("/proc/self/statm") as f:

@@ -1,6 +1,6 @@
 """CFSM synthesis networks: the MUNIT-style generator with a linear style subspace, and the 3-scale discriminator.
 
-Parameter names, order and shapes equal the released CFSM files (../shared/fixtures/compat/manifests/generator.json,
+Parameter names, order and shapes equal the released CFSM files (tests/fixtures/compat/manifests/generator.json,
 discriminator.json), so `G_state_dict` / `D_state_dict` load strictly. Differences from the original code, by design:
 - AdaIN receives its per-sample weight/bias as call arguments; nothing per-call is stored on modules (re-entrant,
   safe under concurrent or nested calls). Its unused running buffers are kept for strict loading.

@@ -16,7 +16,7 @@ from cfsm.networks import Generator
 from cfsm.stage1 import STYLE_SAMPLINGS
 from configs.schema import FREE, INERT, REFUSE, STAGE1, STAGE2, Key, Rule, choices, numbers, pair, within
 from losses import MARGIN_LOSSES
-from utils.degrade import DEGRADE_BOUNDS
+from utils.data.degrade import DEGRADE_BOUNDS
 from utils.optim import OPTIMIZERS
 
 _PROBABILITY = within(0, 1, note="a probability")
@@ -34,7 +34,7 @@ def _nonempty_name(v) -> bool:
 # The first key of each section, and the section's heading (docs/configs.md groups the table by it).
 SECTIONS = {"rec": "data", "network": "model", "loss": "margin loss and Partial FC", "optimizer": "optimisation",
             "pretrained_synthesis_model": "CFSM guided synthesis (stage 2)",
-            "degrade_resize_prob": "hand-crafted degradations (AdaFace-style, utils/degrade.py; 0 = off)",
+            "degrade_resize_prob": "hand-crafted degradations (AdaFace-style, utils/data/degrade.py; 0 = off)",
             "output": "run control", "frequent": "monitoring",
             "target": "stage 1: training a CFSM generator (train_generator.py)"}
 

@@ -24,7 +24,7 @@ from easydict import EasyDict
 from backbones import BACKBONE_CONFIG_KEYS, BACKBONES
 from configs import schema
 from losses import MARGIN_LOSSES, margin_loss_from_config
-from utils.config_policy import ConfigPolicy
+from utils.run.config_policy import ConfigPolicy
 from utils.errors import ConfigError  # re-exported: `from configs.loader import ConfigError`
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ from typing import Any, Callable, Collection, Mapping, Sequence
 if __name__ == "__main__" and not __package__:  # run as a path: import the repo's packages, not this folder's
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from utils.config_policy import ConfigPolicy
+from utils.run.config_policy import ConfigPolicy
 
 __all__ = ["Key", "Rule", "within", "pair", "choices", "numbers", "STAGES", "RESUME_RULES", "REFUSE", "APPLY", "FREE",
            "INERT", "BOTH", "STAGE1", "STAGE2", "KINDS", "stage_keys", "resume_policy", "key_table_markdown"]
@@ -26,7 +26,7 @@ BOTH, STAGE1, STAGE2 = "both", "stage 1", "stage 2"
 STAGES = (BOTH, STAGE1, STAGE2)
 KINDS = {"recognition": STAGE2, "cfsm_stage1": STAGE1}  # a run's kind (its checkpoints) -> its stage
 
-# ---- what a changed key does when a run resumes (utils.config_policy.check_config) ----
+# ---- what a changed key does when a run resumes (utils.run.config_policy.check_config) ----
 REFUSE = "refuse"  # gives the saved state its meaning (or the data order): a change is an error
 APPLY = "apply"    # changes the training from the resumed step on: applied, listed in one warning line
 FREE = "free"      # where and how the run is watched or stopped: no word on resume; a finished run re-run must match
@@ -149,16 +149,34 @@ def key_table_markdown(keys: Sequence[Key], sections: Mapping[str, str]) -> str:
     return "\n".join(lines)
 
 
+DOCS_TABLE = ("<!-- key table: python -m configs.schema --update-docs -->\n", "<!-- end key table -->")
+
+
+def docs_with_table(doc: str, table: str) -> str:
+    """`doc` (docs/configs.md) with the text between the key-table markers replaced by `table`."""
+    start, end = DOCS_TABLE
+    if start not in doc or end not in doc:
+        raise ValueError(f"docs/configs.md has no key-table markers ({start.strip()} ... {end})")
+    return doc[:doc.index(start) + len(start)] + table + "\n" + doc[doc.index(end):]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from utils.cli import ArgumentParser
 
-    parser = ArgumentParser(description="The config keys declared in configs/base.py, as the table in "
-                                        "docs/configs.md.")
-    parser.add_argument("--markdown", action="store_true", help="print the markdown key table (default: on)")
-    parser.parse_args(argv)
+    parser = ArgumentParser(description="The config keys declared in configs/base.py as a markdown table (printed), "
+                                        "or written into docs/configs.md.")
+    parser.add_argument("--update-docs", action="store_true",
+                        help="rewrite the key table in docs/configs.md instead of printing it (default: print)")
+    args = parser.parse_args(argv)
     from configs.base import KEYS, SECTIONS
 
-    print(key_table_markdown(KEYS, SECTIONS))
+    table = key_table_markdown(KEYS, SECTIONS)
+    if not args.update_docs:
+        print(table)
+        return 0
+    path = Path(__file__).resolve().parents[1] / "docs" / "configs.md"
+    path.write_text(docs_with_table(path.read_text(), table))
+    print(f"wrote the table of {len(KEYS)} keys into {path}")
     return 0
 
 

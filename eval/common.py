@@ -279,7 +279,7 @@ def load_backbone_choice(
     from backbones.detect import detect_network
     from utils.checkpoint import CheckpointError, load_state_dict_strict
     from utils.model_file import read_model_file
-    from utils.run_state import first_nonfinite
+    from utils.run.run_state import first_nonfinite
 
     found_file = read_model_file(model_path)
     state = found_file.state

@@ -28,8 +28,8 @@ from torch import nn
 from eval import metrics
 from eval.common import EvalInputError, add_model_args, check_output_folder, embed_batches, embed_sharded, eval_ranks, \
     model_from_args, write_json
-from eval.binfile import load_bin
 from utils.cli import ArgumentParser, add_out_arg, expanded_path, run_command
+from utils.data.binfile import load_bin
 from utils.distributed import DistEnv
 
 __all__ = ["load_bin", "embed_images", "evaluate_verification"]

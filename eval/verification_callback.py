@@ -16,7 +16,7 @@ from torch import nn
 
 from eval.common import EvalInputError
 from eval.verification import evaluate_verification
-from eval.binfile import BinFileError, load_bin
+from utils.data.binfile import BinFileError, load_bin
 from utils.errors import ConfigError
 from utils.distributed import DistEnv, agree_all
 

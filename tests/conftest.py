@@ -33,7 +33,7 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def mini_toy(tmp_path_factory) -> Path:
     """A miniature toy dataset (16 identities x 6 images, 20 verification pairs, 20 target faces)."""
-    from utils.toyface import ensure_toy_data
+    from utils.data.toyface import ensure_toy_data
 
     root = tmp_path_factory.mktemp("mini_toy") / "toy"
     return ensure_toy_data(root, num_identities=16, images_per_identity=6, num_eval_identities=10, num_pairs=20,

@@ -2,7 +2,7 @@
 entry point that meets it first. Each row asserts the exception type AND that the message names the file / key /
 value, so a user can fix the input from the message alone. README "Troubleshooting" mirrors this table.
 
-The rows run the module-level functions (``train.main``, ``dataset.*``, ``eval.binfile.load_bin``,
+The rows run the module-level functions (``train.main``, ``dataset.*``, ``utils.data.binfile.load_bin``,
 ``cfsm.load_generator``, ``eval.ijb.main``) in-process; nothing trains, so the whole table takes seconds.
 """
 from __future__ import annotations
@@ -28,12 +28,12 @@ from eval.common import EvalInputError
 from losses import ArcFace
 from partial_fc import PartialFC
 from tests.helpers import headroom, tiny_args
-from eval.binfile import BinFileError, load_bin
+from utils.data.binfile import BinFileError, load_bin
 from utils.checkpoint import CheckpointError, safe_load
 from utils.cli import UsageError
 from configs.loader import ConfigError
-from utils.recordio import IndexedRecordReader, IndexedRecordWriter, RecordIOError, pack_record, unpack_record
-from utils.run_folder import COMPLETE, step_dir
+from utils.data.recordio import IndexedRecordReader, IndexedRecordWriter, RecordIOError, pack_record, unpack_record
+from utils.run.run_folder import COMPLETE, step_dir
 
 
 @dataclass
@@ -947,7 +947,7 @@ def _probe_rows(tmp: Path, mini_toy: Path) -> list[tuple[str, list[str], dict[st
     import torch
 
     from backbones import get_model
-    from eval.binfile import write_bin
+    from utils.data.binfile import write_bin
 
     (tmp / "a_file").write_text("not a folder")
     torch.save(get_model("r_tiny", num_features=32).state_dict(), tmp / "backbone.pt")

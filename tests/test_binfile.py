@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval.binfile import BinFileError, load_bin, write_bin
+from utils.data.binfile import BinFileError, load_bin, write_bin
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +119,12 @@ def test_tilde_in_bin_path_is_expanded(tmp_path, fixtures_dir, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "t.bin").write_bytes((fixtures_dir / "mxrec/tiny_ver.bin").read_bytes())
     assert load_bin("~/t.bin")[1].size == 20
+
+
+def test_eval_binfile_keeps_its_public_names():
+    """The format moved to utils/data/binfile.py; `from eval.binfile import ...` gives the same objects."""
+    import eval.binfile
+    import utils.data.binfile
+
+    for name in eval.binfile.__all__:
+        assert getattr(eval.binfile, name) is getattr(utils.data.binfile, name), name

@@ -171,7 +171,7 @@ def test_target_folder_errors(tmp_path):
 def tiny(tmp_path_factory) -> dict:
     """Toy data with 16 source images / 12 targets, and a random r_tiny identity network file."""
     from backbones import get_model
-    from utils.toyface import ensure_toy_data
+    from utils.data.toyface import ensure_toy_data
 
     root = tmp_path_factory.mktemp("stage1")
     data = ensure_toy_data(root / "toy", num_identities=4, images_per_identity=4, num_eval_identities=2,
@@ -201,7 +201,7 @@ def _run(args: list[str]) -> dict:
 
 def test_steps_checkpoint_and_exact_resume(tiny):
     from cfsm import Generator, load_generator
-    from utils.run_folder import latest_complete
+    from utils.run.run_folder import latest_complete
 
     straight = tiny["root"] / "straight"
     summary = _run(_overrides(tiny, straight, max_steps=6, tensorboard=True, image_every=2))
@@ -330,7 +330,7 @@ def test_two_process_gloo(tiny):
 
 
 def test_nonfinite_steps_stop_as_in_stage_2(tiny, tmp_path, monkeypatch):
-    """The shared guard (utils/run.py): a non-finite loss skips the update on every rank; max_nonfinite_steps in a
+    """The shared guard (utils/run/scaffold.py): a non-finite loss skips the update on every rank; max_nonfinite_steps in a
     row stop the run with stage 2's message (step, the bad loss, the last good checkpoint)."""
     import train_generator
 
@@ -342,7 +342,7 @@ def test_nonfinite_steps_stop_as_in_stage_2(tiny, tmp_path, monkeypatch):
 
 
 def test_start_up_line_as_in_stage_2(tiny, tmp_path):
-    """train_generator.py's first line: the same fields as train.py's (utils.run.startup_line), stage 1's networks
+    """train_generator.py's first line: the same fields as train.py's (utils.run.scaffold.startup_line), stage 1's networks
     and objectives."""
     cmd = [sys.executable, "train_generator.py", "configs/cfsm_toy", *_overrides(tiny, tmp_path / "o", max_steps=1)]
     proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,

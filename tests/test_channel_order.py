@@ -196,7 +196,7 @@ def test_explicit_bgr_on_an_insightface_network_is_said_in_the_start_up_line(min
 
 @pytest.fixture(scope="module")
 def stage1_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from utils.toyface import ensure_toy_data
+    from utils.data.toyface import ensure_toy_data
 
     root = tmp_path_factory.mktemp("stage1_bgr")
     return ensure_toy_data(root / "toy", num_identities=4, images_per_identity=4, num_eval_identities=2,

@@ -340,7 +340,7 @@ def test_eval_verification_prints_the_line_and_records_the_channel_order(tmp_pat
         "on BGR)"]
     from eval.common import load_backbone_choice as load
     from eval.verification import evaluate_verification
-    from eval.binfile import load_bin
+    from utils.data.binfile import load_bin
 
     images, issame = load_bin(FIXTURES / "mxrec" / "tiny_ver.bin")
     model, _ = load(path)

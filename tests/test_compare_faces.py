@@ -59,7 +59,7 @@ def test_threshold_from_a_bin_set_at_a_far(model_file: Path, photos: dict, tmp_p
     from eval.common import load_backbone
     from eval.metrics import l2_normalize, threshold_at_far
     from eval.verification import embed_images
-    from eval.binfile import load_bin, write_bin
+    from utils.data.binfile import load_bin, write_bin
 
     rng = np.random.default_rng(0)
     base = rng.integers(0, 255, (20, 112, 112, 3), dtype=np.uint8)
@@ -119,7 +119,7 @@ def test_readme_compare_faces_lines_run_as_written_on_a_fresh_clone(tmp_path: Pa
 
     from backbones import get_model
     from tests.helpers import REPO, headroom, launch_env
-    from utils.toyface import ensure_toy_data
+    from utils.data.toyface import ensure_toy_data
 
     lines = _readme_lines("python -m tools.compare_faces")
     readme = (REPO / "README.md").read_text()

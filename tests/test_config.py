@@ -228,7 +228,7 @@ def test_val_targets_take_a_plain_comma_list_of_names_or_bin_paths():
 
 
 def test_the_toy_config_verifies_on_every_toy_set():
-    from utils.toyface import VERIFICATION_SETS
+    from utils.data.toyface import VERIFICATION_SETS
 
     assert load_config("configs/toy").val_targets == list(VERIFICATION_SETS)
 
@@ -260,12 +260,12 @@ def test_a_config_module_that_is_not_a_config_is_one_error_line(tmp_path, body, 
 # ---- one row per key (configs/base.py, configs/schema.py): every table is derived from the rows ----
 def test_the_key_table_in_docs_is_derived_from_base_py():
     from configs.base import KEYS, SECTIONS
-    from configs.schema import key_table_markdown
+    from configs.schema import docs_with_table, key_table_markdown
 
     doc = (REPO / "docs" / "configs.md").read_text()
-    start, end = "<!-- key table: python -m configs.schema -->\n", "<!-- end key table -->"
-    assert doc[doc.index(start) + len(start):doc.index(end)] == key_table_markdown(KEYS, SECTIONS) + "\n", \
-        "docs/configs.md: regenerate the key table with `python -m configs.schema`"
+    assert docs_with_table(doc, key_table_markdown(KEYS, SECTIONS)) == doc, \
+        "docs/configs.md: regenerate the key table with `python -m configs.schema --update-docs`"
+    assert "| `rs_ratio` | `1.0` | stage 2 |" in doc and "| `gen_input_skip` |" in doc
 
 
 def test_a_choice_key_is_checked_against_the_code_that_declares_it():

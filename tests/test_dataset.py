@@ -20,7 +20,7 @@ from dataset import (
     training_loader,
 )
 from tests.helpers import free_port
-from utils.recordio import IndexedRecordWriter, IRHeader, pack_record, write_face_rec
+from utils.data.recordio import IndexedRecordWriter, IRHeader, pack_record, write_face_rec
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def _corrupt_rec(tmp_path, bad_label=False, bad_image=False):
     samples = [(0, _jpeg(0)), (0, _jpeg(1)), (1, b"\x00not an image" if bad_image else _jpeg(2)), (1, _jpeg(3))]
     write_face_rec(tmp_path, iter(samples), 2)
     if bad_label:  # rewrite with label 7 for key 2 (num_classes stays 2)
-        from utils.recordio import IndexedRecordReader
+        from utils.data.recordio import IndexedRecordReader
 
         r = IndexedRecordReader(tmp_path / "train.rec")
         payloads = {k: r.read(k) for k in r.keys}
@@ -260,7 +260,7 @@ def test_cuda_prefetcher_matches_cpu_loader(mxrec):
 
 def _rewrite(folder, replace):
     """Re-write folder's train.rec/.idx with the payloads of `replace` ({key: payload}) swapped in."""
-    from utils.recordio import IndexedRecordReader
+    from utils.data.recordio import IndexedRecordReader
 
     r = IndexedRecordReader(folder / "train.rec")
     payloads = {int(k): r.read(k) for k in r.keys}
@@ -371,7 +371,7 @@ def test_image_folder_keeps_no_per_image_python_objects(tmp_path):
 def test_toy_data_root_with_tilde_is_expanded(tmp_path, monkeypatch, mini_toy):
     import shutil
 
-    from utils.toyface import ensure_toy_data
+    from utils.data.toyface import ensure_toy_data
 
     home = tmp_path / "home"
     shutil.copytree(mini_toy, home / "toy")
@@ -379,3 +379,21 @@ def test_toy_data_root_with_tilde_is_expanded(tmp_path, monkeypatch, mini_toy):
     monkeypatch.chdir(tmp_path)  # where a literal "~" folder would appear
     assert ensure_toy_data("~/toy") == home / "toy"
     assert not (tmp_path / "~").exists()
+
+
+def test_ensure_rec_makes_toy_data_only_when_asked(tmp_path, monkeypatch, mini_toy):
+    """The dataset decides what `rec` means: generate_toy_data=True makes (or finds) the toy set there, refusing a
+    folder of other files; False leaves `rec` as it is, even when it is missing."""
+    import dataset
+    from utils.data.toyface import ToyDataError
+
+    dataset.ensure_rec(tmp_path / "missing", generate_toy_data=False)
+    assert not (tmp_path / "missing").exists()
+    mtime = (mini_toy / "train.rec").stat().st_mtime_ns
+    dataset.ensure_rec(mini_toy, generate_toy_data=True)  # already there: found, not rewritten
+    assert (mini_toy / "train.rec").stat().st_mtime_ns == mtime
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "photo.jpg").write_bytes(b"x")
+    with pytest.raises(ToyDataError, match="generate_toy_data=False"):
+        dataset.ensure_rec(other, generate_toy_data=True)

@@ -1,15 +1,15 @@
-"""Hand-crafted degradation augmentation (utils/degrade.py) and its hook in the datasets' workers."""
+"""Hand-crafted degradation augmentation (utils/data/degrade.py) and its hook in the datasets' workers."""
 import cv2
 import numpy as np
 import pytest
 import torch
 from easydict import EasyDict
 
-from utils.degrade import Degradation, DegradeConfigError
+from utils.data.degrade import Degradation, DegradeConfigError
 
 
 def _face() -> np.ndarray:
-    from utils.toyface import identity_params, render_face
+    from utils.data.toyface import identity_params, render_face
 
     return render_face(identity_params(0, 3), np.random.default_rng(0))[0]
 

@@ -1,12 +1,12 @@
-"""utils/elastic.py with dataset.FaceSampler: the data position by samples across a world-size change, the stop step
+"""utils/run/elastic.py with dataset.FaceSampler: the data position by samples across a world-size change, the stop step
 and the lr schedule's position."""
 from __future__ import annotations
 
 import pytest
 
 from dataset import FaceSampler
-from utils.elastic import DataCourse, describe_change, position_record, saved_course, schedule_after_change
-from utils.run import plan_steps
+from utils.run.elastic import DataCourse, describe_change, position_record, saved_course, schedule_after_change
+from utils.run.scaffold import plan_steps
 from tests.helpers import headroom
 
 

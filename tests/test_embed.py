@@ -13,7 +13,7 @@ from tools import embed
 
 @pytest.fixture()
 def faces(tmp_path: Path) -> list[Path]:
-    from utils.toyface import identity_params, render_face
+    from utils.data.toyface import identity_params, render_face
 
     folder = tmp_path / "faces" / "sub"
     folder.mkdir(parents=True)

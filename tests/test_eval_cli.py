@@ -1,6 +1,6 @@
 """End-to-end runs of the benchmark CLIs on tiny benchmark folders built here in the published layouts.
 
-Faces come from ``utils.toyface.render_face`` (image + 5 landmarks), pasted into larger "loose crops" at known
+Faces come from ``utils.data.toyface.render_face`` (image + 5 landmarks), pasted into larger "loose crops" at known
 scales / offsets so the landmark files are meaningful. Known answers come from exact copies: a probe template made of
 the same image files as its gallery template has cosine 1 with it, so its rank is 1 whatever the (random) model.
 """
@@ -19,7 +19,7 @@ import torch
 from eval import ijb, ijbs, tinyface
 from eval.common import EvalInputError, FaceImages, align_face
 from utils.checkpoint import CheckpointError
-from utils.toyface import identity_params, render_face
+from utils.data.toyface import identity_params, render_face
 from tests.helpers import headroom
 
 SEED = 11
@@ -474,7 +474,7 @@ def test_empty_bin_names_the_file(tmp_path: Path) -> None:
     import pickle
 
     from eval import verification
-    from eval.binfile import BinFileError
+    from utils.data.binfile import BinFileError
 
     path = tmp_path / "empty.bin"
     path.write_bytes(pickle.dumps(([], []), protocol=4))  # a valid pickle with no pair: used to embed 0 images

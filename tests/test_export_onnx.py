@@ -82,7 +82,7 @@ def test_bgr_model_is_exported_with_an_rgb_interface(tmp_path: Path) -> None:
 
 
 def test_compare_faces(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from utils.toyface import identity_params, render_face
+    from utils.data.toyface import identity_params, render_face
 
     model = _model(tmp_path / "m.pt")
     a, _ = render_face(identity_params(3, 0), np.random.default_rng(0))

@@ -6,7 +6,7 @@ import pytest
 from dataset import DataError, MXFaceDataset
 from tools.pack_rec import main, pack_folder
 from utils.cli import UsageError
-from utils.recordio import IndexedRecordReader
+from utils.data.recordio import IndexedRecordReader
 
 
 def _folder(root, bad=None):

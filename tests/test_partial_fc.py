@@ -5,9 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from losses import AdaFace, ArcFace, CombinedMarginLoss, CosFace
-from partial_fc import DistCrossEntropy, PartialFC, shard_range
+from partial_fc import DistCrossEntropy, PartialFC
 from tests._rule_weights import fixture, rel_err
 from tests.helpers import spawn_ranks
+from utils.distributed import shard_range
 
 MARGINS = {
     "cfsm_arcface": lambda: ArcFace(64.0, 0.5),
@@ -23,6 +24,12 @@ def fx():
     out["in_labels"] = fixture("margin_losses")["in_labels"]
     out["in_cos"] = fixture("margin_losses")["in_cos"]
     return out
+
+
+def _shard(full: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """Rank `rank`'s rows of a full [C, D] matrix under the class split."""
+    start, n = shard_range(full.shape[0], rank, world)
+    return full[start:start + n].clone()
 
 
 def test_shard_range():
@@ -112,7 +119,7 @@ def _margins():
 def _run(rank, world, emb, labels, weight, margin, compensate=False, sample_rate=1.0):
     pfc = PartialFC(_margins()[margin](), DIM, CLASSES, sample_rate=sample_rate, rank=rank, world_size=world,
                     ddp_grad_compensation=compensate)
-    pfc.weight.data.copy_(PartialFC.split_weight(weight, rank, world))
+    pfc.weight.data.copy_(_shard(weight, rank, world))
     n = N_GLOBAL // world
     e = emb[rank * n:(rank + 1) * n].clone().requires_grad_()
     y = labels[rank * n:(rank + 1) * n]
@@ -218,6 +225,3 @@ def test_state_dict_per_rank_and_mismatch(tmp_path):
     c = PartialFC(ArcFace(), 8, 11, rank=0, world_size=1)
     c.load_state_dict({"weight": torch.ones(11, 8)})
     assert torch.equal(c.weight.data, torch.ones(11, 8))
-    # documented resharding path
-    full = PartialFC.merge_shards([PartialFC.split_weight(c.weight.data, r, 3) for r in range(3)])
-    assert torch.equal(full, c.weight.data)

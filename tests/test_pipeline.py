@@ -53,7 +53,7 @@ def test_pipeline_stages_wired_and_resumable(mini_toy, tmp_path, capsys):
         (run / "baseline" / "summary.json").read_text())
     # the table holds the accuracies of the two model files the stages wrote, and training helped (judged on a
     # larger held-out set than the pipeline's)
-    from utils.toyface import ensure_toy_data
+    from utils.data.toyface import ensure_toy_data
 
     held_out = ensure_toy_data(tmp_path / "held_out", num_identities=2, images_per_identity=2,
                                num_eval_identities=40, num_pairs=200, num_target_faces=2, workers=1)

@@ -13,7 +13,7 @@ Dangerous, fixed, and exercised here with 2 real gloo processes whose inputs dif
 2. Non-finite step (train.py): the skip is agreed (`agree_all` over loss and both gradient norms), but its
    forward had already written NaN into BatchNorm running stats, AdaFace's EMA and advanced Partial FC's sampling
    counter, on the rank with the NaN batch only (and DDP then broadcasts rank 0's buffers to all). Now a
-   `utils.step_state.StepState` snapshot (buffers + module extra state) is taken before the step and restored on
+   `utils.run.step_state.StepState` snapshot (buffers + module extra state) is taken before the step and restored on
    every rank when the agreed flag says skip. Test: a NaN batch on one rank of two.
 3. Data errors and end of epoch (train.py / train_generator.py loops): a rank whose loader raises (bad record) or runs
    out of batches while the other still has one left the other rank blocked in its next collective until
@@ -25,7 +25,7 @@ Dangerous, fixed, and exercised here with 2 real gloo processes whose inputs dif
    every rank raises. Exercised through `utils.distributed.agree_call` with 2 gloo ranks.
 
 Safe as they are (why):
-5. Non-finite guard counter / stop (utils.run.Run.check_finite and final_save): fed the agreed flag,
+5. Non-finite guard counter / stop (utils.run.scaffold.Run.check_finite and final_save): fed the agreed flag,
    so every rank counts and raises at the same step; its "last finite checkpoint" lookup reads marker files only
    (no collective), so ranks with different disks may name different folders but cannot hang.
 6. GradScaler: scale and growth tracker stay equal on all ranks: `scaler.step` runs only when all ranks agreed the
@@ -33,7 +33,7 @@ Safe as they are (why):
 7. CFSM mix split, k loop, gain forward: n_synth depends on batch_size and rs_ratio only (equal on all ranks, the
    sampler drops the last partial batch); k is a config value; the gain forward runs whenever k >= 1. Partial FC
    negative sampling: one all-gather per step on every rank; the draw itself is local.
-8. Checkpointing (utils.run_state.save_run_checkpoint, by step count, equal on all ranks): each rank's write
+8. Checkpointing (utils.run.run_state.save_run_checkpoint, by step count, equal on all ranks): each rank's write
    outcome is all-gathered before anyone raises, so a full disk on one rank fails every rank; only marker writers
    mark / prune, after that gather. The final save first checks finiteness on all ranks together
    (run_state.require_finite). Tested with 2 gloo ranks in tests/test_resume_policy.py (two_nodes).
@@ -45,7 +45,7 @@ Safe as they are (why):
    (identical on all ranks); without fp16 each skip is agreed with `agree_all`. Its networks have no running
    statistics that a forward writes (AdaIN's running_* buffers exist for loading only; the identity network is
    frozen in eval mode), so a skip leaves nothing to restore. Its batches go through Run.step_batches (item 3).
-12. The folder rules (utils.run.Run): "already complete" (rank 0's summary decides, gathered), "another run in this
+12. The folder rules (utils.run.scaffold.Run): "already complete" (rank 0's summary decides, gathered), "another run in this
    folder" and "missing inputs" (every rank's view gathered, any rank's finding stops all) are decided from
    all-gathered facts, so ranks whose disks differ take the same branch. Tested with 2 gloo ranks whose folders
    differ in tests/test_run.py (test_two_ranks_whose_folders_differ_agree_on_the_folder_rules). Damaged steps
@@ -228,7 +228,7 @@ def _outcome(fn) -> dict:
 def _stop_worker(rank: int, out_dir: str) -> dict:
     from configs.loader import base_config, resume_policy
     from utils.distributed import DistEnv, agree_call
-    from utils.run import Run, plan_steps
+    from utils.run.scaffold import Run, plan_steps
 
     env = DistEnv(rank=rank, local_rank=rank, world_size=WORLD, device=torch.device("cpu"), backend="gloo")
     cfg = base_config()
@@ -281,7 +281,7 @@ def test_data_error_uneven_shards_and_verification_stop_every_rank(tmp_path):
 def test_step_state_restores_buffers_and_extra_state_bitwise():
     """Single process: a NaN forward through BatchNorm, AdaFace and Partial FC sampling, then restore()."""
     from losses import AdaFace
-    from utils.step_state import StepState
+    from utils.run.step_state import StepState
 
     torch.manual_seed(0)
     backbone = get_model("r_tiny", num_features=16).train()

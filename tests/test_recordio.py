@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from utils.recordio import (
+from utils.data.recordio import (
     MAGIC,
     IndexedRecordReader,
     IndexedRecordWriter,
@@ -205,7 +205,7 @@ def test_reader_pickles_without_handle(tmp_path):
 import os  # noqa: E402
 import tracemalloc  # noqa: E402
 
-import utils.recordio as recordio  # noqa: E402
+import utils.data.recordio as recordio  # noqa: E402
 
 
 def _big_idx(tmp_path, n, keys=None):

@@ -10,7 +10,7 @@ import torch
 
 import train
 from tests.helpers import REPO, free_port, headroom, launch_env, load_model, tiny_args, torchrun
-from utils.recordio import IndexedRecordReader
+from utils.data.recordio import IndexedRecordReader
 
 
 def start_train(mini_toy_or_rec, out, extra, max_restarts=0):

@@ -1,4 +1,4 @@
-"""utils/reshard.py: Partial FC class centres and their optimizer state re-partitioned for another world size, in
+"""utils/run/reshard.py: Partial FC class centres and their optimizer state re-partitioned for another world size, in
 memory and from a checkpoint folder (resume on another number of ranks)."""
 from __future__ import annotations
 
@@ -8,18 +8,24 @@ import pytest
 import torch
 
 from losses import CombinedMarginLoss
-from partial_fc import PartialFC, shard_range
-from utils import rng_state, run_folder, run_state
+from partial_fc import PartialFC
+from utils.run import rng_state, run_folder, run_state
 from utils.checkpoint import CheckpointError, atomic_save
-from utils.distributed import Ranks
+from utils.distributed import Ranks, shard_range
 from utils.optim import PolyScheduler, build_optimizer
-from utils.reshard import ReshardError, load_resharded, merged_class_centres, needed_old_ranks, reshard_states
+from utils.run.reshard import ReshardError, load_resharded, merged_class_centres, needed_old_ranks, reshard_states
 from configs.loader import resume_policy
 from tests.helpers import headroom
 
 REC, STAGE1 = resume_policy("recognition"), resume_policy("cfsm_stage1")
 
 C, D = 11, 6  # 11 classes do not split evenly over 2, 3 or 4 ranks
+
+
+def _shard(full: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """Rank `rank`'s rows of a full [C, D] matrix under the class split."""
+    start, n = shard_range(full.shape[0], rank, world)
+    return full[start:start + n].clone()
 
 
 def rank_states(world: int, optimizer: str = "sgd", step: int = 5, seed: int = 0) -> tuple[dict, torch.Tensor, dict]:
@@ -37,7 +43,7 @@ def rank_states(world: int, optimizer: str = "sgd", step: int = 5, seed: int = 0
         bb = torch.nn.Linear(4, D)
         pfc = PartialFC(CombinedMarginLoss(64.0, 1.0, 0.5, 0.0), D, C, rank=r, world_size=world, seed=7)
         with torch.no_grad():
-            pfc.weight.copy_(PartialFC.split_weight(full, r, world))
+            pfc.weight.copy_(_shard(full, r, world))
         pfc.sample_step = step
         cfg = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
         opt = build_optimizer(optimizer, [{"params": bb.parameters()}, {"params": pfc.parameters()}], cfg)
@@ -45,7 +51,7 @@ def rank_states(world: int, optimizer: str = "sgd", step: int = 5, seed: int = 0
         for g in full_grads:  # two real optimizer steps: momentum / moments are functions of the rows' gradients
             for p, gb in zip(bb.parameters(), grads_b):
                 p.grad = gb.clone()
-            pfc.weight.grad = PartialFC.split_weight(g, r, world)
+            pfc.weight.grad = _shard(g, r, world)
             opt.step()
             sched.step()
         style = torch.Generator().manual_seed(1000 + r)
@@ -141,7 +147,7 @@ def test_resharded_states_load_strictly_and_step_like_the_merged_one_rank_state(
             bb.load_state_dict(state["backbone"])
             opt = build_optimizer(optimizer, [{"params": bb.parameters()}, {"params": pfc.parameters()}], cfg)
             opt.load_state_dict(state["optimizer"])
-            pfc.weight.grad = PartialFC.split_weight(next_grad, r, world)
+            pfc.weight.grad = _shard(next_grad, r, world)
             opt.step()
             updated[world, r] = pfc.weight.detach().clone()
     assert torch.equal(torch.cat([updated[2, 0], updated[2, 1]]), updated[1, 0])

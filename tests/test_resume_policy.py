@@ -1,4 +1,4 @@
-"""Run state and resume policy (utils.run_state): the config stored in every checkpoint and compared on resume,
+"""Run state and resume policy (utils.run.run_state): the config stored in every checkpoint and compared on resume,
 schedule changes applied from the resumed step, damaged-checkpoint fallback, finiteness recorded at save time,
 per-node markers and a resume step agreed by all ranks, disk full, the output-folder lock."""
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 import train
 from configs.loader import resume_policy
 from tests.helpers import REPO, headroom, start_ranks, tiny_args
-from utils import config_policy, output_lock, rng_state, run_folder, run_state as rs
+from utils.run import config_policy, output_lock, rng_state, run_folder, run_state as rs
 from utils.distributed import Ranks
 from utils.checkpoint import CheckpointError
 from utils.optim import PolyScheduler
@@ -278,7 +278,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, m
 def test_second_job_in_the_same_output_fails_at_once(mini_toy, tmp_path):
     out = tmp_path / "busy"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from utils.output_lock import lock_output; "
+        [sys.executable, "-c", "import sys, time; from utils.run.output_lock import lock_output; "
                                f"lock = lock_output({str(out)!r}); print('locked', flush=True); time.sleep(120)"],
         cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
@@ -315,7 +315,7 @@ WORKER = textwrap.dedent("""
     import errno, json, os, sys, traceback
     import torch, torch.distributed as dist
     from configs.loader import resume_policy
-    from utils import output_lock, run_folder, run_state as rs
+    from utils.run import output_lock, run_folder, run_state as rs
     from utils.distributed import DistEnv, Ranks
 
     REC = resume_policy("recognition")
@@ -394,7 +394,7 @@ def two_nodes(tmp_path_factory):
     folders = [root / "node0", root / "node1"]
     (folders[0] / "locked").mkdir(parents=True)
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from utils.output_lock import lock_output; import time; "
+        [sys.executable, "-c", f"from utils.run.output_lock import lock_output; import time; "
                                f"l = lock_output({str(folders[0] / 'locked')!r}); print('locked', flush=True); "
                                f"time.sleep(300)"], cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"

@@ -1,4 +1,4 @@
-"""utils/run.py, the run scaffold both trainers share: step counts, batch grouping, resume positions, the guard."""
+"""utils/run/scaffold.py, the run scaffold both trainers share: step counts, batch grouping, resume positions, the guard."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ import torch
 
 from configs.loader import ConfigError, base_config, resume_policy
 from utils.distributed import DistEnv
-from utils.run import Run, plan_steps
+from utils.run.scaffold import Run, plan_steps
 from tests.helpers import headroom, launch_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,11 +50,14 @@ def make_run(tmp_path: Path, **keys) -> Run:
                log_name="test_run", tensorboard_prefix="test")
 
 
-def test_plan_counts_and_refuses_too_little_data():
+def test_plan_counts_and_refuses_too_little_data(tmp_path):
     plan = plan_steps(batches_per_epoch=7, micro_per_step=2, num_epoch=3, warmup_epoch=1, max_steps=0, where="x")
     assert (plan.total_steps, plan.warmup_steps, plan.stop_step) == (10, 3, 10)
     assert plan_steps(7, 2, 3, 1, max_steps=4, where="x").stop_step == 4
-    assert plan.epoch_of(4) == 1 and plan.epochs_done(7) == 2.0  # 14 micro-batches of 7 per epoch
+    assert plan.epoch_of(4) == 1  # 8 micro-batches of 7 per epoch
+    with make_run(tmp_path) as run:  # the run's epochs of data (what the summary and the resume check read)
+        run.plan = plan
+        assert run.epochs_done(7) == 2.0 and run.epochs_done(4) == 8 / 7  # 14 micro-batches of 7 per epoch
     with pytest.raises(ConfigError, match="rec=/data: 1 batches per epoch, fewer than the 2"):
         plan_steps(1, 2, 3, 0, 0, where="rec=/data")
 
@@ -254,7 +257,7 @@ def test_a_failed_start_names_every_missing_input_and_leaves_no_folder(tmp_path)
 
 def test_toy_configs_never_write_into_a_users_data_folder(tmp_path):
     import train
-    from utils.toyface import ToyDataError
+    from utils.data.toyface import ToyDataError
 
     pack = tmp_path / "mypack"
     pack.mkdir()
@@ -286,7 +289,7 @@ import json, sys
 import torch, torch.distributed as dist
 from configs.loader import base_config, resume_policy
 from utils.distributed import DistEnv
-from utils.run import Run
+from utils.run.scaffold import Run
 
 rank, root = int(sys.argv[1]), sys.argv[2]
 dist.init_process_group("gloo", rank=rank, world_size=2)

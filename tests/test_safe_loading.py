@@ -16,7 +16,7 @@ from eval.common import load_backbone
 from tests.helpers import tiny_args
 from utils.checkpoint import CheckpointError
 from utils.checkpoint import file_sha256
-from utils.run_folder import COMPLETE, rank_file, step_dir
+from utils.run.run_folder import COMPLETE, rank_file, step_dir
 
 
 class _Payload:

@@ -59,7 +59,7 @@ def test_training_samples_grid_and_tile_errors():
 
 def test_cli_from_toy_rec_and_image_folder(tmp_path):
     from tools import style_grid
-    from utils.toyface import ensure_toy_data
+    from utils.data.toyface import ensure_toy_data
 
     gen = _gen(style_dim=2)
     torch.save({"G_state_dict": gen.state_dict(), "D_state_dict": {}}, tmp_path / "g.pth")

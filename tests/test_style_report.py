@@ -123,7 +123,7 @@ def test_stage1_writes_the_report_and_checks_recipe_keys(tmp_path):
     import train_generator
     from backbones import get_model
     from configs.loader import ConfigError
-    from utils.toyface import ensure_toy_data
+    from utils.data.toyface import ensure_toy_data
 
     data = ensure_toy_data(tmp_path / "toy", num_identities=4, images_per_identity=4, num_eval_identities=2,
                            num_pairs=2, num_target_faces=6, workers=1)

@@ -5,7 +5,7 @@ import multiprocessing as mp
 import numpy as np
 import pytest
 
-from utils.toyface import ARCFACE_TEMPLATE, ensure_toy_data, identity_params, render_face
+from utils.data.toyface import ARCFACE_TEMPLATE, ensure_toy_data, identity_params, render_face
 
 SMALL = dict(num_identities=6, images_per_identity=4, num_eval_identities=4, num_pairs=8, num_target_faces=10)
 
@@ -63,7 +63,7 @@ def test_ensure_toy_data_small_and_concurrent(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".toy.tmp")]  # temp dirs cleaned
 
     from dataset import build_dataset
-    from eval.binfile import load_bin
+    from utils.data.binfile import load_bin
 
     ds = build_dataset(str(root), num_classes=6, num_image=24)
     assert [int(ds[(i, False)][1]) for i in range(0, 24, 4)] == list(range(6))
@@ -85,7 +85,7 @@ def test_generation_is_deterministic(tmp_path):
 
 
 def test_toy_data_is_never_written_into_a_folder_of_other_files(tmp_path):
-    from utils.toyface import PARTIAL_MARKER, ToyDataError
+    from utils.data.toyface import PARTIAL_MARKER, ToyDataError
 
     for name in ("train.rec", "alice"):  # a pack of the user's, an image folder
         user = tmp_path / name / "data"
@@ -108,7 +108,7 @@ def test_toy_data_is_never_written_into_a_folder_of_other_files(tmp_path):
 # ---- target domains no hand-crafted recipe contains (issue 22) ----
 
 def test_domains_are_deterministic_and_keep_the_clean_rendering():
-    from utils.toyface import DOMAINS
+    from utils.data.toyface import DOMAINS
 
     p = identity_params(0, 2)
     clean, lc = render_face(p, np.random.default_rng(7), "clean")
@@ -135,8 +135,8 @@ def _high_pass(img):
 def test_camera_has_a_fixed_sensor_pattern_that_iid_noise_does_not():
     """One camera per universe: two shots of a flat grey card share their fine pattern (the recipe's noise is
     independent per image), and another universe's camera has another pattern."""
-    from utils.degrade import Degradation
-    from utils.toyface import degrade_domain
+    from utils.data.degrade import Degradation
+    from utils.data.toyface import degrade_domain
 
     shot = lambda s, seed=0: _high_pass(degrade_domain("camera", _flat(), np.random.default_rng(s), seed))  # noqa: E731
     assert np.corrcoef(shot(1), shot(2))[0, 1] > 0.5
@@ -159,8 +159,8 @@ def _anisotropy(img):
 
 
 def test_motion_blur_is_directional_where_the_recipe_blur_is_not():
-    from utils.degrade import Degradation
-    from utils.toyface import degrade_domain
+    from utils.data.degrade import Degradation
+    from utils.data.toyface import degrade_domain
 
     point = np.zeros((112, 112, 3), np.uint8)
     point[56, 56] = 255
@@ -173,8 +173,8 @@ def test_motion_blur_is_directional_where_the_recipe_blur_is_not():
 def test_illumination_is_not_a_global_colour_transform():
     """The recipe's colour jitter is one affine map per channel over the whole image; the light here varies across
     the face, so no per-channel affine map of the clean image explains it."""
-    from utils.degrade import Degradation
-    from utils.toyface import degrade_domain
+    from utils.data.degrade import Degradation
+    from utils.data.toyface import degrade_domain
 
     clean, _ = render_face(identity_params(0, 5), np.random.default_rng(3), "clean")
 
@@ -195,8 +195,8 @@ def test_illumination_is_not_a_global_colour_transform():
 def test_ensure_toy_domains_adds_files_and_leaves_the_toy_set_alone(tmp_path):
     import hashlib
 
-    from eval.binfile import load_bin
-    from utils.toyface import DOMAINS, ToyDataError, ensure_toy_domains
+    from utils.data.binfile import load_bin
+    from utils.data.toyface import DOMAINS, ToyDataError, ensure_toy_domains
 
     root = ensure_toy_data(tmp_path / "toy", workers=1, **SMALL)
     before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in root.iterdir() if p.is_file()}
@@ -238,8 +238,8 @@ def test_validation_pairs_have_their_own_identities_and_leave_the_toy_set_alone(
     the same pairs in every style; added to a set made before them without changing any of its files."""
     import hashlib
 
-    from eval.binfile import load_bin
-    from utils.toyface import _TAG_VAL_PAIRS, VALIDATION_MARKER, VALIDATION_SETS, _make_pairs, ensure_toy_domains, \
+    from utils.data.binfile import load_bin
+    from utils.data.toyface import _TAG_VAL_PAIRS, VALIDATION_MARKER, VALIDATION_SETS, _make_pairs, ensure_toy_domains, \
         validation_identities
 
     root = ensure_toy_data(tmp_path / "toy", workers=1, **SMALL)

@@ -200,7 +200,7 @@ def test_toy_vit_trains_with_adamw_and_decay_exclusions(mini_toy, tmp_path):
 
 
 def test_start_up_line_names_network_loss_world_size_device_precision_and_effective_batch(mini_toy, tmp_path):
-    """What the user reads first (console and train.log): one line, formatted by utils.run.startup_line."""
+    """What the user reads first (console and train.log): one line, formatted by utils.run.scaffold.startup_line."""
     import sys
 
     proc = run([sys.executable, "train.py", *tiny_args(mini_toy, tmp_path / "o", "max_steps=1", "gradient_acc=2",

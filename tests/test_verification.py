@@ -12,7 +12,7 @@ from torch import nn
 from eval import verification
 from eval.verification import embed_images, evaluate_verification
 from eval.verification_callback import CallBackVerification, open_verification_sets, verification_for_run
-from eval.binfile import write_bin
+from utils.data.binfile import write_bin
 from configs.loader import ConfigError
 
 
@@ -76,7 +76,7 @@ def test_evaluate_verification_known_answer_and_xnorm() -> None:
 
 
 def test_load_bin_is_reexported() -> None:
-    from eval.binfile import load_bin
+    from utils.data.binfile import load_bin
 
     assert verification.load_bin is load_bin
 

@@ -5,7 +5,7 @@
 
 Methods (every run: `train.py` with the toy schedule, same steps, same seed list; runs already finished are reused):
   baseline         configs/toy (clean images only)
-  handcrafted      configs/toy plus AdaFace-style degradations (utils/degrade.py) on the same share of images
+  handcrafted      configs/toy plus AdaFace-style degradations (utils/data/degrade.py) on the same share of images
   random           configs/toy_ours with k=0: a quarter of each batch restyled with a random style o0 ~ N(0, I)
   adv_k1, adv_k3   configs/toy_ours, k = 1 / 3 with epsilon = alpha = 0.314 (the paper's setting)
   adv_e<E>_k<K>    the budget sweep: k = K sign-gradient steps of alpha = E / K, |o - o0|_inf <= epsilon = E
@@ -43,7 +43,7 @@ if __name__ == "__main__" and not __package__:  # run as a path: import the repo
 import numpy as np
 
 from utils.checkpoint import write_json
-from utils.toyface import VERIFICATION_SETS as TARGETS
+from utils.data.toyface import VERIFICATION_SETS as TARGETS
 from utils.cli import ArgumentParser, UsageError, non_negative_int, run_command
 
 REPO = Path(__file__).resolve().parents[1]
@@ -322,7 +322,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"argument --methods: {exc}")
     if args.reference not in args.methods:
         p.error(f"argument --reference: {args.reference!r} is not among --methods ({' '.join(args.methods)})")
-    from utils.toyface import DOMAINS
+    from utils.data.toyface import DOMAINS
 
     args.domains = list(DOMAINS) if args.domains is None else args.domains
     unknown = [d for d in args.domains if d not in DOMAINS]
@@ -332,7 +332,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    from utils.toyface import ensure_toy_domains
+    from utils.data.toyface import ensure_toy_domains
 
     args = parse_args(argv)
     out, data, gen = Path(args.out).resolve(), Path(args.data).resolve(), Path(args.generator).resolve()
@@ -343,7 +343,7 @@ def main(argv=None) -> dict:
     if args.domains:
         ensure_toy_domains(data, args.domains, verbose=True)
     targets = [*TARGETS, *(f"toy_{d}" for d in args.domains)]
-    from utils.toyface import VALIDATION_SUFFIX, ensure_toy_data
+    from utils.data.toyface import VALIDATION_SUFFIX, ensure_toy_data
 
     ensure_toy_data(data)  # adds the validation pairs to a toy set made before them (never rewrites its files)
     targets += [t + VALIDATION_SUFFIX for t in targets if (data / f"{t}{VALIDATION_SUFFIX}.bin").is_file()]

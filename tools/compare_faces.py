@@ -60,7 +60,7 @@ def compare_photos(backbone: torch.nn.Module, path_a: str, path_b: str, which: s
 
 def load_threshold_set(bin_path: Path, far: float) -> tuple[torch.Tensor, np.ndarray]:
     """A ``.bin`` set's images and labels, checked to have enough impostor pairs to measure ``far``."""
-    from eval.binfile import load_bin
+    from utils.data.binfile import load_bin
 
     images, issame = load_bin(bin_path)
     impostors = int(np.count_nonzero(~issame))

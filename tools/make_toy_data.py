@@ -14,7 +14,7 @@ if __name__ == "__main__" and not __package__:  # run as a path: import the repo
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from utils.cli import ArgumentParser, add_workers_arg, run_command
-from utils.toyface import DOMAINS, ensure_toy_data, ensure_toy_domains  # noqa: E402
+from utils.data.toyface import DOMAINS, ensure_toy_data, ensure_toy_domains  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "data" / "toy"
 

@@ -30,7 +30,7 @@ from tqdm import tqdm  # noqa: E402
 
 from dataset import IMAGE_SIZE, DataError, decode_image, scan_image_folder  # noqa: E402
 from utils.cli import ArgumentParser, UsageError, add_workers_arg, expanded_path, run_command  # noqa: E402
-from utils.recordio import cache_path_for, write_face_rec  # noqa: E402
+from utils.data.recordio import cache_path_for, write_face_rec  # noqa: E402
 
 PACK_FILES = ("train.rec", "train.idx", "property")
 

@@ -28,7 +28,7 @@ if __name__ == "__main__" and not __package__:  # run as a path: import the repo
 from tqdm import tqdm
 
 from utils.checkpoint import write_json
-from utils.toyface import VERIFICATION_SETS as TARGETS
+from utils.data.toyface import VERIFICATION_SETS as TARGETS
 from utils.cli import ArgumentParser, non_negative_int, run_command
 
 REPO = Path(__file__).resolve().parents[1]

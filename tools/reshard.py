@@ -5,7 +5,7 @@
 
 CHECKPOINT_DIR is one `checkpoints/step_N` folder of a train.py run (rank_R.pt files and the COMPLETE marker). DIR
 gets rank_0.pt .. rank_{N-1}.pt and a COMPLETE marker for N ranks: Partial FC class centres and their optimizer state
-re-partitioned (every class centre exactly once), everything else carried over (utils/reshard.py). With
+re-partitioned (every class centre exactly once), everything else carried over (utils/run/reshard.py). With
 `--world-size 1`, DIR/rank_0.pt holds the full classifier (`partial_fc.weight`, [num_classes, D]). W -> 1 -> W
 round trips are bitwise.
 
@@ -61,9 +61,9 @@ def main(argv: list[str] | None = None) -> Path:
                         help="the class count of the data you will train on; an error when the checkpoint's differs "
                              "(default: not checked)")
     args = parser.parse_args(argv)
-    from utils.elastic import saved_course
-    from utils.reshard import ReshardError, reshard_states
-    from utils.run_folder import mark_complete
+    from utils.run.elastic import saved_course
+    from utils.run.reshard import ReshardError, reshard_states
+    from utils.run.run_folder import mark_complete
 
     meta, states = read_folder(args.checkpoint)
     old_world = int(meta["world_size"])

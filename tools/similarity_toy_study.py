@@ -64,7 +64,7 @@ def apply_style(rgb: np.ndarray, style: dict, rng: np.random.Generator) -> np.nd
 def render_targets(folder: Path, style_name: str, count: int) -> Path:
     """``count`` faces of fresh identities (not in the toy .rec) in one style, as JPEGs; skipped when present."""
     import cv2
-    from utils.toyface import identity_params, render_face
+    from utils.data.toyface import identity_params, render_face
 
     done = folder / ".done"
     if done.is_file():

@@ -1,5 +1,5 @@
 """Checkpoint file I/O in one place: atomic writes that honour the umask and report a full disk, safe loads,
-plain and strict state-dict loading. The run layout, run state and resume policy live in `utils.run_state`."""
+plain and strict state-dict loading. The run layout, run state and resume policy live in `utils.run.run_state`."""
 from __future__ import annotations
 
 import errno

@@ -9,6 +9,8 @@ Cross-rank agreement, one family (`agree_*`): a branch one rank could take alone
     agree_call(env, fn, what)     fn() on every rank; if it raised on any rank, every rank raises
     agree_batches(env, batches)   the batches while every rank has one; an error or early end stops all ranks
     gather_objects(env, obj)      every rank's picklable object, by rank (what Ranks below is built from)
+
+`shard_range` is the one split of rows over ranks (Partial FC's class centres; the checkpoint re-sharder's cuts).
 """
 from __future__ import annotations
 
@@ -198,8 +200,16 @@ def agree_batches(env: DistEnv, batches: Iterable[T]) -> Iterator[T]:
         yield item
 
 
-# The ranks as the few collectives the run's file handling needs (utils.run_state, utils.output_lock); a test passes
-# plain functions for a fake world.
+def shard_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
+    """(start, count) of `rank`'s contiguous share of `total` rows split over `world_size` ranks, the first
+    `total % world_size` ranks holding one more: Partial FC's split of the class centres, which the checkpoint
+    re-sharder (utils/run/reshard.py) cuts and joins by."""
+    base, rem = divmod(total, world_size)
+    return base * rank + min(rank, rem), base + int(rank < rem)
+
+
+# The ranks as the few collectives the run's file handling needs (utils.run.run_state, utils.run.output_lock); a test
+# passes plain functions for a fake world.
 @dataclass(frozen=True)
 class Ranks:
     rank: int = 0

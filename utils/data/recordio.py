@@ -1,6 +1,6 @@
 """MXNet indexed RecordIO (``.rec`` + ``.idx``) without MXNet.
 
-Format facts live in ``../shared/docs/recordio_format.md``. The reader does random access by key with ``os.pread``
+Format facts live in ``docs/recordio_format.md``. The reader does random access by key with ``os.pread``
 on a per-process file descriptor, so it never loads the whole file and is safe to use from forked DataLoader
 workers. The writer produces byte-identical output to MXNet 1.9.1's ``MXIndexedRecordIO`` writer.
 """

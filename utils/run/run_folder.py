@@ -1,6 +1,6 @@
-"""The layout of a run's output folder and its checkpoint markers (what `utils.run_state` writes and resumes from).
+"""The layout of a run's output folder and its checkpoint markers (what `utils.run.run_state` writes and resumes from).
 
-    <output>/.lock                                 # flock held by rank 0 while a run runs (utils.output_lock)
+    <output>/.lock                                 # flock held by rank 0 while a run runs (utils.run.output_lock)
     <output>/checkpoints/step_00001200/rank_0.pt   # backbone, this rank's Partial FC shard, optimizer, RNG, ...
     <output>/checkpoints/step_00001200/COMPLETE    # JSON: step, world size, kind, run config, finite, file sizes
     <output>/summary.json, model.pt | generator.pth  # a finished run

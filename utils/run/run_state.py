@@ -1,6 +1,6 @@
 """Saving a training run's checkpoints across ranks and resuming from them (file I/O itself is `utils.checkpoint`;
-the folder layout and markers `utils.run_folder`; the config policy `utils.config_policy`; the lock
-`utils.output_lock`; RNG state `utils.rng_state`).
+the folder layout and markers `utils.run.run_folder`; the config policy `utils.run.config_policy`; the lock
+`utils.run.output_lock`; RNG state `utils.run.rng_state`).
 
 Layout of a run's output folder::
 
@@ -33,13 +33,13 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from utils import reshard
+from utils.run import reshard
 from utils.checkpoint import CheckpointError, atomic_save, file_sha256, recorded_file_problem, safe_load
-from utils.config_policy import ConfigPolicy, check_config, json_form
+from utils.run.config_policy import ConfigPolicy, check_config, json_form
 from utils.distributed import Ranks
 from utils.errors import RunFailedError
-from utils.run_folder import COMPLETE, checkpoint_root, last_finite_checkpoint, mark_complete, prune, rank_file, scan_checkpoints, \
-    set_aside, step_dir
+from utils.run.run_folder import COMPLETE, checkpoint_root, last_finite_checkpoint, mark_complete, prune, rank_file, \
+    scan_checkpoints, set_aside, step_dir
 
 
 _log = logging.getLogger(__name__)
@@ -254,7 +254,7 @@ def _check_meta(directory: Path, meta: dict, world_size: int, kind: str, config:
     return check_config(meta["config"], config, directory, rules)
 
 
-# ---- a checkpoint of another world size (re-sharded on load: utils/reshard.py) ----
+# ---- a checkpoint of another world size (re-sharded on load: utils/run/reshard.py) ----
 
 def _resharded(meta: dict, ranks: Ranks, kind: str) -> bool:
     return (meta.get("kind") == kind and kind in reshard.RESHARD_KINDS

@@ -16,7 +16,7 @@ What a rank file holds and what happens to each part when the world size changes
   W -> 1 -> W bitwise); otherwise new streams seeded from (seed, rank, step, stream name). Both are deterministic
   given the checkpoint and W', and no two ranks share a stream. The streams only draw the attack's random style
   codes and other i.i.d. noise, so new seeds change which draws are made, not their distribution. The data order
-  does not come from these streams (see `utils/elastic.py`), nor does the negative sampling (seeded by rank and
+  does not come from these streams (see `utils/run/elastic.py`), nor does the negative sampling (seeded by rank and
   `sample_step`).
 
 Only the stored layout of `train.py` is assumed: keys `partial_fc`, `optimizer` (the last param group holds just the
@@ -33,16 +33,10 @@ import numpy as np
 import torch
 
 from utils.checkpoint import CheckpointError, recorded_file_problem, safe_load
+from utils.distributed import shard_range  # the class split Partial FC uses
 
-__all__ = ["shard_range", "ReshardError", "reshard_states", "needed_old_ranks", "load_resharded", "check_rank_files",
+__all__ = ["ReshardError", "reshard_states", "needed_old_ranks", "load_resharded", "check_rank_files",
            "merged_class_centres", "RESHARD_KINDS"]
-
-
-def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
-    """(class_start, num_local) of `rank`: Partial FC's split of the class centres (the first `num_classes %
-    world_size` ranks hold one more)."""
-    base, rem = divmod(num_classes, world_size)
-    return base * rank + min(rank, rem), base + int(rank < rem)
 
 
 RESHARD_KINDS = ("recognition",)  # checkpoint kinds whose world size may change (stage 1 keeps refusing)
@@ -203,7 +197,7 @@ def merged_class_centres(states: Mapping[int, dict], old_world: int) -> torch.Te
     return reshard_states(states, old_world, 1)[0]["partial_fc"][WEIGHT]
 
 
-# ---- on disk: the checkpoint folder of utils/run_state.py (rank_R.pt + COMPLETE) ----
+# ---- on disk: the checkpoint folder of utils/run/run_state.py (rank_R.pt + COMPLETE) ----
 
 def _rank_path(directory: Path, rank: int) -> Path:
     return Path(directory) / f"rank_{rank}.pt"

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from utils.checkpoint import CheckpointError
-from utils.run_folder import rank_file, read_summary
+from utils.run.run_folder import rank_file, read_summary
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """The run scaffold both trainers share; each trainer owns only its step function.
 
-`Run` does what every training run does around its steps: output folder, logger, seeds, toy data, the step counts
-of the loader its trainer built, resume, checkpoints, the non-finite guard agreed by all ranks, progress logs and
-the summary. `train.py` (stage 2) and `train_generator.py` (stage 1) build their models, their loaders (through
-`dataset`), a `train_step(batch) -> result`, and loop over `Run.step_batches`.
+`Run` does what every training run does around its steps: output folder, logger, seeds, the step counts of the
+loader its trainer built, resume, checkpoints, the non-finite guard agreed by all ranks, progress logs and
+the summary. `train.py` (stage 2) and `train_generator.py` (stage 1) make their data ready (`dataset.ensure_rec`:
+toy data when asked), build their models, their loaders (through `dataset`), a `train_step(batch) -> result`, and
+loop over `Run.step_batches`.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 from easydict import EasyDict
 
 from utils import checkpoint as ckpt
-from utils import config_policy, elastic, output_lock, rng_state, run_folder, run_state
+from utils.run import config_policy, elastic, output_lock, rng_state, run_folder, run_state
 from utils.distributed import DistEnv, Ranks, agree_batches, agree_call, barrier
 from utils.errors import ConfigError, RunFailedError, UserError
 from utils.logging import SpeedMeter, format_eta, open_log_file, run_writer, setup_logger
@@ -53,9 +54,6 @@ class StepPlan:
 
     def epoch_of(self, step: int) -> int:
         return step * self.micro_per_step // self.batches_per_epoch
-
-    def epochs_done(self, step: int) -> float:
-        return step * self.micro_per_step / self.batches_per_epoch
 
 
 def plan_steps(batches_per_epoch: int, micro_per_step: int, num_epoch: int, warmup_epoch: float,
@@ -156,10 +154,6 @@ class Run:
         if cfg.resume is False:
             self.refuse_other_run("resume=False")
         torch.manual_seed(cfg.seed + env.rank)
-        if cfg.generate_toy_data:
-            from utils.toyface import ensure_toy_data
-
-            ensure_toy_data(cfg.rec)  # safe when several ranks call it at once; refuses a folder of other data
 
     def __enter__(self) -> "Run":
         return self
@@ -301,7 +295,7 @@ class Run:
     def _continue_course(self, resumed: run_state.Resumed) -> str | None:
         """Place the data by the samples the checkpoint consumed. When its world size (or batch) differs from this
         run's: set the stop step and the lr schedule's position (in `resumed.state['scheduler']`) by samples and
-        return the line saying what changed (utils/elastic.py; logged once the resume is accepted)."""
+        return the line saying what changed (utils/run/elastic.py; logged once the resume is accepted)."""
         saved = elastic.saved_course(resumed.state, resumed.meta)
         if saved is None:
             return None  # an old checkpoint without a record: positions follow from the step count, as written

@@ -9,7 +9,7 @@ imitates surveillance capture: low resolution, blur, noise, colour cast and heav
 held-out identities and a folder of unlabelled target-style faces, once, safely under concurrent callers.
 
 Further target domains (``DOMAINS``) are made by processes that the hand-crafted augmentation of
-``utils/degrade.py`` (resize, Gaussian blur, global colour jitter, i.i.d. noise, JPEG) does not contain:
+``utils/data/degrade.py`` (resize, Gaussian blur, global colour jitter, i.i.d. noise, JPEG) does not contain:
 ``camera`` (one fixed random "camera" per toy universe: spatially varying random blur kernels, a fixed sensor
 pattern, vignetting and a tone curve), ``motion`` (motion blur along a random direction) and ``illumination``
 (strong non-uniform light: a spot light and a soft cast shadow). ``ensure_toy_domains(root, names)`` adds
@@ -385,7 +385,7 @@ _DOMAIN_FUNCS = {"camera": _degrade_camera, "motion": _degrade_motion, "illumina
 
 def degrade_domain(name: str, rgb: np.ndarray, rng: np.random.Generator, seed: int = 0) -> np.ndarray:
     """Capture ``rgb`` (uint8 112x112x3) in target domain ``name`` (one of ``DOMAINS``); ``seed`` picks the universe's
-    fixed camera. None of these processes is in utils/degrade.py's hand-crafted recipe."""
+    fixed camera. None of these processes is in utils/data/degrade.py's hand-crafted recipe."""
     if name not in _DOMAIN_FUNCS:
         raise ValueError(f"degrade_domain: unknown domain {name!r}; choices: {', '.join(DOMAINS)}")
     return np.ascontiguousarray(_DOMAIN_FUNCS[name](rgb, rng, seed))
@@ -569,8 +569,8 @@ def ensure_toy_data(
 
 
 def _generate(out: Path, cfg: dict, seed: int, workers: int, verbose: bool) -> dict:
-    from eval.binfile import write_bin
-    from utils.recordio import write_face_rec
+    from utils.data.binfile import write_bin
+    from utils.data.recordio import write_face_rec
 
     n_id, per_id = cfg["num_identities"], cfg["images_per_identity"]
     n_eval = cfg["num_eval_identities"]
@@ -623,7 +623,7 @@ def ensure_toy_domains(root: str | os.PathLike, names: list[str] | tuple[str, ..
     ``target_faces/``, of the same held-out identities), then ``toy_<name>.json`` last (marks completion). Files
     of ``ensure_toy_data`` are never rewritten, so ``toy_target.bin`` and the training set stay bit-identical.
     """
-    from eval.binfile import write_bin
+    from utils.data.binfile import write_bin
 
     root = Path(os.path.expanduser(root))
     unknown = [n for n in names if n not in DOMAINS]
@@ -682,7 +682,7 @@ def validation_identities(meta: dict) -> list[int]:
 def _write_validation_bins(root: Path, meta: dict, styles: tuple[str, ...], workers: int | None) -> None:
     """``toy_<style>_val.bin`` for each style: ``num_pairs`` pairs over :func:`validation_identities`, the same
     pairs and renderings in every style (as the reported sets), from seed streams of their own."""
-    from eval.binfile import write_bin
+    from utils.data.binfile import write_bin
 
     seed = meta["seed"]
     pairs = _make_pairs(seed, validation_identities(meta), meta["num_pairs"], tag=_TAG_VAL_PAIRS)
