@@ -22,7 +22,7 @@ import torch
 from easydict import EasyDict
 
 from backbones import identity_order
-from cfsm import Generator, MultiDiscriminator
+from cfsm import INPUT_SKIPS, Generator, MultiDiscriminator
 from cfsm.loading import check_stage1_files, init_generator_from_file, load_identity_network, \
     stage1_generator_config
 from cfsm.stage1 import STYLE_SAMPLINGS, check_lambda_schedule, identity_loss, is_synthesis_step, lambda_id_at, \
@@ -86,7 +86,7 @@ def validate_stage1(cfg: EasyDict) -> None:
     # numeric ranges (gen_*, lambda_*, id_distance_range, ...) are checked with every config: configs/loader.py
     need(cfg.gen_style_dim <= cfg.gen_latent_dim, "gen_style_dim", f"must be <= gen_latent_dim "
          f"({cfg.gen_latent_dim}): the basis U spans a subspace of the latent space")
-    need(cfg.gen_input_skip in Generator.INPUT_SKIPS, "gen_input_skip", f"must be one of {Generator.INPUT_SKIPS}")
+    need(cfg.gen_input_skip in INPUT_SKIPS, "gen_input_skip", f"must be one of {tuple(INPUT_SKIPS)}")
     need(cfg.style_sampling in STYLE_SAMPLINGS, "style_sampling", f"must be one of {STYLE_SAMPLINGS}")
     need(cfg.gradient_acc == 1, "gradient_acc", "stage 1 takes one batch per step; set gradient_acc=1")
     try:
