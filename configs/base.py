@@ -115,7 +115,7 @@ config.gen_lr_decay = 0.0                # 0 = constant (CFSM); f = lr falls lin
 config.lambda_id_schedule = [(0, 8.0), (5, 5.0), (8, 2.0)]  # (start_epoch, lambda_id) steps of the identity loss
 config.id_distance_range = (0.0, 6.0, 0.05, 0.65)  # (la, ua, lm, um): target distance d* grows with |o|
 config.lambda_rec = 1.0                  # weight of the L1 reconstruction at o = 0 (odd iterations)
-config.lambda_diversity = 0.0            # weight of a mode-seeking term on synthesis iterations (0 = off, as CFSM): for
+config.lambda_mode_seeking = 0.0         # weight of a mode-seeking term on synthesis iterations (0 = off, as CFSM): for
                                          # styles of one face that differ; no stage-2 gain measured on the toy
 config.lambda_basis = 0.0                # weight of the basis term on two c*e_i changes' |cos| (0 = off, as CFSM): for
                                          # basis directions that are different changes; no stage-2 gain measured on the toy

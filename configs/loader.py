@@ -26,7 +26,7 @@ from easydict import EasyDict
 from backbones import BACKBONE_CONFIG_KEYS, BACKBONES
 from backbones.channel_order import CHANNEL_ORDERS
 from losses import MARGIN_LOSSES, margin_loss_from_config
-from utils.config_policy import STAGE1_KEYS, STAGE2_KEYS
+from utils.config_policy import RENAMED_KEYS, STAGE1_KEYS, STAGE2_KEYS
 from utils.degrade import DEGRADE_BOUNDS
 from utils.errors import ConfigError  # re-exported: `from configs.loader import ConfigError`
 from utils.optim import OPTIMIZERS
@@ -160,7 +160,7 @@ NUMERIC_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         "must be a non-empty list of (start_epoch >= 0, lambda_id >= 0) pairs"),
     "id_distance_range": (lambda v: _numbers(v, 4) and v[0] != v[1], "must be four numbers (la, ua, lm, um), la != ua"),
     "lambda_rec": _range(0, note="weight of the reconstruction loss"),
-    "lambda_diversity": _range(0, note="weight of the mode-seeking term"),
+    "lambda_mode_seeking": _range(0, note="weight of the mode-seeking term"),
     "lambda_basis": _range(0, note="weight of the basis term"),
     "basis_cos_margin": _range(0, 1, high_open=True, note="a |cos| below 1"),
     "dis_dim": _range(1),
@@ -277,12 +277,19 @@ def check_type(key: str, value: Any, current: Any, source: str) -> Any:
     return value
 
 
+def check_renamed(key: str, where: str) -> None:
+    """A key's old name (utils.config_policy.RENAMED_KEYS) is an error that names the new one."""
+    if key in RENAMED_KEYS:
+        raise ConfigError(f"config key '{key}' was renamed to '{RENAMED_KEYS[key]}' ({where})")
+
+
 def apply_overrides(cfg: EasyDict, overrides: Iterable[str]) -> EasyDict:
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
         key, text = item.split("=", 1)
         key = key.strip()
+        check_renamed(key, f"override '{item}'")
         if key not in cfg:
             raise ConfigError(f"unknown config key '{key}' in override '{item}'.{_close_matches(key, cfg)}")
         cfg[key] = parse_value(key, text, cfg[key])
@@ -302,6 +309,7 @@ def load_config(config: str, overrides: Iterable[str] = ()) -> EasyDict:
                           f"`config = dict(key=value, ...)` (the keys are in configs/base.py)")
     if path.resolve() != (REPO_ROOT / "configs" / "base.py").resolve():
         for key, value in job.items():
+            check_renamed(key, str(path))
             if key not in cfg:
                 raise ConfigError(f"unknown config key '{key}' in {path}.{_close_matches(key, cfg)}")
             cfg[key] = check_type(key, value, cfg[key], source=str(path))

@@ -31,7 +31,7 @@ _RUN_CONTROL = ("output", "config_name", "resume", "device", "dist_timeout_s", "
 STAGE1_KEYS: tuple[str, ...] = (
     "target", "id_network", "id_model", "id_embedding_size", "id_channel_order", "gen_dim", "gen_n_downsample",
     "gen_n_residual", "gen_latent_dim", "gen_style_dim", "gen_input_skip", "init_generator", "gen_lr", "gen_lr_decay",
-    "gen_betas", "lambda_id_schedule", "id_distance_range", "lambda_rec", "lambda_diversity", "lambda_basis",
+    "gen_betas", "lambda_id_schedule", "id_distance_range", "lambda_rec", "lambda_mode_seeking", "lambda_basis",
     "basis_cos_margin", "style_sampling", "dis_dim", "style_report_faces")
 STAGE2_KEYS: tuple[str, ...] = (
     "network", "embedding_size", "dropout", "use_checkpoint", "channels_last", "channel_order", "loss", "s", "m",
@@ -59,7 +59,7 @@ CONFIG_POLICY: dict[str, ConfigPolicy] = {
                 "dis_dim", "id_network", "id_embedding_size", "batch_size", "world_size", "num_classes", "num_image",
                 "fp16", "seed"),
         apply=("gen_lr", "gen_lr_decay", "gen_betas", "num_epoch", "lambda_id_schedule", "id_distance_range",
-               "lambda_rec", "lambda_diversity", "lambda_basis", "basis_cos_margin", "style_sampling", "id_model",
+               "lambda_rec", "lambda_mode_seeking", "lambda_basis", "basis_cos_margin", "style_sampling", "id_model",
                "id_channel_order", "target", "rec", "bf16"),  # the frozen identity network: reloaded, not saved
         free=(*_RUN_CONTROL, "init_generator", "style_report_faces", *STAGE2_KEYS),
         init_key="init_generator"),
@@ -70,6 +70,14 @@ CONFIG_POLICY: dict[str, ConfigPolicy] = {
 # channel_order existed). A saved config lacking the key is compared with this value, so an old ir_* run is not
 # resumed on BGR silently.
 LEGACY_VALUES: dict[str, Any] = {"channel_order": "rgb", "id_channel_order": "rgb"}
+# Keys renamed after runs were saved with the old name, old -> new: a saved config is compared under the new name;
+# in a config file or override the old name is an error (configs.loader.check_renamed).
+RENAMED_KEYS: dict[str, str] = {"lambda_diversity": "lambda_mode_seeking"}
+
+
+def renamed(saved: Mapping[str, Any]) -> dict:
+    """A saved config with the keys of `RENAMED_KEYS` under their new names."""
+    return {RENAMED_KEYS.get(k, k): v for k, v in saved.items()}
 
 
 def json_form(value: Any) -> Any:
@@ -88,7 +96,7 @@ def check_config(saved: Mapping[str, Any], current: Mapping[str, Any], directory
     from the resumed step (listed by the caller in one warning). A key no policy names counts as applied."""
     policy = CONFIG_POLICY.get(kind, ConfigPolicy((), (), (), "pretrained_backbone_model"))
     current = json_form(dict(current))
-    saved = {**{k: v for k, v in LEGACY_VALUES.items() if k in current}, **saved}
+    saved = {**{k: v for k, v in LEGACY_VALUES.items() if k in current}, **renamed(saved)}
     changed = [(k, saved[k], current[k]) for k in current  # in config order
                if k in saved and saved[k] != current[k] and k not in policy.free]
     refused = [c for c in changed if c[0] in policy.refuse]
@@ -113,6 +121,6 @@ def finished_summary(output: str | os.PathLike, cfg: Mapping[str, Any]) -> dict 
     summary = read_summary(output)
     if summary is None or not isinstance(summary.get("config"), dict) or "steps" not in summary:
         return None
-    saved = {k: v for k, v in summary["config"].items() if k not in _RERUN_FREE}
+    saved = {k: v for k, v in renamed(summary["config"]).items() if k not in _RERUN_FREE}
     current = {k: v for k, v in json_form(dict(cfg)).items() if k not in _RERUN_FREE}
     return summary if saved == current else None
