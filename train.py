@@ -61,13 +61,13 @@ def main(argv: list[str] | None = None) -> dict | None:
         cleanup(env)
 
 
-def make_train_step(cfg: EasyDict, env: DistEnv, model: torch.nn.Module, backbone: torch.nn.Module, pfc: PartialFC,
-                    generator: torch.nn.Module | None, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
-                    autocast: dict, style_rng: torch.Generator) -> Callable[[Batch], StepResult]:
+def make_train_step(cfg: EasyDict, env: DistEnv, nets: Stage2, model: torch.nn.Module,
+                    style_rng: torch.Generator) -> Callable[[Batch], StepResult]:
     """`train_step(batch) -> StepResult`: one optimizer step of stage 2 over the micro-batches in `batch`.
 
-    `model` is `backbone` itself or its DDP wrapper; `generator=None` is the plain (no CFSM) step."""
+    `model` is `nets.backbone` itself or its DDP wrapper; `nets.generator=None` is the plain (no CFSM) step."""
+    backbone, pfc, generator, optimizer, scaler, autocast = (nets.backbone, nets.pfc, nets.generator, nets.optimizer,
+                                                             nets.scaler, nets.autocast)
     amp_dtype = autocast["dtype"] if autocast["enabled"] else None
     step_state = StepState(backbone, pfc)  # BN stats, AdaFace EMA, sampling counter: put back on a skipped step
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -117,7 +117,7 @@ def make_train_step(cfg: EasyDict, env: DistEnv, model: torch.nn.Module, backbon
                 scaler.update(scaler.get_scale() / 2 if cfg.fp16 else None)
                 step_state.restore()  # the forward's writes (possibly NaN) leave no trace
             optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            nets.scheduler.step()
         return StepResult(loss.detach(), grad_norm, finite, images, mix)
 
     return train_step
@@ -196,8 +196,7 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
         step = run.resume(nets.load_state, num_classes=dataset.num_classes, num_image=dataset.num_images,
                           channel_order=nets.channel.order)  # resolved (auto -> rgb/bgr): saved, a change refused
         model = run.wrap_ddp(nets.backbone.train(), bucket_cap_mb=32, find_unused_parameters=False)
-        train_step = make_train_step(cfg, env, model, nets.backbone, nets.pfc, nets.generator, nets.optimizer,
-                                     nets.scheduler, nets.scaler, nets.autocast, style_rng)
+        train_step = make_train_step(cfg, env, nets, model, style_rng)
         run.start(step, f"{dataset.num_classes} classes, {dataset.num_images} images", nets.autocast, nets.channel)
         # val_targets opened and checked now, before the first step; results go to the run's log (console, train.log)
         verify = verification_for_run(cfg.val_targets, cfg.rec, cfg.val_batch_size, env, run.writer, run.log)

@@ -25,9 +25,8 @@ from backbones import identity_order
 from cfsm import Generator, MultiDiscriminator
 from cfsm.loading import check_stage1_files, init_generator_from_file, load_identity_network, \
     stage1_generator_config
-from cfsm.stage1 import check_lambda_schedule, identity_loss, is_synthesis_step, lambda_id_at, \
-    append_basis_probes, basis_diversity_loss, lr_at, lsgan_loss, mode_seeking_loss, sample_style, split_outputs, \
-    target_distance
+from cfsm.stage1 import ExtraTerms, check_lambda_schedule, identity_loss, is_synthesis_step, lambda_id_at, \
+    lr_at, lsgan_loss, sample_style, split_outputs, target_distance
 from cfsm.style_report import report_from_datasets, report_scalars
 from cfsm.target_data import TargetBatchSampler, TargetFaceDataset
 from cfsm.visualize import save_png, training_samples_grid
@@ -51,7 +50,7 @@ Batch = Sequence[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]]
 class StepResult:
     """One stage-1 iteration's outcome. The losses are detached tensors, read (a device sync) only when logged."""
     finite: bool                     # both updates finite, agreed by all ranks
-    losses: dict[str, torch.Tensor]  # this iteration's: g_gan, id (, div) on synthesis steps or rec; d, regu, g
+    losses: dict[str, torch.Tensor]  # this iteration's: g_gan, id (+ extra terms) on synthesis steps or rec; d, regu, g
     sources: torch.Tensor            # the source faces G restyled, and the target faces D saw (sample grids)
     targets: torch.Tensor
 
@@ -99,33 +98,25 @@ def released_state(G: torch.nn.Module, D: torch.nn.Module, opt_g: torch.optim.Op
             "optimizerG_state_dict": opt_g.state_dict(), "optimizerD_state_dict": opt_d.state_dict()}
 
 
-def make_train_step(cfg: EasyDict, env: DistEnv, G: torch.nn.Module, D: torch.nn.Module, G_train: torch.nn.Module,
-                    D_train: torch.nn.Module, id_net: torch.nn.Module, opt_g: torch.optim.Optimizer,
-                    opt_d: torch.optim.Optimizer, scaler: torch.amp.GradScaler, autocast: dict,
-                    style_rng: torch.Generator) -> Callable[[Batch, int, float], StepResult]:
+def make_train_step(cfg: EasyDict, env: DistEnv, nets: Stage1, G_train: torch.nn.Module, D_train: torch.nn.Module,
+                    id_net: torch.nn.Module, style_rng: torch.Generator) -> Callable[[Batch, int, float], StepResult]:
     """`train_step(batch, step, lambda_id) -> StepResult`: one stage-1 iteration (the step's parity picks synthesis
-    or reconstruction; lambda_id follows the epoch). `G_train`/`D_train` are G/D or their DDP wrappers."""
+    or reconstruction; lambda_id follows the epoch). `G_train`/`D_train` are `nets.G`/`nets.D` or their DDP wrappers."""
+    G, D, opt_g, opt_d, scaler, autocast = nets.G, nets.D, nets.opt_g, nets.opt_d, nets.scaler, nets.autocast
     distance_range = tuple(float(v) for v in cfg.id_distance_range)
+    extra_terms = ExtraTerms.from_config(cfg)  # beyond the paper, off by default: their rows and losses (cfsm.stage1)
 
     def train_step(batch: Batch, step: int, lambda_id: float) -> StepResult:
         [((sources, _), targets)] = batch
         sources = sources.to(env.device, non_blocking=True)
         targets = targets.to(env.device, non_blocking=True)
         synthesis = is_synthesis_step(step)
-        pairs = synthesis and cfg.lambda_diversity > 0 and sources.shape[0] >= 2
-        if pairs:  # mode seeking: the second half = the first half's faces, each with a second style
-            half = sources.shape[0] // 2
-            sources = torch.cat([sources[:half], sources[:half], sources[2 * half:]])
-        if synthesis:
-            style = sample_style(sources.shape[0], G.style_dim, style_rng, cfg.style_sampling,
-                                 distance_range[1]).to(env.device)
-        else:
+        if synthesis:  # o ~ N(0, I) (style_sampling), for the batch with the extra terms' rows
+            extra = extra_terms.batch(sources, lambda rows: sample_style(
+                rows, G.style_dim, style_rng, cfg.style_sampling, distance_range[1]), style_rng)
+            sources, style = extra.sources, extra.style
+        else:  # reconstruction at o = 0
             style = torch.zeros(sources.shape[0], G.style_dim, device=env.device)
-        basis = synthesis and cfg.lambda_basis > 0
-        if basis:  # the first face again at o = 0 and at c e_i for a few i: rows [first_probe:] (cfsm.stage1)
-            first_probe = sources.shape[0]
-            sources, style = append_basis_probes(sources, style.cpu(), style_rng)
-            style = style.to(env.device)
         with torch.autocast(**autocast):
             _, fake, regu = G_train(sources, style)
 
@@ -140,7 +131,7 @@ def make_train_step(cfg: EasyDict, env: DistEnv, G: torch.nn.Module, D: torch.nn
         if ok_d:
             scaler.step(opt_d)  # with fp16 the scaler itself skips non-finite gradients (DDP-reduced: on all ranks)
 
-        # -- generator --
+        # -- generator: LSGAN + lambda_id * identity + regu (synthesis), lambda_rec * L1 + regu (reconstruction) --
         if synthesis:
             D.requires_grad_(False)  # plain module, frozen: no D gradients, no DDP hooks on this forward
             with torch.autocast(**autocast):
@@ -152,15 +143,8 @@ def make_train_step(cfg: EasyDict, env: DistEnv, G: torch.nn.Module, D: torch.nn
             D.requires_grad_(True)
             loss_id = identity_loss(emb_src, emb_fake, target_distance(style, distance_range))
             loss_g = loss_gan + lambda_id * loss_id + regu.float()
-            losses = {"g_gan": loss_gan.detach(), "id": loss_id.detach()}
-            if pairs:
-                loss_div = mode_seeking_loss(fake[:half], fake[half:2 * half], style[:half], style[half:2 * half])
-                loss_g = loss_g + cfg.lambda_diversity * loss_div
-                losses["div"] = loss_div.detach()
-            if basis:
-                loss_basis = basis_diversity_loss(fake[first_probe:], cfg.basis_cos_margin)
-                loss_g = loss_g + cfg.lambda_basis * loss_basis
-                losses["basis"] = loss_basis.detach()
+            loss_g, extra_losses = extra.added_to(loss_g, fake)  # + the extra terms' weighted sum (0 terms: none)
+            losses = {"g_gan": loss_gan.detach(), "id": loss_id.detach(), **extra_losses}
         else:
             loss_rec = (fake.float() - sources.float()).abs().mean()
             loss_g = cfg.lambda_rec * loss_rec + regu.float()
@@ -263,10 +247,9 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
         # Buffers (AdaIN running stats) are never read or updated: no need to broadcast them every forward.
         G_train = run.wrap_ddp(G, broadcast_buffers=False, find_unused_parameters=False)
         D_train = run.wrap_ddp(D, broadcast_buffers=False, find_unused_parameters=True)
-        train_step = make_train_step(cfg, env, G, D, G_train, D_train, id_net, nets.opt_g, nets.opt_d, nets.scaler,
-                                     nets.autocast, style_rng)
-        objectives = ["lsgan", "identity", "rec"] + ["div"] * (cfg.lambda_diversity > 0) + ["basis"] * (
-            cfg.lambda_basis > 0)  # the stage-1 terms this run optimises (cfsm.stage1)
+        train_step = make_train_step(cfg, env, nets, G_train, D_train, id_net, style_rng)
+        # the stage-1 terms this run optimises (cfsm.stage1)
+        objectives = ["lsgan", "identity", "rec"] + ExtraTerms.from_config(cfg).names
         run.start(step, f"source {source.num_images} images ({cfg.rec}), target {len(target)} images ({cfg.target})",
                   nets.autocast, network=f"CFSM generator (G {sum(p.numel() for p in G.parameters()):,} params, D "
                   f"{sum(p.numel() for p in D.parameters()):,}; identity net {cfg.id_network})",

@@ -23,11 +23,11 @@ if __name__ == "__main__" and not __package__:  # run as a path: import the repo
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from backbones import get_model
+from backbones import ChannelOrder, get_model
 from cfsm import Generator
 from losses import margin_loss_from_config
 from partial_fc import PartialFC
-from train import make_train_step
+from train import Stage2, make_train_step
 from utils.cli import ArgumentParser, resolve_device, run_command
 from configs.loader import base_config
 from utils.distributed import DistEnv
@@ -55,8 +55,10 @@ def build_step(network: str, batch_size: int, device: torch.device, amp: str, ch
     scheduler = PolyScheduler(optimizer, total_steps=10**9, warmup_steps=0, power=cfg.lr_power)
     _, scaler, autocast = mixed_precision(cfg.fp16, cfg.bf16, device.type)
     style_rng = torch.Generator().manual_seed(0)
-    steps = {cfsm: make_train_step(cfg, env, backbone, backbone, pfc, generator if cfsm else None, optimizer,
-                                   scheduler, scaler, autocast, style_rng) for cfsm in (False, True)}
+    channel = ChannelOrder("rgb", told=False, reason="random weights")
+    steps = {cfsm: make_train_step(cfg, env, Stage2(backbone, pfc, generator if cfsm else None, optimizer, scheduler,
+                                                    scaler, autocast, channel), backbone, style_rng)
+             for cfsm in (False, True)}
     images = torch.rand(batch_size, 3, 112, 112, device=device) * 2 - 1
     labels = torch.randint(0, num_classes, (batch_size,), device=device)
 

@@ -4,6 +4,7 @@
 """
 from .attack import adversarial_mix
 from .loading import generator_from_state_dict, load_generator
-from .networks import Generator, MultiDiscriminator
+from .networks import INPUT_SKIPS, Generator, MultiDiscriminator
 
-__all__ = ["Generator", "MultiDiscriminator", "load_generator", "generator_from_state_dict", "adversarial_mix"]
+__all__ = ["Generator", "MultiDiscriminator", "INPUT_SKIPS", "load_generator", "generator_from_state_dict",
+           "adversarial_mix"]

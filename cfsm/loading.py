@@ -11,7 +11,7 @@ import torch
 from utils.checkpoint import state_dict_mismatch  # the strict-load check the backbones use too
 from utils.errors import UserError
 
-from .networks import Generator
+from .networks import INPUT_SKIPS, Generator
 
 __all__ = ["load_generator", "generator_from_state_dict", "infer_generator_config", "identify_backbone",
            "load_identity_network", "check_identity_network_file", "check_init_generator_file",
@@ -63,7 +63,7 @@ def infer_generator_config(sd: Mapping[str, torch.Tensor], source: str = "<state
         style_dim=int(u.shape[0]),
         mlp_dim=int(sd["decoder.mlp.model.0.weight"].shape[0]),
         # stage-1 option; released generators lack the markers
-        input_skip=next((mode for mode in Generator.INPUT_SKIPS[1:] if f"input_{mode}_skip_marker" in sd), "none"),
+        input_skip=next((mode for mode in INPUT_SKIPS if f"input_{mode}_skip_marker" in sd), "none"),
     )
 
 

@@ -9,12 +9,15 @@ discriminator.json), so `G_state_dict` / `D_state_dict` load strictly. Differenc
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["LayerNorm", "AdaptiveInstanceNorm2d", "InstanceNorm2dSafe", "ResidualBlock", "ContentEncoder",
-           "MLP", "Decoder", "SubspaceLayer", "Generator", "MultiDiscriminator"]
+           "MLP", "Decoder", "SubspaceLayer", "NoSkip", "ColorSkip", "ImageSkip", "INPUT_SKIPS", "Generator",
+           "MultiDiscriminator"]
 
 
 def _instance_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -219,6 +222,73 @@ class SubspaceLayer(nn.Module):
         return (u @ u.t() - eye).square().mean()
 
 
+class NoSkip:
+    """Input skip ``"none"`` (the released models): the content code alone, nothing added before the final tanh.
+
+    An input skip is chosen once, when the generator is built (`INPUT_SKIPS`); `Generator.encode` hands it the
+    content code and the input (`append`), `Generator.decode` takes the code apart again (`split`). No parameters,
+    no buffers: skips leave the state dict alone (the generator adds its marker buffer, see `Generator`)."""
+
+    def __init__(self, in_channels: int, n_downsample: int) -> None:
+        self.in_channels, self.grid = in_channels, 2 ** n_downsample  # the content grid: H / 2^n_downsample
+        self.channels = 0  # channels appended to the content code
+
+    def append(self, content: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return content
+
+    def split(self, content: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the encoder's content code, the pre-tanh offset or None)."""
+        return content, None
+
+
+class ColorSkip(NoSkip):
+    """``"color"``: x's per-channel mean as constant channels of the content code; atanh(mean) added before tanh."""
+
+    def __init__(self, in_channels: int, n_downsample: int) -> None:
+        super().__init__(in_channels, n_downsample)
+        self.channels = in_channels
+
+    def append(self, content: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        skip = x.float().mean(dim=(2, 3), keepdim=True).expand(-1, -1, *content.shape[2:])
+        return torch.cat([content, skip.to(content.dtype)], dim=1)
+
+    def split(self, content: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        skip = content[:, -self.channels:].float()
+        return content[:, :-self.channels], torch.atanh(skip[:, :, :1, :1].clamp(-0.999, 0.999))
+
+
+class ImageSkip(NoSkip):
+    """``"image"`` / ``"half"`` / ``"lowpass"``: x average-pooled by ``pool``, pixel-unshuffled onto the content grid
+    (lossless); atanh(it, bilinearly upsampled) added before tanh."""
+
+    def __init__(self, in_channels: int, n_downsample: int, pool: int) -> None:
+        super().__init__(in_channels, n_downsample)
+        self.pool = pool
+        self.channels = in_channels * (self.grid // pool) ** 2
+
+    def append(self, content: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        small = F.avg_pool2d(x.float(), self.pool) if self.pool > 1 else x.float()
+        skip = F.pixel_unshuffle(small, self.grid // self.pool)
+        return torch.cat([content, skip.to(content.dtype)], dim=1)
+
+    def split(self, content: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        image = F.pixel_shuffle(content[:, -self.channels:].float(), self.grid // self.pool)
+        if self.pool > 1:
+            image = F.interpolate(image, scale_factor=self.pool, mode="bilinear", align_corners=False)
+        # pixels at +-1 clamped harder: the decoder can still move them both ways with a modest residual
+        return content[:, :-self.channels], torch.atanh(image.clamp(-0.99, 0.99))
+
+
+# The input skips, name -> constructor(in_channels, n_downsample): the one list of `gen_input_skip`'s choices
+INPUT_SKIPS: dict[str, Callable[[int, int], NoSkip]] = {
+    "none": NoSkip,
+    "color": ColorSkip,
+    "image": lambda channels, n_downsample: ImageSkip(channels, n_downsample, pool=1),
+    "half": lambda channels, n_downsample: ImageSkip(channels, n_downsample, pool=2),
+    "lowpass": lambda channels, n_downsample: ImageSkip(channels, n_downsample, pool=2 ** n_downsample),
+}
+
+
 class Generator(nn.Module):
     """CFSM generator: `forward(x, o) -> (z, image, regu)`, x in [-1, 1], o [B, style_dim].
 
@@ -238,18 +308,17 @@ class Generator(nn.Module):
       content code, and styles still change colour, blur and noise freely (pre-tanh, any output is reachable).
       The pooling sets the default sharpness: toy faces through "image" keep their detail (styles must learn to
       remove it), through "lowpass" lose more than the toy target style does, "half" sits at the target's.
+    Each is a small object chosen at construction (`INPUT_SKIPS`: `NoSkip`, `ColorSkip`, `ImageSkip`), `self.skip`.
     No parameters in any mode: the state dict gains only the marker buffer `input_<mode>_skip_marker`, by which
     `cfsm.load_generator` recognises the option (released files lack it and load unchanged).
     """
-
-    INPUT_SKIPS = ("none", "color", "image", "half", "lowpass")
 
     def __init__(self, in_channels: int = 3, dim: int = 64, n_residual: int = 3, n_downsample: int = 2,
                  latent_dim: int = 128, style_dim: int = 10, mlp_dim: int = 256, n_residual_encoder: int = 3,
                  input_skip: str = "none") -> None:
         super().__init__()
-        if input_skip not in self.INPUT_SKIPS:
-            raise ValueError(f"Generator input_skip must be one of {self.INPUT_SKIPS}, got {input_skip!r}")
+        if input_skip not in INPUT_SKIPS:
+            raise ValueError(f"Generator input_skip must be one of {tuple(INPUT_SKIPS)}, got {input_skip!r}")
         self.style_dim, self.latent_dim = style_dim, latent_dim
         self.in_channels, self.input_skip, self.n_downsample = in_channels, input_skip, n_downsample
         self.config = dict(in_channels=in_channels, dim=dim, n_residual=n_residual, n_downsample=n_downsample,
@@ -261,31 +330,12 @@ class Generator(nn.Module):
         self.encoder = ContentEncoder(in_channels, dim, n_residual_encoder, n_downsample)
         self.decoder = Decoder(in_channels, self.encoder.out_channels, n_residual, n_downsample, latent_dim, mlp_dim)
         self.pca = SubspaceLayer(dim=latent_dim, n_basis=style_dim)
-
-    def _skip_pool(self) -> int:
-        """Average-pooling factor of the image skip: 1 = full resolution, 2**n_downsample = the content grid."""
-        return {"image": 1, "half": 2, "lowpass": 2 ** self.n_downsample}[self.input_skip]
-
-    def _skip_channels(self) -> int:
-        if self.input_skip == "none":
-            return 0
-        if self.input_skip == "color":
-            return self.in_channels
-        return self.in_channels * (2 ** self.n_downsample // self._skip_pool()) ** 2
+        self.skip = INPUT_SKIPS[input_skip](in_channels, n_downsample)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Content code [B, dim·2^n_downsample (+ the skip channels of `input_skip`), H/2^n, W/2^n]; independent of
         the style code."""
-        content = self.encoder(x)
-        if self.input_skip == "none":
-            return content
-        if self.input_skip == "color":
-            skip = x.float().mean(dim=(2, 3), keepdim=True).expand(-1, -1, *content.shape[2:])
-        else:
-            pool = self._skip_pool()
-            small = F.avg_pool2d(x.float(), pool) if pool > 1 else x.float()
-            skip = F.pixel_unshuffle(small, 2 ** self.n_downsample // pool)
-        return torch.cat([content, skip.to(content.dtype)], dim=1)
+        return self.skip.append(self.encoder(x), x)
 
     def style_to_latent(self, o: torch.Tensor) -> torch.Tensor:
         if o.dim() != 2 or o.shape[1] != self.style_dim:
@@ -294,19 +344,8 @@ class Generator(nn.Module):
 
     def decode(self, content: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """Image [B, C, H, W] in [-1, 1] from a content code and a style code o."""
-        if self.input_skip == "none":
-            return self.decoder(content, self.style_to_latent(o))
-        c = self._skip_channels()
-        skip = content[:, -c:].float()
-        if self.input_skip == "color":
-            offset = torch.atanh(skip[:, :, :1, :1].clamp(-0.999, 0.999))
-        else:  # pixels at +-1 clamped harder: the decoder can still move them both ways with a modest residual
-            pool = self._skip_pool()
-            image = F.pixel_shuffle(skip, 2 ** self.n_downsample // pool)
-            if pool > 1:
-                image = F.interpolate(image, scale_factor=pool, mode="bilinear", align_corners=False)
-            offset = torch.atanh(image.clamp(-0.99, 0.99))
-        return self.decoder(content[:, :-c], self.style_to_latent(o), pre_tanh_offset=offset)
+        content, offset = self.skip.split(content)
+        return self.decoder(content, self.style_to_latent(o), pre_tanh_offset=offset)
 
     def regularizer(self) -> torch.Tensor:
         return self.pca.orthogonality()
@@ -348,7 +387,3 @@ class MultiDiscriminator(nn.Module):
             outputs.append(m(x))
             x = self.downsample(x)
         return outputs
-
-    def compute_loss(self, x: torch.Tensor, gt: float) -> torch.Tensor:
-        """LSGAN loss Σ over scales of mean((D_k(x) − gt)²)."""
-        return sum(torch.mean((out - gt) ** 2) for out in self.forward(x))

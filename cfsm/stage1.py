@@ -2,22 +2,24 @@
 
 * synthesis iteration: ``L_G = LSGAN(D(G(x, o)) -> 1) + lambda_id * mean((1 - cos(f(x), f(G(x, o))) - d*)^2) + regu``
   with ``d* = lm + (|o| - la) (um - lm) / (ua - la)``;
-  (+ ``lambda_diversity * mode_seeking_loss`` when set: half the batch is the other half's faces with other styles;
-  + ``lambda_basis * basis_diversity_loss`` when set: one face decoded at o = 0 and at c e_i for a few basis vectors);
+  (+ the non-paper terms of `ExtraTerms`, off by default: ``lambda_mode_seeking * mode_seeking_loss``, half the batch
+  the other half's faces with other styles; ``lambda_basis * basis_distinctness_loss``, one face decoded at o = 0 and
+  at c e_i for a few basis vectors);
 * reconstruction iteration (o = 0): ``L_G = mean|x - G(x, 0)| + regu``;
 * discriminator (every iteration): ``LSGAN(D(target) -> 1) + LSGAN(D(G(.).detach()) -> 0)``.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
 __all__ = ["lambda_id_at", "check_lambda_schedule", "target_distance", "identity_loss", "lsgan_loss",
-           "mode_seeking_loss", "append_basis_probes", "basis_diversity_loss", "BASIS_COEFFICIENT",
-           "BASIS_DIRECTIONS", "split_outputs", "is_synthesis_step", "sample_style", "STYLE_SAMPLINGS",
-           "lr_at"]
+           "mode_seeking_loss", "append_basis_probes", "basis_distinctness_loss", "BASIS_COEFFICIENT",
+           "BASIS_DIRECTIONS", "ExtraTerms", "ExtraBatch", "split_outputs", "is_synthesis_step", "sample_style",
+           "STYLE_SAMPLINGS", "lr_at"]
 
 STYLE_SAMPLINGS = ("gaussian", "uniform_magnitude")
 BASIS_COEFFICIENT = 3.0  # c of the basis probes: the style report measures each direction e_i at the same c * e_i
@@ -91,7 +93,7 @@ def append_basis_probes(sources: torch.Tensor, style: torch.Tensor, rng: torch.G
                         coefficient: float = BASIS_COEFFICIENT) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sources, style)`` with ``1 + directions`` rows appended: the first face with o = 0, then with o = c e_i for
     ``directions`` basis vectors i drawn from ``rng`` (a CPU generator) without replacement. The probes are ordinary
-    synthesis samples for the other terms (|o| = 0 and c); `basis_diversity_loss` reads the last rows."""
+    synthesis samples for the other terms (|o| = 0 and c); `basis_distinctness_loss` reads the last rows."""
     dim = style.shape[1]
     chosen = torch.randperm(dim, generator=rng)[:directions]
     probe = torch.zeros(1 + chosen.numel(), dim)
@@ -100,7 +102,7 @@ def append_basis_probes(sources: torch.Tensor, style: torch.Tensor, rng: torch.G
     return torch.cat([sources, faces]), torch.cat([style, probe.to(style)])
 
 
-def basis_diversity_loss(probes: torch.Tensor, margin: float) -> torch.Tensor:
+def basis_distinctness_loss(probes: torch.Tensor, margin: float) -> torch.Tensor:
     """Mean over pairs i != j of max(0, cos^2(d_i, d_j) - margin^2), d_i = G(x, c e_i) - G(x, 0); ``probes`` =
     [G(x, 0), G(x, c e_i), ...] (the rows `append_basis_probes` added); ``margin`` = ``basis_cos_margin``. Zero
     once every two basis vectors change the face in ways at most ``margin`` alike (|cos| <= margin). Unlike mode
@@ -113,6 +115,67 @@ def basis_diversity_loss(probes: torch.Tensor, margin: float) -> torch.Tensor:
     gram = changes @ changes.t()
     off_diagonal = ~torch.eye(gram.shape[0], dtype=torch.bool, device=gram.device)
     return (gram[off_diagonal].pow(2) - float(margin) ** 2).clamp_min(0).mean()
+
+
+@dataclass(frozen=True)
+class ExtraTerms:
+    """Stage 1's generator terms beyond the paper (each off at weight 0, as CFSM), and the batch rows they read.
+
+    * mode seeking (weight ``lambda_mode_seeking``): rows [h, 2h) repeat the faces of rows [0, h), h = B // 2, each
+      with another style (the batch keeps B rows: the faces of rows [h, 2h) are left out this iteration);
+    * basis distinctness (weight ``lambda_basis``): the first face at o = 0 and at c e_i, appended
+      (`append_basis_probes`).
+    The added rows are ordinary synthesis samples for the paper's terms too."""
+    mode_seeking: float = 0.0      # lambda_mode_seeking
+    basis: float = 0.0             # lambda_basis
+    basis_cos_margin: float = 0.5  # basis_cos_margin
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "ExtraTerms":
+        return cls(cfg["lambda_mode_seeking"], cfg["lambda_basis"], cfg["basis_cos_margin"])
+
+    @property
+    def names(self) -> list[str]:
+        """The logged names of the terms in use."""
+        return ["mode_seeking"] * (self.mode_seeking > 0) + ["basis_distinctness"] * (self.basis > 0)
+
+    def batch(self, sources: torch.Tensor, sample_style: Callable[[int], torch.Tensor],
+              rng: torch.Generator) -> "ExtraBatch":
+        """A synthesis iteration's rows: ``sources`` laid out for the terms in use, their styles
+        ``sample_style(rows)`` (drawn after the layout, for every row), then the basis probes (drawn from ``rng``,
+        a CPU generator). The styles end on the sources' device."""
+        half = sources.shape[0] // 2 if self.mode_seeking > 0 and sources.shape[0] >= 2 else 0
+        if half:
+            sources = torch.cat([sources[:half], sources[:half], sources[2 * half:]])
+        style = sample_style(sources.shape[0]).cpu()
+        first_probe = sources.shape[0] if self.basis > 0 else None
+        if first_probe is not None:
+            sources, style = append_basis_probes(sources, style, rng)
+        return ExtraBatch(self, sources, style.to(sources.device), half, first_probe)
+
+
+@dataclass(frozen=True)
+class ExtraBatch:
+    """The rows of one synthesis iteration (`ExtraTerms.batch`) and where each extra term reads them."""
+    terms: ExtraTerms
+    sources: torch.Tensor
+    style: torch.Tensor
+    half: int                 # mode seeking: rows [half, 2 half) are rows [0, half)'s faces (0: term off)
+    first_probe: int | None   # basis distinctness: the probes are rows [first_probe:] (None: term off)
+
+    def added_to(self, loss_g: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``loss_g`` plus each term in use times its weight (added in turn), and the terms' detached values."""
+        logged = {}
+        if self.half:
+            h = self.half
+            term = mode_seeking_loss(fake[:h], fake[h:2 * h], self.style[:h], self.style[h:2 * h])
+            loss_g = loss_g + self.terms.mode_seeking * term
+            logged["mode_seeking"] = term.detach()
+        if self.first_probe is not None:
+            term = basis_distinctness_loss(fake[self.first_probe:], self.terms.basis_cos_margin)
+            loss_g = loss_g + self.terms.basis * term
+            logged["basis_distinctness"] = term.detach()
+        return loss_g, logged
 
 
 def split_outputs(outputs) -> list[torch.Tensor]:

@@ -12,7 +12,7 @@ from easydict import EasyDict as edict
 from backbones import BACKBONES
 from backbones.channel_order import CHANNEL_ORDERS
 from cfsm.attack import STYLE_SEARCHES
-from cfsm.networks import Generator
+from cfsm.networks import INPUT_SKIPS
 from cfsm.stage1 import STYLE_SAMPLINGS
 from configs.schema import FREE, INERT, REFUSE, STAGE1, STAGE2, Key, Rule, choices, numbers, pair, within
 from losses import MARGIN_LOSSES
@@ -185,7 +185,7 @@ KEYS = [
     Key("gen_style_dim", 10, "style coefficient dimension (basis count; <= gen_latent_dim)", STAGE1, REFUSE,
         within(1)),
     Key("gen_input_skip", "none", "input handed past the encoder so a small, briefly trained generator can give "
-        "x back at o = 0 (none = released; docs/stage1.md)", STAGE1, REFUSE, choices(Generator.INPUT_SKIPS)),
+        "x back at o = 0 (none = released; docs/stage1.md)", STAGE1, REFUSE, choices(INPUT_SKIPS)),
     Key("init_generator", None, "start stage 1 from this generator file (shared origin => comparable bases)", STAGE1,
         FREE, types=(str, type(None)), path=True),
     Key("gen_lr", 1e-4, "Adam lr of generator and discriminator", STAGE1, rule=within(0, low_open=True)),
@@ -201,8 +201,8 @@ KEYS = [
         rule=Rule(lambda v: numbers(v, 4) and v[0] != v[1], "must be four numbers (la, ua, lm, um), la != ua")),
     Key("lambda_rec", 1.0, "weight of the L1 reconstruction at o = 0 (odd iterations)", STAGE1,
         rule=within(0, note="weight of the reconstruction loss")),
-    Key("lambda_diversity", 0.0, "weight of a mode-seeking term on synthesis iterations (0 = off, as CFSM)", STAGE1,
-        rule=within(0, note="weight of the mode-seeking term")),
+    Key("lambda_mode_seeking", 0.0, "weight of a mode-seeking term on synthesis iterations (0 = off, as CFSM)",
+        STAGE1, rule=within(0, note="weight of the mode-seeking term"), renamed_from=("lambda_diversity",)),
     Key("lambda_basis", 0.0, "weight of the basis term on two c*e_i changes' |cos| (0 = off, as CFSM)", STAGE1,
         rule=within(0, note="weight of the basis term")),
     Key("basis_cos_margin", 0.5, "|cos| of two directions' changes above which the basis term acts", STAGE1,

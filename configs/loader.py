@@ -178,12 +178,20 @@ def check_type(key: str, value: Any, current: Any, source: str) -> Any:
     return value
 
 
+def check_renamed(key: str, where: str) -> None:
+    """A key's former name (its row's `renamed_from`) is an error that names the new one."""
+    renamed = {old: row.name for row in base_keys().values() for old in row.renamed_from}
+    if key in renamed:
+        raise ConfigError(f"config key '{key}' was renamed to '{renamed[key]}' ({where})")
+
+
 def apply_overrides(cfg: EasyDict, overrides: Iterable[str]) -> EasyDict:
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
         key, text = item.split("=", 1)
         key = key.strip()
+        check_renamed(key, f"override '{item}'")
         if key not in cfg:
             raise ConfigError(f"unknown config key '{key}' in override '{item}'.{_close_matches(key, cfg)}")
         cfg[key] = parse_value(key, text, cfg[key])
@@ -203,6 +211,7 @@ def load_config(config: str, overrides: Iterable[str] = ()) -> EasyDict:
                           f"`config = dict(key=value, ...)` (the keys are in configs/base.py)")
     if path.resolve() != (REPO_ROOT / "configs" / "base.py").resolve():
         for key, value in job.items():
+            check_renamed(key, str(path))
             if key not in cfg:
                 raise ConfigError(f"unknown config key '{key}' in {path}.{_close_matches(key, cfg)}")
             cfg[key] = check_type(key, value, cfg[key], source=str(path))

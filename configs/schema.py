@@ -110,6 +110,7 @@ class Key:
     types: tuple[type, ...] | None = None  # the types it may take when not just the default's (e.g. (str, None))
     path: bool = False                      # a file or folder: `~` is expanded at load
     legacy: Any = field(default=None)       # the value runs saved before the key existed had (compared on resume)
+    renamed_from: tuple[str, ...] = ()      # its former names: refused in configs ("renamed to"), mapped on resume
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES or self.resume not in RESUME_RULES:
@@ -131,7 +132,8 @@ def resume_policy(keys: Sequence[Key], kind: str) -> ConfigPolicy:
     return ConfigPolicy(
         kind=kind, refuse=picked(REFUSE), apply=picked(APPLY), free=picked(FREE, INERT), inert=picked(INERT),
         init_key="pretrained_backbone_model" if stage == STAGE2 else "init_generator",
-        legacy={k.name: k.legacy for k in keys if k.legacy is not None})
+        legacy={k.name: k.legacy for k in keys if k.legacy is not None},
+        renamed={old: k.name for k in keys for old in k.renamed_from})
 
 
 def _cell(text: str) -> str:

@@ -5,6 +5,7 @@ import torch
 
 from cfsm import Generator, MultiDiscriminator, generator_from_state_dict, load_generator
 from cfsm.networks import AdaptiveInstanceNorm2d, InstanceNorm2dSafe, LayerNorm
+from cfsm.stage1 import lsgan_loss
 from tests._rule_weights import (check_digests, fixture, input_x, input_x128, input_z, layout, manifest,
                                  manifest_layout, rel_err, rule_state_dict)
 
@@ -149,7 +150,7 @@ def test_discriminator_trains_at_112():
     torch.manual_seed(0)
     d = MultiDiscriminator().train()
     x = torch.randn(2, 3, 112, 112, requires_grad=True)
-    loss = d.compute_loss(x, 1.0)
+    loss = lsgan_loss(d(x), 1.0)  # the stage-1 objective (cfsm.stage1)
     loss.backward()
     assert torch.isfinite(loss)
     for name, p in d.named_parameters():

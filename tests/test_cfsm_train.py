@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from cfsm.stage1 import BASIS_COEFFICIENT, BASIS_DIRECTIONS, append_basis_probes, basis_diversity_loss, \
-    check_lambda_schedule, identity_loss, is_synthesis_step, lambda_id_at, lr_at, lsgan_loss, mode_seeking_loss, \
-    target_distance
+from cfsm.stage1 import BASIS_COEFFICIENT, BASIS_DIRECTIONS, ExtraTerms, append_basis_probes, \
+    basis_distinctness_loss, check_lambda_schedule, identity_loss, is_synthesis_step, lambda_id_at, lr_at, lsgan_loss, \
+    mode_seeking_loss, sample_style, target_distance
 from cfsm.target_data import TargetBatchSampler, TargetFaceDataset, list_target_images
 from tests.helpers import headroom
 
@@ -84,31 +84,70 @@ def test_basis_probes_are_the_first_face_at_zero_and_at_c_times_basis_vectors():
     assert inspect.signature(style_report).parameters["coefficient"].default == BASIS_COEFFICIENT
 
 
-def test_basis_diversity_loss_is_zero_for_distinct_changes_and_largest_for_a_collapsed_basis():
+def test_basis_distinctness_loss_is_zero_for_distinct_changes_and_largest_for_a_collapsed_basis():
     base = torch.randn(1, 3, 4, 4)
     orthogonal = torch.zeros(3, 3, 4, 4)
     for i in range(3):
         orthogonal.view(3, -1)[i, i] = 2.0 + i  # disjoint pixels: orthogonal whatever the sizes
-    assert basis_diversity_loss(torch.cat([base, base + orthogonal]), 0.5).item() == pytest.approx(0.0, abs=1e-6)
+    assert basis_distinctness_loss(torch.cat([base, base + orthogonal]), 0.5).item() == pytest.approx(0.0, abs=1e-6)
     change = torch.randn(1, 3, 4, 4)
     collapsed = torch.cat([base, base + change, base + 3 * change, base - change])  # one look, any sign or size
-    assert basis_diversity_loss(collapsed, 0.5).item() == pytest.approx(1.0 - 0.5 ** 2, abs=1e-5)
-    assert basis_diversity_loss(collapsed, 0.8).item() == pytest.approx(1.0 - 0.8 ** 2, abs=1e-5)
+    assert basis_distinctness_loss(collapsed, 0.5).item() == pytest.approx(1.0 - 0.5 ** 2, abs=1e-5)
+    assert basis_distinctness_loss(collapsed, 0.8).item() == pytest.approx(1.0 - 0.8 ** 2, abs=1e-5)
     # a floor, not a maximum: two changes with |cos| below the margin cost nothing
     u, v = torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4)
     u.view(-1)[0], v.view(-1)[0], v.view(-1)[1] = 1.0, 0.4, (1 - 0.4 ** 2) ** 0.5  # cos(u, v) = 0.4
-    assert basis_diversity_loss(torch.cat([base, base + u, base + v]), 0.5).item() == 0.0
-    assert basis_diversity_loss(torch.cat([base, base + u, base + v]), margin=0.3).item() == pytest.approx(
+    assert basis_distinctness_loss(torch.cat([base, base + u, base + v]), 0.5).item() == 0.0
+    assert basis_distinctness_loss(torch.cat([base, base + u, base + v]), margin=0.3).item() == pytest.approx(
         0.4 ** 2 - 0.3 ** 2, abs=1e-6)
     # scale-free: shrinking every change leaves it unchanged, so it cannot be met by changing less
     mixed = torch.cat([base, base + change + 0.5 * torch.randn(3, 3, 4, 4)])  # alike, not identical
-    assert basis_diversity_loss(mixed, 0.5).item() > 0.05
+    assert basis_distinctness_loss(mixed, 0.5).item() > 0.05
     scaled = torch.cat([base, base + 0.01 * (mixed[1:] - base)])
-    assert basis_diversity_loss(scaled, 0.5).item() == pytest.approx(basis_diversity_loss(mixed, 0.5).item(), rel=1e-4)
-    assert basis_diversity_loss(collapsed[:2], 0.5).item() == 0.0  # one direction: no pair
+    assert basis_distinctness_loss(scaled, 0.5).item() == pytest.approx(
+        basis_distinctness_loss(mixed, 0.5).item(), rel=1e-4)
+    assert basis_distinctness_loss(collapsed[:2], 0.5).item() == 0.0  # one direction: no pair
     leaf = collapsed.clone().requires_grad_(True)
-    basis_diversity_loss(leaf, 0.5).backward()
+    basis_distinctness_loss(leaf, 0.5).backward()
     assert leaf.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("rows", [5, 6, 1])
+@pytest.mark.parametrize("mode_seeking, basis", [(0.5, 2.0), (0.5, 0.0), (0.0, 2.0), (0.0, 0.0)])
+def test_extra_terms_lay_out_the_batch_and_add_their_weighted_terms_as_the_step_did(rows, mode_seeking, basis):
+    """ExtraTerms builds the batch and the loss the stage-1 step built inline before the terms moved to cfsm.stage1
+    (same RNG draws in the same order, same rows, same sums bit for bit): the reference below is that code."""
+    terms = ExtraTerms(mode_seeking, basis, basis_cos_margin=0.1)
+    sources = torch.randn(rows, 3, 8, 8, generator=torch.Generator().manual_seed(rows))
+
+    def reference(rng: torch.Generator):
+        x, n = sources, sources.shape[0]
+        pairs = mode_seeking > 0 and n >= 2
+        half = n // 2
+        if pairs:
+            x = torch.cat([x[:half], x[:half], x[2 * half:]])
+        style = sample_style(x.shape[0], 4, rng, "uniform_magnitude", 6.0)
+        first_probe = x.shape[0]
+        if basis > 0:
+            x, style = append_basis_probes(x, style.cpu(), rng)
+        fake = torch.tanh(x[:, :, :4, :4] * style[:, :1, None, None])  # any function of both
+        loss_g = fake.mean() + 0.25
+        if pairs:
+            loss_g = loss_g + mode_seeking * mode_seeking_loss(fake[:half], fake[half:2 * half], style[:half],
+                                                               style[half:2 * half])
+        if basis > 0:
+            loss_g = loss_g + basis * basis_distinctness_loss(fake[first_probe:], 0.1)
+        return x, style, loss_g
+
+    rng = torch.Generator().manual_seed(7)
+    extra = terms.batch(sources, lambda n: sample_style(n, 4, rng, "uniform_magnitude", 6.0), rng)
+    ref_sources, ref_style, ref_loss = reference(torch.Generator().manual_seed(7))
+    assert torch.equal(extra.sources, ref_sources) and torch.equal(extra.style, ref_style)
+    fake = torch.tanh(extra.sources[:, :, :4, :4] * extra.style[:, :1, None, None])
+    loss_g, logged = extra.added_to(fake.mean() + 0.25, fake)
+    assert torch.equal(loss_g, ref_loss)
+    assert list(logged) == [n for n in terms.names if n != "mode_seeking" or rows >= 2]
+    assert terms.names == ["mode_seeking"] * (mode_seeking > 0) + ["basis_distinctness"] * (basis > 0)
 
 
 def test_target_sampler_no_repeats_across_ranks_and_resumable():
@@ -265,17 +304,27 @@ def test_bf16_steps_finite(tiny):
 
 
 def test_mode_seeking_term_pairs_faces_with_two_styles(tiny):
-    summary = _run(_overrides(tiny, tiny["root"] / "div", max_steps=2, lambda_diversity=0.5))
-    assert summary["finite"] and summary["losses"]["div"] > 0  # the synthesis step (step 0) used the pairs
-    plain = _run(_overrides(tiny, tiny["root"] / "nodiv", max_steps=2, lambda_diversity=0.0, lambda_basis=0.0))
-    assert "div" not in plain["losses"] and "basis" not in plain["losses"]
+    summary = _run(_overrides(tiny, tiny["root"] / "div", max_steps=2, lambda_mode_seeking=0.5))
+    assert summary["finite"] and summary["losses"]["mode_seeking"] > 0  # the synthesis step (step 0) used the pairs
+    plain = _run(_overrides(tiny, tiny["root"] / "nodiv", max_steps=2, lambda_mode_seeking=0.0, lambda_basis=0.0))
+    assert "mode_seeking" not in plain["losses"] and "basis_distinctness" not in plain["losses"]
 
 
 def test_basis_term_runs_on_synthesis_steps(tiny):
-    summary = _run(_overrides(tiny, tiny["root"] / "basis", max_steps=2, lambda_basis=1.0, lambda_diversity=0.5,
+    summary = _run(_overrides(tiny, tiny["root"] / "basis", max_steps=2, lambda_basis=1.0, lambda_mode_seeking=0.5,
                               basis_cos_margin=0.9))
-    assert summary["finite"] and 0 <= summary["losses"]["basis"] <= 1 - 0.9 ** 2  # present, under the set margin
-    assert summary["losses"]["div"] > 0
+    assert summary["finite"] and 0 <= summary["losses"]["basis_distinctness"] <= 1 - 0.9 ** 2  # under the margin
+    assert summary["losses"]["mode_seeking"] > 0
+
+
+def test_the_old_name_of_lambda_mode_seeking_is_refused_with_the_new_name(tmp_path):
+    from configs.loader import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="config key 'lambda_diversity' was renamed to 'lambda_mode_seeking'"):
+        load_config("configs/cfsm_toy", ["lambda_diversity=0.5"])
+    (tmp_path / "old.py").write_text("config = dict(lambda_diversity=0.5)\n")
+    with pytest.raises(ConfigError, match="config key 'lambda_diversity' was renamed to 'lambda_mode_seeking'"):
+        load_config(str(tmp_path / "old.py"))
 
 
 def test_clear_errors(tiny, tmp_path):

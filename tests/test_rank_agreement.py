@@ -60,7 +60,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from backbones import get_model
+from backbones import ChannelOrder, get_model
 from cfsm import Generator
 from cfsm.attack import adversarial_mix, frozen_stats
 from losses import ArcFace
@@ -166,8 +166,9 @@ def _skip_worker(rank: int, nan_rank: int) -> dict:
     optimizer = torch.optim.SGD(list(backbone.parameters()) + list(pfc.parameters()), lr=0.01, momentum=0.9)
     scheduler = PolyScheduler(optimizer, 10, 0, 2.0)
     _, scaler, autocast = mixed_precision(False, False, "cpu")
-    train_step = train.make_train_step(cfg, env, model, backbone, pfc, gen, optimizer, scheduler, scaler, autocast,
-                                       torch.Generator().manual_seed(rank))
+    nets = train.Stage2(backbone, pfc, gen, optimizer, scheduler, scaler, autocast,
+                        ChannelOrder("rgb", told=False, reason="fresh weights"))
+    train_step = train.make_train_step(cfg, env, nets, model, torch.Generator().manual_seed(rank))
 
     def batch(index: int, nan: bool = False) -> list:
         g = torch.Generator().manual_seed(100 * rank + index)  # each rank its own images

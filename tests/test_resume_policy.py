@@ -489,6 +489,19 @@ def test_stage1_refusals_name_the_stage1_way_forward(tmp_path):
     assert changes == [("lambda_rec", 1.0, 10.0)]  # applied and listed; monitoring keys change freely
 
 
+def test_a_stage1_run_saved_before_lambda_mode_seeking_was_renamed_resumes_under_the_new_name(tmp_path):
+    """Runs saved `lambda_diversity` (configs.loader refuses the old name now): compared as lambda_mode_seeking."""
+    old = {"gen_dim": 4, "lambda_diversity": 0.5, "frequent": 10}
+    assert STAGE1.renamed == {"lambda_diversity": "lambda_mode_seeking"}  # from the row's renamed_from
+    assert config_policy.check_config(old, {"gen_dim": 4, "lambda_mode_seeking": 0.5, "frequent": 10}, tmp_path,
+                                      STAGE1) == []
+    assert config_policy.check_config(old, {"gen_dim": 4, "lambda_mode_seeking": 0.1}, tmp_path,
+                                      STAGE1) == [("lambda_mode_seeking", 0.5, 0.1)]  # applied, listed
+    (tmp_path / "summary.json").write_text(json.dumps({"steps": 6, "config": old}))
+    assert config_policy.finished_summary(tmp_path, {"gen_dim": 4, "lambda_mode_seeking": 0.5, "frequent": 10},
+                                          STAGE1)
+
+
 def test_a_stale_lock_is_taken_over_at_once_and_a_busy_folder_is_a_user_error(tmp_path):
     from utils.cli import is_user_error
 

@@ -25,6 +25,12 @@ class ConfigPolicy:
     # keys added after runs were saved without them: the value those runs had (a saved config lacking the key is
     # compared with it, so an old run is not resumed on another value silently)
     legacy: Mapping[str, Any] = field(default_factory=dict)
+    # keys renamed after runs were saved under the old name, old -> new: a saved config is compared under the new name
+    renamed: Mapping[str, str] = field(default_factory=dict)
+
+    def current_names(self, saved: Mapping[str, Any]) -> dict:
+        """A saved config with renamed keys under their new names."""
+        return {self.renamed.get(k, k): v for k, v in saved.items()}
 
 
 def json_form(value: Any) -> Any:
@@ -44,7 +50,7 @@ def check_config(saved: Mapping[str, Any], current: Mapping[str, Any], directory
     with no policy) counts as applied."""
     policy = policy or ConfigPolicy("", (), (), ())
     current = json_form(dict(current))
-    saved = {**{k: v for k, v in policy.legacy.items() if k in current}, **saved}
+    saved = {**{k: v for k, v in policy.legacy.items() if k in current}, **policy.current_names(saved)}
     changed = [(k, saved[k], current[k]) for k in current  # in config order
                if k in saved and saved[k] != current[k] and k not in policy.free]
     refused = [c for c in changed if c[0] in policy.refuse]
@@ -65,6 +71,6 @@ def finished_summary(output: str | os.PathLike, cfg: Mapping[str, Any], policy: 
     summary = read_summary(output)
     if summary is None or not isinstance(summary.get("config"), dict) or "steps" not in summary:
         return None
-    saved = {k: v for k, v in summary["config"].items() if k not in policy.inert}
+    saved = {k: v for k, v in policy.current_names(summary["config"]).items() if k not in policy.inert}
     current = {k: v for k, v in json_form(dict(cfg)).items() if k not in policy.inert}
     return summary if saved == current else None
