@@ -304,6 +304,22 @@ def load_backbone_choice(
     return model.to(device).eval(), choice
 
 
+def load_rgb_backbone(
+    model_path: str | os.PathLike,
+    network: str = AUTO_NETWORK,
+    embedding_size: int | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[nn.Module, BackboneChoice]:
+    """:func:`load_backbone_choice` for callers that hold RGB images ([-1, 1] tensors: the toy .bin pairs, a
+    generator's output): the network flips them to the channel order it was trained on (an AdaFace or BGR-trained
+    ``ir_*`` run sees BGR, as in training)."""
+    from backbones import feed_in_order
+
+    model, choice = load_backbone_choice(model_path, network, embedding_size, device)
+    feed_in_order(model, choice.channel_order)
+    return model, choice
+
+
 def load_backbone(
     model_path: str | os.PathLike,
     network: str = AUTO_NETWORK,

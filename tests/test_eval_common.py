@@ -83,3 +83,20 @@ def test_an_unwritable_out_folder_is_found_before_any_work(tmp_path, monkeypatch
     monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
     with pytest.raises(EvalInputError, match=r"--out .*ro: cannot create or write the folder \(Read-only file system\)"):
         check_output_folder(tmp_path / "ro")
+
+
+def test_load_rgb_backbone_feeds_a_bgr_trained_network_its_order(tmp_path):
+    """The helper the pipeline and style report share: RGB images in, the order the network was trained on fed."""
+    from backbones import get_model
+    from eval.common import load_backbone, load_rgb_backbone
+
+    torch.manual_seed(0)
+    for network, order in (("ir_tiny", "bgr"), ("r_tiny", "rgb")):
+        path = tmp_path / f"{network}.pt"
+        torch.save(get_model(network, num_features=16).state_dict(), path)
+        fed, choice = load_rgb_backbone(path, embedding_size=16)
+        plain = load_backbone(path, embedding_size=16)
+        x = torch.rand(2, 3, 112, 112) * 2 - 1
+        with torch.no_grad():
+            expected = plain(x.flip(1) if order == "bgr" else x)
+            assert choice.channel_order == order and torch.allclose(fed(x), expected, atol=1e-6), network

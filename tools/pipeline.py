@@ -50,12 +50,10 @@ def run_stage(name: str, cmd: list[str], log_path: Path, bar: tqdm) -> None:
 
 
 def evaluate(model_path: Path, network: str, embedding_size: int, data: Path) -> dict[str, float]:
-    from backbones import feed_in_order
-    from eval.common import load_backbone_choice
+    from eval.common import load_rgb_backbone
     from eval.verification import evaluate_verification, load_bin
 
-    backbone, choice = load_backbone_choice(model_path, network, embedding_size=embedding_size)
-    feed_in_order(backbone, choice.channel_order)  # the .bin images are RGB; a run fed BGR (ir_*) flips them
+    backbone, _ = load_rgb_backbone(model_path, network, embedding_size=embedding_size)  # the .bin images are RGB
     results = {}
     for target in TARGETS:
         images, issame = load_bin(data / f"{target}.bin")
@@ -76,11 +74,9 @@ def generator_style_report(out: Path, data: Path, network: str, embedding_size: 
     from cfsm.style_report import evenly_spaced, write_style_report
     from cfsm.target_data import TargetFaceDataset
     from dataset import build_dataset
-    from backbones import feed_in_order
-    from eval.common import load_backbone_choice
+    from eval.common import load_rgb_backbone
 
-    id_net, choice = load_backbone_choice(out / "baseline" / "model.pt", network, embedding_size=embedding_size)
-    feed_in_order(id_net, choice.channel_order)  # G's images are RGB; a BGR-trained baseline (ir_*) flips them
+    id_net, _ = load_rgb_backbone(out / "baseline" / "model.pt", network, embedding_size=embedding_size)  # G: RGB
     stage1 = json.loads(summary.read_text())["config"] if summary.is_file() else {}
     source, target = build_dataset(data, augment=False), TargetFaceDataset(data / "target_faces")
     return write_style_report(load_generator(out / "generator" / "generator.pth"), id_net,

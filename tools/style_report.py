@@ -18,8 +18,6 @@ from pathlib import Path
 if __name__ == "__main__" and not __package__:  # run as a path: import the repo's packages, not this folder's
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import torch
-
 from utils.checkpoint import json_safe
 from utils.cli import ArgumentParser, UsageError, resolve_device, run_command
 
@@ -47,10 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    from backbones import feed_in_order
     from cfsm import load_generator
     from cfsm.style_report import write_style_report
-    from eval.common import load_backbone_choice
+    from eval.common import load_rgb_backbone
     from tools.style_grid import load_faces
 
     from eval.common import check_output_folder
@@ -70,8 +67,7 @@ def main(argv=None) -> dict:
     check_output_folder(args.out)
     device = resolve_device(args.device)
     generator = load_generator(args.generator).to(device).eval()
-    id_net, choice = load_backbone_choice(args.id_model, args.id_network, args.id_embedding_size, device)
-    feed_in_order(id_net, choice.channel_order)  # G's images are RGB; a BGR-trained (AdaFace) network flips them
+    id_net, _ = load_rgb_backbone(args.id_model, args.id_network, args.id_embedding_size, device)  # G: RGB
     faces = load_faces(args.faces, args.num_faces, args.seed)
     target_faces = load_faces(args.target_faces, args.num_target_faces, args.seed, "--target-faces",
                               "--num-target-faces")
