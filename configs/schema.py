@@ -1,6 +1,6 @@
 """How `configs/base.py` declares a config key — one row: default, one-line meaning, stage, rule, resume rule — and
 every table derived from those rows: the defaults, the value rules checked at load, the keys of each stage, the resume
-policy of each trainer, and the key table in docs/configs.md (`python -m configs.schema --markdown`).
+policy of each trainer, and the key table in docs/configs.md (written by `python -m tools.config_keys --update-docs`).
 
 A key is declared once, in base.py; nothing else lists keys. A key whose choices live in code (backbones, losses,
 optimizers, input skips, style sampling, style search) names that code's own declaration as its rule.
@@ -8,13 +8,8 @@ optimizers, input skips, style sampling, style search) names that code's own dec
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Collection, Mapping, Sequence
-
-if __name__ == "__main__" and not __package__:  # run as a path: import the repo's packages, not this folder's
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from utils.run.config_policy import ConfigPolicy
 
@@ -151,7 +146,7 @@ def key_table_markdown(keys: Sequence[Key], sections: Mapping[str, str]) -> str:
     return "\n".join(lines)
 
 
-DOCS_TABLE = ("<!-- key table: python -m configs.schema --update-docs -->\n", "<!-- end key table -->")
+DOCS_TABLE = ("<!-- key table: python -m tools.config_keys --update-docs -->\n", "<!-- end key table -->")
 
 
 def docs_with_table(doc: str, table: str) -> str:
@@ -160,27 +155,3 @@ def docs_with_table(doc: str, table: str) -> str:
     if start not in doc or end not in doc:
         raise ValueError(f"docs/configs.md has no key-table markers ({start.strip()} ... {end})")
     return doc[:doc.index(start) + len(start)] + table + "\n" + doc[doc.index(end):]
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from utils.cli import ArgumentParser
-
-    parser = ArgumentParser(description="The config keys declared in configs/base.py as a markdown table (printed), "
-                                        "or written into docs/configs.md.")
-    parser.add_argument("--update-docs", action="store_true",
-                        help="rewrite the key table in docs/configs.md instead of printing it (default: print)")
-    args = parser.parse_args(argv)
-    from configs.base import KEYS, SECTIONS
-
-    table = key_table_markdown(KEYS, SECTIONS)
-    if not args.update_docs:
-        print(table)
-        return 0
-    path = Path(__file__).resolve().parents[1] / "docs" / "configs.md"
-    path.write_text(docs_with_table(path.read_text(), table))
-    print(f"wrote the table of {len(KEYS)} keys into {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -16,9 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _entry_points() -> list[str]:
-    """Every module under tools/, eval/, bench/, configs/ with a __main__ block, plus the two trainers at the root."""
+    """Every module under tools/, eval/, bench/ with a __main__ block, plus the two trainers at the root."""
     found = []
-    for folder in ("tools", "eval", "bench", "configs"):
+    for folder in ("tools", "eval", "bench"):
         for path in sorted((REPO / folder).glob("*.py")):
             if 'if __name__ == "__main__"' in path.read_text():
                 found.append(f"{folder}/{path.name}")

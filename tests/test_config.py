@@ -264,7 +264,7 @@ def test_the_key_table_in_docs_is_derived_from_base_py():
 
     doc = (REPO / "docs" / "configs.md").read_text()
     assert docs_with_table(doc, key_table_markdown(KEYS, SECTIONS)) == doc, \
-        "docs/configs.md: regenerate the key table with `python -m configs.schema --update-docs`"
+        "docs/configs.md: regenerate the key table with `python -m tools.config_keys --update-docs`"
     assert "| `rs_ratio` | `1.0` | stage 2 |" in doc and "| `gen_input_skip` |" in doc
 
 
