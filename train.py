@@ -27,7 +27,7 @@ from dataset import build_dataset, ensure_rec, training_loader
 from eval.verification_callback import verification_for_run
 from losses import margin_loss_from_config
 from partial_fc import PartialFC
-from utils import checkpoint as ckpt
+from utils import checkpoint as ckpt, model_file
 from utils.cli import run_command
 from utils.data.degrade import Degradation
 from utils.distributed import DistEnv, agree_all, agree_any, agree_call, cleanup, init_distributed
@@ -160,7 +160,7 @@ def build_stage2(cfg: EasyDict, env: DistEnv, num_classes: int, synthesis: bool,
     backbone = feed_in_order(get_model(cfg.network, num_features=cfg.embedding_size, dropout=cfg.dropout,
                                        use_checkpoint=cfg.use_checkpoint), channel.order).to(env.device)
     if cfg.pretrained_backbone_model:
-        ckpt.load_state_dict_strict(backbone, ckpt.load_state_dict_file(cfg.pretrained_backbone_model),
+        ckpt.load_state_dict_strict(backbone, model_file.load_state_dict_file(cfg.pretrained_backbone_model),
                                     source=str(cfg.pretrained_backbone_model))
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     for net in (n for n in (backbone, generator) if n is not None):

@@ -146,7 +146,8 @@ def _identity_state(path: str | os.PathLike, network: str, embedding_size: int,
     """The identity network's state dict, checked against ``network`` / ``embedding_size``; errors say what the
     file holds and which config keys to set."""
     from backbones import BACKBONE_NAMES
-    from utils.checkpoint import CheckpointError, load_state_dict_file
+    from utils.checkpoint import CheckpointError
+    from utils.model_file import load_state_dict_file
 
     if network not in BACKBONE_NAMES:
         raise CheckpointError(f"config key 'id_network' = {network!r}: not a backbone; choices: "

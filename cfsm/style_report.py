@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from cfsm.stage1 import BASIS_COEFFICIENT
 from utils.checkpoint import write_json
 
-__all__ = ["style_report", "write_style_report", "report_from_datasets", "evenly_spaced", "spearman", "sharpness", "REPORT_MAGNITUDES", "GOALS", "report_scalars"]
+__all__ = ["style_report", "write_style_report", "report_from_datasets", "evenly_spaced", "spearman", "sharpness", "REPORT_MAGNITUDES", "GOALS", "report_scalars",
+           "style_report_figure"]
 
 REPORT_MAGNITUDES: tuple[float, ...] = (0.0, 1.5, 3.0, 4.5, 6.0)
 # the goals: a toy generator that meets these has a style space the attack can exploit
@@ -206,7 +207,7 @@ def write_style_report(generator, id_net, faces: torch.Tensor, target_faces: tor
     ``gap_faces`` / ``gap_target_faces`` (larger sets: means and covariances) also the generator's domain gap
     (cfsm/domain_gap.py) as ``report["domain_gap"]``: the usefulness measure, not one of the goals."""
     from cfsm.domain_gap import domain_gap
-    from cfsm.visualize import style_report_figure, training_samples_grid
+    from cfsm.visualize import training_samples_grid
 
     out = Path(out)
     report = style_report(generator, id_net, faces, target_faces, distance_range, directions=directions, seed=seed)
@@ -246,3 +247,44 @@ def report_from_datasets(generator, id_net, source, target, num_faces: int, out:
                                   gap_target_faces=evenly_spaced(target, GAP_FACES))
     finally:
         generator.train(was_training)
+
+
+def style_report_figure(report: dict, samples: np.ndarray, path: str | Path) -> Path:
+    """The style report as one PNG: identity distance vs |o| against d*(|o|), per-direction effect bars (with the
+    goal line), and a samples grid (uint8 HWC, e.g. `training_samples_grid`). ``report`` is `cfsm.style_report`'s."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = plt.figure(figsize=(11, 7.5))
+    grid = fig.add_gridspec(2, 2, height_ratios=[1, 1.3])
+    ax = fig.add_subplot(grid[0, 0])
+    mags = report["magnitudes"]
+    ax.errorbar(mags, report["id_distance_by_magnitude"], yerr=report["id_distance_std_by_magnitude"], marker="o",
+                capsize=3, label="measured 1 - cos(f(x), f(G(x, o)))")
+    ax.plot(mags, report["target_distance_by_magnitude"], "k--", label="stage-1 target d*(|o|)")
+    ax.set_xlabel("|o|")
+    ax.set_ylabel("identity distance")
+    ax.set_title(f"Spearman {report['magnitude_spearman']:.2f}, recon L1 {report['recon_l1']:.3f}", fontsize=9)
+    ax.legend(fontsize=8)
+    ax = fig.add_subplot(grid[0, 1])
+    effects = report["direction_effect_by_basis"]
+    ax.bar([f"e{i + 1}" for i in range(len(effects))], effects)
+    ax.axhline(GOALS["direction_effect_min"], color="k", ls="--", lw=1, label="goal")
+    ax.set_ylabel(f"mean |G(x, {report['coefficient']:g} e_i) - G(x, 0)|")
+    s = report["sharpness"]
+    ax.set_title(f"distinctness {report['direction_distinctness']:.2f} (|cos| {report['direction_abs_cos']:.2f}); "
+                 f"sharpness clean {s['clean']:.2f} target {s['target']:.2f} synth {s['synth']:.2f}", fontsize=9)
+    ax.legend(fontsize=8)
+    ax = fig.add_subplot(grid[1, :])
+    ax.imshow(samples)
+    ax.set_axis_off()
+    met = sum(g["met"] for g in report["goals"].values())
+    fig.suptitle(f"style report: {met}/{len(report['goals'])} goals met")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 __all__ = ["to_uint8", "label_tile", "tile_rows", "direction_grid", "random_style_row", "style_grid_image",
-           "training_samples_grid", "clean_vs_synth_grid", "mix_grid", "save_png", "style_report_figure", "DEFAULT_COEFFICIENTS",
+           "training_samples_grid", "clean_vs_synth_grid", "mix_grid", "save_png", "DEFAULT_COEFFICIENTS",
            "DEFAULT_MAGNITUDES"]
 
 DEFAULT_COEFFICIENTS: tuple[float, ...] = (-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0)
@@ -151,47 +151,4 @@ def save_png(grid: np.ndarray, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(path), np.ascontiguousarray(grid[:, :, ::-1])):
         raise OSError(f"could not write PNG {path}")
-    return path
-
-
-def style_report_figure(report: dict, samples: np.ndarray, path: str | Path) -> Path:
-    """The style report as one PNG: identity distance vs |o| against d*(|o|), per-direction effect bars (with the
-    goal line), and a samples grid (uint8 HWC, e.g. `training_samples_grid`). ``report`` is `cfsm.style_report`'s."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig = plt.figure(figsize=(11, 7.5))
-    grid = fig.add_gridspec(2, 2, height_ratios=[1, 1.3])
-    ax = fig.add_subplot(grid[0, 0])
-    mags = report["magnitudes"]
-    ax.errorbar(mags, report["id_distance_by_magnitude"], yerr=report["id_distance_std_by_magnitude"], marker="o",
-                capsize=3, label="measured 1 - cos(f(x), f(G(x, o)))")
-    ax.plot(mags, report["target_distance_by_magnitude"], "k--", label="stage-1 target d*(|o|)")
-    ax.set_xlabel("|o|")
-    ax.set_ylabel("identity distance")
-    ax.set_title(f"Spearman {report['magnitude_spearman']:.2f}, recon L1 {report['recon_l1']:.3f}", fontsize=9)
-    ax.legend(fontsize=8)
-    ax = fig.add_subplot(grid[0, 1])
-    effects = report["direction_effect_by_basis"]
-    ax.bar([f"e{i + 1}" for i in range(len(effects))], effects)
-    from cfsm.style_report import GOALS
-
-    ax.axhline(GOALS["direction_effect_min"], color="k", ls="--", lw=1, label="goal")
-    ax.set_ylabel(f"mean |G(x, {report['coefficient']:g} e_i) - G(x, 0)|")
-    s = report["sharpness"]
-    ax.set_title(f"distinctness {report['direction_distinctness']:.2f} (|cos| {report['direction_abs_cos']:.2f}); "
-                 f"sharpness clean {s['clean']:.2f} target {s['target']:.2f} synth {s['synth']:.2f}", fontsize=9)
-    ax.legend(fontsize=8)
-    ax = fig.add_subplot(grid[1, :])
-    ax.imshow(samples)
-    ax.set_axis_off()
-    met = sum(g["met"] for g in report["goals"].values())
-    fig.suptitle(f"style report: {met}/{len(report['goals'])} goals met")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

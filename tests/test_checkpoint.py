@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from utils import checkpoint as ckpt
+from utils.model_file import load_state_dict_file
 from tests.helpers import headroom
 
 
@@ -78,7 +79,7 @@ def test_strict_load_names_first_mismatching_key(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="first mismatching key '2.weight'"):
         ckpt.load_state_dict_strict(model, {**model.state_dict(), "2.weight": torch.zeros(1)}, "x.pt")
     torch.save({"module." + k: v for k, v in model.state_dict().items()}, tmp_path / "ddp.pt")
-    ckpt.load_state_dict_strict(model, ckpt.load_state_dict_file(tmp_path / "ddp.pt"), "ddp.pt")
+    ckpt.load_state_dict_strict(model, load_state_dict_file(tmp_path / "ddp.pt"), "ddp.pt")
 
 
 def _fail_writes_into(folder, real_write=os.write):

@@ -26,7 +26,8 @@ from backbones import get_model
 from eval.common import load_backbone, load_backbone_choice
 from tests._rule_weights import input_x, rel_err, rule_state_dict
 from tests.helpers import headroom
-from utils.checkpoint import CheckpointError, load_state_dict_file
+from utils.checkpoint import CheckpointError
+from utils.model_file import load_state_dict_file
 from utils.model_file import InertObject, inert_load, read_model_file
 
 from .conftest import FIXTURES, REPO_ROOT

@@ -8,7 +8,6 @@ import io
 import json
 import math
 import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -158,20 +157,6 @@ def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu")
         raise CheckpointError(refusal or f"cannot load {path} safely (weights_only=True): {type(exc).__name__}: "
                               f"{exc}. Do not load it with weights_only=False unless you trust its source: a pickle "
                               "can run code") from exc
-
-
-def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The backbone state dict of a model file: a plain state dict (InsightFace backbone.pth / model.pt), an
-    arcface_torch or train.py checkpoint, a Lightning / AdaFace ``.ckpt`` or a CVLFace ``.safetensors``, read without
-    executing anything from it (``utils.model_file``); ``module.`` / ``model.`` / ``net.`` prefixes stripped, a
-    training head dropped. Dropped tensors are named in one ``note:`` line (rank 0), so fine-tuning from a
-    Lightning file says what it left out."""
-    from utils.model_file import read_model_file
-
-    found = read_model_file(path)
-    if any("dropped" in n for n in found.notes) and os.environ.get("RANK", "0") == "0":
-        print(f"note: {path}: {found.kind}; {'; '.join(found.notes)}", file=sys.stderr)
-    return found.state
 
 
 def state_dict_mismatch(expected: Mapping[str, Sequence[int]], state: Mapping[str, torch.Tensor]) -> str | None:

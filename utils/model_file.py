@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import pickle
 import struct
 import zipfile
@@ -465,3 +466,15 @@ def _unwrap(obj: Any, kind: str, path: Path) -> tuple[Any, str, dict[str, Any]]:
         extra["lightning_keys"] = [str(k) for k in obj]
         return obj["state_dict"], kind, extra
     return obj, kind, extra
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The backbone state dict of a model file: a plain state dict (InsightFace backbone.pth / model.pt), an
+    arcface_torch or train.py checkpoint, a Lightning / AdaFace ``.ckpt`` or a CVLFace ``.safetensors``, read without
+    executing anything from it (``utils.model_file``); ``module.`` / ``model.`` / ``net.`` prefixes stripped, a
+    training head dropped. Dropped tensors are named in one ``note:`` line (rank 0), so fine-tuning from a
+    Lightning file says what it left out."""
+    found = read_model_file(path)
+    if any("dropped" in n for n in found.notes) and os.environ.get("RANK", "0") == "0":
+        print(f"note: {path}: {found.kind}; {'; '.join(found.notes)}", file=sys.stderr)
+    return found.state
