@@ -36,6 +36,7 @@ def test_pipeline_stages_wired_and_resumable(mini_toy, tmp_path, capsys):
     printed = capsys.readouterr().out
     gain_line = next(line for line in printed.splitlines() if line.startswith("gain"))
     assert gain_line.split()[1:3] == [f"{100 * results['gain'][t]:+.2f}" for t in ("toy_clean", "toy_target")]
+    assert "one seed per model" in printed and "tools.ablation" in printed  # what one run can and cannot show
     assert "generator domain gap: " in printed
     assert results["generator_style_report"]["num_faces"] == 3  # stage 1's own report of the generator
     assert results["generator_style_report"]["domain_gap"]["relative_gap"] >= 0  # the usefulness measure

@@ -173,6 +173,8 @@ def main(argv=None) -> dict:
     lines += [f"{m:<10}" + "".join(f"{100 * r[t]:>11.2f}%" for t in TARGETS) for m, r in results.items()]
     lines.append(f"{'gain':<10}" + "".join(f"{100 * gain[t]:>+11.2f} " for t in TARGETS)
                  + "  (cfsm - baseline, points; same data, schedule and seed)")
+    lines.append("one seed per model: the gain moves by several points between seeds and generators "
+                 "(docs/toy_results.md); `python -m tools.ablation --seeds 0 1 2 ...` settles it")
     lines.append(f"\nresults: {out / 'results.json'}, chart: {out / 'results.png'}, "
                  f"style grid: {out / 'style_grid'}; {time.time() - t0:.0f} s")
     if "domain_gap" in style:
