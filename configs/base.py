@@ -191,7 +191,8 @@ KEYS = [
     Key("gen_lr", 1e-4, "Adam lr of generator and discriminator", STAGE1, rule=within(0, low_open=True)),
     Key("gen_betas", (0.5, 0.999), "Adam betas", STAGE1,
         rule=Rule(lambda v: numbers(v, 2) and all(0 <= b < 1 for b in v), "must be two numbers in [0, 1)")),
-    Key("gen_lr_decay", 0.0, "0 = constant (CFSM); f = lr falls linearly to 0 over the run's last f", STAGE1,
+    Key("gen_lr_decay", 0.0, "lr falls linearly to 0 over the run's last f (0 = constant, as CFSM): a short run ends "
+        "settled, not wherever its last batches left it", STAGE1,
         rule=within(0, 1, high_open=True, note="the share of the run over which lr falls to 0")),
     Key("lambda_id_schedule", [(0, 8.0), (5, 5.0), (8, 2.0)], "(start_epoch, lambda_id) steps of the identity loss",
         STAGE1, types=(list, tuple), rule=Rule(lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(
@@ -201,9 +202,11 @@ KEYS = [
         rule=Rule(lambda v: numbers(v, 4) and v[0] != v[1], "must be four numbers (la, ua, lm, um), la != ua")),
     Key("lambda_rec", 1.0, "weight of the L1 reconstruction at o = 0 (odd iterations)", STAGE1,
         rule=within(0, note="weight of the reconstruction loss")),
-    Key("lambda_mode_seeking", 0.0, "weight of a mode-seeking term on synthesis iterations (0 = off, as CFSM)",
+    Key("lambda_mode_seeking", 0.0, "weight of a mode-seeking term (0 = off, as CFSM): two styles of one face "
+        "should give different faces",
         STAGE1, rule=within(0, note="weight of the mode-seeking term"), renamed_from=("lambda_diversity",)),
-    Key("lambda_basis", 0.0, "weight of the basis term on two c*e_i changes' |cos| (0 = off, as CFSM)", STAGE1,
+    Key("lambda_basis", 0.0, "weight of the basis term on two c*e_i changes' |cos| (0 = off, as CFSM): basis "
+        "directions should make different changes", STAGE1,
         rule=within(0, note="weight of the basis term")),
     Key("basis_cos_margin", 0.5, "|cos| of two directions' changes above which the basis term acts", STAGE1,
         rule=within(0, 1, high_open=True, note="a |cos| below 1")),
