@@ -6,8 +6,8 @@ Source = the toy training .rec (generated on first use), target = its unlabelled
 the toy baseline (r_tiny, 128-d). A narrow generator (gen_dim 16) and a step budget (max_steps) instead of epochs:
 one toy epoch at batch 8 is 900 steps, far beyond a few CPU minutes.
 
-The toy recipe is the one whose generators gave the best stage-2 gain on the validation pairs
-(docs/research/generator_study.md; the rule: choose on toy_*_val.bin, report toy_*.bin): CFSM's own terms, plus what
+The rule: the toy recipe is the one whose generators give the best mean stage-2 gain on the validation pairs (choose
+on toy_*_val.bin, report toy_*.bin; the measurement: docs/research/generator_study.md): CFSM's own terms, plus what
 a 400-step CPU budget needs — the input handed past the encoder pooled to the content grid (`gen_input_skip`: the
 released architecture cannot rebuild a face at o = 0 in a few hundred steps), reconstruction weighted 10x, styles
 with |o| ~ U(0, 6) so the identity term (weight 15) makes distance grow with |o|, a discriminator of width 16, lr
