@@ -119,9 +119,8 @@ def available_configs() -> list[str]:
 
 
 def base_config() -> EasyDict:
-    """A fresh copy of every key with its default."""
-    module, _ = _import_config_module(str(BASE))
-    return EasyDict(_copy(module.config))
+    """A fresh copy of every key with its default (from the rows `base_keys` already read: base.py runs once)."""
+    return EasyDict(_copy({name: row.default for name, row in base_keys().items()}))
 
 
 def _copy(cfg: dict) -> dict:
