@@ -62,9 +62,9 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 def make_train_step(cfg: EasyDict, env: DistEnv, nets: Stage2, model: torch.nn.Module,
-                    style_rng: torch.Generator) -> Callable[..., StepResult]:
-    """`train_step(batch, measure_attack) -> StepResult`: one optimizer step of stage 2 over the micro-batches in
-    `batch`; the attack-gain diagnostic (an extra forward of the synthesized share) only when `measure_attack`.
+                    style_rng: torch.Generator) -> Callable[[Batch], StepResult]:
+    """`train_step(batch) -> StepResult`: one optimizer step of stage 2 over the micro-batches in `batch`.
+
     `model` is `nets.backbone` itself or its DDP wrapper; `nets.generator=None` is the plain (no CFSM) step."""
     backbone, pfc, generator, optimizer, scaler, autocast = (nets.backbone, nets.pfc, nets.generator, nets.optimizer,
                                                              nets.scaler, nets.autocast)
@@ -72,7 +72,7 @@ def make_train_step(cfg: EasyDict, env: DistEnv, nets: Stage2, model: torch.nn.M
     step_state = StepState(backbone, pfc)  # BN stats, AdaFace EMA, sampling counter: put back on a skipped step
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
-    def train_step(batch: Batch, measure_attack: bool = True) -> StepResult:
+    def train_step(batch: Batch) -> StepResult:
         step_state.capture()
         for index, (images, labels) in enumerate(batch):
             images = images.to(env.device, non_blocking=True).contiguous(memory_format=memory_format)
@@ -93,7 +93,7 @@ def make_train_step(cfg: EasyDict, env: DistEnv, nets: Stage2, model: torch.nn.M
                                           epsilon=cfg.epsilon, alpha=cfg.alpha, k=cfg.k, rng=style_rng,
                                           autocast_dtype=amp_dtype, grad_scale=scaler.get_scale() if cfg.fp16 else 1.0,
                                           agree=agree_any,  # precision retries: chosen by all ranks together
-                                          search=cfg.style_search, measure_gain=measure_attack)
+                                          search=cfg.style_search)
                 mixed = mix.images
             sync_now = index == len(batch) - 1  # DDP all-reduces the gradients once, on the last micro-batch
             with (model.no_sync() if env.distributed and not sync_now else nullcontext()):
@@ -208,7 +208,7 @@ def train(cfg: EasyDict, env: DistEnv) -> dict | None:
         # ---- the method: attack, forward, loss, step (make_train_step); then log, verify, checkpoint ----
         result, val, attack_stats = None, {}, AttackStats()  # attack gain, |o*|: TensorBoard cfsm/*, summary means
         for epoch, batch in run.step_batches(loader, step):  # ends at the plan's stop step
-            result = train_step(batch, measure_attack=run.reports_at(step + 1))  # the same steps on every rank
+            result = train_step(batch)
             if result.mix is not None:
                 attack_stats.add(result.mix)
             step += 1

@@ -37,9 +37,8 @@ from utils.precision import mixed_precision
 
 def build_step(network: str, batch_size: int, device: torch.device, amp: str, channels_last: bool,
                rs_ratio: float, k: int, gen_dim: int, num_classes: int) -> Callable[..., float]:
-    """train.py's own step (`make_train_step`) as a closure `step(cfsm=True, measure_attack=False) -> loss`;
-    cfsm=False is the same step without a generator (plain ArcFace). Both share one backbone, Partial FC and
-    optimizer. `measure_attack` adds the attack-gain diagnostic, which train.py runs on its logging steps only.
+    """train.py's own step (`make_train_step`) as a closure `step(cfsm=True) -> loss`; cfsm=False is the same step
+    without a generator (plain ArcFace). Both share one backbone, Partial FC and optimizer.
 
     Random weights and data: the cost is what counts. bench/step_cost.py times both variants with it."""
     cfg = base_config()  # every other key at its documented default (ArcFace s=64 m=0.5, SGD momentum 0.9, clip 5)
@@ -63,9 +62,8 @@ def build_step(network: str, batch_size: int, device: torch.device, amp: str, ch
     images = torch.rand(batch_size, 3, 112, 112, device=device) * 2 - 1
     labels = torch.randint(0, num_classes, (batch_size,), device=device)
 
-    def step(cfsm: bool = True, measure_attack: bool = False) -> float:
-        # a float: the step has finished on the device
-        return float(steps[cfsm]([(images, labels)], measure_attack=measure_attack).loss)
+    def step(cfsm: bool = True) -> float:
+        return float(steps[cfsm]([(images, labels)]).loss)  # a float: the step has finished on the device
 
     return step
 

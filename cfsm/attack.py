@@ -28,7 +28,6 @@ class StyleMix:
     grad_scale_used: float      # loss scale of the last attack gradient; 0.0 = it fell back to fp32
     attack_gain: torch.Tensor   # 0-dim: loss_fn on the synthesized share at o* minus at o0 (0 when k == 0)
     style_norm: torch.Tensor    # 0-dim: mean |o*| over the synthesized share (0 when nothing is synthesized)
-    gain_measured: bool = True  # False: `measure_gain=False`, attack_gain is a placeholder 0 (AttackStats skips it)
 
 
 def split_counts(batch_size: int, rs_ratio: float) -> tuple[int, int]:
@@ -104,8 +103,7 @@ def adversarial_mix(images: torch.Tensor, labels: torch.Tensor, generator: torch
 
     Diagnostics: `attack_gain` = loss_fn(G(x_s, o*)) - loss_fn(G(x_s, o0)). The o0 term is the first attack
     iteration's loss (already computed); the o* term costs one extra no-grad forward of the synthesized share
-    (`measure_gain=False` skips it: attack_gain 0 and `gain_measured` False; train.py measures on its logging steps
-    only). With k == 0 nothing extra runs (o* = o0, gain 0). Under
+    (`measure_gain=False` skips it and reports 0). With k == 0 nothing extra runs (o* = o0, gain 0). Under
     `random_sign` both terms are no-grad forwards (two, when `measure_gain`).
     """
     if k < 0:
@@ -153,7 +151,7 @@ def adversarial_mix(images: torch.Tensor, labels: torch.Tensor, generator: torch
             gain = loss_fn(x_syn, y_s).detach().float() - loss_at_o0
     mixed = images.clone()
     mixed[synth_index] = x_syn.to(images.dtype)
-    return StyleMix(mixed, synth_index, o0, o, used_scale, gain, o.norm(dim=1).mean(), gain_measured=measure_gain)
+    return StyleMix(mixed, synth_index, o0, o, used_scale, gain, o.norm(dim=1).mean())
 
 
 class frozen_stats:
@@ -179,35 +177,34 @@ class frozen_stats:
 class AttackStats:
     """Running means of the attack diagnostics (`attack_gain`, `style_norm`) over steps. Values stay device
     tensors until read, so adding one per step costs no host sync; `window()` (for TensorBoard) and `means()` (for
-    summary.json) read them. `style_norm` counts every step that synthesized; `attack_gain` only the steps that
-    measured it (`StyleMix.gain_measured`: train.py measures on its logging steps, a sample of the run)."""
+    summary.json) read them."""
 
     NAMES = ("attack_gain", "style_norm")
 
     def __init__(self) -> None:
-        self._total: dict[str, tuple[torch.Tensor, int]] = {}
-        self._window: dict[str, tuple[torch.Tensor, int]] = {}
+        self._total: Optional[torch.Tensor] = None
+        self._window: Optional[torch.Tensor] = None
+        self._total_count = self._window_count = 0
 
     def add(self, mix: StyleMix) -> None:
         if mix.synth_index.numel() == 0:
             return  # nothing synthesized: no style, no gain
-        values = {"style_norm": mix.style_norm}
-        if mix.gain_measured:
-            values["attack_gain"] = mix.attack_gain
-        for sums in (self._total, self._window):
-            for name, value in values.items():
-                total, count = sums.get(name, (0.0, 0))
-                sums[name] = (total + value.detach().float(), count + 1)
-
-    @classmethod
-    def _means(cls, sums: dict[str, tuple[torch.Tensor, int]], suffix: str = "") -> dict[str, float]:
-        return {f"{name}{suffix}": float(sums[name][0]) / sums[name][1] for name in cls.NAMES if name in sums}
+        values = torch.stack([mix.attack_gain.detach().float(), mix.style_norm.detach().float()])
+        self._total = values if self._total is None else self._total + values
+        self._window = values if self._window is None else self._window + values
+        self._total_count += 1
+        self._window_count += 1
 
     def window(self) -> dict[str, float]:
         """Means since the previous call ({} when no step synthesized anything), then start a new window."""
-        means, self._window = self._means(self._window), {}
+        if self._window is None:
+            return {}
+        means = dict(zip(self.NAMES, (self._window / self._window_count).tolist()))
+        self._window, self._window_count = None, 0
         return means
 
     def means(self) -> dict[str, float]:
         """Means over every step added: {'attack_gain_mean': ..., 'style_norm_mean': ...}, {} when none."""
-        return self._means(self._total, "_mean")
+        if self._total is None:
+            return {}
+        return {f"{name}_mean": v for name, v in zip(self.NAMES, (self._total / self._total_count).tolist())}

@@ -114,8 +114,7 @@ def test_benchmarks_time_the_training_step_itself():
     assert profile_step.make_train_step is train.make_train_step
     step = profile_step.build_step("r_tiny", 4, torch.device("cpu"), "none", False, rs_ratio=0.5, k=1, gen_dim=4,
                                    num_classes=8)
-    assert all(torch.isfinite(torch.tensor(step(cfsm, measure))) for cfsm, measure in
-               ((True, False), (True, True), (False, False)))
+    assert all(torch.isfinite(torch.tensor(step(cfsm))) for cfsm in (True, False))
 
 
 # ---- the run folder never lies (a damaged, mixed, re-run or all-skipped run never ends "done" with exit 0) ----

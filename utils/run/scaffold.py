@@ -396,14 +396,10 @@ class Run:
                                    fed)
                       + f"; {description}")
 
-    def reports_at(self, step: int) -> bool:
-        """Every `frequent` steps and at the stop step, on every rank alike (a step's diagnostics that run
-        collectives are computed on these steps only); the stop step also when `frequent` is 0."""
-        return step == self.plan.stop_step or bool(self.cfg.frequent) and step % self.cfg.frequent == 0
-
     def log_due(self, step: int) -> bool:
         """Rank 0, every `frequent` steps and at the stop step."""
-        return self.env.is_main and bool(self.cfg.frequent) and self.reports_at(step)
+        return self.env.is_main and bool(self.cfg.frequent) and (step % self.cfg.frequent == 0
+                                                                 or step == self.plan.stop_step)
 
     def log_progress(self, step: int, epoch: int, values: Mapping[str, torch.Tensor | float]) -> None:
         """Every `frequent` steps and at the stop step (rank 0): one console line and TensorBoard scalars.
